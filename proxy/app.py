@@ -1,0 +1,153 @@
+"""create_app: brings routes, middleware, error handlers and the lifespan together."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import anyio
+import httpx2
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from proxy import admin_routes, openai_routes
+from proxy.config import Settings
+from proxy.errors import ProxyError, error_response, handle_proxy_error
+from proxy.lmstudio import LMStudioClient, create_http_client
+from proxy.manager import ModelManager
+from proxy.metrics import Metrics
+from proxy.state import State
+from proxy.streaming import RequestRecord
+
+access_logger = logging.getLogger("lmswitch.access")
+
+
+class RequestIdMiddleware:
+    """Gives every request an id (the client's `x-request-id`, or a new one) and puts it on
+    every response, including the errors the proxy makes itself."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = ""
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                request_id = value.decode("latin-1")[:200]
+                break
+        if not request_id:
+            request_id = uuid.uuid4().hex
+        scope[openai_routes.REQUEST_ID_SCOPE_KEY] = request_id
+        raw_id = request_id.encode("latin-1")
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = message.setdefault("headers", [])
+                if not any(name == b"x-request-id" for name, _ in headers):
+                    message["headers"] = [*headers, (b"x-request-id", raw_id)]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+def access_log(settings: Settings, metrics: Metrics) -> Callable[[RequestRecord], None]:
+    """One line per request (DESIGN §7), and the request metrics."""
+    as_json = settings.logging.format == "json"
+
+    def log(record: RequestRecord) -> None:
+        status = str(record.status)
+        metrics.requests.labels(record.model, record.endpoint, status).inc()
+        if record.duration_s:
+            metrics.request_duration.labels(record.model, record.endpoint).observe(
+                record.duration_s
+            )
+        if record.first_byte_s is not None:
+            metrics.ttfb.labels(record.model, record.endpoint).observe(record.first_byte_s)
+        if record.prompt_tokens:
+            metrics.tokens.labels(record.model, "prompt").inc(record.prompt_tokens)
+        if record.completion_tokens:
+            metrics.tokens.labels(record.model, "completion").inc(record.completion_tokens)
+        if record.disconnected:
+            metrics.disconnects.labels(record.model).inc()
+        if not access_logger.isEnabledFor(logging.INFO):
+            return
+        fields = {
+            "request_id": record.request_id,
+            "model": record.model,
+            "endpoint": record.endpoint,
+            "status": record.status,
+            "duration_ms": round(record.duration_s * 1000, 1),
+            "queue_wait_ms": round(record.queue_wait_s * 1000, 1),
+            "waited_on_load": record.waited_on_load,
+            "bytes_out": record.bytes_out,
+            "disconnected": record.disconnected,
+        }
+        if as_json:
+            access_logger.info(json.dumps(fields))
+        else:
+            access_logger.info(" ".join(f"{k}={v}" for k, v in fields.items()))
+
+    return log
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)  # noqa: S101 - registered for HTTPException only
+    error = ProxyError(f"{exc.detail}: {request.method} {request.url.path}", code="unknown_url")
+    error.status_code = exc.status_code  # type: ignore[misc] # this one instance only
+    error.error_type = "invalid_request_error"  # type: ignore[misc]
+    return error_response(error, path=request.url.path, extra_headers=exc.headers)
+
+
+def create_app(
+    settings: Settings | None = None, *, transport: httpx2.AsyncBaseTransport | None = None
+) -> Starlette:
+    """The proxy as an ASGI app. `transport` replaces the network to LM Studio (tests)."""
+    settings = settings if settings is not None else Settings()
+    metrics = Metrics()
+    log_request = access_log(settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[State]:
+        upstream = settings.upstream
+        token = upstream.api_token.get_secret_value() if upstream.api_token else None
+        async with (
+            create_http_client(
+                upstream.base_url,
+                connect_timeout_s=upstream.connect_timeout,
+                read_timeout_s=upstream.read_timeout,
+                transport=transport,
+            ) as http,
+            anyio.create_task_group() as tg,  # exits first: tasks stop before the pool closes
+        ):
+            client = LMStudioClient(http, api_token=token, load_timeout_s=upstream.load_timeout)
+            manager = ModelManager(client, settings, metrics)
+            await tg.start(manager.run)
+            try:
+                yield {
+                    "settings": settings,
+                    "manager": manager,
+                    "client": client,
+                    "metrics": metrics,
+                    "started_at": time.time(),
+                    "log_request": log_request,
+                }
+            finally:
+                tg.cancel_scope.cancel()
+
+    app = Starlette(
+        routes=[*openai_routes.routes, *admin_routes.routes],
+        lifespan=lifespan,
+        exception_handlers={ProxyError: handle_proxy_error, HTTPException: _http_error},
+    )
+    app.add_middleware(RequestIdMiddleware)
+    return app

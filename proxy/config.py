@@ -1,0 +1,393 @@
+"""Settings: the `config.yaml` contract (DESIGN.md §3), environment overrides and validation.
+
+Priority: init kwargs > `LMSWITCH_*` environment > YAML file > defaults. Every problem becomes a
+`ConfigError` naming the dotted key and why.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from decimal import Decimal
+from importlib.resources.abc import Traversable
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
+from pydantic_core import ErrorDetails
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+    YamlConfigSettingsSource,
+)
+
+ENV_PREFIX = "LMSWITCH_"
+CONFIG_ENV_VAR = "LMSWITCH_CONFIG"
+DEFAULT_CONFIG_FILE = "config.yaml"
+MASK = "********"
+
+
+class ConfigError(Exception):
+    """An invalid configuration; `str()` has one line per problem, each naming the key."""
+
+    def __init__(self, *problems: str) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+# --- durations and sizes ----------------------------------------------------------------------
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION_PART = re.compile(r"\s*(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h|d)", re.IGNORECASE)
+_SIZE_UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+_SIZE = re.compile(r"(\d+(?:\.\d+)?|\.\d+)\s*([kmgt]i?b|b)?", re.IGNORECASE)
+
+
+def _bad_duration(value: object) -> ValueError:
+    return ValueError(f"invalid duration {value!r} (use seconds or e.g. 90s, 15m, 2h)")
+
+
+def _bad_size(value: object) -> ValueError:
+    return ValueError(f"invalid size {value!r} (use bytes or e.g. 512MiB, 20GiB, 24GB)")
+
+
+def _parse_duration(value: object) -> object:
+    """Turn "250ms", "90s", "15m", "2h", "1h30m" or "30" into seconds; numbers pass through."""
+    if isinstance(value, bool):  # True is an int, but not a duration
+        raise _bad_duration(value)
+    if not isinstance(value, str):
+        return value  # numbers (and wrong types) go on to float validation
+    text = value.strip()
+    if not text:
+        raise _bad_duration(value)
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    total, pos = 0.0, 0
+    while pos < len(text):
+        match = _DURATION_PART.match(text, pos)
+        if match is None:
+            raise _bad_duration(value)
+        total += float(match[1]) * _DURATION_UNITS[match[2].lower()]
+        pos = match.end()
+    return total
+
+
+def _parse_size(value: object) -> object:
+    """Turn "512MiB", "20GiB", "24GB", "1.5GiB" or "512" into bytes; integers pass through."""
+    if isinstance(value, bool):  # True is an int, but not a size
+        raise _bad_size(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, str):
+        return value  # ints (and wrong types) go on to int validation
+    match = _SIZE.fullmatch(value.strip())
+    if match is None:
+        raise _bad_size(value)
+    return int(Decimal(match[1]) * _SIZE_UNITS[(match[2] or "b").lower()])
+
+
+Seconds = Annotated[float, BeforeValidator(_parse_duration), Field(ge=0, allow_inf_nan=False)]
+"""A duration in seconds: a number, or a string such as "250ms", "90s", "15m", "2h", "1h30m"."""
+
+ByteSize = Annotated[int, BeforeValidator(_parse_size), Field(ge=0)]
+"""A size in bytes: an integer, or a string such as "512MiB", "20GiB", "24GB", "100KB"."""
+
+MiB = 2**20
+
+
+# --- the sections -----------------------------------------------------------------------------
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class LoadOptions(_Section):
+    """LM Studio's load fields for one model; unset fields are left to LM Studio."""
+
+    context_length: int | None = Field(default=None, gt=0)
+    flash_attention: bool | None = None
+    eval_batch_size: int | None = Field(default=None, gt=0)
+    num_experts: int | None = Field(default=None, gt=0)
+    offload_kv_cache_to_gpu: bool | None = None
+
+    def as_body(self) -> dict[str, int | bool]:
+        """The fields that are set, ready to merge into a load request body."""
+        return {
+            name: value
+            for name in type(self).model_fields
+            if (value := getattr(self, name)) is not None
+        }
+
+
+class ServerSettings(_Section):
+    """Where the proxy listens and how it treats request bodies and shutdown."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    max_body_bytes: ByteSize = 10 * MiB
+    drain_timeout: Seconds = 30.0
+
+
+class UpstreamSettings(_Section):
+    """LM Studio's server and the deadlines for talking to it."""
+
+    base_url: str = "http://127.0.0.1:1234"
+    api_token: SecretStr | None = None
+    connect_timeout: Seconds = 5.0
+    read_timeout: Seconds = 600.0
+    load_timeout: Seconds = 300.0
+    poll_interval: Seconds = 10.0
+
+    @field_validator("base_url", mode="after")
+    @classmethod
+    def _check_base_url(cls, value: str) -> str:
+        url = value.strip().rstrip("/")
+        try:
+            parts = urlsplit(url)
+            _ = parts.port  # raises ValueError on a bad port
+        except ValueError as exc:
+            raise ValueError(f"invalid URL {value!r}: {exc}") from exc
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"invalid URL {value!r} (expected e.g. http://127.0.0.1:1234)")
+        return url
+
+
+def _null_as_empty(value: object) -> object:
+    # `pinned:` with every example commented out parses as null; it means "none".
+    return () if value is None else value
+
+
+def _null_as_empty_dict(value: object) -> object:
+    return {} if value is None else value
+
+
+_Keys = Annotated[tuple[SecretStr, ...], BeforeValidator(_null_as_empty)]
+_Names = Annotated[tuple[str, ...], BeforeValidator(_null_as_empty)]
+
+
+class AuthSettings(_Section):
+    """Bearer keys for clients (/v1/*) and for administrators (/api/v1/*, /ui)."""
+
+    api_keys: _Keys = ()
+    admin_keys: _Keys = ()
+
+
+class ModelsSettings(_Section):
+    """Routing (default, aliases) and the loading policy (pins, preloads, capacity, idle TTL)."""
+
+    default: str | None = None
+    aliases: Annotated[dict[str, str], BeforeValidator(_null_as_empty_dict)] = Field(
+        default_factory=dict
+    )
+    pinned: _Names = ()
+    preload: _Names = ()
+    max_loaded: int = Field(default=1, ge=0)
+    memory_budget: ByteSize | None = None
+    idle_ttl: Seconds | None = None
+    load_options: Annotated[dict[str, LoadOptions], BeforeValidator(_null_as_empty_dict)] = Field(
+        default_factory=dict
+    )
+
+
+class SchedulerSettings(_Section):
+    """Queueing limits and fair swapping (DESIGN.md §5.4, §5.5)."""
+
+    max_queue: int = Field(default=256, ge=0)
+    queue_timeout: Seconds = 300.0
+    swap_grace: Seconds = 10.0
+
+
+def _lower(value: object) -> object:
+    return value.lower() if isinstance(value, str) else value
+
+
+class LoggingSettings(_Section):
+    """Log level and line format."""
+
+    level: Annotated[
+        Literal["debug", "info", "warning", "error", "critical"], BeforeValidator(_lower)
+    ] = "info"
+    format: Annotated[Literal["text", "json"], BeforeValidator(_lower)] = "text"
+
+
+# --- the settings -----------------------------------------------------------------------------
+
+
+class _YamlSource(YamlConfigSettingsSource):
+    """The YAML file as a source; syntax errors and a non-mapping top level become ConfigError."""
+
+    def _read_file(self, file_path: Path | Traversable) -> dict[str, Any]:
+        try:
+            with file_path.open(encoding=self.yaml_file_encoding or "utf-8") as file:
+                data = yaml.safe_load(file)
+        except yaml.YAMLError as exc:
+            detail = " ".join(str(exc).split())
+            raise ConfigError(f"{file_path}: invalid YAML: {detail}") from exc
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{file_path}: cannot read: {exc}") from exc
+        if data is None:
+            return {}  # an empty file means defaults
+        if not isinstance(data, dict):
+            kind = type(data).__name__
+            raise ConfigError(f"{file_path}: the top level must be a mapping of keys, not {kind}")
+        # A section whose keys are all commented out parses as null: it means "all defaults".
+        return {key: value for key, value in data.items() if value is not None}
+
+
+class Settings(BaseSettings):
+    """Every setting of lmswitch. `Settings()` is defaults plus environment; see `load_settings`."""
+
+    model_config = SettingsConfigDict(
+        frozen=True,
+        extra="forbid",
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        env_parse_none_str="null",
+    )
+
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    models: ModelsSettings = Field(default_factory=ModelsSettings)
+    scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # No .env or secrets directory: the contract is config.yaml plus LMSWITCH_* variables.
+        # The YAML source reads nothing unless a subclass sets `yaml_file` (see load_settings).
+        return init_settings, env_settings, _YamlSource(settings_cls)
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
+    """Read the settings: `overrides` > environment > the YAML file > defaults.
+
+    `path` None means `$LMSWITCH_CONFIG` if set, else `./config.yaml` if it exists, else no file.
+    Raises ConfigError for a missing named file, bad YAML, or any invalid or unknown key.
+    """
+    file = _config_file(path)
+    _check_env_keys()
+
+    class _FileSettings(Settings):
+        model_config = SettingsConfigDict(yaml_file=file)
+
+    try:
+        loaded = _FileSettings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(*(_describe_error(error) for error in exc.errors())) from exc
+    except SettingsError as exc:  # e.g. LMSWITCH_AUTH__API_KEYS='key' rather than '["key"]'
+        hint = "lists and mappings in LMSWITCH_* variables are JSON, e.g. '[\"key\"]'"
+        raise ConfigError(f"environment: {exc} ({hint})") from exc
+    # Hand back a plain Settings (already validated), so it compares equal to Settings(...).
+    values = {name: getattr(loaded, name) for name in Settings.model_fields}
+    return Settings.model_construct(_fields_set=loaded.model_fields_set, **values)
+
+
+def _config_file(path: str | os.PathLike[str] | None) -> Path | None:
+    if path is None:
+        from_env = os.environ.get(CONFIG_ENV_VAR)
+        if not from_env:
+            default = Path(DEFAULT_CONFIG_FILE)
+            return default if default.is_file() else None
+        file, origin = Path(from_env), f"{CONFIG_ENV_VAR}={from_env}"
+    else:
+        file, origin = Path(path), str(path)
+    file = file.expanduser()
+    if not file.is_file():
+        why = "is not a file" if file.exists() else "no such file"
+        raise ConfigError(f"{origin}: {why}")
+    return file
+
+
+def _check_env_keys() -> None:
+    """A LMSWITCH_* variable naming no section is a typo; nested typos fail validation."""
+    sections = set(Settings.model_fields)
+    problems = [
+        f"{name}: unknown key {section!r} (sections: {', '.join(sorted(sections))})"
+        for name in os.environ
+        if name.upper().startswith(ENV_PREFIX)
+        and name.upper() != CONFIG_ENV_VAR
+        and (section := name[len(ENV_PREFIX) :].split("__")[0].lower()) not in sections
+    ]
+    if problems:
+        raise ConfigError(*sorted(problems))
+
+
+def _describe_error(error: ErrorDetails) -> str:
+    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    kind, ctx = error["type"], error.get("ctx", {})
+    if kind == "extra_forbidden":
+        return f"{key}: unknown key"
+    if kind == "value_error":
+        return f"{key}: {ctx.get('error', error['msg'])}"
+    bounds = {
+        "greater_than_equal": ("ge", ">="),
+        "greater_than": ("gt", ">"),
+        "less_than_equal": ("le", "<="),
+        "less_than": ("lt", "<"),
+    }
+    if kind in bounds:
+        name, op = bounds[kind]
+        return f"{key}: must be {op} {ctx.get(name)}"
+    if kind == "literal_error":
+        return f"{key}: must be one of {ctx.get('expected')}"
+    message = error["msg"][:1].lower() + error["msg"][1:]
+    value = error.get("input")
+    secret = error["loc"][:1] == ("auth",) or "api_token" in error["loc"]  # never echo a key
+    if isinstance(value, str | int | float) and not secret:
+        return f"{key}: {message} (got {value!r})"
+    return f"{key}: {message}"
+
+
+def describe_settings(settings: Settings) -> str:
+    """The effective settings as YAML (for `lmswitch check-config`), secrets shown as ********."""
+    return yaml.safe_dump(
+        _plain(settings.model_dump()), sort_keys=False, default_flow_style=False, allow_unicode=True
+    )
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, SecretStr):
+        return MASK
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)  # 30 rather than 30.0
+    return value

@@ -1,0 +1,181 @@
+"""The proxy's own errors and how they are rendered: OpenAI's envelope, or Anthropic's.
+
+```
+ProxyError
+├── BadRequestError (400)
+├── AuthenticationError (401)
+├── ModelNotFoundError (404)
+├── PayloadTooLargeError (413)
+├── QueueFullError (429)
+├── CapacityError (503)
+├── QueueTimeoutError (503)
+└── UpstreamError (502)
+    ├── UpstreamUnavailableError (503)
+    ├── UpstreamTimeoutError (504)
+    └── ModelLoadError (503)
+```
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+# Anthropic's error `type` for each status, for the /v1/messages family.
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+
+
+class ProxyError(Exception):
+    """An error the proxy answers itself, with an HTTP status and OpenAI's error fields."""
+
+    status_code: ClassVar[int] = 500
+    error_type: ClassVar[str] = "server_error"
+    default_code: ClassVar[str | None] = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        retry_after_s: float | None = None,
+        should_retry: bool | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code if code is not None else self.default_code
+        self.param = param
+        self.retry_after_s = retry_after_s
+        self.should_retry = should_retry
+
+    def headers(self) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        if self.retry_after_s is not None:
+            headers["retry-after"] = str(max(1, round(self.retry_after_s)))
+        if self.should_retry is not None:
+            headers["x-should-retry"] = "true" if self.should_retry else "false"
+        return headers
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def anthropic_body(self) -> dict[str, Any]:
+        kind = _ANTHROPIC_TYPES.get(self.status_code, "api_error")
+        return {"type": "error", "error": {"type": kind, "message": self.message}}
+
+
+class BadRequestError(ProxyError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class AuthenticationError(ProxyError):
+    status_code = 401
+    error_type = "invalid_request_error"
+    default_code = "invalid_api_key"
+
+
+class ModelNotFoundError(ProxyError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    default_code = "model_not_found"
+
+
+class PayloadTooLargeError(ProxyError):
+    status_code = 413
+    error_type = "invalid_request_error"
+    default_code = "request_too_large"
+
+
+class QueueFullError(ProxyError):
+    status_code = 429
+    error_type = "rate_limit_error"
+    default_code = "queue_full"
+
+
+class CapacityError(ProxyError):
+    """The model can never fit beside the pinned models, or at all."""
+
+    status_code = 503
+    error_type = "server_error"
+    default_code = "model_too_large"
+
+
+class QueueTimeoutError(ProxyError):
+    status_code = 503
+    error_type = "server_error"
+    default_code = "queue_timeout"
+
+
+class UpstreamError(ProxyError):
+    """LM Studio failed in a way the proxy cannot pass through as it is."""
+
+    status_code = 502
+    error_type = "server_error"
+    default_code = "upstream_error"
+
+
+class UpstreamUnavailableError(UpstreamError):
+    status_code = 503
+    default_code = "upstream_unavailable"
+
+
+class UpstreamTimeoutError(UpstreamError):
+    status_code = 504
+    default_code = "upstream_timeout"
+
+
+class ModelLoadError(UpstreamError):
+    status_code = 503
+    default_code = "model_load_failed"
+
+
+def is_anthropic_path(path: str) -> bool:
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
+
+
+def error_response(
+    exc: ProxyError,
+    *,
+    path: str = "",
+    request_id: str | None = None,
+    extra_headers: Mapping[str, str] | None = None,
+) -> Response:
+    """Render `exc` in the envelope the client of `path` expects."""
+    body = exc.anthropic_body() if is_anthropic_path(path) else exc.body()
+    headers = exc.headers()
+    if extra_headers:
+        headers.update(extra_headers)
+    if request_id is not None:
+        headers["x-request-id"] = request_id
+    return Response(
+        json.dumps(body).encode(),
+        status_code=exc.status_code,
+        headers=headers,
+        media_type="application/json",
+    )
+
+
+async def handle_proxy_error(request: Request, exc: Exception) -> Response:
+    """The one exception handler, registered in `create_app`."""
+    assert isinstance(exc, ProxyError)  # noqa: S101 - registered for ProxyError only
+    return error_response(exc, path=request.url.path)

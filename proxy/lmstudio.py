@@ -1,0 +1,286 @@
+"""LMStudioClient: LM Studio's catalogue, loads, unloads and streamed completions.
+
+The only module that touches httpx2's exceptions: every transport failure is translated here into
+the proxy's own errors (`proxy.errors`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import httpx2
+
+from proxy.errors import (
+    ModelLoadError,
+    UpstreamError,
+    UpstreamTimeoutError,
+    UpstreamUnavailableError,
+)
+
+# Hop-by-hop headers (RFC 9110 §7.6.1) are never forwarded, in either direction. `host` and
+# `content-length` are set anew by the client; `date` and `server` by our own server.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+_NOT_FORWARDED_UP = HOP_BY_HOP | {b"host", b"content-length", b"authorization", b"x-api-key"}
+_NOT_FORWARDED_DOWN = HOP_BY_HOP | {b"date", b"server"}
+
+
+def _named_by_connection(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
+    names: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            names.update(part.strip().lower() for part in value.split(b","))
+    return names
+
+
+def request_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The client's headers fit to send upstream: no hop-by-hop, no client credentials."""
+    headers = list(headers)
+    drop = _NOT_FORWARDED_UP | _named_by_connection(headers)
+    return [(n, v) for n, v in headers if n.lower() not in drop]
+
+
+def response_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """LM Studio's response headers fit to relay to the client."""
+    headers = list(headers)
+    drop = _NOT_FORWARDED_DOWN | _named_by_connection(headers)
+    return [(n.lower(), v) for n, v in headers if n.lower() not in drop]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """One downloaded model, and its loaded instances, as LM Studio reports it."""
+
+    key: str
+    type: str  # "llm" | "embedding"
+    size_bytes: int
+    max_context_length: int | None
+    display_name: str
+    instances: tuple[str, ...]  # loaded instance ids ("key", "key:2", ...)
+    context_length: int | None  # of the first loaded instance
+
+
+def _error_message(response: httpx2.Response) -> str:
+    """LM Studio's error text, whichever of its envelopes it used."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text.strip() or f"HTTP {response.status_code}"
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return str(error["message"])
+    if isinstance(error, str):
+        return error
+    return response.text.strip()
+
+
+def _unexpected_endpoint(response: httpx2.Response) -> bool:
+    # LM Studio answers unknown routes with 200 {"error": "Unexpected endpoint or method. (...)"}
+    return response.content.startswith(b'{"error":"Unexpected endpoint')
+
+
+class UpstreamResponse:
+    """An open streamed response from LM Studio. Its owner must call `aclose()`."""
+
+    def __init__(self, response: httpx2.Response) -> None:
+        self._response = response
+        self.status_code = response.status_code
+        self.headers = response_headers(response.headers.raw)
+        self.content_type = response.headers.get("content-type", "")
+
+    async def aiter_raw(self) -> AsyncIterator[bytes]:
+        """The body as it arrives; a broken upstream raises `UpstreamError`."""
+        try:
+            async for chunk in self._response.aiter_raw():
+                yield chunk
+        except httpx2.TimeoutException as exc:
+            raise UpstreamTimeoutError("LM Studio stopped sending data (read timeout)") from exc
+        except httpx2.TransportError as exc:
+            raise UpstreamUnavailableError(f"LM Studio's response broke off: {exc!r}") from exc
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+
+class LMStudioClient:
+    """Talks to LM Studio's REST API through one pooled `httpx2.AsyncClient` (not owned)."""
+
+    def __init__(
+        self,
+        http: httpx2.AsyncClient,
+        *,
+        api_token: str | None = None,
+        load_timeout_s: float = 300.0,
+    ) -> None:
+        self._http = http
+        self._auth = [(b"authorization", f"Bearer {api_token}".encode())] if api_token else []
+        self.load_timeout_s = load_timeout_s
+        self.base_url = str(http.base_url).rstrip("/")
+
+    async def _call(self, method: str, path: str, body: Any = None, timeout_s: float = 0) -> Any:
+        """One JSON call; LM Studio's errors as `UpstreamError` with its own message."""
+        headers = [*self._auth, (b"content-type", b"application/json")]
+        content = None if body is None else json.dumps(body).encode()
+        try:
+            if timeout_s:
+                with anyio.fail_after(timeout_s):
+                    response = await self._http.request(
+                        method, path, content=content, headers=headers, timeout=None
+                    )
+            else:
+                response = await self._http.request(method, path, content=content, headers=headers)
+        except TimeoutError as exc:
+            raise UpstreamTimeoutError(
+                f"LM Studio did not answer {path} in {timeout_s:g} s"
+            ) from exc
+        except httpx2.TimeoutException as exc:
+            raise UpstreamUnavailableError(
+                f"LM Studio at {self.base_url} timed out: {exc!r}"
+            ) from exc
+        except httpx2.TransportError as exc:
+            raise UpstreamUnavailableError(
+                f"LM Studio is not reachable at {self.base_url}: {exc!r}", retry_after_s=5
+            ) from exc
+        if response.status_code >= 400 or _unexpected_endpoint(response):
+            raise _status_error(path, response)
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise UpstreamError(f"LM Studio sent invalid JSON from {path}") from exc
+
+    async def catalog(self) -> list[ModelInfo]:
+        """Downloaded models with sizes and loaded instances.
+
+        `/api/v1/models` carries sizes but some builds report `loaded_instances` empty, so the
+        loaded state is cross-checked with `/api/v0/models`.
+        """
+        v1 = await self._call("GET", "/api/v1/models")
+        v0 = await self._call("GET", "/api/v0/models")
+        loaded_v0: dict[str, list[tuple[str, int | None]]] = {}
+        for row in v0.get("data", []) if isinstance(v0, dict) else []:
+            if isinstance(row, dict) and row.get("state") == "loaded":
+                instance = str(row.get("id", ""))
+                key = instance.rsplit(":", 1)[0] if ":" in instance else instance
+                loaded_v0.setdefault(key, []).append((instance, row.get("loaded_context_length")))
+        models: list[ModelInfo] = []
+        for row in v1.get("models", []) if isinstance(v1, dict) else []:
+            key = str(row["key"])
+            instances = [
+                (str(i["id"]), (i.get("config") or {}).get("context_length"))
+                for i in row.get("loaded_instances") or []
+            ]
+            for instance, ctx in loaded_v0.get(key, []):
+                if instance not in {i for i, _ in instances}:
+                    instances.append((instance, ctx))
+            models.append(
+                ModelInfo(
+                    key=key,
+                    type="embedding" if row.get("type") == "embedding" else "llm",
+                    size_bytes=int(row.get("size_bytes") or 0),
+                    max_context_length=row.get("max_context_length"),
+                    display_name=str(row.get("display_name") or key),
+                    instances=tuple(i for i, _ in instances),
+                    context_length=instances[0][1] if instances else None,
+                )
+            )
+        return models
+
+    async def load(self, key: str, options: Mapping[str, Any]) -> str:
+        """Load a new instance of `key`; return its instance id. Blocks until LM Studio is done."""
+        try:
+            answer = await self._call(
+                "POST",
+                "/api/v1/models/load",
+                {"model": key, **options},
+                timeout_s=self.load_timeout_s,
+            )
+        except UpstreamTimeoutError as exc:
+            raise UpstreamTimeoutError(
+                f"loading model {key!r} took longer than load_timeout ({self.load_timeout_s:g} s)",
+                code="model_load_timeout",
+            ) from exc
+        except UpstreamUnavailableError:
+            raise
+        except UpstreamError as exc:
+            raise ModelLoadError(
+                f"LM Studio failed to load model {key!r}: {exc.message}",
+                should_retry=exc.should_retry,
+            ) from exc
+        instance = answer.get("instance_id") or answer.get("model_instance_id") or key
+        return str(instance)
+
+    async def unload(self, instance_id: str) -> None:
+        """Unload one instance; one that is already gone counts as unloaded."""
+        try:
+            await self._call("POST", "/api/v1/models/unload", {"instance_id": instance_id})
+        except UpstreamError as exc:
+            if exc.code != "upstream_404":
+                raise
+
+    async def open_completion(
+        self, path: str, body: bytes, headers: Iterable[tuple[bytes, bytes]]
+    ) -> UpstreamResponse:
+        """Send a request and return the response with its body not yet read."""
+        request = self._http.build_request(
+            "POST", path, content=body, headers=[*request_headers(headers), *self._auth]
+        )
+        try:
+            response = await self._http.send(request, stream=True)
+        except httpx2.TimeoutException as exc:
+            raise UpstreamTimeoutError(f"LM Studio did not answer {path} in time") from exc
+        except httpx2.TransportError as exc:
+            raise UpstreamUnavailableError(
+                f"LM Studio is not reachable at {self.base_url}: {exc!r}", retry_after_s=5
+            ) from exc
+        return UpstreamResponse(response)
+
+
+def _status_error(path: str, response: httpx2.Response) -> UpstreamError:
+    message = _error_message(response)
+    status = response.status_code
+    if status == 401 or status == 403:
+        return UpstreamError(
+            f"LM Studio refused the proxy's credentials on {path} (check upstream.api_token): "
+            f"{message}",
+            code="upstream_auth_failed",
+        )
+    # Retrying cannot help a refusal (4xx) or an out-of-memory guardrail; other 5xx may pass.
+    hopeless = status < 500 or "insufficient system resources" in message
+    return UpstreamError(
+        f"{message} (HTTP {status} from {path})",
+        code=f"upstream_{status}",
+        should_retry=not hopeless,
+    )
+
+
+def create_http_client(
+    base_url: str,
+    *,
+    connect_timeout_s: float,
+    read_timeout_s: float,
+    transport: httpx2.AsyncBaseTransport | None = None,
+) -> httpx2.AsyncClient:
+    """The pooled client for LM Studio, owned by the app's lifespan."""
+    return httpx2.AsyncClient(
+        base_url=base_url,
+        timeout=httpx2.Timeout(read_timeout_s, connect=connect_timeout_s, pool=None),
+        limits=httpx2.Limits(max_connections=None, max_keepalive_connections=256),
+        transport=transport,
+        trust_env=False,  # LM Studio is local: never route it through $HTTP_PROXY
+    )

@@ -1,0 +1,214 @@
+"""The OpenAI-compatible routes (and LM Studio's Anthropic-compatible ones), routed by `model`."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive
+
+from proxy.errors import BadRequestError, PayloadTooLargeError, ProxyError, UpstreamUnavailableError
+from proxy.manager import ClientGone
+from proxy.metrics import UNKNOWN_MODEL
+from proxy.scheduler import Phase
+from proxy.state import State
+from proxy.streaming import RequestRecord, UpstreamStreamResponse
+
+REQUEST_ID_SCOPE_KEY = "lmswitch.request_id"
+
+_decoder = json.JSONDecoder()
+
+
+def request_id_of(request: Request[Any]) -> str:
+    request_id = request.scope.get(REQUEST_ID_SCOPE_KEY)
+    return request_id if isinstance(request_id, str) else uuid.uuid4().hex
+
+
+async def read_body(request: Request[Any], limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to pass `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLargeError(f"request body is larger than {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLargeError(f"request body is larger than {limit} bytes")
+    return bytes(body)
+
+
+def parse_object(body: bytes) -> dict[str, Any]:
+    try:
+        payload = json.loads(body)
+    except ValueError as exc:
+        raise BadRequestError(f"the request body is not valid JSON: {exc}") from exc
+    if not isinstance(payload, dict):
+        raise BadRequestError(
+            f"the request body must be a JSON object, not {type(payload).__name__}"
+        )
+    return payload
+
+
+def _skip_ws(text: str, i: int) -> int:
+    while i < len(text) and text[i] in " \t\n\r":
+        i += 1
+    return i
+
+
+def _model_span(text: str) -> tuple[int, int] | None:
+    """Where the top-level `"model"` value lies in the JSON object `text`, or None.
+
+    The last one wins, as with `json.loads`; `text` is known to be a valid JSON object.
+    """
+    i = _skip_ws(text, 0) + 1  # past the '{'
+    span = None
+    while (i := _skip_ws(text, i)) < len(text) and text[i] == '"':
+        key, i = _decoder.raw_decode(text, i)
+        i = _skip_ws(text, _skip_ws(text, i) + 1)  # past the ':'
+        _, end = _decoder.raw_decode(text, i)
+        if key == "model":
+            span = (i, end)
+        i = _skip_ws(text, end) + 1  # past the ',' (or the closing '}')
+    return span
+
+
+def with_model(body: bytes, name: str) -> bytes:
+    """The client's bytes with only the top-level `model` set to `name` (a valid JSON object)."""
+    text = body.decode()
+    value = json.dumps(name)
+    span = _model_span(text)
+    if span is not None:
+        return (text[: span[0]] + value + text[span[1] :]).encode()
+    brace = text.index("{")
+    rest = text[brace + 1 :]
+    comma = "" if rest.lstrip().startswith("}") else ","
+    return (text[: brace + 1] + f'"model":{value}{comma}' + rest).encode()
+
+
+def _disconnect_watcher(receive: Receive) -> Any:
+    async def disconnected() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    return disconnected
+
+
+def _finish(state: State, record: RequestRecord, status: int) -> None:
+    record.status = status
+    record.duration_s = anyio.current_time() - record.started
+    state["log_request"](record)
+
+
+async def proxy_request(request: Request[State]) -> Response:
+    """Resolve the model, wait for it, and stream LM Studio's answer through."""
+    state = request.state
+    manager, settings = state["manager"], state["settings"]
+    path = request.url.path
+    clock = anyio.current_time
+    request_id = request_id_of(request)
+    record = RequestRecord(request_id, request.method, path, UNKNOWN_MODEL, clock())
+    try:
+        body = await read_body(request, settings.server.max_body_bytes)
+        payload = parse_object(body)
+        resolved = await manager.resolve(payload.get("model"))
+        record.model = resolved.key
+        if payload.get("model") != resolved.upstream_name:
+            body = with_model(body, resolved.upstream_name)
+        ttl = payload.get("ttl")
+        if isinstance(ttl, int | float) and not isinstance(ttl, bool) and ttl > 0:
+            manager.set_idle_ttl(resolved.key, float(ttl))
+        lease = await manager.acquire(
+            resolved.key, disconnected=_disconnect_watcher(request.receive)
+        )
+    except ClientGone:
+        record.disconnected = True
+        _finish(state, record, 499)  # nginx's "client closed request": nobody reads this answer
+        return Response(status_code=499)
+    except ProxyError as exc:
+        _finish(state, record, exc.status_code)
+        raise
+    record.queue_wait_s, record.waited_on_load = lease.waited_s, lease.waited_on_load
+    try:
+        upstream = await state["client"].open_completion(path, body, request.headers.raw)
+    except ProxyError as exc:
+        lease.release()
+        if isinstance(exc, UpstreamUnavailableError):
+            manager.upstream_failed(exc)
+        _finish(state, record, exc.status_code)
+        raise
+    return UpstreamStreamResponse(  # type: ignore[return-value] # an ASGI app, as Response is
+        upstream,
+        lease,
+        record,
+        clock=clock,
+        on_done=state["log_request"],
+        request_id=request_id,
+    )
+
+
+def _model_object(request: Request[State], name: str, key: str) -> dict[str, Any]:
+    manager = request.state["manager"]
+    model = manager.scheduler.models.get(key)
+    phase = model.phase if model is not None else Phase.ABSENT
+    info = manager.catalog.get(key)
+    return {
+        "id": name,
+        "object": "model",
+        "created": int(request.state["started_at"]),
+        "owned_by": "lmstudio",
+        "loaded": phase is Phase.READY or phase is Phase.DRAINING,
+        "state": str(phase),
+        "type": info.type if info is not None else "llm",
+        "alias_of": key if name != key else None,
+    }
+
+
+async def _routable(request: Request[State]) -> AsyncIterator[tuple[str, str]]:
+    manager = request.state["manager"]
+    if not manager.catalog_known:
+        await manager.refresh()
+        if not manager.catalog_known:
+            raise UpstreamUnavailableError(
+                "LM Studio is not reachable, so its models are unknown", retry_after_s=5
+            )
+    for key in sorted(manager.catalog):
+        yield key, key
+    for alias, target in sorted(request.state["settings"].models.aliases.items()):
+        if alias not in manager.catalog and target in manager.catalog:
+            yield alias, target
+
+
+async def list_models(request: Request[State]) -> Response:
+    data = [_model_object(request, name, key) async for name, key in _routable(request)]
+    return JSONResponse({"object": "list", "data": data})
+
+
+async def get_model(request: Request[State]) -> Response:
+    wanted = request.path_params["model_id"]
+    async for name, key in _routable(request):
+        if name == wanted:
+            return JSONResponse(_model_object(request, name, key))
+    resolved = await request.state["manager"].resolve(wanted)
+    return JSONResponse(_model_object(request, wanted, resolved.key))
+
+
+PROXIED_PATHS = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+    "/v1/messages",
+    "/v1/messages/count_tokens",
+)
+
+routes = [
+    *(Route(path, proxy_request, methods=["POST"]) for path in PROXIED_PATHS),
+    Route("/v1/models", list_models, methods=["GET"]),
+    Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
+]

@@ -1,0 +1,477 @@
+"""Pure scheduling decisions: who gets a lease, what to evict, what to load next, fair swapping.
+
+No I/O, no async and no clock of its own: the driver (`manager.py`) feeds events in, passes the
+time, and carries out the actions that `Scheduler.decide` returns. `../shared/SCHEDULER.md`
+describes the phases, the decision order, the fairness rule and the invariants.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+# How long a contested model must sit idle (no leases, no waiters) before it is taken to be done:
+# long enough to tell "its clients are gone" from "its client is between two requests".
+IDLE_GAP_S = 0.25
+# After a failed unload, no upstream action is started for this long, so that an upstream that
+# keeps failing is not hammered in a tight loop.
+RETRY_HOLD_S = 1.0
+
+
+class Phase(enum.StrEnum):
+    ABSENT = "absent"
+    LOADING = "loading"
+    READY = "ready"
+    DRAINING = "draining"
+    UNLOADING = "unloading"
+
+
+# Phases in which a model occupies (or is about to occupy) LM Studio's memory.
+RESIDENT = frozenset({Phase.LOADING, Phase.READY, Phase.DRAINING, Phase.UNLOADING})
+
+
+class FailReason(enum.StrEnum):
+    EXPIRED = "expired"  # waited past queue_timeout
+    NO_FIT = "no_fit"  # can never fit beside the pinned models
+    QUEUE_FULL = "queue_full"  # more waiters than max_queue
+    LOAD_FAILED = "load_failed"  # the load it waited on failed
+
+
+class UnloadReason(enum.StrEnum):
+    EVICTED = "evicted"
+    IDLE = "idle"
+    ADMIN = "admin"
+    EXTERNAL = "external"
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The limits the scheduler enforces (from `models` and `scheduler` settings)."""
+
+    max_loaded: int = 1  # 0 = no count limit
+    memory_budget: int | None = None  # bytes
+    swap_grace_s: float = 10.0
+    idle_ttl_s: float | None = None
+    max_queue: int = 256
+    queue_timeout_s: float = 300.0
+    idle_gap_s: float = IDLE_GAP_S
+
+
+@dataclass(slots=True)
+class Model:
+    """What the scheduler knows of one model key."""
+
+    key: str
+    size_bytes: int = 0
+    phase: Phase = Phase.ABSENT
+    leases: int = 0
+    last_used: float = 0.0  # when its last lease ended, or it became ready
+    instance_id: str | None = None
+    duplicates: list[str] = field(default_factory=list)  # extra instances seen in LM Studio
+    pinned: bool = False
+    adopted: bool = False  # loaded behind the proxy's back
+    idle_ttl_s: float | None = None  # a request's `ttl` overrides the policy's
+    unload_requested: bool = False  # an operator asked for an unload
+    drained_for_swap: bool = False
+
+    @property
+    def instances(self) -> int:
+        return (1 + len(self.duplicates)) if self.phase in RESIDENT else 0
+
+
+@dataclass(slots=True)
+class Waiter:
+    """A request waiting for its model (or an operator's load, which takes no lease)."""
+
+    id: int
+    model: str
+    arrived: float
+    deadline: float
+    takes_lease: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    waiter: Waiter
+
+
+@dataclass(frozen=True, slots=True)
+class Fail:
+    waiter: Waiter
+    reason: FailReason
+    message: str
+    error: Exception | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    model: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unload:
+    model: str
+    instance_id: str
+    reason: UnloadReason
+
+
+@dataclass(frozen=True, slots=True)
+class Drain:
+    """A model stops taking new leases so that it can be unloaded (no I/O)."""
+
+    model: str
+
+
+@dataclass(frozen=True, slots=True)
+class Observed:
+    """Reconciliation found a model loaded (`adopted`) or gone (`vanished`) behind our back."""
+
+    model: str
+    change: str
+
+
+Action = Grant | Fail | Load | Unload | Drain | Observed
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB"
+
+
+class Scheduler:
+    """The state of every model and waiter, and the rules that move it along.
+
+    Event methods record what happened; `decide(now)` applies the rules and returns what the
+    driver must do. At most one `Load` or `Unload` is outstanding at any time: none is returned
+    while a model is `loading` or `unloading`.
+    """
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self.models: dict[str, Model] = {}
+        self.waiters: dict[int, Waiter] = {}  # insertion order is arrival order
+        self.hold_until = 0.0
+        self._outbox: list[Action] = []
+        self._next_id = 0
+
+    # -- events -----------------------------------------------------------------------------
+
+    def model(self, key: str) -> Model:
+        """The model record for `key`, created on first use."""
+        if (model := self.models.get(key)) is None:
+            model = self.models[key] = Model(key)
+        return model
+
+    def set_catalog(self, sizes: Mapping[str, int]) -> None:
+        for key, size in sizes.items():
+            self.model(key).size_bytes = size
+
+    def pin(self, key: str, pinned: bool) -> None:
+        self.model(key).pinned = pinned
+
+    def set_idle_ttl(self, key: str, ttl_s: float | None) -> None:
+        self.model(key).idle_ttl_s = ttl_s
+
+    def arrive(self, key: str, now: float, *, takes_lease: bool = True) -> Waiter:
+        self.model(key)
+        self._next_id += 1
+        waiter = Waiter(self._next_id, key, now, now + self.policy.queue_timeout_s, takes_lease)
+        self.waiters[waiter.id] = waiter
+        return waiter
+
+    def cancel(self, waiter_id: int) -> bool:
+        """The waiter's client went away; False if it was already granted or failed."""
+        return self.waiters.pop(waiter_id, None) is not None
+
+    def release(self, key: str, now: float) -> None:
+        model = self.models[key]
+        model.leases -= 1
+        assert model.leases >= 0, f"lease underflow on {key}"  # noqa: S101 - an invariant
+        if model.leases == 0:
+            model.last_used = now
+
+    def load_done(self, key: str, instance_id: str, now: float) -> None:
+        model = self.models[key]
+        model.phase = Phase.READY
+        model.instance_id = instance_id
+        model.adopted = False
+        model.last_used = now
+
+    def load_failed(self, key: str, error: Exception) -> None:
+        """Every request waiting on this load fails with `error`; the next one may try again."""
+        model = self.models[key]
+        model.phase = Phase.ABSENT
+        model.instance_id = None
+        for waiter in [w for w in self.waiters.values() if w.model == key]:
+            del self.waiters[waiter.id]
+            self._outbox.append(Fail(waiter, FailReason.LOAD_FAILED, str(error), error))
+
+    def unload_done(self, key: str) -> None:
+        model = self.models[key]
+        model.phase = Phase.ABSENT
+        model.instance_id = None
+        model.duplicates.clear()
+        model.unload_requested = model.drained_for_swap = model.adopted = False
+
+    def unload_failed(self, key: str, now: float) -> None:
+        model = self.models[key]
+        model.phase = Phase.DRAINING if model.unload_requested else Phase.READY
+        self.hold_until = now + RETRY_HOLD_S
+
+    def request_unload(self, key: str) -> None:
+        """An operator's unload: drain, then unload once the last lease ends."""
+        model = self.model(key)
+        if model.phase in RESIDENT:
+            model.unload_requested = True
+
+    def observed(self, instances: Mapping[str, Sequence[str]], now: float) -> None:
+        """Reconcile with LM Studio's real state: `instances` maps model key to instance ids."""
+        for key in instances:
+            self.model(key)
+        for key, model in self.models.items():
+            ids = list(instances.get(key, ()))
+            if model.phase in (Phase.LOADING, Phase.UNLOADING):
+                continue  # our own call in flight will settle it
+            if model.phase is Phase.ABSENT:
+                if ids:
+                    primary = key if key in ids else ids[0]
+                    model.phase, model.adopted, model.last_used = Phase.READY, True, now
+                    model.instance_id = primary
+                    model.duplicates = [i for i in ids if i != primary]
+                    self._outbox.append(Observed(key, "adopted"))
+            elif not ids:
+                model.phase, model.instance_id = Phase.ABSENT, None
+                model.duplicates.clear()
+                model.unload_requested = model.drained_for_swap = model.adopted = False
+                self._outbox.append(Observed(key, "vanished"))
+            else:
+                if model.instance_id not in ids:
+                    model.instance_id = key if key in ids else ids[0]
+                model.duplicates = [i for i in ids if i != model.instance_id]
+
+    # -- queries ----------------------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        """A load or unload call to LM Studio is in flight."""
+        return any(m.phase in (Phase.LOADING, Phase.UNLOADING) for m in self.models.values())
+
+    def usage(self, exclude: Iterable[str] = ()) -> tuple[int, int]:
+        """Instances and bytes resident in LM Studio, leaving out the models in `exclude`."""
+        skip = set(exclude)
+        count = size = 0
+        for model in self.models.values():
+            if model.key not in skip and (n := model.instances):
+                count += n
+                size += n * model.size_bytes
+        return count, size
+
+    def queued(self, key: str) -> int:
+        return sum(1 for w in self.waiters.values() if w.model == key)
+
+    def fits(self, target: Model, exclude: Iterable[str] = ()) -> bool:
+        count, size = self.usage(exclude)
+        policy = self.policy
+        if policy.max_loaded and count + 1 > policy.max_loaded:
+            return False
+        return policy.memory_budget is None or size + target.size_bytes <= policy.memory_budget
+
+    def never_fits(self, target: Model) -> str | None:
+        """Why `target` cannot fit even with every unpinned model unloaded, or None."""
+        pinned = [
+            m for m in self.models.values() if m.pinned and m.phase in RESIDENT and m is not target
+        ]
+        policy = self.policy
+        if policy.max_loaded and len(pinned) >= policy.max_loaded:
+            names = ", ".join(m.key for m in pinned)
+            return (
+                f"model {target.key!r} cannot be loaded: max_loaded is {policy.max_loaded} "
+                f"and pinned models fill every slot ({names})"
+            )
+        if policy.memory_budget is not None:
+            pinned_size = sum(m.size_bytes for m in pinned)
+            if target.size_bytes + pinned_size > policy.memory_budget:
+                beside = f" beside pinned models using {_gib(pinned_size)}" if pinned else ""
+                return (
+                    f"model {target.key!r} needs {_gib(target.size_bytes)}, which does not fit "
+                    f"in memory_budget {_gib(policy.memory_budget)}{beside}"
+                )
+        return None
+
+    def next_wakeup(self, now: float) -> float | None:
+        """The earliest future time at which `decide` could act without a new event."""
+        times = [w.deadline for w in self.waiters.values()]
+        if (target := self._target()) is not None and target.phase is Phase.ABSENT:
+            times.append(self._oldest(target.key) + self.policy.swap_grace_s)
+            times.extend(m.last_used + self.policy.idle_gap_s for m in self._idle_ready())
+        ttls = ((m, self._ttl(m)) for m in self._idle_ready())
+        times.extend(m.last_used + ttl for m, ttl in ttls if ttl is not None)
+        times.append(self.hold_until)
+        future = [t for t in times if t > now]
+        return min(future) if future else None
+
+    # -- the rules --------------------------------------------------------------------------
+
+    def decide(self, now: float) -> list[Action]:
+        """Apply the rules at time `now`; return what the driver must carry out, in order."""
+        actions, self._outbox = self._outbox, []
+        self._expire(now, actions)
+        self._refuse(actions)
+        target = self._target()
+        victims = self._victims(target) if target is not None else []
+        self._drain(target, victims, now, actions)
+        self._grant(now, actions)
+        self._limit_queue(actions)
+        if not self.busy and now >= self.hold_until:
+            upstream = self._upstream_action(target, victims, now)
+            if upstream is not None:
+                self._start(upstream)
+                actions.append(upstream)
+        return actions
+
+    def _fail(
+        self, waiter: Waiter, reason: FailReason, message: str, actions: list[Action]
+    ) -> None:
+        del self.waiters[waiter.id]
+        actions.append(Fail(waiter, reason, message))
+
+    def _expire(self, now: float, actions: list[Action]) -> None:
+        for waiter in [w for w in self.waiters.values() if w.deadline <= now]:
+            message = (
+                f"timed out after {self.policy.queue_timeout_s:g} s waiting for "
+                f"model {waiter.model!r}"
+            )
+            self._fail(waiter, FailReason.EXPIRED, message, actions)
+
+    def _refuse(self, actions: list[Action]) -> None:
+        for waiter in list(self.waiters.values()):
+            model = self.models[waiter.model]
+            if model.phase is Phase.ABSENT and (why := self.never_fits(model)) is not None:
+                self._fail(waiter, FailReason.NO_FIT, why, actions)
+
+    def _oldest(self, key: str) -> float:
+        return min(w.arrived for w in self.waiters.values() if w.model == key)
+
+    def _target(self) -> Model | None:
+        """The model being loaded, else the absent model whose oldest waiter came first."""
+        for model in self.models.values():
+            if model.phase is Phase.LOADING:
+                return model
+        for waiter in self.waiters.values():  # in arrival order
+            model = self.models[waiter.model]
+            if model.phase is Phase.ABSENT:
+                return model
+        return None
+
+    def _victims(self, target: Model) -> list[Model]:
+        """The fewest models to unload, idle ones first then least recently used, to fit."""
+        if target.phase is not Phase.ABSENT:
+            return []
+        leaving = [m.key for m in self.models.values() if m.unload_requested]
+        if self.fits(target, leaving):
+            return []
+        candidates = sorted(
+            (
+                m
+                for m in self.models.values()
+                if m.phase in (Phase.READY, Phase.DRAINING)
+                and not m.pinned
+                and not m.unload_requested
+                and m is not target
+            ),
+            key=lambda m: (m.leases > 0, m.last_used),
+        )
+        victims: list[Model] = []
+        for model in candidates:
+            victims.append(model)
+            if self.fits(target, leaving + [v.key for v in victims]):
+                return victims
+        return []  # cannot make room yet (models are loading or being unloaded): wait
+
+    def _idle_ready(self) -> list[Model]:
+        return [
+            m
+            for m in self.models.values()
+            if m.phase is Phase.READY and m.leases == 0 and not self.queued(m.key)
+        ]
+
+    def _drain(
+        self, target: Model | None, victims: list[Model], now: float, actions: list[Action]
+    ) -> None:
+        """Apply the fairness rule: a busy victim is drained once the target waited swap_grace."""
+        grace_over = (
+            target is not None
+            and target.phase is Phase.ABSENT
+            and now - self._oldest(target.key) >= self.policy.swap_grace_s
+        )
+        victim_keys = {v.key for v in victims}
+        for model in self.models.values():
+            if model.phase is Phase.DRAINING and model.drained_for_swap:
+                if model.key not in victim_keys:  # no longer needed: take requests again
+                    model.phase, model.drained_for_swap = Phase.READY, False
+            elif model.phase is Phase.READY and (
+                model.unload_requested or (grace_over and model.key in victim_keys)
+            ):
+                model.phase = Phase.DRAINING
+                model.drained_for_swap = not model.unload_requested
+                actions.append(Drain(model.key))
+
+    def _grant(self, now: float, actions: list[Action]) -> None:
+        for waiter in list(self.waiters.values()):
+            model = self.models[waiter.model]
+            if model.phase is Phase.READY:
+                del self.waiters[waiter.id]
+                if waiter.takes_lease:
+                    model.leases += 1
+                model.last_used = max(model.last_used, now)
+                actions.append(Grant(waiter))
+
+    def _limit_queue(self, actions: list[Action]) -> None:
+        excess = len(self.waiters) - self.policy.max_queue
+        if excess > 0:
+            newest = list(self.waiters.values())[-excess:]
+            message = f"too many requests waiting for models (max_queue is {self.policy.max_queue})"
+            for waiter in newest:
+                self._fail(waiter, FailReason.QUEUE_FULL, message, actions)
+
+    def _upstream_action(
+        self, target: Model | None, victims: list[Model], now: float
+    ) -> Load | Unload | None:
+        for model in self.models.values():  # operators' unloads first
+            if model.unload_requested and model.phase is Phase.DRAINING and model.leases == 0:
+                return self._unload(model, UnloadReason.ADMIN)
+        grace_over = (
+            target is not None
+            and target.phase is Phase.ABSENT
+            and now - self._oldest(target.key) >= self.policy.swap_grace_s
+        )
+        for victim in victims:
+            # A draining victim's own waiters wait for the swap; a ready one has none (granted).
+            done = victim.phase is Phase.DRAINING or grace_over
+            gap_over = now - victim.last_used >= self.policy.idle_gap_s
+            if victim.leases == 0 and (done or gap_over):
+                return self._unload(victim, UnloadReason.EVICTED)
+        if target is not None and target.phase is Phase.ABSENT and self.fits(target):
+            return Load(target.key)
+        for model in self._idle_ready():
+            ttl = self._ttl(model)
+            if ttl is not None and now - model.last_used >= ttl:
+                return self._unload(model, UnloadReason.IDLE)
+        return None
+
+    def _ttl(self, model: Model) -> float | None:
+        if model.pinned:
+            return None
+        return model.idle_ttl_s if model.idle_ttl_s is not None else self.policy.idle_ttl_s
+
+    def _unload(self, model: Model, reason: UnloadReason) -> Unload:
+        assert model.instance_id is not None  # noqa: S101 - resident models have an instance
+        return Unload(model.key, model.instance_id, reason)
+
+    def _start(self, action: Load | Unload) -> None:
+        model = self.models[action.model]
+        if isinstance(action, Load):
+            model.phase = Phase.LOADING
+        else:
+            assert model.leases == 0, "unload under a lease"  # noqa: S101 - an invariant
+            model.phase = Phase.UNLOADING

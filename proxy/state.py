@@ -1,0 +1,21 @@
+"""State: what the lifespan yields and request handlers read, as `Request[State]`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypedDict
+
+from proxy.config import Settings
+from proxy.lmstudio import LMStudioClient
+from proxy.manager import ModelManager
+from proxy.metrics import Metrics
+from proxy.streaming import RequestRecord
+
+
+class State(TypedDict):
+    settings: Settings
+    manager: ModelManager
+    client: LMStudioClient
+    metrics: Metrics
+    started_at: float  # wall-clock seconds since the epoch
+    log_request: Callable[[RequestRecord], None]

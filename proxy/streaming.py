@@ -1,0 +1,184 @@
+"""UpstreamStreamResponse: relays LM Studio's bytes as they come and releases what it holds.
+
+The handler returns before the first byte is sent, so the upstream response and the model lease
+belong to this response object and are released in `__call__`'s `finally`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from starlette.types import Receive, Scope, Send
+
+from proxy.errors import UpstreamError, is_anthropic_path
+from proxy.lmstudio import UpstreamResponse
+from proxy.manager import Lease
+
+logger = logging.getLogger("lmswitch.streaming")
+
+# Non-streamed answers are copied aside up to this size to read their usage figures.
+_USAGE_COPY_LIMIT = 1 << 20
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """What one request did, for the access log, metrics and events."""
+
+    request_id: str
+    method: str
+    endpoint: str
+    model: str
+    started: float
+    status: int = 0
+    queue_wait_s: float = 0.0
+    waited_on_load: bool = False
+    bytes_out: int = 0
+    first_byte_s: float | None = None
+    duration_s: float = 0.0
+    disconnected: bool = False
+    upstream_failed: bool = False
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class UsageScanner:
+    """Reads token usage from a response body on the side, never holding a byte back."""
+
+    def __init__(self, sse: bool) -> None:
+        self._sse = sse
+        self._buffer = bytearray()
+        self.prompt: int | None = None
+        self.completion: int | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        if not self._sse:
+            if len(self._buffer) + len(chunk) <= _USAGE_COPY_LIMIT:
+                self._buffer += chunk
+            return
+        self._buffer += chunk
+        *lines, rest = self._buffer.split(b"\n")
+        self._buffer = bytearray(rest)
+        for line in lines:
+            if line.startswith(b"data:") and b'"usage"' in line:
+                self._read(bytes(line[5:]))
+
+    def finish(self) -> None:
+        if not self._sse and b'"usage"' in self._buffer:
+            self._read(bytes(self._buffer))
+
+    def _read(self, data: bytes) -> None:
+        try:
+            doc = json.loads(data)
+        except ValueError:
+            return
+        if not isinstance(doc, dict):
+            return
+        for holder in (doc, doc.get("response"), doc.get("message")):
+            usage = holder.get("usage") if isinstance(holder, dict) else None
+            if isinstance(usage, dict):
+                prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+                completion = usage.get("completion_tokens", usage.get("output_tokens"))
+                if isinstance(prompt, int) and prompt:
+                    self.prompt = prompt
+                if isinstance(completion, int):
+                    self.completion = completion
+
+
+def sse_error_event(error: UpstreamError, path: str) -> bytes:
+    """The last event of a stream whose upstream broke off, in the client's API's shape."""
+    if is_anthropic_path(path):
+        return b"event: error\ndata: " + json.dumps(error.anthropic_body()).encode() + b"\n\n"
+    return b"data: " + json.dumps(error.body()).encode() + b"\n\n"
+
+
+class UpstreamStreamResponse:
+    """An ASGI response that streams an upstream response through, chunk for chunk.
+
+    Invariant: whatever happens (normal end, client disconnect, upstream failure, cancellation)
+    the upstream response is closed and the lease released exactly once, in `__call__`.
+    """
+
+    def __init__(
+        self,
+        upstream: UpstreamResponse,
+        lease: Lease,
+        record: RequestRecord,
+        *,
+        clock: Callable[[], float],
+        on_done: Callable[[RequestRecord], None],
+        request_id: str,
+    ) -> None:
+        self._upstream = upstream
+        self._lease = lease
+        self._record = record
+        self._clock = clock
+        self._on_done = on_done
+        self._sse = upstream.content_type.startswith("text/event-stream")
+        headers = [(n, v) for n, v in upstream.headers if n != b"x-request-id"]
+        headers.append((b"x-request-id", request_id.encode()))
+        if self._sse:
+            headers.append((b"x-accel-buffering", b"no"))
+        self._headers = headers
+        self._complete = False
+        record.status = upstream.status_code
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        record = self._record
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": self._upstream.status_code,
+                    "headers": self._headers,
+                }
+            )
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._watch_disconnect, receive, tg.cancel_scope)
+                await self._relay(send, scope["path"])
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._upstream.aclose()
+            self._lease.release()
+            record.duration_s = self._clock() - record.started
+            self._on_done(record)
+
+    async def _watch_disconnect(self, receive: Receive, scope: anyio.CancelScope) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        if not self._complete:  # a client that leaves after the last byte has not disconnected
+            self._record.disconnected = True
+            scope.cancel()
+
+    async def _relay(self, send: Send, path: str) -> None:
+        record = self._record
+        usage = UsageScanner(self._sse)
+        try:
+            async for chunk in self._upstream.aiter_raw():
+                if record.first_byte_s is None:
+                    record.first_byte_s = self._clock() - record.started
+                record.bytes_out += len(chunk)
+                usage.feed(chunk)
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except UpstreamError as exc:
+            record.upstream_failed = True
+            logger.warning("request %s: upstream broke off: %s", record.request_id, exc.message)
+            if not self._sse:
+                raise  # a truncated JSON body must not look complete: abort the connection
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": sse_error_event(exc, path),
+                    "more_body": True,
+                }
+            )
+        usage.finish()
+        record.prompt_tokens, record.completion_tokens = usage.prompt, usage.completion
+        self._complete = True
+        await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -1,0 +1,58 @@
+"""Shared fixtures: a clean environment, the asyncio backend, and loopback servers."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+
+import anyio
+import pytest
+import uvicorn
+from starlette.types import ASGIApp
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    # uvicorn.Server is asyncio-only, as in uvicorn's own test suite.
+    return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def clean_environ() -> Iterator[None]:
+    """Tests never see the developer's LMSWITCH_* variables."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith("LMSWITCH_")}
+    for key in saved:
+        del os.environ[key]
+    yield
+    for key in [k for k in os.environ if k.startswith("LMSWITCH_")]:
+        del os.environ[key]
+    os.environ.update(saved)
+
+
+@asynccontextmanager
+async def serve(app: ASGIApp, *, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
+    """Run `app` under a real uvicorn server on a pre-bound loopback port; yield its URL.
+
+    Port 0 (the default) picks a free port; a given port lets a test restart a server in place.
+    """
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))  # no port race: the socket is ours before uvicorn starts
+    config = uvicorn.Config(
+        app, log_level="warning", timeout_graceful_shutdown=1, lifespan="on", access_log=False
+    )
+    server = uvicorn.Server(config)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(server.serve, [sock])
+        with anyio.fail_after(5):
+            while not server.started:  # noqa: ASYNC110 - uvicorn only exposes a flag
+                if server.should_exit:
+                    raise RuntimeError("server failed to start")
+                await anyio.sleep(0.01)
+        bound_host, port = sock.getsockname()
+        try:
+            yield f"http://{bound_host}:{port}"
+        finally:
+            server.should_exit = True

@@ -1,0 +1,497 @@
+"""Config parsing: defaults, duration and size syntax, sources and their priority, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import TypeAdapter, ValidationError
+
+from proxy.config import (
+    ByteSize,
+    ConfigError,
+    LoadOptions,
+    Seconds,
+    Settings,
+    describe_settings,
+    load_settings,
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+seconds = TypeAdapter(Seconds)
+byte_size = TypeAdapter(ByteSize)
+
+
+def write(tmp_path: Path, text: str, name: str = "config.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def config_error(path: Path | None = None, **overrides: Any) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, **overrides)
+    return str(info.value)
+
+
+# --- defaults and the shipped file ------------------------------------------------------------
+
+
+def test_defaults_match_the_design() -> None:
+    s = Settings()
+    assert (s.server.host, s.server.port) == ("127.0.0.1", 8000)
+    assert s.server.max_body_bytes == 10 * 1024 * 1024
+    assert s.server.drain_timeout == 30
+    assert s.upstream.base_url == "http://127.0.0.1:1234"
+    assert s.upstream.api_token is None
+    assert (s.upstream.connect_timeout, s.upstream.read_timeout) == (5, 600)
+    assert (s.upstream.load_timeout, s.upstream.poll_interval) == (300, 10)
+    assert s.auth.api_keys == s.auth.admin_keys == ()
+    assert s.models.default is None
+    assert s.models.aliases == {}
+    assert s.models.pinned == s.models.preload == ()
+    assert s.models.max_loaded == 1
+    assert s.models.memory_budget is None
+    assert s.models.idle_ttl is None
+    assert s.models.load_options == {}
+    assert (s.scheduler.max_queue, s.scheduler.queue_timeout, s.scheduler.swap_grace) == (
+        256,
+        300,
+        10,
+    )
+    assert (s.logging.level, s.logging.format) == ("info", "text")
+
+
+def test_settings_are_frozen() -> None:
+    s = Settings()
+    with pytest.raises(ValidationError):
+        s.server.port = 1  # type: ignore[misc]  # the point: assignment is refused
+
+
+def test_shipped_config_yaml_equals_defaults() -> None:
+    loaded = load_settings(REPO_ROOT / "config.yaml")
+    assert loaded == Settings()
+    assert type(loaded) is Settings
+
+
+def test_shipped_config_yaml_documents_every_key() -> None:
+    data = yaml.safe_load((REPO_ROOT / "config.yaml").read_text(encoding="utf-8"))
+    assert set(data) == set(Settings.model_fields)
+    for section, value in data.items():
+        model = Settings.model_fields[section].annotation
+        assert model is not None
+        assert set(value) == set(model.model_fields), section
+
+
+def test_no_file_means_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert load_settings() == Settings()
+
+
+@pytest.mark.parametrize("text", ["", "# only comments\n", "---\n"])
+def test_empty_file_means_defaults(tmp_path: Path, text: str) -> None:
+    assert load_settings(write(tmp_path, text)) == Settings()
+
+
+def test_section_with_every_key_commented_out_means_defaults(tmp_path: Path) -> None:
+    path = write(tmp_path, "server:\n  # port: 9000\nmodels:\n  aliases:\n  pinned:\n")
+    assert load_settings(path) == Settings()
+
+
+def test_yaml_values_are_read(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+server: {port: 9000, max_body_bytes: 1MiB}
+upstream: {base_url: "https://lmstudio.local:1234/", api_token: tok}
+auth: {api_keys: [k1, k2]}
+models:
+  default: qwen
+  aliases: {gpt-4o-mini: qwen}
+  pinned: [embed]
+  preload: [qwen, embed]
+  max_loaded: 0
+  memory_budget: 20GiB
+  idle_ttl: 15m
+  load_options:
+    qwen: {context_length: 8192, flash_attention: true}
+scheduler: {max_queue: 0, queue_timeout: 1h30m, swap_grace: 250ms}
+logging: {level: DEBUG, format: json}
+""",
+    )
+    s = load_settings(path)
+    assert (s.server.port, s.server.max_body_bytes) == (9000, 1024 * 1024)
+    assert s.upstream.base_url == "https://lmstudio.local:1234"
+    assert s.upstream.api_token is not None
+    assert s.upstream.api_token.get_secret_value() == "tok"
+    assert [k.get_secret_value() for k in s.auth.api_keys] == ["k1", "k2"]
+    assert s.models.default == "qwen"
+    assert s.models.aliases == {"gpt-4o-mini": "qwen"}
+    assert (s.models.pinned, s.models.preload) == (("embed",), ("qwen", "embed"))
+    assert s.models.max_loaded == 0
+    assert s.models.memory_budget == 20 * 2**30
+    assert s.models.idle_ttl == 900
+    assert s.models.load_options["qwen"].as_body() == {
+        "context_length": 8192,
+        "flash_attention": True,
+    }
+    assert (s.scheduler.max_queue, s.scheduler.queue_timeout) == (0, 5400)
+    assert s.scheduler.swap_grace == pytest.approx(0.25)
+    assert (s.logging.level, s.logging.format) == ("debug", "json")
+
+
+def test_load_options_as_body_holds_only_set_fields() -> None:
+    assert LoadOptions().as_body() == {}
+    options = LoadOptions(
+        context_length=4096,
+        flash_attention=False,
+        eval_batch_size=512,
+        num_experts=2,
+        offload_kv_cache_to_gpu=True,
+    )
+    assert options.as_body() == {
+        "context_length": 4096,
+        "flash_attention": False,
+        "eval_batch_size": 512,
+        "num_experts": 2,
+        "offload_kv_cache_to_gpu": True,
+    }
+
+
+# --- durations and sizes ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (0, 0.0),
+        (30, 30.0),
+        (2.5, 2.5),
+        ("30", 30.0),
+        ("2.5", 2.5),
+        ("250ms", 0.25),
+        ("90s", 90.0),
+        ("15m", 900.0),
+        ("2h", 7200.0),
+        ("1h30m", 5400.0),
+        ("1h 30m 15s", 5415.0),
+        ("1.5h", 5400.0),
+        ("1d", 86400.0),
+        (" 10S ", 10.0),
+    ],
+    ids=repr,
+)
+def test_duration_syntax_accepted(raw: object, expected: float) -> None:
+    assert seconds.validate_python(raw) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ["", "5 parsecs", "10 minutes", "1h30", "h", "-5s", "-1", -1, True, "inf", "nan", [1]],
+    ids=repr,
+)
+def test_duration_syntax_rejected(raw: object) -> None:
+    with pytest.raises(ValidationError):
+        seconds.validate_python(raw)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (0, 0),
+        (512, 512),
+        (1024.0, 1024),
+        ("512", 512),
+        ("512B", 512),
+        ("100KB", 100_000),
+        ("10MB", 10_000_000),
+        ("24GB", 24_000_000_000),
+        ("2TB", 2 * 10**12),
+        ("1KiB", 1024),
+        ("512MiB", 512 * 2**20),
+        ("20GiB", 20 * 2**30),
+        ("1.5GiB", 3 * 2**29),
+        ("1TiB", 2**40),
+        ("20 gib", 20 * 2**30),
+    ],
+    ids=repr,
+)
+def test_size_syntax_accepted(raw: object, expected: int) -> None:
+    assert byte_size.validate_python(raw) == expected
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ["", "lots", "20G", "20 GiBs", "GiB", "-1GiB", -1, 1.5, True, "1,024", [1]],
+    ids=repr,
+)
+def test_size_syntax_rejected(raw: object) -> None:
+    with pytest.raises(ValidationError):
+        byte_size.validate_python(raw)
+
+
+# --- errors name the key ----------------------------------------------------------------------
+
+
+def test_unknown_top_level_key_is_an_error(tmp_path: Path) -> None:
+    assert config_error(write(tmp_path, "bogus: 1\n")) == "bogus: unknown key"
+
+
+def test_unknown_nested_key_is_an_error(tmp_path: Path) -> None:
+    path = write(tmp_path, "server:\n  prot: 9000\nmodels:\n  load_options: {q: {flash: true}}\n")
+    assert config_error(path).splitlines() == [
+        "server.prot: unknown key",
+        "models.load_options.q.flash: unknown key",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "models: {idle_ttl: 5 parsecs}",
+            "models.idle_ttl: invalid duration '5 parsecs' (use seconds or e.g. 90s, 15m, 2h)",
+        ),
+        (
+            "models: {memory_budget: lots}",
+            "models.memory_budget: invalid size 'lots' (use bytes or e.g. 512MiB, 20GiB, 24GB)",
+        ),
+        ("models: {max_loaded: -1}", "models.max_loaded: must be >= 0"),
+        ("server: {drain_timeout: -1}", "server.drain_timeout: must be >= 0"),
+        ("server: {port: 70000}", "server.port: must be <= 65535"),
+        ("scheduler: {max_queue: -3}", "scheduler.max_queue: must be >= 0"),
+        (
+            "models: {load_options: {q: {context_length: 0}}}",
+            "models.load_options.q.context_length: must be > 0",
+        ),
+        (
+            "logging: {level: loud}",
+            "logging.level: must be one of 'debug', 'info', 'warning', 'error' or 'critical'",
+        ),
+        (
+            "server: {port: abc}",
+            "server.port: input should be a valid integer, "
+            "unable to parse string as an integer (got 'abc')",
+        ),
+        (
+            "upstream: {base_url: 'ftp://x'}",
+            "upstream.base_url: invalid URL 'ftp://x' (expected e.g. http://127.0.0.1:1234)",
+        ),
+        (
+            "upstream: {base_url: 'http://'}",
+            "upstream.base_url: invalid URL 'http://' (expected e.g. http://127.0.0.1:1234)",
+        ),
+        (
+            "upstream: {base_url: 'http://h:99999'}",
+            "upstream.base_url: invalid URL 'http://h:99999': Port out of range 0-65535",
+        ),
+        (
+            "server: 5",
+            "server: input should be a valid dictionary or instance of ServerSettings (got 5)",
+        ),
+    ],
+)
+def test_invalid_value_names_the_key(tmp_path: Path, text: str, message: str) -> None:
+    assert config_error(write(tmp_path, text)) == message
+
+
+def test_every_problem_is_reported_one_per_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "models: {max_loaded: -1, idle_ttl: soon}\nbogus: 1\n")
+    lines = config_error(path).splitlines()
+    assert len(lines) == 3
+    assert {line.split(":")[0] for line in lines} == {
+        "models.max_loaded",
+        "models.idle_ttl",
+        "bogus",
+    }
+
+
+def test_invalid_secret_is_not_echoed(tmp_path: Path) -> None:
+    path = write(tmp_path, "upstream: {api_token: [hunter2]}\nauth: {api_keys: [[sk-hidden]]}\n")
+    message = config_error(path)
+    assert "upstream.api_token" in message
+    assert "auth.api_keys.0" in message
+    assert "hunter2" not in message
+    assert "sk-hidden" not in message
+
+
+def test_yaml_syntax_error_is_a_config_error(tmp_path: Path) -> None:
+    path = write(tmp_path, "server:\n  port: [8000\n")
+    message = config_error(path)
+    assert message.startswith(f"{path}: invalid YAML")
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(("text", "kind"), [("- a\n- b\n", "list"), ("just text\n", "str")])
+def test_top_level_must_be_a_mapping(tmp_path: Path, text: str, kind: str) -> None:
+    path = write(tmp_path, text)
+    assert config_error(path) == f"{path}: the top level must be a mapping of keys, not {kind}"
+
+
+def test_unreadable_file_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_bytes(b"server: \xff\xfe\n")
+    assert config_error(path).startswith(f"{path}: cannot read")
+
+
+def test_missing_explicit_file_is_a_config_error(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+    assert config_error(missing) == f"{missing}: no such file"
+
+
+def test_directory_is_not_a_config_file(tmp_path: Path) -> None:
+    assert config_error(tmp_path) == f"{tmp_path}: is not a file"
+
+
+# --- where the file comes from ----------------------------------------------------------------
+
+
+def test_config_yaml_in_working_directory_is_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write(tmp_path, "server: {port: 9001}\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_settings().server.port == 9001
+
+
+def test_lmswitch_config_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write(tmp_path, "server: {port: 9001}\n")  # ignored: $LMSWITCH_CONFIG wins over ./config.yaml
+    other = write(tmp_path, "server: {port: 9002}\n", name="other.yaml")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LMSWITCH_CONFIG", str(other))
+    assert load_settings().server.port == 9002
+
+
+def test_explicit_path_wins_over_lmswitch_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LMSWITCH_CONFIG", str(write(tmp_path, "server: {port: 1}\n", "a.yaml")))
+    assert load_settings(write(tmp_path, "server: {port: 2}\n", "b.yaml")).server.port == 2
+
+
+def test_missing_lmswitch_config_file_is_a_config_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    missing = tmp_path / "gone.yaml"
+    monkeypatch.setenv("LMSWITCH_CONFIG", str(missing))
+    assert config_error() == f"LMSWITCH_CONFIG={missing}: no such file"
+
+
+# --- priority: init kwargs > environment > YAML > defaults ------------------------------------
+
+
+def test_env_overrides_nested_keys_over_yaml(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(
+        tmp_path,
+        "upstream: {base_url: 'http://yaml:1234', read_timeout: 1m}\nmodels: {max_loaded: 3}\n",
+    )
+    monkeypatch.setenv("LMSWITCH_UPSTREAM__BASE_URL", "http://env:1234/")
+    monkeypatch.setenv("LMSWITCH_MODELS__MAX_LOADED", "2")
+    s = load_settings(path)
+    assert s.upstream.base_url == "http://env:1234"
+    assert s.upstream.read_timeout == 60  # the rest of the YAML section survives
+    assert s.models.max_loaded == 2
+
+
+def test_env_accepts_durations_sizes_json_lists_and_null(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LMSWITCH_MODELS__IDLE_TTL", "15m")
+    monkeypatch.setenv("LMSWITCH_MODELS__MEMORY_BUDGET", "24GB")
+    monkeypatch.setenv("LMSWITCH_MODELS__PINNED", '["a", "b"]')
+    monkeypatch.setenv("LMSWITCH_AUTH__API_KEYS", '["k1"]')
+    monkeypatch.setenv("LMSWITCH_MODELS__DEFAULT", "null")
+    s = load_settings()
+    assert s.models.idle_ttl == 900
+    assert s.models.memory_budget == 24 * 10**9
+    assert s.models.pinned == ("a", "b")
+    assert [k.get_secret_value() for k in s.auth.api_keys] == ["k1"]
+    assert s.models.default is None
+
+
+def test_env_bad_value_names_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LMSWITCH_MODELS__IDLE_TTL", "soon")
+    assert config_error().startswith("models.idle_ttl: invalid duration 'soon'")
+
+
+def test_env_unknown_nested_key_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LMSWITCH_SERVER__PROT", "1")
+    assert config_error() == "server.prot: unknown key"
+
+
+def test_env_unknown_section_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LMSWITCH_SERVR__PORT", "1")
+    assert config_error().startswith("LMSWITCH_SERVR__PORT: unknown key 'servr'")
+
+
+def test_env_list_that_is_not_json_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LMSWITCH_AUTH__API_KEYS", "sk-plain")
+    message = config_error()
+    assert message.startswith("environment: ")
+    assert "JSON" in message
+    assert "sk-plain" not in message
+
+
+def test_init_overrides_beat_env_and_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, "server: {port: 9001, host: 0.0.0.0}\n")
+    monkeypatch.setenv("LMSWITCH_SERVER__PORT", "9002")
+    s = load_settings(path, server={"port": 9003})
+    assert s.server.port == 9003
+    assert s.server.host == "0.0.0.0"  # merged with the YAML section, not replacing it
+
+
+def test_invalid_init_override_is_a_config_error() -> None:
+    assert config_error(server={"port": -1}) == "server.port: must be >= 0"
+
+
+def test_settings_without_load_settings_read_env_but_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write(tmp_path, "server: {port: 9001}\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LMSWITCH_LOGGING__LEVEL", "WARNING")
+    s = Settings()
+    assert s.server.port == 8000
+    assert s.logging.level == "warning"
+
+
+# --- describe_settings ------------------------------------------------------------------------
+
+
+def test_describe_settings_masks_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LMSWITCH_UPSTREAM__API_TOKEN", "tok-very-secret")
+    s = load_settings(auth={"api_keys": ["sk-client-secret"], "admin_keys": ["sk-admin-secret"]})
+    text = describe_settings(s)
+    for secret in ("tok-very-secret", "sk-client-secret", "sk-admin-secret"):
+        assert secret not in text
+    data = yaml.safe_load(text)
+    assert data["upstream"]["api_token"] == "********"
+    assert data["auth"] == {"api_keys": ["********"], "admin_keys": ["********"]}
+
+
+def test_describe_settings_shows_every_key_and_reloads(tmp_path: Path) -> None:
+    s = load_settings(
+        models={
+            "idle_ttl": "15m",
+            "memory_budget": "1GiB",
+            "load_options": {"q": {"num_experts": 2}},
+        }
+    )
+    text = describe_settings(s)
+    data = yaml.safe_load(text)
+    assert data["upstream"]["api_token"] is None
+    assert data["models"]["idle_ttl"] == 900
+    assert data["models"]["memory_budget"] == 2**30
+    assert data["models"]["load_options"] == {
+        "q": {
+            "context_length": None,
+            "flash_attention": None,
+            "eval_batch_size": None,
+            "num_experts": 2,
+            "offload_kv_cache_to_gpu": None,
+        }
+    }
+    assert load_settings(write(tmp_path, text)) == s  # no secrets set, so it round-trips
