@@ -47,7 +47,7 @@ async def serve(app: ASGIApp, *, host: str = "127.0.0.1", port: int = 0) -> Asyn
     async with anyio.create_task_group() as tg:
         tg.start_soon(server.serve, [sock])
         with anyio.fail_after(5):
-            while not server.started:  # noqa: ASYNC110 - uvicorn only exposes a flag
+            while not server.started:  # uvicorn only exposes a flag
                 if server.should_exit:
                     raise RuntimeError("server failed to start")
                 await anyio.sleep(0.01)

@@ -40,7 +40,7 @@ class Proxy:
     async def wait_for(self, predicate: Callable[[dict[str, Any]], bool]) -> None:
         """Poll the status endpoint until `predicate` holds (2 s at most)."""
         with anyio.fail_after(2):
-            while not predicate(await self.status()):
+            while not predicate(await self.status()):  # noqa: ASYNC110 - state seen over HTTP
                 await anyio.sleep(0.01)
 
 
@@ -76,7 +76,8 @@ async def test_chat_non_streaming_through_the_sdk() -> None:
         reply = await proxy.sdk.chat.completions.create(model=QWEN, messages=MESSAGES)
         assert reply.model == QWEN
         assert reply.choices[0].message.content
-        assert reply.usage is not None and reply.usage.completion_tokens == emulator.reply_tokens
+        assert reply.usage is not None
+        assert reply.usage.completion_tokens == emulator.reply_tokens
         assert emulator.load_count(QWEN) == 1
         assert (await proxy.status())["loaded"] == [QWEN]
 
@@ -94,7 +95,8 @@ async def test_chat_streaming_through_the_sdk() -> None:
         chunks = [chunk async for chunk in stream]
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert len(text.split()) == 8
-        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 8
+        assert chunks[-1].usage is not None
+        assert chunks[-1].usage.completion_tokens == 8
         metrics = (await proxy.http.get("/metrics")).text
         assert f'lmswitch_tokens_total{{kind="completion",model="{QWEN}"}} 8.0' in metrics
 
@@ -111,7 +113,8 @@ async def test_stream_chunks_are_relayed_as_they_arrive() -> None:
             with anyio.fail_after(0.15):  # well before the 0.2 s the second token takes
                 lines = response.aiter_lines()
                 first = await anext(lines)
-            assert first.startswith("data: ") and '"role":"assistant"' in first.replace(" ", "")
+            assert first.startswith("data: ")
+            assert '"role":"assistant"' in first.replace(" ", "")
             rest = [line async for line in lines if line]
         assert rest[-1] == "data: [DONE]"
 
@@ -138,7 +141,8 @@ async def test_anthropic_messages_are_routed_by_model() -> None:
         assert message["usage"]["output_tokens"] == 5
         streamed = await proxy.http.post("/v1/messages", json={**body, "stream": True})
         events = [line[7:] for line in streamed.text.splitlines() if line.startswith("event: ")]
-        assert events[0] == "message_start" and events[-1] == "message_stop"
+        assert events[0] == "message_start"
+        assert events[-1] == "message_stop"
         counted = await proxy.http.post("/v1/messages/count_tokens", json=body)
         assert counted.json()["input_tokens"] > 0
         assert emulator.load_count(LLAMA) == 1
@@ -150,7 +154,9 @@ async def test_models_lists_catalogue_and_aliases() -> None:
         ids = [model.id async for model in proxy.sdk.models.list()]
         assert set(emulator.catalog) | {"gpt-4o-mini"} == set(ids)
         one = (await proxy.http.get(f"/v1/models/{QWEN}")).json()
-        assert one["id"] == QWEN and one["object"] == "model" and one["loaded"] is False
+        assert one["id"] == QWEN
+        assert one["object"] == "model"
+        assert one["loaded"] is False
         alias = await proxy.sdk.models.retrieve("gpt-4o-mini")
         assert alias.id == "gpt-4o-mini"
         with pytest.raises(openai.NotFoundError):
@@ -165,7 +171,8 @@ async def test_alias_is_rewritten_and_default_fills_in() -> None:
         reply = await proxy.sdk.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
         assert reply.model == QWEN
         sent = [c for c in emulator.calls if c.path == "/v1/chat/completions"][-1]
-        assert isinstance(sent.body, dict) and sent.body["model"] == QWEN
+        assert isinstance(sent.body, dict)
+        assert sent.body["model"] == QWEN
         response = await proxy.http.post("/v1/chat/completions", json={"messages": MESSAGES})
         assert response.status_code == 200
         assert response.json()["model"] == LLAMA
@@ -199,7 +206,8 @@ async def test_bad_bodies_get_400(body: bytes, needle: str) -> None:
         )
         assert response.status_code == 400
         error = response.json()["error"]
-        assert needle in error["message"] and error["type"] == "invalid_request_error"
+        assert needle in error["message"]
+        assert error["type"] == "invalid_request_error"
         assert response.headers["x-request-id"]
 
 
@@ -225,7 +233,8 @@ async def test_concurrent_requests_for_one_model_cause_one_load() -> None:
             async with anyio.create_task_group() as tg:
                 for _ in range(10):
                     tg.start_soon(ask)
-        assert len(replies) == 10 and all(replies)
+        assert len(replies) == 10
+        assert all(replies)
         assert emulator.load_count(QWEN) == 1
         assert list(emulator.instances) == [QWEN]
 
