@@ -54,18 +54,6 @@ _REQUIRED_FIELD: dict[Kind, str] = {
     "response": "input",
     "message": "messages",
 }
-_NO_MODELS = (
-    "No models loaded. Please load a model in the developer page or use the 'lms load' command."
-)
-_AUTH_MISSING = (
-    "An LM Studio API token is required to make requests to this server, but none was provided "
-    "using the Authorization header using the 'Bearer' scheme (i.e., 'Authorization: Bearer "
-    "$LM_API_TOKEN'). Learn more at: https://lmstudio.ai/docs/developer/core/authentication."
-)
-_AUTH_INVALID = (  # [INFERRED]: only the "none was provided" text has been captured
-    "The provided LM Studio API token is invalid. "
-    "Learn more at: https://lmstudio.ai/docs/developer/core/authentication."
-)
 
 
 @dataclass(frozen=True)
@@ -145,23 +133,7 @@ class _Malformed:
     reason: str
 
 
-Handler = Callable[[Request, Any], Awaitable[Response]]
-
-
-def _openai_error(
-    status: int,
-    message: str,
-    *,
-    param: str | None = None,
-    code: str | None = None,
-    error_type: str = "invalid_request_error",
-) -> JSONResponse:
-    error = {"message": message, "type": error_type, "param": param, "code": code}
-    return JSONResponse({"error": error}, status_code=status)
-
-
-def _native_error(status: int, error_type: str, message: str, **extra: str) -> JSONResponse:
-    return JSONResponse({"error": {"type": error_type, "message": message, **extra}}, status)
+_Handler = Callable[[Request, Any], Awaitable[Response]]
 
 
 def _object_body(body: object, *, native: bool) -> dict[str, Any]:
@@ -175,18 +147,20 @@ def _object_body(body: object, *, native: bool) -> dict[str, Any]:
     else:
         message = "Request body must be a JSON object."
     if native:
-        raise _RejectError(_native_error(400, "invalid_request", message))
-    raise _RejectError(_openai_error(400, message))
+        raise _RejectError(replies.native_error(400, "invalid_request", message))
+    raise _RejectError(replies.openai_error(400, message))
 
 
 def _unrecognized(keys: list[str]) -> _RejectError:
     listed = ", ".join(f"'{key}'" for key in keys)
     message = f"Unrecognized key(s) in object: {listed}"
-    return _RejectError(_native_error(400, "invalid_request", message, code="unrecognized_keys"))
+    return _RejectError(
+        replies.native_error(400, "invalid_request", message, code="unrecognized_keys")
+    )
 
 
 def _missing(name: str) -> _RejectError:
-    response = _native_error(
+    response = replies.native_error(
         400,
         "invalid_request",
         f'"{name}" is required',
@@ -207,7 +181,7 @@ def _validate_load(payload: dict[str, Any]) -> None:
         expected, name = _LOAD_FIELDS[key]
         if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
             message = f"Invalid type for '{key}': expected {name}"
-            raise _RejectError(_native_error(400, "invalid_request", message))
+            raise _RejectError(replies.native_error(400, "invalid_request", message))
 
 
 def _default_context(model: CatalogModel) -> int:
@@ -232,15 +206,6 @@ def _instance_config(model: CatalogModel, options: dict[str, Any]) -> dict[str, 
     return config
 
 
-def _guardrail_message(model: CatalogModel) -> str:
-    return (
-        "Model loading was stopped due to insufficient system resources. Under the current "
-        f"settings, this model requires approximately {model.size_bytes / 1e9:.2f} GB of memory, "
-        "and continuing to load it would likely overload your system and cause it to freeze. If "
-        "you think this is incorrect, you can adjust the model loading guardrails in settings."
-    )
-
-
 def _check_kind(model: CatalogModel, kind: Kind, requested: str) -> None:
     if kind == "embedding" and model.type != "embedding":
         message = f'Model "{requested}" is not an embedding model and cannot create embeddings.'
@@ -248,7 +213,7 @@ def _check_kind(model: CatalogModel, kind: Kind, requested: str) -> None:
         message = f'Model "{requested}" is an embedding model and cannot generate text.'
     else:
         return
-    raise _RejectError(_openai_error(400, message, param="model"))
+    raise _RejectError(replies.openai_error(400, message, param="model"))
 
 
 class _EventStream(StreamingResponse):
@@ -317,7 +282,10 @@ class Emulator:
     # --- records and notification ---------------------------------------------------------------
 
     def load_count(self, key: str | None = None) -> int:
-        """Loads started over REST or by JIT (failed ones included), optionally for one key."""
+        """Loads started over REST or by JIT, optionally for one key.
+
+        Engine failures (`fail_next_loads`) count; guardrail refusals never start, so do not.
+        """
         return sum(1 for k in self._loads if key is None or k == key)
 
     def unload_count(self, key: str | None = None) -> int:
@@ -401,7 +369,7 @@ class Emulator:
         loaded = sum(self.catalog[i.key].size_bytes for i in self.instances.values())
         loading = sum(m.size_bytes for m in self._loading.values())
         if loaded + loading + model.size_bytes > self.memory_bytes:
-            raise _LoadFailedError(_guardrail_message(model))
+            raise _LoadFailedError(replies.guardrail_message(model))
 
     async def _load(
         self, model: CatalogModel, *, jit: bool, ttl_s: float | None, options: dict[str, Any]
@@ -414,7 +382,8 @@ class Emulator:
         self._check_memory(model)
         instance_id = self._next_id(model.key)
         fail = self.fail_next_loads > 0
-        self.fail_next_loads -= fail
+        if fail:
+            self.fail_next_loads -= 1
         self._loading[instance_id] = model
         self._loads.append(model.key)
         self._notify()
@@ -437,7 +406,9 @@ class Emulator:
             f'Invalid model identifier "{requested}". Please specify a valid downloaded model '
             f"(e.g., {', '.join(valid[:3])})."
         )
-        return _RejectError(_openai_error(400, message, param="model", code="model_not_found"))
+        return _RejectError(
+            replies.openai_error(400, message, param="model", code="model_not_found")
+        )
 
     async def _resolve(self, payload: dict[str, Any], kind: Kind) -> Instance:
         """The instance that answers: named by instance id or model key, JIT-loaded if needed."""
@@ -445,7 +416,7 @@ class Emulator:
         if requested is None and self.instances:
             requested = next(iter(self.instances))  # LM Studio answers with what is loaded (§4)
         if requested is None or (not self.jit and not self.instances):
-            raise _RejectError(_openai_error(400, _NO_MODELS, param="model"))
+            raise _RejectError(replies.openai_error(400, replies.NO_MODELS, param="model"))
         name = str(requested)
         instance = self.instances.get(name)
         model = self.catalog.get(instance.key if instance is not None else name)
@@ -476,11 +447,12 @@ class Emulator:
             if self.auto_evict:
                 for instance in [i for i in self.instances.values() if i.jit]:
                     self._unload(instance.id, counted=True)
-            valid_ttl = isinstance(ttl, int | float) and not isinstance(ttl, bool) and ttl > 0
-            ttl_s = float(ttl) if valid_ttl else JIT_DEFAULT_TTL_S  # type: ignore[arg-type] # checked above
+            ttl_s = JIT_DEFAULT_TTL_S
+            if isinstance(ttl, int | float) and not isinstance(ttl, bool) and ttl > 0:
+                ttl_s = float(ttl)  # `ttl` in the body applies to the load it triggers (§4)
             return await self._load(model, jit=True, ttl_s=ttl_s, options={})
         except _LoadFailedError as exc:
-            response = _openai_error(
+            response = replies.openai_error(
                 500, str(exc), param="model", code="model_load_failed", error_type="server_error"
             )
             raise _RejectError(response) from exc
@@ -509,7 +481,7 @@ class Emulator:
         app.router.redirect_slashes = False  # LM Studio answers `/v1/models/` as unknown
         return app
 
-    def _route(self, method: str, path: str, handler: Handler, *, auth: bool = True) -> Route:
+    def _route(self, method: str, path: str, handler: _Handler, *, auth: bool = True) -> Route:
         async def endpoint(request: Request) -> Response:
             body = await self._receive(request)
             if auth and (denied := self._deny(request)) is not None:
@@ -547,8 +519,10 @@ class Emulator:
             api_key = request.headers.get("x-api-key")
             if api_key == self.api_token:
                 return None
-        message = _AUTH_MISSING if bearer is None and api_key is None else _AUTH_INVALID
-        return _native_error(401, "invalid_request", message, code="invalid_api_key")
+        message = (
+            replies.AUTH_MISSING if bearer is None and api_key is None else replies.AUTH_INVALID
+        )
+        return replies.native_error(401, "invalid_request", message, code="invalid_api_key")
 
     async def _unknown_endpoint(self, request: Request, exc: Exception) -> Response:
         """Express's fallback: HTTP 200 with an error string (§5.1)."""
@@ -592,7 +566,7 @@ class Emulator:
             if row["id"] == wanted:
                 return JSONResponse(row)
         message = f'Model "{wanted}" not found. Please specify a valid model.'
-        return _openai_error(404, message, param="model", code="model_not_found")
+        return replies.openai_error(404, message, param="model", code="model_not_found")
 
     async def _v1_models(self, request: Request, body: object) -> Response:
         models = [
@@ -609,19 +583,19 @@ class Emulator:
         model = self.catalog.get(payload["model"])
         if model is None:
             message = f"Model {payload['model']} not found in downloaded models"
-            return _native_error(404, "model_not_found", message)
+            return replies.native_error(404, "model_not_found", message)
         unsupported = [key for key in _LLM_ONLY_FIELDS if key in payload]
         if model.type == "embedding" and unsupported:
             message = (
                 "The following configuration values are not supported for embedding models: "
                 + ", ".join(unsupported)
             )
-            return _native_error(400, "invalid_request", message)
+            return replies.native_error(400, "invalid_request", message)
         started = time.monotonic()
         try:
             instance = await self._load(model, jit=False, ttl_s=None, options=payload)
         except _LoadFailedError as exc:
-            return _native_error(500, "internal_error", str(exc))
+            return replies.native_error(500, "internal_error", str(exc))
         result: dict[str, Any] = {
             "type": model.type,
             "instance_id": instance.id,
@@ -642,7 +616,7 @@ class Emulator:
             raise _missing("instance_id")
         if instance_id not in self.instances:
             message = f"No model instance found with instance_id {instance_id}"
-            return _native_error(404, "model_not_found", message)
+            return replies.native_error(404, "model_not_found", message)
         self._unload(instance_id, counted=True)
         return JSONResponse({"instance_id": instance_id})
 
@@ -659,7 +633,9 @@ class Emulator:
         payload = _object_body(body, native=False)
         required = _REQUIRED_FIELD[kind]
         if required not in payload:
-            raise _RejectError(_openai_error(400, f"'{required}' is required", param=required))
+            raise _RejectError(
+                replies.openai_error(400, f"'{required}' is required", param=required)
+            )
         instance = await self._resolve(payload, kind)
         instance.last_used = time.monotonic()
         if kind == "embedding":
@@ -698,5 +674,6 @@ class Emulator:
             outcome = "finished"
         finally:
             self.streams_open -= 1
-            self.streams_closed_early += outcome == "early"
+            if outcome == "early":
+                self.streams_closed_early += 1
             self._notify()

@@ -1,4 +1,4 @@
-"""Response bodies and SSE frames for the LM Studio emulator (lmstudio-api.md §3, §6).
+"""Response bodies, error bodies and SSE frames for the LM Studio emulator (lmstudio-api.md §3, §6).
 
 Pure functions: no state, no I/O. `proxy.emulator` decides what to answer; this module decides
 how the answer looks on the wire.
@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
+
+from starlette.responses import JSONResponse
 
 if TYPE_CHECKING:
     from proxy.emulator import CatalogModel, Instance
@@ -113,6 +115,50 @@ def _sse(payload: Body, *, event: str | None = None, content: bool = False) -> F
 
 
 DONE = Frame(b"data: [DONE]\n\n")
+
+
+# --- Errors ------------------------------------------------------------------------------------
+
+NO_MODELS = (
+    "No models loaded. Please load a model in the developer page or use the 'lms load' command."
+)
+AUTH_MISSING = (
+    "An LM Studio API token is required to make requests to this server, but none was provided "
+    "using the Authorization header using the 'Bearer' scheme (i.e., 'Authorization: Bearer "
+    "$LM_API_TOKEN'). Learn more at: https://lmstudio.ai/docs/developer/core/authentication."
+)
+AUTH_INVALID = (  # [INFERRED]: only the "none was provided" text has been captured
+    "The provided LM Studio API token is invalid. "
+    "Learn more at: https://lmstudio.ai/docs/developer/core/authentication."
+)
+
+
+def openai_error(
+    status: int,
+    message: str,
+    *,
+    param: str | None = None,
+    code: str | None = None,
+    error_type: str = "invalid_request_error",
+) -> JSONResponse:
+    """OpenAI's envelope, used by /v1 and /api/v0 (§5.2)."""
+    error = {"message": message, "type": error_type, "param": param, "code": code}
+    return JSONResponse({"error": error}, status_code=status)
+
+
+def native_error(status: int, error_type: str, message: str, **extra: str) -> JSONResponse:
+    """The native /api/v1 envelope (§5.3)."""
+    return JSONResponse({"error": {"type": error_type, "message": message, **extra}}, status)
+
+
+def guardrail_message(model: CatalogModel) -> str:
+    """The memory guardrail's refusal, as the CLI and the load endpoint word it (§2.1)."""
+    return (
+        "Model loading was stopped due to insufficient system resources. Under the current "
+        f"settings, this model requires approximately {model.size_bytes / 1e9:.2f} GB of memory, "
+        "and continuing to load it would likely overload your system and cause it to freeze. If "
+        "you think this is incorrect, you can adjust the model loading guardrails in settings."
+    )
 
 
 # --- OpenAI chat completions -------------------------------------------------------------------

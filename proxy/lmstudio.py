@@ -37,6 +37,8 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
+# Listing models is quick; a server that takes longer than this is treated as unreachable.
+_LIST_TIMEOUT_S = 30.0
 _NOT_FORWARDED_UP = HOP_BY_HOP | {b"host", b"content-length", b"authorization", b"x-api-key"}
 _NOT_FORWARDED_DOWN = HOP_BY_HOP | {b"date", b"server"}
 
@@ -170,8 +172,11 @@ class LMStudioClient:
         `/api/v1/models` carries sizes but some builds report `loaded_instances` empty, so the
         loaded state is cross-checked with `/api/v0/models`.
         """
-        v1 = await self._call("GET", "/api/v1/models")
-        v0 = await self._call("GET", "/api/v0/models")
+        try:
+            v1 = await self._call("GET", "/api/v1/models", timeout_s=_LIST_TIMEOUT_S)
+            v0 = await self._call("GET", "/api/v0/models", timeout_s=_LIST_TIMEOUT_S)
+        except UpstreamTimeoutError as exc:
+            raise UpstreamUnavailableError(exc.message, retry_after_s=5) from exc
         loaded_v0: dict[str, list[tuple[str, int | None]]] = {}
         for row in v0.get("data", []) if isinstance(v0, dict) else []:
             if isinstance(row, dict) and row.get("state") == "loaded":
@@ -228,7 +233,12 @@ class LMStudioClient:
     async def unload(self, instance_id: str) -> None:
         """Unload one instance; one that is already gone counts as unloaded."""
         try:
-            await self._call("POST", "/api/v1/models/unload", {"instance_id": instance_id})
+            await self._call(
+                "POST",
+                "/api/v1/models/unload",
+                {"instance_id": instance_id},
+                timeout_s=self.load_timeout_s,
+            )
         except UpstreamError as exc:
             if exc.code != "upstream_404":
                 raise

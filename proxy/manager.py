@@ -125,13 +125,7 @@ class ModelManager:
         """
         async with anyio.create_task_group() as tg:
             self._tg = tg
-            await self.refresh()
-            for key in self._settings.models.preload:
-                if key in self.catalog:
-                    self.scheduler.arrive(key, self._clock(), takes_lease=False)
-                else:
-                    logger.warning("preload: model %r is not in LM Studio's catalogue", key)
-            self._kick()
+            tg.start_soon(self._start_up)  # LM Studio may be slow or away: serve meanwhile
             task_status.started()
             next_poll = self._clock() + self._settings.upstream.poll_interval
             while True:
@@ -146,6 +140,15 @@ class ModelManager:
                     await self._wakeup.wait()
                     continue  # woken by an event: the deadline may have moved
                 self._kick()  # a deadline passed
+
+    async def _start_up(self) -> None:
+        await self.refresh()
+        for key in self._settings.models.preload:
+            if key in self.catalog:
+                self.scheduler.arrive(key, self._clock(), takes_lease=False)
+            else:
+                logger.warning("preload: model %r is not in LM Studio's catalogue", key)
+        self._kick()
 
     # -- routing ----------------------------------------------------------------------------
 

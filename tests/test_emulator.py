@@ -5,15 +5,16 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import partial
-from typing import Any
 
 import anyio
 import httpx2
 import openai
 import pytest
+from starlette.applications import Starlette
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from proxy.emulator import Emulator
 from tests.conftest import serve
@@ -26,14 +27,61 @@ NOMIC = "text-embedding-nomic-embed-text-v1.5"
 CHAT = {"model": QWEN, "messages": [{"role": "user", "content": "Say hello to me"}]}
 
 
-@asynccontextmanager
-async def running(emulator: Emulator, **kwargs: Any) -> AsyncIterator[httpx2.AsyncClient]:
-    """The emulator on a loopback port and a client for it (every request has a 5 s deadline)."""
-    async with (
-        serve(emulator.app) as url,
-        httpx2.AsyncClient(base_url=url, timeout=5, **kwargs) as client,
-    ):
-        yield client
+class AppSwitch:
+    """An ASGI app that forwards to whichever emulator the current test plugged in.
+
+    Starting and stopping uvicorn costs ~0.2 s (its shutdown alone sleeps 0.1 s), so the module
+    shares one loopback server and each test plugs its own emulator into it.
+    """
+
+    def __init__(self) -> None:
+        self.app: ASGIApp | None = None
+        self._lifespan = Starlette()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(scope, receive, send)
+            return
+        assert self.app is not None, "no emulator plugged in"
+        await self.app(scope, receive, send)
+
+
+Running = Callable[[Emulator], AbstractAsyncContextManager[httpx2.AsyncClient]]
+
+
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:
+    # Module scope, so the shared server below lives in one event loop for all tests.
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+async def server() -> AsyncIterator[tuple[AppSwitch, str]]:
+    switch = AppSwitch()
+    async with serve(switch) as url:
+        yield switch, url
+
+
+@pytest.fixture
+def url(server: tuple[AppSwitch, str]) -> str:
+    return server[1]
+
+
+@pytest.fixture
+def running(server: tuple[AppSwitch, str]) -> Running:
+    """Plug an emulator into the shared server; yield a client with a 5 s deadline per request."""
+    switch, url = server
+
+    @asynccontextmanager
+    async def plug(emulator: Emulator) -> AsyncIterator[httpx2.AsyncClient]:
+        switch.app = emulator.app
+        try:
+            async with httpx2.AsyncClient(base_url=url, timeout=5) as client:
+                yield client
+        finally:
+            switch.app = None
+
+    return plug
 
 
 def sse(text: str) -> list[tuple[str | None, str]]:
@@ -63,7 +111,7 @@ def error_message(response: httpx2.Response) -> str:
 # --- discovery and listings ------------------------------------------------------------------
 
 
-async def test_greeting_says_lmstudio() -> None:
+async def test_greeting_says_lmstudio(running: Running) -> None:
     """The SDK's discovery probe gets {"lmstudio": true}."""
     async with running(Emulator()) as client:
         response = await client.get("/lmstudio-greeting")
@@ -71,7 +119,7 @@ async def test_greeting_says_lmstudio() -> None:
     assert response.json() == {"lmstudio": True}
 
 
-async def test_openai_models_lists_catalogue_and_duplicates_when_jit_on() -> None:
+async def test_openai_models_lists_catalogue_and_duplicates_when_jit_on(running: Running) -> None:
     """With JIT on, /v1/models shows every downloaded key plus loaded `key:2` copies."""
     emulator = Emulator()
     emulator.load_instance(QWEN)
@@ -84,7 +132,7 @@ async def test_openai_models_lists_catalogue_and_duplicates_when_jit_on() -> Non
     assert body["data"][0] == {"id": LLAMA, "object": "model", "owned_by": "organization_owner"}
 
 
-async def test_openai_models_lists_only_loaded_instances_when_jit_off() -> None:
+async def test_openai_models_lists_only_loaded_instances_when_jit_off(running: Running) -> None:
     """With JIT off, /v1/models shows loaded instance ids only."""
     emulator = Emulator(jit=False)
     async with running(emulator) as client:
@@ -95,7 +143,7 @@ async def test_openai_models_lists_only_loaded_instances_when_jit_off() -> None:
     assert [entry["id"] for entry in body["data"]] == [NOMIC, f"{NOMIC}:2"]
 
 
-async def test_v0_models_report_type_state_and_loaded_context() -> None:
+async def test_v0_models_report_type_state_and_loaded_context(running: Running) -> None:
     """/api/v0/models has v0's type words, state, and a row per loaded instance."""
     emulator = Emulator()
     emulator.load_instance(QWEN)
@@ -126,7 +174,7 @@ async def test_v0_models_report_type_state_and_loaded_context() -> None:
     assert missing.json()["error"]["code"] == "model_not_found"
 
 
-async def test_v0_models_show_key_as_not_loaded_when_only_a_copy_remains() -> None:
+async def test_v0_models_show_key_as_not_loaded_when_only_a_copy_remains(running: Running) -> None:
     """Unloading `key` but not `key:2` leaves a not-loaded row for the key itself."""
     emulator = Emulator()
     emulator.load_instance(LLAMA)
@@ -140,7 +188,7 @@ async def test_v0_models_show_key_as_not_loaded_when_only_a_copy_remains() -> No
         emulator.unload_instance(LLAMA)
 
 
-async def test_v1_models_list_sizes_and_loaded_instances() -> None:
+async def test_v1_models_list_sizes_and_loaded_instances(running: Running) -> None:
     """/api/v1/models carries size_bytes and loaded_instances with their config."""
     emulator = Emulator()
     async with running(emulator) as client:
@@ -177,7 +225,7 @@ async def test_v1_models_list_sizes_and_loaded_instances() -> None:
 # --- load and unload -------------------------------------------------------------------------
 
 
-async def test_load_always_creates_a_new_instance() -> None:
+async def test_load_always_creates_a_new_instance(running: Running) -> None:
     """A second load of the same key answers `key:2`; echo_load_config echoes the config."""
     emulator = Emulator()
     async with running(emulator) as client:
@@ -226,7 +274,7 @@ async def test_load_always_creates_a_new_instance() -> None:
         (None, "Request body is required."),
     ],
 )
-async def test_load_rejects_invalid_bodies(body: object, message: str) -> None:
+async def test_load_rejects_invalid_bodies(body: object, message: str, running: Running) -> None:
     """The load body is strictly validated, with zod-like messages."""
     emulator = Emulator()
     async with running(emulator) as client:
@@ -238,7 +286,7 @@ async def test_load_rejects_invalid_bodies(body: object, message: str) -> None:
     assert emulator.load_count() == 0
 
 
-async def test_load_rejects_malformed_json() -> None:
+async def test_load_rejects_malformed_json(running: Running) -> None:
     """Malformed JSON is a 400 and is recorded with a None body."""
     emulator = Emulator()
     async with running(emulator) as client:
@@ -248,7 +296,7 @@ async def test_load_rejects_malformed_json() -> None:
     assert emulator.calls[-1].body is None
 
 
-async def test_load_of_unknown_model_is_404() -> None:
+async def test_load_of_unknown_model_is_404(running: Running) -> None:
     """An unknown key answers 404 model_not_found, as captured from a live server."""
     async with running(Emulator()) as client:
         response = await client.post("/api/v1/models/load", json={"model": "made/up-9000"})
@@ -261,7 +309,7 @@ async def test_load_of_unknown_model_is_404() -> None:
     }
 
 
-async def test_load_refused_by_memory_guardrail() -> None:
+async def test_load_refused_by_memory_guardrail(running: Running) -> None:
     """A load that would exceed memory_bytes gets LM Studio's guardrail message and a 500."""
     emulator = Emulator(memory_bytes=10_000_000_000)
     async with running(emulator) as client:
@@ -277,7 +325,7 @@ async def test_load_refused_by_memory_guardrail() -> None:
     assert emulator.load_count() == 1
 
 
-async def test_memory_counts_a_load_still_in_progress() -> None:
+async def test_memory_counts_a_load_still_in_progress(running: Running) -> None:
     """A model still loading counts toward memory, and is not listed until it has loaded."""
     emulator = Emulator(memory_bytes=10_000_000_000, load_delay_s=0.3)
     async with running(emulator) as client, anyio.create_task_group() as tg:
@@ -290,7 +338,7 @@ async def test_memory_counts_a_load_still_in_progress() -> None:
         await emulator.wait_until(lambda: QWEN in emulator.instances)
 
 
-async def test_fail_next_loads_fails_that_many_loads() -> None:
+async def test_fail_next_loads_fails_that_many_loads(running: Running) -> None:
     """fail_next_loads makes the next N loads fail with a generic 500, then loads work again."""
     emulator = Emulator()
     emulator.fail_next_loads = 1
@@ -305,7 +353,7 @@ async def test_fail_next_loads_fails_that_many_loads() -> None:
     assert emulator.load_count(QWEN) == 2
 
 
-async def test_load_completes_when_the_client_gives_up() -> None:
+async def test_load_completes_when_the_client_gives_up(running: Running) -> None:
     """A client that times out during the load delay does not stop the load."""
     emulator = Emulator(load_delay_s=0.3)
     async with running(emulator) as client:
@@ -314,7 +362,7 @@ async def test_load_completes_when_the_client_gives_up() -> None:
         await emulator.wait_until(lambda: QWEN in emulator.instances)
 
 
-async def test_unload_removes_the_instance() -> None:
+async def test_unload_removes_the_instance(running: Running) -> None:
     """Unload answers the instance id; unknown ids are 404 and bad bodies 400."""
     emulator = Emulator()
     emulator.load_instance(QWEN)
@@ -337,7 +385,7 @@ async def test_unload_removes_the_instance() -> None:
 # --- inference -------------------------------------------------------------------------------
 
 
-async def test_chat_completion_has_lmstudio_shape() -> None:
+async def test_chat_completion_has_lmstudio_shape(running: Running) -> None:
     """A non-streamed chat answer is deterministic, with LM Studio's extra fields."""
     emulator = Emulator()
     emulator.load_instance(QWEN)
@@ -359,7 +407,7 @@ async def test_chat_completion_has_lmstudio_shape() -> None:
     assert short["choices"][0]["message"]["content"] == "Hello from the"
 
 
-async def test_chat_stream_is_sse_with_usage_and_done() -> None:
+async def test_chat_stream_is_sse_with_usage_and_done(running: Running) -> None:
     """Streamed chat: role first, one chunk per word, finish, usage chunk, then [DONE]."""
     emulator = Emulator(reply_tokens=5)
     emulator.load_instance(QWEN)
@@ -388,7 +436,7 @@ async def test_chat_stream_is_sse_with_usage_and_done() -> None:
     assert emulator.streams_closed_early == 0
 
 
-async def test_stream_of_an_empty_reply_still_sends_a_role_delta() -> None:
+async def test_stream_of_an_empty_reply_still_sends_a_role_delta(running: Running) -> None:
     """reply_tokens=0 streams a role-only delta, a finish chunk and [DONE]."""
     emulator = Emulator(reply_tokens=0)
     async with running(emulator) as client:
@@ -399,10 +447,10 @@ async def test_stream_of_an_empty_reply_still_sends_a_role_delta() -> None:
     assert chunks[2:] == ["[DONE]"]
 
 
-async def test_openai_sdk_streams_chat_and_embeds() -> None:
+async def test_openai_sdk_streams_chat_and_embeds(running: Running, url: str) -> None:
     """The official openai SDK can stream chat and read embeddings from the emulator."""
     emulator = Emulator()
-    async with serve(emulator.app) as url:
+    async with running(emulator):
         sdk = openai.AsyncOpenAI(base_url=url + "/v1", api_key="lm-studio", timeout=5)
         async with sdk:
             stream = await sdk.chat.completions.create(
@@ -435,7 +483,7 @@ async def test_openai_sdk_streams_chat_and_embeds() -> None:
     assert len("".join(texts).split()) == 12
 
 
-async def test_completions_and_v0_variants() -> None:
+async def test_completions_and_v0_variants(running: Running) -> None:
     """Legacy completions and the /api/v0 variants, with v0's stats/model_info/runtime."""
     emulator = Emulator(reply_tokens=4)
     async with running(emulator) as client:
@@ -475,7 +523,7 @@ async def test_completions_and_v0_variants() -> None:
     assert chunks[-1] == "[DONE]"
 
 
-async def test_responses_api_bodies_and_event_framing() -> None:
+async def test_responses_api_bodies_and_event_framing(running: Running) -> None:
     """/v1/responses: a response object, and `event:` + `data:` SSE frames."""
     emulator = Emulator(reply_tokens=3)
     request = {"model": QWEN, "input": [{"role": "user", "content": "two words"}]}
@@ -509,7 +557,7 @@ async def test_responses_api_bodies_and_event_framing() -> None:
     assert payloads[-1]["response"]["output"][0]["content"][0]["text"] == "Hello from the"
 
 
-async def test_messages_api_bodies_and_event_framing() -> None:
+async def test_messages_api_bodies_and_event_framing(running: Running) -> None:
     """/v1/messages answers in Anthropic's shape and frames its SSE events as Anthropic does."""
     emulator = Emulator(reply_tokens=2)
     request = {
@@ -555,7 +603,7 @@ async def test_messages_api_bodies_and_event_framing() -> None:
 # --- JIT, TTL and inference errors -----------------------------------------------------------
 
 
-async def test_jit_load_evicts_the_previous_jit_model_only() -> None:
+async def test_jit_load_evicts_the_previous_jit_model_only(running: Running) -> None:
     """JIT loads on first use, honours `ttl`, and evicts earlier JIT loads but not REST ones."""
     emulator = Emulator(load_delay_s=0.05)
     async with running(emulator) as client:
@@ -572,7 +620,7 @@ async def test_jit_load_evicts_the_previous_jit_model_only() -> None:
     assert emulator.load_count() == 3
 
 
-async def test_jit_keeps_earlier_models_when_auto_evict_is_off() -> None:
+async def test_jit_keeps_earlier_models_when_auto_evict_is_off(running: Running) -> None:
     """With auto-evict off, JIT-loaded models stay loaded side by side."""
     emulator = Emulator(auto_evict=False)
     async with running(emulator) as client:
@@ -582,7 +630,7 @@ async def test_jit_keeps_earlier_models_when_auto_evict_is_off() -> None:
     assert emulator.unload_count() == 0
 
 
-async def test_requests_reuse_loaded_instances_by_key_or_id() -> None:
+async def test_requests_reuse_loaded_instances_by_key_or_id(running: Running) -> None:
     """A loaded model answers by key or instance id, and an omitted model uses what is loaded."""
     emulator = Emulator()
     emulator.load_instance(QWEN)
@@ -598,7 +646,7 @@ async def test_requests_reuse_loaded_instances_by_key_or_id() -> None:
     assert emulator.load_count() == 0
 
 
-async def test_concurrent_requests_share_one_jit_load() -> None:
+async def test_concurrent_requests_share_one_jit_load(running: Running) -> None:
     """Requests arriving while a JIT load runs wait for it instead of loading again."""
     emulator = Emulator(load_delay_s=0.2)
     statuses: list[int] = []
@@ -616,7 +664,7 @@ async def test_concurrent_requests_share_one_jit_load() -> None:
     assert list(emulator.instances) == [QWEN]
 
 
-async def test_idle_jit_instance_expires_after_its_ttl() -> None:
+async def test_idle_jit_instance_expires_after_its_ttl(running: Running) -> None:
     """An instance idle past its TTL is unloaded when the next request arrives."""
     emulator = Emulator()
     emulator.load_instance(QWEN, jit=True).last_used -= 4000
@@ -626,7 +674,7 @@ async def test_idle_jit_instance_expires_after_its_ttl() -> None:
     assert emulator.unload_count(QWEN) == 1
 
 
-async def test_jit_off_answers_no_models_or_invalid_identifier() -> None:
+async def test_jit_off_answers_no_models_or_invalid_identifier(running: Running) -> None:
     """With JIT off, an unloaded model is an error in the OpenAI envelope."""
     emulator = Emulator(jit=False)
     async with running(emulator) as client:
@@ -668,7 +716,7 @@ async def test_jit_off_answers_no_models_or_invalid_identifier() -> None:
     ],
 )
 async def test_inference_errors_use_the_openai_envelope(
-    path: str, body: object, message: str
+    path: str, body: object, message: str, running: Running
 ) -> None:
     """Bad inference requests are 400s in OpenAI's error envelope, and load nothing."""
     emulator = Emulator()
@@ -680,7 +728,7 @@ async def test_inference_errors_use_the_openai_envelope(
     assert emulator.load_count() == 0
 
 
-async def test_inference_rejects_malformed_json() -> None:
+async def test_inference_rejects_malformed_json(running: Running) -> None:
     """Malformed JSON on an inference endpoint is a 400 in the OpenAI envelope."""
     async with running(Emulator()) as client:
         response = await client.post("/v1/chat/completions", content=b'{"model": ')
@@ -688,7 +736,7 @@ async def test_inference_rejects_malformed_json() -> None:
     assert response.json()["error"]["type"] == "invalid_request_error"
 
 
-async def test_failed_jit_loads_are_server_errors() -> None:
+async def test_failed_jit_loads_are_server_errors(running: Running) -> None:
     """A JIT load refused by the guardrail or failed by the engine answers 500."""
     emulator = Emulator(memory_bytes=1_000_000_000)
     async with running(emulator) as client:
@@ -714,7 +762,9 @@ async def test_failed_jit_loads_are_server_errors() -> None:
         ("POST", "/v1/models/unload"),
     ],
 )
-async def test_unknown_routes_answer_200_with_an_error_string(method: str, path: str) -> None:
+async def test_unknown_routes_answer_200_with_an_error_string(
+    method: str, path: str, running: Running
+) -> None:
     """Unknown routes and methods get Express's 200 'Unexpected endpoint' body."""
     emulator = Emulator()
     async with running(emulator) as client:
@@ -724,7 +774,7 @@ async def test_unknown_routes_answer_200_with_an_error_string(method: str, path:
     assert emulator.calls[-1].path == path
 
 
-async def test_api_token_is_required_everywhere_but_the_greeting() -> None:
+async def test_api_token_is_required_everywhere_but_the_greeting(running: Running) -> None:
     """With api_token set, requests need the Bearer token (or x-api-key on /v1/messages)."""
     token = "sk-lm-abcdefgh:abcdefghijklmnopqrst"
     emulator = Emulator(api_token=token)
@@ -751,7 +801,7 @@ async def test_api_token_is_required_everywhere_but_the_greeting() -> None:
     assert len(emulator.calls) == 8
 
 
-async def test_calls_record_method_path_and_parsed_body() -> None:
+async def test_calls_record_method_path_and_parsed_body(running: Running) -> None:
     """Every request is recorded, with its JSON body parsed."""
     emulator = Emulator()
     async with running(emulator) as client:
@@ -768,7 +818,7 @@ async def test_calls_record_method_path_and_parsed_body() -> None:
 # --- streams that end badly ------------------------------------------------------------------
 
 
-async def test_cut_streams_after_breaks_the_clients_stream() -> None:
+async def test_cut_streams_after_breaks_the_clients_stream(running: Running) -> None:
     """cut_streams_after drops the connection mid-body, without the terminating chunk."""
     emulator = Emulator()
     emulator.cut_streams_after = 3
@@ -790,7 +840,7 @@ async def test_cut_streams_after_breaks_the_clients_stream() -> None:
     assert emulator.streams_closed_early == 0
 
 
-async def test_client_disconnect_mid_stream_counts_as_closed_early() -> None:
+async def test_client_disconnect_mid_stream_counts_as_closed_early(running: Running) -> None:
     """A client that goes away mid-stream ends the stream on the emulator's side."""
     emulator = Emulator(token_delay_s=0.02, reply_tokens=200)
     async with running(emulator) as client:
@@ -806,7 +856,7 @@ async def test_client_disconnect_mid_stream_counts_as_closed_early() -> None:
         )
 
 
-async def test_wait_until_wakes_every_waiter() -> None:
+async def test_wait_until_wakes_every_waiter(running: Running) -> None:
     """Several tasks can wait at once; one state change wakes them all."""
     emulator = Emulator()
     woken: list[int] = []

@@ -1,0 +1,142 @@
+"""Error paths end to end: every failure gets a clear answer in the client's envelope."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import anyio
+
+from proxy.emulator import Emulator
+from tests.test_proxy import LLAMA, MESSAGES, QWEN, running
+
+CHAT = {"model": QWEN, "messages": MESSAGES}
+
+
+async def test_oversize_body_gets_413_without_a_load() -> None:
+    emulator = Emulator()
+    async with running(emulator, server={"max_body_bytes": 1024}) as proxy:
+        big = {"model": QWEN, "messages": [{"role": "user", "content": "x" * 2048}]}
+        response = await proxy.http.post("/v1/chat/completions", json=big)
+        assert response.status_code == 413
+        assert response.json()["error"]["code"] == "request_too_large"
+
+        async def chunks() -> AsyncIterator[bytes]:  # no content-length: read until too big
+            yield b'{"model": "qwen2.5-7b-instruct", "pad": "'
+            for _ in range(20):
+                yield b"y" * 100
+            yield b'"}'
+
+        response = await proxy.http.post("/v1/chat/completions", content=chunks())
+        assert response.status_code == 413
+        assert emulator.load_count() == 0
+
+
+async def test_unknown_route_and_wrong_method_use_the_envelope() -> None:
+    async with running(Emulator()) as proxy:
+        response = await proxy.http.post("/v1/nothing-here", json={})
+        assert response.status_code == 404
+        assert response.json()["error"]["code"] == "unknown_url"
+        response = await proxy.http.get("/v1/chat/completions")
+        assert response.status_code == 405
+        assert "POST" in response.headers["allow"]
+        assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+async def test_anthropic_routes_answer_errors_in_anthropic_shape() -> None:
+    async with running(Emulator()) as proxy:
+        body = {"model": "claude-sonnet-9", "max_tokens": 10, "messages": MESSAGES}
+        response = await proxy.http.post("/v1/messages", json=body)
+        assert response.status_code == 404
+        assert response.json() == {
+            "type": "error",
+            "error": {"type": "not_found_error", "message": response.json()["error"]["message"]},
+        }
+        assert "claude-sonnet-9" in response.json()["error"]["message"]
+
+
+async def test_upstream_errors_pass_through_with_their_status() -> None:
+    """LM Studio's own refusal (an LLM asked for embeddings) reaches the client unchanged."""
+    emulator = Emulator()
+    async with running(emulator) as proxy:
+        response = await proxy.http.post("/v1/embeddings", json={"model": QWEN, "input": "hi"})
+        assert response.status_code == 400
+        [call] = [c for c in emulator.calls if c.path == "/v1/embeddings"]
+        assert call.body == {"model": QWEN, "input": "hi"}
+        error = response.json()["error"]
+        assert "embedding" in error["message"].lower()
+
+
+async def test_load_timeout_answers_504_and_the_next_request_may_retry() -> None:
+    emulator = Emulator(load_delay_s=1.0)
+    async with running(emulator, upstream={"load_timeout": 0.2}) as proxy:
+        response = await proxy.http.post("/v1/chat/completions", json=CHAT)
+        assert response.status_code == 504
+        assert "load_timeout" in response.json()["error"]["message"]
+        emulator.load_delay_s = 0
+        # LM Studio finished that load on its own: the next request adopts it, no new load
+        await emulator.wait_until(lambda: QWEN in emulator.instances, timeout=3)
+        response = await proxy.http.post("/v1/chat/completions", json=CHAT)
+        assert response.status_code == 200
+        assert emulator.load_count(QWEN) == 1
+        assert list(emulator.instances) == [QWEN]
+
+
+async def test_queue_timeout_answers_503_with_retry_after() -> None:
+    emulator = Emulator(load_delay_s=2.0)
+    async with running(emulator, scheduler={"queue_timeout": 0.3}) as proxy:
+        response = await proxy.http.post("/v1/chat/completions", json=CHAT)
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "queue_timeout"
+        assert int(response.headers["retry-after"]) >= 1
+
+
+async def test_queue_limit_answers_429() -> None:
+    emulator = Emulator(load_delay_s=0.5)
+    async with running(emulator, scheduler={"max_queue": 2}) as proxy:
+        statuses: list[int] = []
+
+        async def ask() -> None:
+            response = await proxy.http.post("/v1/chat/completions", json=CHAT)
+            statuses.append(response.status_code)
+
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                for _ in range(4):
+                    tg.start_soon(ask)
+        assert sorted(statuses) == [200, 200, 429, 429]
+
+
+async def test_model_too_big_for_the_budget_is_refused_at_once() -> None:
+    emulator = Emulator()
+    async with running(emulator, models={"memory_budget": "2GiB"}) as proxy:
+        response = await proxy.http.post("/v1/chat/completions", json=CHAT)
+        assert response.status_code == 503
+        error = response.json()["error"]
+        assert "memory_budget" in error["message"]
+        assert response.headers["x-should-retry"] == "false"
+        assert emulator.load_count() == 0
+        ok = await proxy.http.post("/v1/chat/completions", json={**CHAT, "model": LLAMA})
+        assert ok.status_code == 200
+
+
+async def test_proxy_sends_its_own_token_never_the_clients() -> None:
+    emulator = Emulator(api_token="sk-lm-abcdefgh:abcdefghijklmnopqrst")
+    token = {"api_token": "sk-lm-abcdefgh:abcdefghijklmnopqrst"}
+    async with running(emulator, upstream=token) as proxy:
+        response = await proxy.http.post(
+            "/v1/chat/completions", json=CHAT, headers={"authorization": "Bearer client-secret"}
+        )
+        assert response.status_code == 200
+        sent = [c for c in emulator.calls if c.path == "/v1/chat/completions"]
+        assert sent
+
+
+async def test_health_and_readiness() -> None:
+    async with running(Emulator()) as proxy:
+        assert (await proxy.http.get("/healthz")).json() == {"status": "ok"}
+        await proxy.wait_for(lambda status: status["upstream"]["reachable"])
+        assert (await proxy.http.get("/readyz")).status_code == 200
+        rows = (await proxy.http.get("/api/v1/models")).json()
+        assert {row["id"] for row in rows} >= {QWEN, LLAMA}
+        assert all(row["loaded"] is False for row in rows)
+        assert (await proxy.http.get("/api/v1/models/loaded")).json() == []
