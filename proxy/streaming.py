@@ -21,6 +21,8 @@ from proxy.manager import Lease
 
 logger = logging.getLogger("lmswitch.streaming")
 
+_decoder = json.JSONDecoder()
+
 # Non-streamed answers are copied aside up to this size to read their usage figures.
 _USAGE_COPY_LIMIT = 1 << 20
 
@@ -69,8 +71,18 @@ class UsageScanner:
                 self._read(bytes(line[5:]))
 
     def finish(self) -> None:
-        if not self._sse and b'"usage"' in self._buffer:
-            self._read(bytes(self._buffer))
+        """Read a whole (non-streamed) answer's usage without parsing the rest of it."""
+        if self._sse:
+            return
+        at = self._buffer.rfind(b'"usage"')
+        colon = self._buffer.find(b":", at)
+        if at < 0 or colon < 0:
+            return
+        try:
+            usage, _ = _decoder.raw_decode(self._buffer[colon + 1 :].decode().lstrip())
+        except ValueError:
+            return
+        self._take(usage)
 
     def _read(self, data: bytes) -> None:
         try:
@@ -80,14 +92,19 @@ class UsageScanner:
         if not isinstance(doc, dict):
             return
         for holder in (doc, doc.get("response"), doc.get("message")):
-            usage = holder.get("usage") if isinstance(holder, dict) else None
-            if isinstance(usage, dict):
-                prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
-                completion = usage.get("completion_tokens", usage.get("output_tokens"))
-                if isinstance(prompt, int) and prompt:
-                    self.prompt = prompt
-                if isinstance(completion, int):
-                    self.completion = completion
+            if isinstance(holder, dict):
+                self._take(holder.get("usage"))
+
+    def _take(self, usage: object) -> None:
+        """OpenAI's names or Anthropic's; the last figures seen win (they are cumulative)."""
+        if not isinstance(usage, dict):
+            return
+        prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+        completion = usage.get("completion_tokens", usage.get("output_tokens"))
+        if isinstance(prompt, int) and prompt:
+            self.prompt = prompt
+        if isinstance(completion, int):
+            self.completion = completion
 
 
 def sse_error_event(error: UpstreamError, path: str) -> bytes:

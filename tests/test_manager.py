@@ -1,0 +1,55 @@
+"""The manager's background work, end to end: preload, idle unload, reconciliation."""
+
+from __future__ import annotations
+
+from proxy.emulator import Emulator
+from tests.test_proxy import LLAMA, MESSAGES, QWEN, running
+
+
+async def test_preload_loads_at_start_in_order() -> None:
+    """Models in `models.preload` are loaded at start, one at a time, without a request."""
+    emulator = Emulator(load_delay_s=0.05)
+    async with running(emulator, models={"preload": [LLAMA, QWEN], "max_loaded": 2}) as proxy:
+        await emulator.wait_until(lambda: len(emulator.instances) == 2, timeout=3)
+        loads = [c.body for c in emulator.calls if c.path == "/api/v1/models/load"]
+        assert loads == [{"model": LLAMA}, {"model": QWEN}]
+        await proxy.wait_for(lambda status: sorted(status["loaded"]) == sorted([LLAMA, QWEN]))
+
+
+async def test_idle_ttl_unloads_an_idle_model() -> None:
+    emulator = Emulator()
+    async with running(emulator, models={"idle_ttl": 0.3}) as proxy:
+        await proxy.sdk.chat.completions.create(model=QWEN, messages=MESSAGES)
+        assert QWEN in emulator.instances
+        await emulator.wait_until(lambda: not emulator.instances, timeout=3)
+        assert emulator.unload_count(QWEN) == 1
+        metrics = (await proxy.http.get("/metrics")).text
+        assert f'lmswitch_model_unloads_total{{model="{QWEN}",reason="idle"}} 1.0' in metrics
+
+
+async def test_request_ttl_sets_the_models_idle_ttl() -> None:
+    """A request's `ttl` (LM Studio's field, in seconds) sets that model's idle TTL."""
+    emulator = Emulator()
+    async with running(emulator) as proxy:
+        await proxy.sdk.chat.completions.create(
+            model=QWEN, messages=MESSAGES, extra_body={"ttl": 0.3}
+        )
+        await emulator.wait_until(lambda: not emulator.instances, timeout=3)
+        assert emulator.unload_count(QWEN) == 1
+
+
+async def test_models_loaded_or_unloaded_behind_the_proxys_back_are_noticed() -> None:
+    emulator = Emulator()
+    async with running(emulator, upstream={"poll_interval": 0.1}) as proxy:
+        emulator.load_instance(LLAMA)  # someone loads a model in LM Studio's own UI
+        await proxy.wait_for(lambda status: status["loaded"] == [LLAMA])
+        rows = {row["id"]: row for row in (await proxy.http.get("/api/v1/models")).json()}
+        assert rows[LLAMA]["adopted"] is True
+        # the proxy counts it against max_loaded: asking for QWEN evicts it
+        await proxy.sdk.chat.completions.create(model=QWEN, messages=MESSAGES)
+        assert list(emulator.instances) == [QWEN]
+        emulator.unload_instance(QWEN)  # and unloads one there
+        await proxy.wait_for(lambda status: status["loaded"] == [])
+        reply = await proxy.sdk.chat.completions.create(model=QWEN, messages=MESSAGES)
+        assert reply.model == QWEN
+        assert emulator.load_count(QWEN) == 2
