@@ -103,14 +103,14 @@ async def test_chat_streaming_through_the_sdk() -> None:
 
 async def test_stream_chunks_are_relayed_as_they_arrive() -> None:
     """Each upstream chunk reaches the client before the next one is produced."""
-    emulator = Emulator(reply_tokens=4, token_delay_s=0.2)
+    emulator = Emulator(reply_tokens=3, token_delay_s=0.6)
     body = {"model": QWEN, "messages": MESSAGES, "stream": True}
     async with running(emulator) as proxy:
         await proxy.sdk.chat.completions.create(model=QWEN, messages=MESSAGES)  # loaded
         async with proxy.http.stream("POST", "/v1/chat/completions", json=body) as response:
             assert response.headers["content-type"].startswith("text/event-stream")
             assert response.headers["x-accel-buffering"] == "no"
-            with anyio.fail_after(0.15):  # well before the 0.2 s the second token takes
+            with anyio.fail_after(0.5):  # well before the 0.6 s the second token takes
                 lines = response.aiter_lines()
                 first = await anext(lines)
             assert first.startswith("data: ")
