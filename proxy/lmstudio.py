@@ -105,9 +105,18 @@ class UpstreamResponse:
         self.status_code = response.status_code
         self.headers = response_headers(response.headers.raw)
         self.content_type = response.headers.get("content-type", "")
+        self._body: bytes | None = None
+
+    async def read(self) -> bytes:
+        """Read the whole body now (small error answers only); `aiter_raw` still yields it."""
+        self._body = b"".join([chunk async for chunk in self.aiter_raw()])
+        return self._body
 
     async def aiter_raw(self) -> AsyncIterator[bytes]:
         """The body as it arrives; a broken upstream raises `UpstreamError`."""
+        if self._body is not None:
+            yield self._body
+            return
         try:
             async for chunk in self._response.aiter_raw():
                 yield chunk

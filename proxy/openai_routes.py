@@ -14,7 +14,8 @@ from starlette.routing import Route
 from starlette.types import Receive
 
 from proxy.errors import BadRequestError, PayloadTooLargeError, ProxyError, UpstreamUnavailableError
-from proxy.manager import ClientGone
+from proxy.lmstudio import UpstreamResponse
+from proxy.manager import ClientGone, Lease
 from proxy.metrics import UNKNOWN_MODEL
 from proxy.scheduler import Phase
 from proxy.state import State
@@ -105,43 +106,67 @@ def _finish(state: State, record: RequestRecord, status: int) -> None:
     state["log_request"](record)
 
 
+# What LM Studio answers when the model asked for is not loaded and it does not load it itself
+# (JIT loading off): the model was unloaded behind the proxy's back.
+_NOT_LOADED_MARKERS = (b"No models loaded", b"Invalid model identifier", b"model_not_found")
+
+
+async def _model_was_gone(upstream: UpstreamResponse) -> bool:
+    if upstream.status_code not in (400, 404):
+        return False
+    try:
+        body = await upstream.read()
+    except ProxyError:
+        await upstream.aclose()
+        raise
+    return any(marker in body for marker in _NOT_LOADED_MARKERS)
+
+
 async def proxy_request(request: Request[State]) -> Response:
     """Resolve the model, wait for it, and stream LM Studio's answer through."""
     state = request.state
-    manager, settings = state["manager"], state["settings"]
+    manager, settings, client = state["manager"], state["settings"], state["client"]
     path = request.url.path
     clock = anyio.current_time
     request_id = request_id_of(request)
     record = RequestRecord(request_id, request.method, path, UNKNOWN_MODEL, clock())
+    disconnected = _disconnect_watcher(request.receive)
+    lease: Lease | None = None
     try:
         body = await read_body(request, settings.server.max_body_bytes)
         payload = parse_object(body)
         resolved = await manager.resolve(payload.get("model"))
-        record.model = resolved.key
+        record.model = key = resolved.key
         if payload.get("model") != resolved.upstream_name:
             body = with_model(body, resolved.upstream_name)
         ttl = payload.get("ttl")
         if isinstance(ttl, int | float) and not isinstance(ttl, bool) and ttl > 0:
-            manager.set_idle_ttl(resolved.key, float(ttl))
-        lease = await manager.acquire(
-            resolved.key, disconnected=_disconnect_watcher(request.receive)
-        )
+            manager.set_idle_ttl(key, float(ttl))
+        lease = await manager.acquire(key, disconnected=disconnected)
+        upstream = await client.open_completion(path, body, request.headers.raw)
+        if await _model_was_gone(upstream):
+            # Unloaded in LM Studio behind our back: see its real state, reload, ask once more.
+            await upstream.aclose()
+            lease.release()
+            await manager.refresh()
+            lease = await manager.acquire(key, disconnected=disconnected)
+            upstream = await client.open_completion(path, body, request.headers.raw)
     except ClientGone:
         record.disconnected = True
         _finish(state, record, 499)  # nginx's "client closed request": nobody reads this answer
         return Response(status_code=499)
     except ProxyError as exc:
-        _finish(state, record, exc.status_code)
-        raise
-    record.queue_wait_s, record.waited_on_load = lease.waited_s, lease.waited_on_load
-    try:
-        upstream = await state["client"].open_completion(path, body, request.headers.raw)
-    except ProxyError as exc:
-        lease.release()
+        if lease is not None:
+            lease.release()
         if isinstance(exc, UpstreamUnavailableError):
             manager.upstream_failed(exc)
         _finish(state, record, exc.status_code)
         raise
+    except BaseException:
+        if lease is not None:  # cancelled (shutdown) between the lease and the response
+            lease.release()
+        raise
+    record.queue_wait_s, record.waited_on_load = lease.waited_s, lease.waited_on_load
     return UpstreamStreamResponse(  # type: ignore[return-value] # an ASGI app, as Response is
         upstream,
         lease,

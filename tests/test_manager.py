@@ -53,3 +53,15 @@ async def test_models_loaded_or_unloaded_behind_the_proxys_back_are_noticed() ->
         reply = await proxy.sdk.chat.completions.create(model=QWEN, messages=MESSAGES)
         assert reply.model == QWEN
         assert emulator.load_count(QWEN) == 2
+
+
+async def test_model_unloaded_behind_the_proxys_back_is_reloaded_on_the_next_request() -> None:
+    """With JIT off, LM Studio refuses a model it no longer has; the proxy reloads it, retries."""
+    emulator = Emulator(jit=False)
+    async with running(emulator, upstream={"poll_interval": 3600}) as proxy:
+        await proxy.sdk.chat.completions.create(model=QWEN, messages=MESSAGES)
+        emulator.unload_instance(QWEN)
+        reply = await proxy.sdk.chat.completions.create(model=QWEN, messages=MESSAGES)
+        assert reply.model == QWEN
+        assert emulator.load_count(QWEN) == 2
+        assert (await proxy.status())["in_flight"] == 0
