@@ -144,25 +144,31 @@ class LMStudioClient:
         self.load_timeout_s = load_timeout_s
         self.base_url = str(http.base_url).rstrip("/")
 
-    async def _call(self, method: str, path: str, body: Any = None, timeout_s: float = 0) -> Any:
-        """One JSON call; LM Studio's errors as `UpstreamError` with its own message."""
+    async def _call(self, method: str, path: str, body: Any, timeout_s: float) -> Any:
+        """One JSON call within `timeout_s`; LM Studio's errors as `UpstreamError`."""
         headers = [*self._auth, (b"content-type", b"application/json")]
         content = None if body is None else json.dumps(body).encode()
+        # The whole call has one deadline; only connecting keeps the client's own timeout.
+        timeout = httpx2.Timeout(None, connect=self._http.timeout.connect)
+        attempts = 2 if method == "GET" else 1  # a GET may be retried on a connection gone stale
         try:
-            if timeout_s:
-                with anyio.fail_after(timeout_s):
-                    response = await self._http.request(
-                        method, path, content=content, headers=headers, timeout=None
-                    )
-            else:
-                response = await self._http.request(method, path, content=content, headers=headers)
+            with anyio.fail_after(timeout_s):
+                for attempt in range(attempts):  # pragma: no branch - returns or raises
+                    try:
+                        response = await self._http.request(
+                            method, path, content=content, headers=headers, timeout=timeout
+                        )
+                        break
+                    except (httpx2.ReadError, httpx2.RemoteProtocolError):
+                        if attempt + 1 == attempts:
+                            raise
         except TimeoutError as exc:
             raise UpstreamTimeoutError(
                 f"LM Studio did not answer {path} in {timeout_s:g} s"
             ) from exc
         except httpx2.TimeoutException as exc:
             raise UpstreamUnavailableError(
-                f"LM Studio at {self.base_url} timed out: {exc!r}"
+                f"LM Studio at {self.base_url} timed out: {exc!r}", retry_after_s=5
             ) from exc
         except httpx2.TransportError as exc:
             raise UpstreamUnavailableError(
@@ -182,8 +188,8 @@ class LMStudioClient:
         loaded state is cross-checked with `/api/v0/models`.
         """
         try:
-            v1 = await self._call("GET", "/api/v1/models", timeout_s=_LIST_TIMEOUT_S)
-            v0 = await self._call("GET", "/api/v0/models", timeout_s=_LIST_TIMEOUT_S)
+            v1 = await self._call("GET", "/api/v1/models", None, _LIST_TIMEOUT_S)
+            v0 = await self._call("GET", "/api/v0/models", None, _LIST_TIMEOUT_S)
         except UpstreamTimeoutError as exc:
             raise UpstreamUnavailableError(exc.message, retry_after_s=5) from exc
         loaded_v0: dict[str, list[tuple[str, int | None]]] = {}
@@ -299,7 +305,11 @@ def create_http_client(
     return httpx2.AsyncClient(
         base_url=base_url,
         timeout=httpx2.Timeout(read_timeout_s, connect=connect_timeout_s, pool=None),
-        limits=httpx2.Limits(max_connections=None, max_keepalive_connections=256),
+        # LM Studio's server (Express) and uvicorn drop idle connections after 5 s; expiring ours
+        # first avoids sending a request on a connection the server is closing.
+        limits=httpx2.Limits(
+            max_connections=None, max_keepalive_connections=256, keepalive_expiry=4.0
+        ),
         transport=transport,
         trust_env=False,  # LM Studio is local: never route it through $HTTP_PROXY
     )

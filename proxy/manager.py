@@ -114,7 +114,7 @@ class ModelManager:
         self._sleep_until = math.inf
         self._epoch = 0  # bumped by every load and unload, to discard stale observations
         self._last_refresh = -math.inf
-        self._refreshing = False
+        self._refreshed: anyio.Event | None = None  # set when the running refresh ends
 
     # -- lifetime ---------------------------------------------------------------------------
 
@@ -379,10 +379,14 @@ class ModelManager:
         self._metrics.upstream_up.set(1 if up else 0)
 
     async def refresh(self) -> None:
-        """Reconcile with LM Studio's catalogue and loaded instances; never raises."""
-        if self._refreshing:
+        """Reconcile with LM Studio's catalogue and loaded instances; never raises.
+
+        Single-flight: a caller that arrives while a refresh runs waits for that one.
+        """
+        if self._refreshed is not None:
+            await self._refreshed.wait()
             return
-        self._refreshing = True
+        self._refreshed = anyio.Event()
         epoch = self._epoch
         try:
             catalog = await self._client.catalog()
@@ -391,7 +395,8 @@ class ModelManager:
             logger.warning("cannot read LM Studio's models: %s", exc.message)
             return
         finally:
-            self._refreshing = False
+            self._refreshed.set()
+            self._refreshed = None
             self._last_refresh = self._clock()
         self._upstream_result(None)
         self.catalog = {info.key: info for info in catalog}
@@ -405,5 +410,5 @@ class ModelManager:
     def upstream_failed(self, error: ProxyError) -> None:
         """A request found LM Studio unreachable: note it and reconcile in the background."""
         self._upstream_result(error)
-        if self._tg is not None and not self._refreshing:
+        if self._tg is not None and self._refreshed is None:
             self._tg.start_soon(self.refresh)

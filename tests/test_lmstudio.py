@@ -177,3 +177,18 @@ async def test_load_timeout_is_a_504_naming_the_setting() -> None:
             await client.load("llama-3.2-1b-instruct", {})
     assert caught.value.status_code == 504
     assert "load_timeout" in caught.value.message
+
+
+async def test_a_get_on_a_stale_connection_is_retried_once() -> None:
+    attempts: list[str] = []
+
+    def flaky(request: httpx2.Request) -> httpx2.Response:
+        attempts.append(request.url.path)
+        if len(attempts) == 1:
+            raise httpx2.RemoteProtocolError("server closed the connection", request=request)
+        if request.url.path == "/api/v1/models":
+            return httpx2.Response(200, json={"models": []})
+        return httpx2.Response(200, json={"data": []})
+
+    assert await client_for(flaky).catalog() == []
+    assert attempts == ["/api/v1/models", "/api/v1/models", "/api/v0/models"]

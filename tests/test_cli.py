@@ -1,0 +1,477 @@
+"""The `lmswitch` command: every subcommand in-process, plus real processes for signals."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import socket
+import sys
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx2
+import openai
+import pytest
+import uvicorn
+from anyio.abc import Process
+from anyio.streams.buffered import BufferedByteReceiveStream
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from proxy import __version__
+from proxy.cli import (
+    EXIT_CANNOT_LISTEN,
+    EXIT_USAGE,
+    Demo,
+    Server,
+    _JsonFormatter,
+    build_emulator_server,
+    build_server,
+    handling_signals,
+    main,
+    run_demo,
+    wait_until_ready,
+)
+from proxy.config import MASK, ConfigError
+from tests.conftest import serve
+
+QWEN = "qwen2.5-7b-instruct"
+LLAMA = "llama-3.2-1b-instruct"
+MESSAGES: list[Any] = [{"role": "user", "content": "Hi"}]
+CHAT = {"model": "gpt-4o-mini", "messages": MESSAGES}
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """The commands configure the `lmswitch` logger; give other tests back the one they had."""
+    logger = logging.getLogger("lmswitch")
+    handlers, level, propagate = logger.handlers[:], logger.level, logger.propagate
+    yield
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
+    logger.propagate = propagate
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def closed_url() -> str:
+    return f"http://127.0.0.1:{free_port()}"
+
+
+def write_config(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def readyz_app(not_ready: int) -> Starlette:
+    """/readyz answers 503 `not_ready` times, then 200."""
+    answers: list[int] = []
+
+    async def readyz(request: Request) -> JSONResponse:
+        answers.append(200 if len(answers) >= not_ready else 503)
+        return JSONResponse({}, answers[-1])
+
+    return Starlette(routes=[Route("/readyz", readyz)])
+
+
+@pytest.fixture
+def interrupt_when_up() -> Iterator[Callable[[str], None]]:
+    """Start a thread that sends this process SIGINT, as Ctrl+C would, once a URL answers.
+
+    Tests run a blocking command after it, in the main thread, where the command handles the
+    signal. If the URL never answers, the thread fails and sends nothing.
+    """
+    threads: list[threading.Thread] = []
+
+    async def interrupt(url: str) -> None:
+        await wait_until_up(url)
+        signal.raise_signal(signal.SIGINT)
+
+    def start(url: str) -> None:
+        threads.append(threading.Thread(target=anyio.run, args=(interrupt, url), daemon=True))
+        threads[-1].start()
+
+    yield start
+    for thread in threads:
+        thread.join(5)
+
+
+async def wait_until_up(url: str) -> None:
+    """Poll `url` until it answers at all (15 s at most)."""
+    async with httpx2.AsyncClient(timeout=1) as http:
+        with anyio.fail_after(15):
+            while True:
+                try:
+                    await http.get(url)
+                except httpx2.TransportError:
+                    await anyio.sleep(0.02)
+                else:
+                    return
+
+
+@asynccontextmanager
+async def child(args: list[str], stderr_path: Path) -> AsyncIterator[Process]:
+    """`python -m proxy ARGS` as a child process, killed on the way out if still running."""
+    command = [sys.executable, "-m", "proxy", *args]
+    with stderr_path.open("wb") as stderr:
+        async with await anyio.open_process(command, cwd=ROOT, stderr=stderr) as process:
+            try:
+                yield process
+            finally:
+                if process.returncode is None:  # pragma: no cover - only when the test failed
+                    process.kill()
+
+
+# --- --version and check-config ---------------------------------------------------------------
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc_info:
+        main(["--version"])
+    assert exc_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"lmswitch {__version__}"
+
+
+def test_check_config_masks_secrets(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_config(
+        tmp_path,
+        "upstream:\n  api_token: lm-secret-token\n  read_timeout: 2m\n"
+        "auth:\n  api_keys: [sk-client-secret]\n",
+    )
+    assert main(["check-config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "lm-secret-token" not in out
+    assert "sk-client-secret" not in out
+    assert f"api_token: '{MASK}'" in out
+    assert f"- '{MASK}'" in out
+    assert "read_timeout: 120" in out
+
+
+def test_check_config_reads_lmswitch_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("LMSWITCH_CONFIG", str(write_config(tmp_path, "server:\n  port: 9321\n")))
+    assert main(["check-config"]) == 0
+    assert "port: 9321" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "key"),
+    [
+        pytest.param("server:\n  prot: 8000\n", "server.prot", id="unknown-key"),
+        pytest.param("server:\n  drain_timeout: soon\n", "server.drain_timeout", id="duration"),
+        pytest.param("scheduler:\n  max_queue: -1\n", "scheduler.max_queue", id="negative"),
+    ],
+)
+@pytest.mark.parametrize("command", ["check-config", "serve"])
+def test_invalid_config_exits_2(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    yaml_text: str,
+    key: str,
+    command: str,
+) -> None:
+    path = str(write_config(tmp_path, yaml_text))
+    argv = [command, path] if command == "check-config" else [command, "--config", path]
+    assert main(argv) == EXIT_USAGE
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "invalid configuration" in captured.err
+    assert key in captured.err
+
+
+def test_missing_config_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-config", str(tmp_path / "nope.yaml")]) == EXIT_USAGE
+    assert "no such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("port", ["70000", "-1", "eighty"])
+@pytest.mark.parametrize("command", ["serve", "demo", "emulator"])
+def test_bad_port_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], command: str, port: str
+) -> None:
+    with pytest.raises(SystemExit) as exc_info:
+        main([command, "--port", port])
+    assert exc_info.value.code == EXIT_USAGE
+    assert "--port" in capsys.readouterr().err
+
+
+# --- serve ------------------------------------------------------------------------------------
+
+
+def test_build_server_honours_options(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "server:\n  host: 127.0.0.2\n  port: 9000\n  drain_timeout: 7s\n")
+    server = build_server(["--config", str(path), "--host", "0.0.0.0", "--port", "9123"])
+    assert isinstance(server, Server)
+    assert (server.config.host, server.config.port) == ("0.0.0.0", 9123)
+    assert server.config.timeout_graceful_shutdown == 7
+    assert server.config.lifespan == "on"
+    assert server.config.workers == 1
+
+
+def test_build_server_reads_lmswitch_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write_config(tmp_path, "server:\n  host: 127.0.0.3\n  port: 9200\n")
+    monkeypatch.setenv("LMSWITCH_CONFIG", str(path))
+    server = build_server([])
+    assert (server.config.host, server.config.port) == ("127.0.0.3", 9200)
+    assert server.config.timeout_graceful_shutdown == 30  # server.drain_timeout's default
+
+
+def test_build_server_port_option_beats_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LMSWITCH_SERVER__PORT", "9300")
+    path = write_config(tmp_path, "server:\n  port: 9200\n  drain_timeout: 0.2\n")
+    assert build_server(["--config", str(path)]).config.port == 9300
+    server = build_server(["--config", str(path), "--port", "9400"])
+    assert server.config.port == 9400
+    assert server.config.timeout_graceful_shutdown == 1  # whole seconds, at least one
+
+
+def test_build_server_rejects_bad_config(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "upstream:\n  base_url: ftp://nowhere\n")
+    with pytest.raises(ConfigError, match=r"upstream\.base_url"):
+        build_server(["--config", str(path)])
+
+
+def test_build_server_json_logging(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "logging:\n  format: json\n  level: debug\n")
+    build_server(["--config", str(path)])
+    logger = logging.getLogger("lmswitch")
+    assert logger.level == logging.DEBUG
+    assert not logger.propagate
+    assert isinstance(logger.handlers[0].formatter, _JsonFormatter)
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        ('{"status": 200, "model": "m"}', {"status": 200, "model": "m"}),
+        ("{not json", {"message": "{not json"}),
+        ("plain words", {"message": "plain words"}),
+    ],
+)
+def test_json_formatter(message: str, expected: dict[str, Any]) -> None:
+    record = logging.LogRecord("lmswitch.access", logging.INFO, __file__, 1, message, None, None)
+    line = json.loads(_JsonFormatter().format(record))
+    assert line.items() >= {"level": "info", "logger": "lmswitch.access", **expected}.items()
+    assert "exception" not in line
+
+
+def fail() -> None:
+    raise RuntimeError("boom")
+
+
+def test_json_formatter_includes_exceptions() -> None:
+    try:
+        fail()
+    except RuntimeError:
+        exc_info = sys.exc_info()
+    record = logging.LogRecord("lmswitch", logging.ERROR, __file__, 1, "failed", None, exc_info)
+    line = json.loads(_JsonFormatter().format(record))
+    assert line["message"] == "failed"
+    assert "RuntimeError: boom" in line["exception"]
+
+
+def test_capture_signals_does_not_reraise() -> None:
+    """A signal caught while serving stops the server and is not raised again afterwards."""
+    server = Server(uvicorn.Config(readyz_app(not_ready=0)))
+    before = signal.getsignal(signal.SIGINT)
+    with server.capture_signals():
+        assert signal.getsignal(signal.SIGINT) == server.handle_exit
+        signal.raise_signal(signal.SIGINT)
+    assert server.should_exit
+    assert signal.getsignal(signal.SIGINT) is before  # and no KeyboardInterrupt here
+
+
+def test_signals_are_left_alone_outside_the_main_thread() -> None:
+    seen: list[object] = []
+
+    def run() -> None:
+        with handling_signals(lambda sig, frame: None):
+            seen.append(signal.getsignal(signal.SIGINT))
+
+    before = signal.getsignal(signal.SIGINT)
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(5)
+    assert seen == [before]
+
+
+def test_main_serve_drains_on_sigint(
+    tmp_path: Path, interrupt_when_up: Callable[[str], None]
+) -> None:
+    """`lmswitch serve` runs until Ctrl+C, then drains and returns 0."""
+    port = free_port()
+    path = write_config(
+        tmp_path, f"upstream:\n  base_url: {closed_url()}\nserver:\n  drain_timeout: 1\n"
+    )
+    interrupt_when_up(f"http://127.0.0.1:{port}/healthz")
+    # Last statement: on Python 3.11 the tracer loses this frame after the server's shutdown
+    # cancels tasks, so coverage would miss any line after it.
+    assert main(["serve", "--config", str(path), "--port", str(port)]) == 0
+
+
+# --- emulator ---------------------------------------------------------------------------------
+
+
+async def test_emulator_server_honours_options() -> None:
+    """The emulator's options reach it: token, memory, JIT."""
+    server = build_emulator_server(
+        ["--port", "4321", "--memory", "1", "--load-delay", "0", "--no-jit", "--api-token", "t"]
+    )
+    assert (server.config.host, server.config.port) == ("127.0.0.1", 4321)
+    app = server.config.app
+    assert isinstance(app, Starlette)
+    auth = {"authorization": "Bearer t"}
+    async with serve(app) as url, httpx2.AsyncClient(base_url=url, timeout=5) as http:
+        assert (await http.get("/api/v1/models")).status_code == 401
+        assert (await http.get("/api/v1/models", headers=auth)).status_code == 200
+        chat = await http.post("/v1/chat/completions", json=CHAT | {"model": LLAMA}, headers=auth)
+        assert chat.status_code == 400  # no JIT loading, nothing loaded
+        load = await http.post("/api/v1/models/load", json={"model": QWEN}, headers=auth)
+        assert load.status_code >= 400  # 4.7 GB does not fit in 1 GiB
+        load = await http.post("/api/v1/models/load", json={"model": LLAMA}, headers=auth)
+        assert load.status_code == 200
+
+
+def test_main_emulator_runs_until_sigint(interrupt_when_up: Callable[[str], None]) -> None:
+    port = free_port()
+    interrupt_when_up(f"http://127.0.0.1:{port}/v1/models")
+    assert main(["emulator", "--port", str(port), "--load-delay", "0"]) == 0
+
+
+# --- demo -------------------------------------------------------------------------------------
+
+
+async def status(http: httpx2.AsyncClient) -> dict[str, Any]:
+    response = await http.get("/api/v1/status")
+    assert response.status_code == 200
+    result: dict[str, Any] = response.json()
+    return result
+
+
+async def test_demo_swaps_models(capsys: pytest.CaptureFixture[str]) -> None:
+    """Asking two models in turn through the demo makes the proxy swap them."""
+    async with anyio.create_task_group() as tg:
+        demo: Demo = await tg.start(run_demo, 0, 0.05)
+        try:
+            async with (
+                httpx2.AsyncClient(base_url=demo.proxy_url, timeout=10) as http,
+                openai.AsyncOpenAI(
+                    base_url=f"{demo.proxy_url}/v1", api_key="sk-demo", timeout=10, max_retries=0
+                ) as sdk,
+            ):
+                with anyio.fail_after(10):
+                    first = await sdk.chat.completions.create(model=QWEN, messages=MESSAGES)
+                    assert first.model == QWEN
+                    assert (await status(http))["loaded"] == [QWEN]
+                    second = await sdk.chat.completions.create(model=LLAMA, messages=MESSAGES)
+                    assert second.model == LLAMA
+                    assert (await status(http))["loaded"] == [LLAMA]
+        finally:
+            demo.stop()
+    out = capsys.readouterr().out
+    assert f"{demo.proxy_url}/v1" in out
+    assert demo.emulator_url in out
+    assert f"curl {demo.proxy_url}/v1/chat/completions" in out
+    assert all(model in out for model in demo.models)
+    assert QWEN in demo.models
+    assert LLAMA in demo.models
+
+
+async def test_demo_greets_even_if_not_ready(capsys: pytest.CaptureFixture[str]) -> None:
+    async with anyio.create_task_group() as tg:
+        demo: Demo = await tg.start(partial(run_demo, 0, 0, ready_timeout_s=0))
+        demo.stop()
+    captured = capsys.readouterr()
+    assert "Press Ctrl+C to stop." in captured.out
+    assert "the proxy has not reached the emulator yet" in captured.err
+
+
+async def test_wait_until_ready_polls() -> None:
+    async with serve(readyz_app(not_ready=2)) as url:
+        assert await wait_until_ready(url, 5)
+
+
+async def test_wait_until_ready_gives_up() -> None:
+    async with serve(readyz_app(not_ready=10**6)) as url:
+        assert not await wait_until_ready(url, 0.1)
+    assert not await wait_until_ready(closed_url(), 0.1)
+
+
+async def test_demo_reports_a_taken_port(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert await anyio.to_thread.run_sync(main, ["demo", "--port", str(port)]) == (
+            EXIT_CANNOT_LISTEN
+        )
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_main_demo_runs_until_sigint(interrupt_when_up: Callable[[str], None]) -> None:
+    port = free_port()
+    interrupt_when_up(f"http://127.0.0.1:{port}/healthz")
+    assert main(["demo", "--port", str(port), "--load-delay", "0"]) == 0  # last: see serve's
+
+
+# --- real processes ---------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no SIGTERM on Windows")
+async def test_serve_process_exits_0_on_sigterm(tmp_path: Path) -> None:
+    """A drained proxy exits 0 on SIGTERM (uvicorn alone would die of the signal: 143)."""
+    port = free_port()
+    path = write_config(
+        tmp_path, f"upstream:\n  base_url: {closed_url()}\nserver:\n  drain_timeout: 1\n"
+    )
+    args = ["serve", "--port", str(port), "--config", str(path)]
+    async with child(args, tmp_path / "stderr.txt") as process:
+        await wait_until_up(f"http://127.0.0.1:{port}/healthz")
+        process.send_signal(signal.SIGTERM)
+        with anyio.fail_after(5):
+            code = await process.wait()
+    assert code == 0, (tmp_path / "stderr.txt").read_text()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Ctrl+C cannot target one child on Windows")
+async def test_demo_process(tmp_path: Path) -> None:
+    """`lmswitch demo` greets, answers through the proxy, and exits 0 on Ctrl+C."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    args = ["demo", "--port", str(port), "--load-delay", "0"]
+    async with child(args, tmp_path / "stderr.txt") as process:
+        assert process.stdout is not None
+        with anyio.fail_after(15):
+            greeting = await BufferedByteReceiveStream(process.stdout).receive_until(
+                b"Press Ctrl+C to stop.", max_bytes=2**16
+            )
+        out = greeting.decode()
+        assert f"the proxy at {base}/v1" in out
+        assert "LM Studio emulator at http://127.0.0.1:" in out
+        assert f"curl {base}/v1/chat/completions" in out
+        async with httpx2.AsyncClient(base_url=base, timeout=10) as http:
+            response = await http.post("/v1/chat/completions", json=CHAT)
+        assert response.status_code == 200
+        assert response.json()["model"] == QWEN  # gpt-4o-mini is an alias
+        process.send_signal(signal.SIGINT)
+        with anyio.fail_after(10):
+            code = await process.wait()
+    assert code == 0, (tmp_path / "stderr.txt").read_text()
