@@ -208,10 +208,14 @@ class Scheduler:
 
     def unload_done(self, key: str) -> None:
         model = self.models[key]
+        model.unload_requested = model.drained_for_swap = False
+        if model.duplicates:
+            model.phase, model.adopted = Phase.READY, True
+            model.instance_id = model.duplicates.pop(0)
+            return
         model.phase = Phase.ABSENT
         model.instance_id = None
-        model.duplicates.clear()
-        model.unload_requested = model.drained_for_swap = model.adopted = False
+        model.adopted = False
 
     def unload_failed(self, key: str, now: float) -> None:
         model = self.models[key]
@@ -282,14 +286,14 @@ class Scheduler:
             m for m in self.models.values() if m.pinned and m.phase in RESIDENT and m is not target
         ]
         policy = self.policy
-        if policy.max_loaded and len(pinned) >= policy.max_loaded:
+        if policy.max_loaded and sum(m.instances for m in pinned) >= policy.max_loaded:
             names = ", ".join(m.key for m in pinned)
             return (
                 f"model {target.key!r} cannot be loaded: max_loaded is {policy.max_loaded} "
                 f"and pinned models fill every slot ({names})"
             )
         if policy.memory_budget is not None:
-            pinned_size = sum(m.size_bytes for m in pinned)
+            pinned_size = sum(m.instances * m.size_bytes for m in pinned)
             if target.size_bytes + pinned_size > policy.memory_budget:
                 beside = f" beside pinned models using {_gib(pinned_size)}" if pinned else ""
                 return (
@@ -317,16 +321,18 @@ class Scheduler:
         actions, self._outbox = self._outbox, []
         self._expire(now, actions)
         self._refuse(actions)
+        self._grant(now, actions)
+        self._limit_queue(actions)
         target = self._target()
         victims = self._victims(target) if target is not None else []
         self._drain(target, victims, now, actions)
         self._grant(now, actions)
-        self._limit_queue(actions)
         if not self.busy and now >= self.hold_until:
             upstream = self._upstream_action(target, victims, now)
             if upstream is not None:
                 self._start(upstream)
                 actions.append(upstream)
+                self._refuse(actions)
         return actions
 
     def _fail(
@@ -367,7 +373,9 @@ class Scheduler:
         """The fewest models to unload, idle ones first then least recently used, to fit."""
         if target.phase is not Phase.ABSENT:
             return []
-        leaving = [m.key for m in self.models.values() if m.unload_requested]
+        leaving = [
+            m.key for m in self.models.values() if m.unload_requested or m.phase is Phase.UNLOADING
+        ]
         if self.fits(target, leaving):
             return []
         candidates = sorted(
@@ -402,12 +410,14 @@ class Scheduler:
         grace_over = (
             target is not None
             and target.phase is Phase.ABSENT
-            and now - self._oldest(target.key) >= self.policy.swap_grace_s
+            and now >= self._oldest(target.key) + self.policy.swap_grace_s
         )
         victim_keys = {v.key for v in victims}
         for model in self.models.values():
             if model.phase is Phase.DRAINING and model.drained_for_swap:
-                if model.key not in victim_keys:  # no longer needed: take requests again
+                if model.unload_requested:
+                    model.drained_for_swap = False
+                elif model.key not in victim_keys:  # no longer needed: take requests again
                     model.phase, model.drained_for_swap = Phase.READY, False
             elif model.phase is Phase.READY and (
                 model.unload_requested or (grace_over and model.key in victim_keys)
@@ -419,7 +429,7 @@ class Scheduler:
     def _grant(self, now: float, actions: list[Action]) -> None:
         for waiter in list(self.waiters.values()):
             model = self.models[waiter.model]
-            if model.phase is Phase.READY:
+            if model.phase is Phase.READY and not model.unload_requested:
                 del self.waiters[waiter.id]
                 if waiter.takes_lease:
                     model.leases += 1
@@ -443,19 +453,19 @@ class Scheduler:
         grace_over = (
             target is not None
             and target.phase is Phase.ABSENT
-            and now - self._oldest(target.key) >= self.policy.swap_grace_s
+            and now >= self._oldest(target.key) + self.policy.swap_grace_s
         )
         for victim in victims:
             # A draining victim's own waiters wait for the swap; a ready one has none (granted).
             done = victim.phase is Phase.DRAINING or grace_over
-            gap_over = now - victim.last_used >= self.policy.idle_gap_s
+            gap_over = now >= victim.last_used + self.policy.idle_gap_s
             if victim.leases == 0 and (done or gap_over):
                 return self._unload(victim, UnloadReason.EVICTED)
         if target is not None and target.phase is Phase.ABSENT and self.fits(target):
             return Load(target.key)
         for model in self._idle_ready():
             ttl = self._ttl(model)
-            if ttl is not None and now - model.last_used >= ttl:
+            if ttl is not None and now >= model.last_used + ttl:
                 return self._unload(model, UnloadReason.IDLE)
         return None
 
