@@ -12,6 +12,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+import random
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -685,3 +686,33 @@ def test_bounded_wait_with_one_slot(
         assert request.granted is not None
         bound = grace + swap if request.contested else max(grace, swap) + swap
         assert request.waited <= bound + EPS, f"{request} waited more than {bound}"
+
+
+def mixed(sched: Driven, seed: int) -> Sim:
+    """12 closed-loop clients, 6 requests each to one of three models at random, with random
+    lengths (0.5-3 s) and think times (0-2 s)."""
+    rng = random.Random(seed)
+    sim = Sim(sched, load_s=2.0, unload_s=2.0)
+    for _ in range(12):
+        plan = [(rng.choice("abc"), rng.uniform(0.5, 3.0), rng.uniform(0.0, 2.0)) for _ in range(6)]
+        sim.client(rng.uniform(0.0, 5.0), plan)
+    sim.run(until=36_000.0)
+    assert not sim.failed
+    assert all(r.granted is not None for r in sim.requests)
+    return sim
+
+
+def three_models(**policy: float | int | None) -> Scheduler:
+    s = lmswitch(**policy)
+    s.set_catalog({"c": 4 * GiB})
+    return s
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_mixed_three_model_workload_swaps_far_less_than_fcfs(seed: int) -> None:
+    ours = mixed(three_models(max_loaded=1), seed)
+    fcfs = mixed(Fcfs(), seed)
+    assert ours.loads * 2 <= fcfs.loads
+    # One swap can be ahead of a request's own: two models' turns at most, each bounded by
+    # grace + the longest request + one unload + one load.
+    assert max(r.waited for r in ours.requests) <= 2 * (10.0 + 3.0 + 2.0 + 2.0) + EPS
