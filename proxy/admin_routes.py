@@ -72,6 +72,7 @@ async def status(request: Request[State]) -> Response:
             "loaded": [k for k, m in sched.models.items() if m.phase in RESIDENT],
             "in_flight": sum(m.leases for m in sched.models.values()),
             "queue": {k: n for k in sched.models if (n := sched.queued(k))},
+            "duplicates": {k: m.duplicates for k, m in sched.models.items() if m.duplicates},
             "capacity": {
                 "max_loaded": settings.models.max_loaded,
                 "memory_budget": settings.models.memory_budget,

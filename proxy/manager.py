@@ -114,6 +114,7 @@ class ModelManager:
         self._sleep_until = math.inf
         self._epoch = 0  # bumped by every load and unload, to discard stale observations
         self._last_refresh = -math.inf
+        self._duplicates: dict[str, tuple[str, ...]] = {}  # as last reported
         self._refreshed: anyio.Event | None = None  # set when the running refresh ends
 
     # -- lifetime ---------------------------------------------------------------------------
@@ -405,7 +406,21 @@ class ModelManager:
         if epoch == self._epoch:  # no load or unload finished meanwhile: the view is current
             instances = {info.key: info.instances for info in catalog if info.instances}
             self.scheduler.observed(instances, self._clock())
+            self._report_duplicates()
         self._kick()
+
+    def _report_duplicates(self) -> None:
+        """Say once when LM Studio holds more than one instance of a model (they all count)."""
+        for key, model in self.scheduler.models.items():
+            extra = tuple(model.duplicates)
+            if extra and self._duplicates.get(key) != extra:
+                logger.warning(
+                    "LM Studio holds %d instances of %s (%s); each counts toward capacity",
+                    1 + len(extra),
+                    key,
+                    ", ".join((str(model.instance_id), *extra)),
+                )
+            self._duplicates[key] = extra
 
     def upstream_failed(self, error: ProxyError) -> None:
         """A request found LM Studio unreachable: note it and reconcile in the background."""

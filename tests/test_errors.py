@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 
 import anyio
@@ -140,3 +141,15 @@ async def test_health_and_readiness() -> None:
         assert {row["id"] for row in rows} >= {QWEN, LLAMA}
         assert all(row["loaded"] is False for row in rows)
         assert (await proxy.http.get("/api/v1/models/loaded")).json() == []
+
+
+async def test_an_upstream_slower_than_read_timeout_ends_the_stream_with_an_error() -> None:
+    """LM Studio going silent mid-stream for longer than `upstream.read_timeout`."""
+    emulator = Emulator(reply_tokens=5, token_delay_s=1.0)
+    body = {"model": QWEN, "messages": MESSAGES, "stream": True}
+    async with running(emulator, upstream={"read_timeout": 0.3}) as proxy:
+        with anyio.fail_after(5):
+            response = await proxy.http.post("/v1/chat/completions", json=body)
+        events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+        assert json.loads(events[-1])["error"]["code"] == "upstream_timeout"
+        assert (await proxy.status())["in_flight"] == 0

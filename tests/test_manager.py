@@ -65,3 +65,16 @@ async def test_model_unloaded_behind_the_proxys_back_is_reloaded_on_the_next_req
         assert reply.model == QWEN
         assert emulator.load_count(QWEN) == 2
         assert (await proxy.status())["in_flight"] == 0
+
+
+async def test_duplicate_instances_are_reported_and_counted() -> None:
+    emulator = Emulator()
+    emulator.load_instance(QWEN)
+    emulator.load_instance(QWEN)  # LM Studio's own JIT or UI made a second copy
+    async with running(emulator, models={"max_loaded": 2}) as proxy:
+        await proxy.wait_for(lambda status: status["duplicates"] == {QWEN: [f"{QWEN}:2"]})
+        status = await proxy.status()
+        assert status["capacity"]["instances"] == 2
+        # both slots are taken by QWEN's two copies: LLAMA needs one unloaded first
+        await proxy.sdk.chat.completions.create(model=LLAMA, messages=MESSAGES)
+        assert sorted(emulator.instances) == sorted([f"{QWEN}:2", LLAMA])
