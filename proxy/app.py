@@ -18,8 +18,10 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proxy import admin_routes, openai_routes
+from proxy.auth import AuthMiddleware
 from proxy.config import Settings
 from proxy.errors import ProxyError, error_response, handle_proxy_error
+from proxy.events import EventBus
 from proxy.lmstudio import LMStudioClient, create_http_client
 from proxy.manager import ModelManager
 from proxy.metrics import Metrics
@@ -60,8 +62,10 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
-def access_log(settings: Settings, metrics: Metrics) -> Callable[[RequestRecord], None]:
-    """One line per request (DESIGN §7), and the request metrics."""
+def access_log(
+    settings: Settings, metrics: Metrics, events: EventBus
+) -> Callable[[RequestRecord], None]:
+    """One line per request (DESIGN §7), the request metrics and a `request` event."""
     as_json = settings.logging.format == "json"
 
     def log(record: RequestRecord) -> None:
@@ -79,8 +83,6 @@ def access_log(settings: Settings, metrics: Metrics) -> Callable[[RequestRecord]
             metrics.tokens.labels(record.model, "completion").inc(record.completion_tokens)
         if record.disconnected:
             metrics.disconnects.labels(record.model).inc()
-        if not access_logger.isEnabledFor(logging.INFO):
-            return
         fields = {
             "request_id": record.request_id,
             "model": record.model,
@@ -92,6 +94,13 @@ def access_log(settings: Settings, metrics: Metrics) -> Callable[[RequestRecord]
             "bytes_out": record.bytes_out,
             "disconnected": record.disconnected,
         }
+        if record.first_byte_s is not None:
+            fields["first_byte_ms"] = round(record.first_byte_s * 1000, 1)
+        if record.upstream_failed:
+            fields["upstream_failed"] = True
+        events.publish("request", fields)
+        if not access_logger.isEnabledFor(logging.INFO):
+            return
         if as_json:
             access_logger.info(json.dumps(fields))
         else:
@@ -114,7 +123,8 @@ def create_app(
     """The proxy as an ASGI app. `transport` replaces the network to LM Studio (tests)."""
     settings = settings if settings is not None else Settings()
     metrics = Metrics()
-    log_request = access_log(settings, metrics)
+    events = EventBus()
+    log_request = access_log(settings, metrics, events)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
@@ -130,7 +140,7 @@ def create_app(
             anyio.create_task_group() as tg,  # exits first: tasks stop before the pool closes
         ):
             client = LMStudioClient(http, api_token=token, load_timeout_s=upstream.load_timeout)
-            manager = ModelManager(client, settings, metrics)
+            manager = ModelManager(client, settings, metrics, events=events)
             await tg.start(manager.run)
             try:
                 yield {
@@ -138,6 +148,7 @@ def create_app(
                     "manager": manager,
                     "client": client,
                     "metrics": metrics,
+                    "events": events,
                     "started_at": time.time(),
                     "log_request": log_request,
                 }
@@ -149,5 +160,11 @@ def create_app(
         lifespan=lifespan,
         exception_handlers={ProxyError: handle_proxy_error, HTTPException: _http_error},
     )
-    app.add_middleware(RequestIdMiddleware)
+    auth = settings.auth
+    app.add_middleware(
+        AuthMiddleware,
+        api_keys=[key.get_secret_value() for key in auth.api_keys],
+        admin_keys=[key.get_secret_value() for key in auth.admin_keys],
+    )
+    app.add_middleware(RequestIdMiddleware)  # outermost: errors from auth carry the id too
     return app

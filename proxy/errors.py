@@ -4,6 +4,7 @@
 ProxyError
 ├── BadRequestError (400)
 ├── AuthenticationError (401)
+├── PermissionDeniedError (403)
 ├── ModelNotFoundError (404)
 ├── PayloadTooLargeError (413)
 ├── QueueFullError (429)
@@ -92,6 +93,12 @@ class AuthenticationError(ProxyError):
     status_code = 401
     error_type = "invalid_request_error"
     default_code = "invalid_api_key"
+
+
+class PermissionDeniedError(ProxyError):
+    status_code = 403
+    error_type = "invalid_request_error"
+    default_code = "forbidden"
 
 
 class ModelNotFoundError(ProxyError):

@@ -27,6 +27,7 @@ from proxy.errors import (
     QueueTimeoutError,
     UpstreamUnavailableError,
 )
+from proxy.events import EventBus
 from proxy.lmstudio import LMStudioClient, ModelInfo
 from proxy.metrics import Metrics
 
@@ -85,9 +86,11 @@ class ModelManager:
         settings: Settings,
         metrics: Metrics,
         *,
+        events: EventBus | None = None,
         clock: Callable[[], float] = anyio.current_time,
     ) -> None:
         self._client = client
+        self.events = events if events is not None else EventBus()
         self._settings = settings
         self._metrics = metrics
         self._clock = clock
@@ -115,6 +118,8 @@ class ModelManager:
         self._epoch = 0  # bumped by every load and unload, to discard stale observations
         self._last_refresh = -math.inf
         self._duplicates: dict[str, tuple[str, ...]] = {}  # as last reported
+        self._context_overrides: dict[str, int] = {}  # from operators' load requests
+        self._change: anyio.Event | None = None
         self._refreshed: anyio.Event | None = None  # set when the running refresh ends
 
     # -- lifetime ---------------------------------------------------------------------------
@@ -200,17 +205,28 @@ class ModelManager:
     # -- leases -----------------------------------------------------------------------------
 
     async def acquire(
-        self,
-        key: str,
-        *,
-        disconnected: Callable[[], Awaitable[None]] | None = None,
-        takes_lease: bool = True,
+        self, key: str, *, disconnected: Callable[[], Awaitable[None]] | None = None
     ) -> Lease:
         """Wait until `key` is loaded and return a lease on it.
 
         Raises the `ProxyError` the scheduler failed the request with, or `ClientGone` when
         `disconnected` returns first; in both cases the request has left the queue and holds
         no lease.
+        """
+        waited, loading = await self._enqueue(key, disconnected, takes_lease=True)
+        self._metrics.in_flight.labels(key).inc()
+        return Lease(self, key, waited, loading)
+
+    async def _enqueue(
+        self,
+        key: str,
+        disconnected: Callable[[], Awaitable[None]] | None,
+        *,
+        takes_lease: bool,
+    ) -> tuple[float, bool]:
+        """Queue for `key` until granted (with a lease when `takes_lease`) or failed.
+
+        Returns how long it waited and whether it waited on a load.
         """
         if not self.reachable:
             # LM Studio was away: it may have restarted with nothing loaded. See first.
@@ -234,9 +250,7 @@ class ModelManager:
             raise pending.error
         waited = self._clock() - arrived
         self._metrics.queue_wait.labels(key).observe(waited)
-        if takes_lease:
-            self._metrics.in_flight.labels(key).inc()
-        return Lease(self, key, waited, loading)
+        return waited, loading
 
     async def _wait(
         self, pending: _Pending, disconnected: Callable[[], Awaitable[None]] | None
@@ -268,6 +282,70 @@ class ModelManager:
         """A request's `ttl` sets its model's idle TTL from now on, as LM Studio's JIT does."""
         self.scheduler.set_idle_ttl(key, ttl_s)
 
+    # -- operators' requests ------------------------------------------------------------------
+
+    async def load(
+        self,
+        key: str,
+        *,
+        context_length: int | None = None,
+        disconnected: Callable[[], Awaitable[None]] | None = None,
+    ) -> bool:
+        """Load `key` by policy (evicting as a request would); False if it was loaded already.
+
+        A `context_length` other than the loaded instance's reloads the model with it.
+        """
+        if context_length is not None:
+            self._context_overrides[key] = context_length
+            info = self.catalog.get(key)
+            loaded_with = info.context_length if info is not None else None
+            if self._is_loaded(key) and loaded_with not in (None, context_length):
+                await self.unload(key)
+        was_loaded = self._is_loaded(key)
+        await self._enqueue(key, disconnected, takes_lease=False)
+        return not was_loaded
+
+    async def unload(self, key: str) -> bool:
+        """Unload `key` once its running requests end; False if it was not loaded.
+
+        Waits at most `scheduler.queue_timeout` for them (then `QueueTimeoutError`, and the
+        unload still happens when they end). Requests that arrive meanwhile queue, and load
+        it again afterwards.
+        """
+        model = self.scheduler.models.get(key)
+        if model is None or model.phase not in sch.RESIDENT:
+            return False
+        self.scheduler.request_unload(key)
+        self._kick()
+        timeout_s = self._settings.scheduler.queue_timeout
+        try:
+            with anyio.fail_after(timeout_s):
+                while model.phase is not sch.Phase.ABSENT:
+                    await self._changed().wait()
+        except TimeoutError:
+            raise QueueTimeoutError(
+                f"model {key!r} still has {model.leases} request(s) running after "
+                f"{timeout_s:g} s; it will be unloaded when they end",
+                code="unload_pending",
+                retry_after_s=5,
+            ) from None
+        return True
+
+    def pin(self, key: str, pinned: bool) -> None:
+        """Pinned models are never evicted (runtime state, not written to the config)."""
+        self.scheduler.pin(key, pinned)
+        self._kick()
+
+    def _is_loaded(self, key: str) -> bool:
+        model = self.scheduler.models.get(key)
+        return model is not None and model.phase in (sch.Phase.READY, sch.Phase.DRAINING)
+
+    def _changed(self) -> anyio.Event:
+        """An event set the next time the scheduler acts (for waiters on a model's state)."""
+        if self._change is None:
+            self._change = anyio.Event()
+        return self._change
+
     # -- carrying out decisions -------------------------------------------------------------
 
     def _kick(self) -> None:
@@ -284,9 +362,15 @@ class ModelManager:
             elif isinstance(action, sch.Load | sch.Unload):
                 self._start_task(action)
             elif isinstance(action, sch.Drain):
-                logger.info("draining model %s so that another can be loaded", action.model)
+                logger.info(
+                    "draining model %s (no new requests until it is unloaded)", action.model
+                )
+                self._model_event(action.model, "draining")
             else:
                 self._observed(action)
+        if self._change is not None:
+            self._change.set()
+            self._change = None
         wake = self.scheduler.next_wakeup(now)
         if wake is not None and wake < self._sleep_until:
             self._wakeup.set()
@@ -294,9 +378,14 @@ class ModelManager:
     def _start_task(self, action: sch.Load | sch.Unload) -> None:
         assert self._tg is not None, "ModelManager.run is not running"  # noqa: S101
         if isinstance(action, sch.Load):
+            self._model_event(action.model, "loading")
             self._tg.start_soon(self._load, action.model)
         else:
+            self._model_event(action.model, "unloading", reason=str(action.reason))
             self._tg.start_soon(self._unload, action)
+
+    def _model_event(self, key: str, state: str, **extra: Any) -> None:
+        self.events.publish("model", {"model": key, "state": state, **extra})
 
     def _failure(self, action: sch.Fail) -> ProxyError:
         if isinstance(action.error, ProxyError):
@@ -313,10 +402,12 @@ class ModelManager:
         if action.change == "adopted":
             logger.info("model %s was loaded outside the proxy; adopted", action.model)
             self._metrics.loaded.labels(action.model).set(1)
+            self._model_event(action.model, "loaded", adopted=True)
         else:
             logger.info("model %s was unloaded outside the proxy", action.model)
             self._metrics.loaded.labels(action.model).set(0)
             self._metrics.unloads.labels(action.model, sch.UnloadReason.EXTERNAL).inc()
+            self._model_event(action.model, "unloaded", reason=str(sch.UnloadReason.EXTERNAL))
 
     async def _load(self, key: str) -> None:
         """Load `key` (the scheduler guarantees no other load or unload runs meanwhile)."""
@@ -331,6 +422,7 @@ class ModelManager:
             result = "timeout" if exc.status_code == 504 else "failed"
             self._metrics.loads.labels(key, result).inc()
             logger.warning("loading model %s failed: %s", key, exc.message)
+            self._model_event(key, "failed", error=exc.message, code=exc.code)
             self.scheduler.load_failed(key, exc)
         else:
             self._upstream_result(None)
@@ -339,6 +431,7 @@ class ModelManager:
             self._metrics.load_duration.labels(key).observe(elapsed)
             self._metrics.loaded.labels(key).set(1)
             logger.info("loaded model %s as %s in %.2f s", key, instance, elapsed)
+            self._model_event(key, "loaded", instance_id=instance, load_s=round(elapsed, 3))
             self.scheduler.load_done(key, instance, self._clock())
         self._epoch += 1
         self._kick()
@@ -353,7 +446,10 @@ class ModelManager:
 
     def _load_options(self, key: str) -> dict[str, Any]:
         options = self._settings.models.load_options.get(key)
-        return dict(options.as_body()) if options is not None else {}
+        body: dict[str, Any] = dict(options.as_body()) if options is not None else {}
+        if (context_length := self._context_overrides.get(key)) is not None:
+            body["context_length"] = context_length
+        return body
 
     async def _unload(self, action: sch.Unload) -> None:
         logger.info("unloading model %s (%s)", action.model, action.reason)
@@ -362,11 +458,13 @@ class ModelManager:
         except ProxyError as exc:
             self._upstream_result(exc)
             logger.warning("unloading model %s failed: %s", action.model, exc.message)
+            self._model_event(action.model, "failed", error=exc.message, code=exc.code)
             self.scheduler.unload_failed(action.model, self._clock())
         else:
             self._upstream_result(None)
             self._metrics.unloads.labels(action.model, action.reason).inc()
             self._metrics.loaded.labels(action.model).set(0)
+            self._model_event(action.model, "unloaded", reason=str(action.reason))
             self.scheduler.unload_done(action.model)
         self._epoch += 1
         self._kick()

@@ -92,7 +92,7 @@ def with_model(body: bytes, name: str) -> bytes:
     return (text[: brace + 1] + f'"model":{value}{comma}' + rest).encode()
 
 
-def _disconnect_watcher(receive: Receive) -> Any:
+def disconnect_watcher(receive: Receive) -> Any:
     async def disconnected() -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
@@ -130,7 +130,7 @@ async def proxy_request(request: Request[State]) -> Response:
     clock = anyio.current_time
     request_id = request_id_of(request)
     record = RequestRecord(request_id, request.method, path, UNKNOWN_MODEL, clock())
-    disconnected = _disconnect_watcher(request.receive)
+    disconnected = disconnect_watcher(request.receive)
     lease: Lease | None = None
     try:
         body = await read_body(request, settings.server.max_body_bytes)

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import TypedDict
 
 from proxy.config import Settings
+from proxy.events import EventBus
 from proxy.lmstudio import LMStudioClient
 from proxy.manager import ModelManager
 from proxy.metrics import Metrics
@@ -17,5 +18,6 @@ class State(TypedDict):
     manager: ModelManager
     client: LMStudioClient
     metrics: Metrics
+    events: EventBus
     started_at: float  # wall-clock seconds since the epoch
     log_request: Callable[[RequestRecord], None]
