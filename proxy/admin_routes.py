@@ -46,7 +46,7 @@ def model_rows(request: Request[State]) -> list[dict[str, Any]]:
                 "last_used_at": _wall(model.last_used) if model.last_used else None,
                 "instance_id": model.instance_id,
                 "duplicates": list(model.duplicates),
-                "context_length": info.context_length if info is not None else None,
+                "context_length": manager.context_lengths.get(key) if model.instances else None,
                 "max_context_length": info.max_context_length if info is not None else None,
             }
         )

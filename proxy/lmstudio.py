@@ -78,6 +78,14 @@ class ModelInfo:
     context_length: int | None  # of the first loaded instance
 
 
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    """A new instance, as LM Studio's load call reports it."""
+
+    instance_id: str  # "key", or "key:2" when another instance existed
+    context_length: int | None
+
+
 def _error_message(response: httpx2.Response) -> str:
     """LM Studio's error text, whichever of its envelopes it used."""
     try:
@@ -221,13 +229,13 @@ class LMStudioClient:
             )
         return models
 
-    async def load(self, key: str, options: Mapping[str, Any]) -> str:
-        """Load a new instance of `key`; return its instance id. Blocks until LM Studio is done."""
+    async def load(self, key: str, options: Mapping[str, Any]) -> Loaded:
+        """Load a new instance of `key`. Blocks until LM Studio is done."""
         try:
             answer = await self._call(
                 "POST",
                 "/api/v1/models/load",
-                {"model": key, **options},
+                {"model": key, **options, "echo_load_config": True},
                 timeout_s=self.load_timeout_s,
             )
         except UpstreamTimeoutError as exc:
@@ -243,7 +251,9 @@ class LMStudioClient:
                 should_retry=exc.should_retry,
             ) from exc
         instance = answer.get("instance_id") or answer.get("model_instance_id") or key
-        return str(instance)
+        config = answer.get("load_config")
+        context = config.get("context_length") if isinstance(config, dict) else None
+        return Loaded(str(instance), context if isinstance(context, int) else None)
 
     async def unload(self, instance_id: str) -> None:
         """Unload one instance; one that is already gone counts as unloaded."""

@@ -119,6 +119,7 @@ class ModelManager:
         self._last_refresh = -math.inf
         self._duplicates: dict[str, tuple[str, ...]] = {}  # as last reported
         self._context_overrides: dict[str, int] = {}  # from operators' load requests
+        self.context_lengths: dict[str, int | None] = {}  # of loaded instances, as last seen
         self._change: anyio.Event | None = None
         self._refreshed: anyio.Event | None = None  # set when the running refresh ends
 
@@ -297,8 +298,7 @@ class ModelManager:
         """
         if context_length is not None:
             self._context_overrides[key] = context_length
-            info = self.catalog.get(key)
-            loaded_with = info.context_length if info is not None else None
+            loaded_with = self.context_lengths.get(key)
             if self._is_loaded(key) and loaded_with not in (None, context_length):
                 await self.unload(key)
         was_loaded = self._is_loaded(key)
@@ -416,7 +416,9 @@ class ModelManager:
         try:
             instance = await self._existing_instance(key)
             if instance is None:
-                instance = await self._client.load(key, self._load_options(key))
+                loaded = await self._client.load(key, self._load_options(key))
+                instance = loaded.instance_id
+                self.context_lengths[key] = loaded.context_length
         except ProxyError as exc:
             self._upstream_result(exc)
             result = "timeout" if exc.status_code == 504 else "failed"
@@ -441,6 +443,7 @@ class ModelManager:
         catalog = await self._client.catalog()
         for info in catalog:
             if info.key == key and info.instances:
+                self.context_lengths[key] = info.context_length
                 return key if key in info.instances else info.instances[0]
         return None
 
@@ -499,6 +502,9 @@ class ModelManager:
             self._last_refresh = self._clock()
         self._upstream_result(None)
         self.catalog = {info.key: info for info in catalog}
+        self.context_lengths.update(
+            {info.key: info.context_length for info in catalog if info.instances}
+        )
         self.catalog_known = True
         self.scheduler.set_catalog({info.key: info.size_bytes for info in catalog})
         if epoch == self._epoch:  # no load or unload finished meanwhile: the view is current

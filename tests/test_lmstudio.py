@@ -16,7 +16,13 @@ from proxy.errors import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
-from proxy.lmstudio import LMStudioClient, create_http_client, request_headers, response_headers
+from proxy.lmstudio import (
+    LMStudioClient,
+    Loaded,
+    create_http_client,
+    request_headers,
+    response_headers,
+)
 from tests.conftest import serve
 
 Handler = Callable[[httpx2.Request], httpx2.Response]
@@ -82,11 +88,13 @@ async def test_load_sends_options_and_token_and_reads_either_id_field() -> None:
 
     def handler(request: httpx2.Request) -> httpx2.Response:
         seen.append(request)
-        return httpx2.Response(200, json={"model_instance_id": "m:2", "status": "loaded"})
+        answer = {"model_instance_id": "m:2", "load_config": {"context_length": 8192}}
+        return httpx2.Response(200, json=answer)
 
     client = client_for(handler, api_token="sk-lm-abc:def")
-    assert await client.load("m", {"context_length": 8192}) == "m:2"
-    assert json.loads(seen[0].content) == {"model": "m", "context_length": 8192}
+    assert await client.load("m", {"context_length": 8192}) == Loaded("m:2", 8192)
+    sent = json.loads(seen[0].content)
+    assert sent == {"model": "m", "context_length": 8192, "echo_load_config": True}
     assert seen[0].headers["authorization"] == "Bearer sk-lm-abc:def"
 
 

@@ -12,7 +12,7 @@ async def test_preload_loads_at_start_in_order() -> None:
     async with running(emulator, models={"preload": [LLAMA, QWEN], "max_loaded": 2}) as proxy:
         await emulator.wait_until(lambda: len(emulator.instances) == 2, timeout=3)
         loads = [c.body for c in emulator.calls if c.path == "/api/v1/models/load"]
-        assert loads == [{"model": LLAMA}, {"model": QWEN}]
+        assert [load["model"] for load in loads] == [LLAMA, QWEN]  # type: ignore[index]
         await proxy.wait_for(lambda status: sorted(status["loaded"]) == sorted([LLAMA, QWEN]))
 
 
