@@ -511,6 +511,10 @@ class ModelManager:
             instances = {info.key: info.instances for info in catalog if info.instances}
             self.scheduler.observed(instances, self._clock())
             self._report_duplicates()
+        for key in self.catalog:  # every known model has its gauges, at 0 until used
+            self._metrics.loaded.labels(key).set(1 if self._is_loaded(key) else 0)
+            self._metrics.in_flight.labels(key)
+            self._metrics.queued.labels(key)
         self._kick()
 
     def _report_duplicates(self) -> None:
