@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import anyio
 import httpx2
@@ -15,6 +16,8 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Mount
+from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proxy import admin_routes, openai_routes
@@ -29,6 +32,8 @@ from proxy.state import State
 from proxy.streaming import RequestRecord
 
 access_logger = logging.getLogger("lmswitch.access")
+
+UI_DIR = Path(__file__).parent / "ui"  # the web page: static files, no build step
 
 
 class RequestIdMiddleware:
@@ -155,8 +160,9 @@ def create_app(
             finally:
                 tg.cancel_scope.cancel()
 
+    ui = Mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui")
     app = Starlette(
-        routes=[*openai_routes.routes, *admin_routes.routes],
+        routes=[*openai_routes.routes, *admin_routes.routes, ui],
         lifespan=lifespan,
         exception_handlers={ProxyError: handle_proxy_error, HTTPException: _http_error},
     )

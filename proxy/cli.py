@@ -250,6 +250,7 @@ def _greeting(demo: Demo) -> str:
 lmswitch demo: the proxy at {base}/v1, in front of an LM Studio emulator at {demo.emulator_url}
   models:   {", ".join(demo.models)}
   aliases:  {aliases}
+  web page: {base}/ui/
   status:   {base}/api/v1/status    metrics: {base}/metrics
 
 Ask two models in turn and watch the proxy swap them (one model fits at a time):
