@@ -27,7 +27,7 @@ import uvicorn
 from anyio.abc import TaskStatus
 from uvicorn.server import HANDLED_SIGNALS
 
-from proxy import __version__
+from proxy import __version__, bench
 from proxy.app import create_app
 from proxy.config import ConfigError, Settings, describe_settings, load_settings
 from proxy.emulator import Emulator
@@ -148,6 +148,16 @@ def _port(text: str) -> int:
     return port
 
 
+def _concurrencies(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError("concurrency must be at least 1")
+    return values
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmswitch", description="An OpenAI-compatible model-switching proxy for LM Studio."
@@ -172,6 +182,23 @@ def _parser() -> argparse.ArgumentParser:
     emulator.add_argument("--token-delay", type=float, default=0.02, metavar="S")
     emulator.add_argument("--no-jit", action="store_true", help="turn JIT loading off")
     emulator.add_argument("--api-token", help="require this Bearer token")
+    emulator.add_argument("--reply-tokens", type=int, default=12, metavar="N")
+    emulator.add_argument("--quiet", action="store_true", help="log warnings only")
+    emulator.add_argument("--stamp-chunks", action="store_true", help=argparse.SUPPRESS)
+
+    bench = commands.add_parser("bench", help="measure the proxy against the emulator")
+    bench.add_argument("--duration", type=float, default=5.0, metavar="S", help="per measurement")
+    bench.add_argument("--concurrency", type=_concurrencies, default=(1, 32), metavar="N[,N...]")
+    bench.add_argument("--json", action="store_true", help="machine-readable output")
+    bench.add_argument("--generator", choices=("auto", "wrk", "built-in"), default="auto")
+    bench.add_argument(
+        "--streams",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead: N concurrent slow streams (memory, CPU, added delay)",
+    )
+    bench.add_argument("--tokens-per-s", type=float, default=20.0, metavar="N")
 
     check = commands.add_parser("check-config", help="validate a config file and print it")
     check.add_argument("path", nargs="?", help="config file (default as for serve)")
@@ -213,11 +240,18 @@ def _emulator_server(args: argparse.Namespace) -> Server:
         load_delay_s=args.load_delay,
         memory_bytes=memory,
         token_delay_s=args.token_delay,
+        reply_tokens=args.reply_tokens,
         jit=not args.no_jit,
         api_token=args.api_token,
     )
+    emulator.stamp_chunks = args.stamp_chunks
     config = uvicorn.Config(
-        emulator.app, host=args.host, port=args.port, lifespan="off", log_level="info"
+        emulator.app,
+        host=args.host,
+        port=args.port,
+        lifespan="off",
+        log_level="warning" if args.quiet else "info",
+        access_log=not args.quiet,
     )
     return Server(config)
 
@@ -367,6 +401,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(describe_settings(load_settings(args.path)), end="")  # noqa: T201 - its output
         elif args.command == "demo":
             anyio.run(partial(run_demo, args.port, args.load_delay))
+        elif args.command == "bench":
+            return bench.run(
+                bench.BenchOptions(
+                    seconds=args.duration,
+                    concurrencies=args.concurrency,
+                    json=args.json,
+                    generator=args.generator,
+                    streams=args.streams,
+                    tokens_per_s=args.tokens_per_s,
+                )
+            )
         else:
             _emulator_server(args).run()
     except ConfigError as exc:

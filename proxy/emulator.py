@@ -264,6 +264,7 @@ class Emulator:
         self.auto_evict = auto_evict
         self.api_token = api_token
         self.token_delay_s = token_delay_s
+        self.stamp_chunks = False  # prefix each streamed chunk with `: sent=<unix time>`
         self.reply_tokens = reply_tokens
         self.fail_next_loads = 0
         self.cut_streams_after: int | None = None
@@ -670,7 +671,10 @@ class Emulator:
                         outcome = "cut"
                         raise SimulatedCrashError(f"stream cut after {sent} content chunks")
                     sent += 1
-                yield frame.data
+                if self.stamp_chunks:  # an SSE comment: when this chunk left (for the bench)
+                    yield b": sent=%.6f\n" % time.time() + frame.data
+                else:
+                    yield frame.data
             outcome = "finished"
         finally:
             self.streams_open -= 1
