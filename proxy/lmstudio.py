@@ -144,10 +144,14 @@ class LMStudioClient:
         self,
         http: httpx2.AsyncClient,
         *,
+        transport: httpx2.AsyncBaseTransport | None = None,
         api_token: str | None = None,
         load_timeout_s: float = 300.0,
     ) -> None:
         self._http = http
+        self._transport = transport if transport is not None else _transport_of(http)
+        self._timeout = http.timeout.as_dict()
+        self._urls: dict[str, httpx2.URL] = {}
         self._auth = [(b"authorization", f"Bearer {api_token}".encode())] if api_token else []
         self.load_timeout_s = load_timeout_s
         self.base_url = str(http.base_url).rstrip("/")
@@ -271,12 +275,23 @@ class LMStudioClient:
     async def open_completion(
         self, path: str, body: bytes, headers: Iterable[tuple[bytes, bytes]]
     ) -> UpstreamResponse:
-        """Send a request and return the response with its body not yet read."""
-        request = self._http.build_request(
-            "POST", path, content=body, headers=[*request_headers(headers), *self._auth]
+        """Send a request and return the response with its body not yet read.
+
+        The request path goes to the pool's transport directly: the client's URL merging,
+        cookies, auth and redirect handling cost more than the rest of the proxy, and none of
+        it applies to a POST relayed to LM Studio.
+        """
+        if (url := self._urls.get(path)) is None:
+            url = self._urls[path] = self._http.base_url.join(path)
+        request = httpx2.Request(
+            "POST",
+            url,
+            content=body,
+            headers=[*request_headers(headers), *self._auth],
+            extensions={"timeout": self._timeout},
         )
         try:
-            response = await self._http.send(request, stream=True)
+            response = await self._transport.handle_async_request(request)
         except httpx2.TimeoutException as exc:
             raise UpstreamTimeoutError(f"LM Studio did not answer {path} in time") from exc
         except httpx2.TransportError as exc:
@@ -304,6 +319,23 @@ def _status_error(path: str, response: httpx2.Response) -> UpstreamError:
     )
 
 
+def _transport_of(http: httpx2.AsyncClient) -> httpx2.AsyncBaseTransport:
+    """The transport `http` sends through (for a base URL without per-host mounts)."""
+    return http._transport_for_url(http.base_url)  # noqa: SLF001 - httpx's own lookup
+
+
+def create_transport() -> httpx2.AsyncHTTPTransport:
+    """The connection pool to LM Studio."""
+    return httpx2.AsyncHTTPTransport(
+        # LM Studio's server (Express) and uvicorn drop idle connections after 5 s; expiring ours
+        # first avoids sending a request on a connection the server is closing.
+        limits=httpx2.Limits(
+            max_connections=None, max_keepalive_connections=256, keepalive_expiry=4.0
+        ),
+        trust_env=False,  # LM Studio is local: never route it through $HTTP_PROXY
+    )
+
+
 def create_http_client(
     base_url: str,
     *,
@@ -315,11 +347,6 @@ def create_http_client(
     return httpx2.AsyncClient(
         base_url=base_url,
         timeout=httpx2.Timeout(read_timeout_s, connect=connect_timeout_s, pool=None),
-        # LM Studio's server (Express) and uvicorn drop idle connections after 5 s; expiring ours
-        # first avoids sending a request on a connection the server is closing.
-        limits=httpx2.Limits(
-            max_connections=None, max_keepalive_connections=256, keepalive_expiry=4.0
-        ),
-        transport=transport,
+        transport=transport if transport is not None else create_transport(),
         trust_env=False,  # LM Studio is local: never route it through $HTTP_PROXY
     )
