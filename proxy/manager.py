@@ -233,6 +233,9 @@ class ModelManager:
             # LM Studio was away: it may have restarted with nothing loaded. See first.
             await self.refresh()
         arrived = self._clock()
+        if takes_lease and self.scheduler.try_grant(key, arrived):
+            self._metrics.queue_wait.labels(key).observe(0.0)
+            return 0.0, False
         waiter = self.scheduler.arrive(key, arrived, takes_lease=takes_lease)
         pending = self._pending[waiter.id] = _Pending()
         loading = self.scheduler.models[key].phase is not sch.Phase.READY
@@ -276,8 +279,12 @@ class ModelManager:
 
     def _release(self, key: str) -> None:
         self._metrics.in_flight.labels(key).dec()
-        self.scheduler.release(key, self._clock())
-        self._kick()
+        now = self._clock()
+        self.scheduler.release(key, now)
+        if self.scheduler.release_settles(key):
+            self._wake_if_sooner(now)  # an idle TTL may now run out before the loop wakes
+        else:
+            self._kick()
 
     def set_idle_ttl(self, key: str, ttl_s: float) -> None:
         """A request's `ttl` sets its model's idle TTL from now on, as LM Studio's JIT does."""
@@ -371,6 +378,10 @@ class ModelManager:
         if self._change is not None:
             self._change.set()
             self._change = None
+        self._wake_if_sooner(now)
+
+    def _wake_if_sooner(self, now: float) -> None:
+        """Wake the timer loop if the scheduler's next deadline is before its alarm."""
         wake = self.scheduler.next_wakeup(now)
         if wake is not None and wake < self._sleep_until:
             self._wakeup.set()

@@ -179,6 +179,26 @@ class Scheduler:
         self.waiters[waiter.id] = waiter
         return waiter
 
+    def try_grant(self, key: str, now: float) -> bool:
+        """The fast path: lease a ready model at once when nobody waits for any model.
+
+        Between events the state is settled (every event is followed by `decide`), so with no
+        waiters this is exactly what `arrive` + `decide` would do, for a fraction of the work.
+        """
+        model = self.models.get(key)
+        if self.waiters or model is None or model.phase is not Phase.READY:
+            return False
+        if model.unload_requested:
+            return False
+        model.leases += 1
+        model.last_used = max(model.last_used, now)
+        return True
+
+    def release_settles(self, key: str) -> bool:
+        """True if releasing a lease on `key` leaves nothing for `decide` to do at once."""
+        model = self.models[key]
+        return not self.waiters and not model.unload_requested
+
     def cancel(self, waiter_id: int) -> bool:
         """The waiter's client went away; False if it was already granted or failed."""
         return self.waiters.pop(waiter_id, None) is not None

@@ -13,6 +13,7 @@ import anyio
 import httpx2
 import openai
 import pytest
+from anyio.abc import TaskStatus
 from starlette.applications import Starlette
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -861,16 +862,16 @@ async def test_wait_until_wakes_every_waiter(running: Running) -> None:
     emulator = Emulator()
     woken: list[int] = []
 
-    async def wait(number: int) -> None:
+    async def wait(number: int, *, task_status: TaskStatus[None]) -> None:
+        task_status.started()  # runs on, without a checkpoint, into wait_until's wait
         await emulator.wait_until(lambda: bool(emulator.calls))
         woken.append(number)
 
     async with running(emulator) as client:
         with anyio.fail_after(5):
             async with anyio.create_task_group() as tg:
-                tg.start_soon(wait, 1)
-                tg.start_soon(wait, 2)
-                await anyio.wait_all_tasks_blocked()
+                await tg.start(wait, 1)
+                await tg.start(wait, 2)
                 await client.get("/lmstudio-greeting")
     assert sorted(woken) == [1, 2]
 

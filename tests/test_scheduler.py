@@ -179,3 +179,19 @@ def test_observed_adopts_and_drops_models() -> None:
     s.observed({}, 1.0)
     assert s.models["a"].instances == 0
     assert s.decide(1.0) == [sch.Observed("a", "vanished")]
+
+
+def test_fast_grant_only_when_decide_would_grant_at_once() -> None:
+    s = make(max_loaded=1)
+    assert not s.try_grant("a", 0.0)  # absent
+    load_ready(s, "a", 0.0)
+    assert s.try_grant("a", 1.0)
+    assert s.models["a"].leases == 1
+    assert s.release_settles("a")
+    s.arrive("b", 2.0)
+    assert not s.try_grant("a", 2.0)  # someone waits: the fairness rule decides
+    assert not s.release_settles("a")
+    s.release("a", 3.0)
+    s.request_unload("a")
+    s.waiters.clear()
+    assert not s.try_grant("a", 3.0)  # an operator is unloading it
