@@ -83,7 +83,11 @@ class AuthMiddleware:
                 )
         elif path.startswith(_ADMIN_PREFIXES) or path == "/ui":
             if self._admin:
-                if not _matches(self._admin, _presented(scope, x_api_key=False)):
+                # The page's static files hold no data, and a browser cannot send a Bearer key
+                # when it opens a page: they are served to all, and the page asks for the key.
+                if path.startswith("/api/") and not _matches(
+                    self._admin, _presented(scope, x_api_key=False)
+                ):
                     return AuthenticationError(
                         "Missing or invalid admin key: management endpoints need one of the keys "
                         "in auth.admin_keys as 'Authorization: Bearer <key>'."

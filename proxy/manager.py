@@ -341,6 +341,7 @@ class ModelManager:
     def pin(self, key: str, pinned: bool) -> None:
         """Pinned models are never evicted (runtime state, not written to the config)."""
         self.scheduler.pin(key, pinned)
+        self._model_event(key, "pinned" if pinned else "unpinned")
         self._kick()
 
     def _is_loaded(self, key: str) -> bool:

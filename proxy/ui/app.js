@@ -1,0 +1,1004 @@
+// lmswitch web page: status, model switching, live events and a streaming chat box.
+// Plain browser JavaScript, no build step, no external resources. Every piece of text that comes
+// from the server is inserted with textContent (never innerHTML).
+"use strict";
+
+(() => {
+  const $ = (id) => document.getElementById(id);
+
+  const el = {
+    upstream: $("upstream"),
+    loaded: $("loaded"),
+    memory: $("memory"),
+    meter: $("memory-meter"),
+    queue: $("queue"),
+    live: $("live"),
+    adminKeyButton: $("admin-key-button"),
+    switchForm: $("switch-form"),
+    picker: $("model-picker"),
+    switchButton: $("switch-button"),
+    progress: $("progress"),
+    progressBar: $("switch-progress"),
+    progressLabel: $("progress-label"),
+    progressTime: $("progress-time"),
+    message: $("message"),
+    tbody: $("models-body"),
+    chatModel: $("chat-model"),
+    chatLog: $("chat-log"),
+    chatForm: $("chat-form"),
+    chatInput: $("chat-input"),
+    chatSend: $("chat-send"),
+    chatStop: $("chat-stop"),
+    chatClear: $("chat-clear"),
+    chatStatus: $("chat-status"),
+    dialog: $("key-dialog"),
+    keyForm: $("key-form"),
+    keyTitle: $("key-title"),
+    keyDescription: $("key-description"),
+    keyError: $("key-error"),
+    keyLabel: $("key-label"),
+    keyInput: $("key-input"),
+    keyCancel: $("key-cancel"),
+  };
+
+  // --- formatting ---------------------------------------------------------------------------
+
+  function formatBytes(bytes) {
+    if (typeof bytes !== "number" || !Number.isFinite(bytes)) return "—";
+    if (bytes === 0) return "0 GB";
+    if (bytes >= 1e10) return `${(bytes / 1e9).toFixed(1)} GB`;
+    if (bytes >= 1e9) return `${(bytes / 1e9).toFixed(2)} GB`;
+    if (bytes >= 1e6) return `${Math.round(bytes / 1e6)} MB`;
+    if (bytes >= 1e3) return `${Math.round(bytes / 1e3)} kB`;
+    return `${bytes} B`;
+  }
+
+  function formatAgo(epochSeconds) {
+    if (typeof epochSeconds !== "number" || !Number.isFinite(epochSeconds)) return "never";
+    const seconds = Math.max(0, Date.now() / 1000 - epochSeconds);
+    if (seconds < 5) return "just now";
+    if (seconds < 60) return `${Math.floor(seconds)} s ago`;
+    if (seconds < 3600) return `${Math.floor(seconds / 60)} min ago`;
+    if (seconds < 86400) return `${Math.floor(seconds / 3600)} h ago`;
+    return new Date(epochSeconds * 1000).toLocaleString();
+  }
+
+  const STATE_LABELS = {
+    absent: "not loaded",
+    loading: "loading…",
+    ready: "loaded",
+    draining: "draining",
+    unloading: "unloading…",
+    failed: "load failed",
+  };
+  // `model` events name the transition; rows name the phase.
+  const EVENT_PHASES = {
+    loading: "loading",
+    loaded: "ready",
+    draining: "draining",
+    unloading: "unloading",
+    unloaded: "absent",
+  };
+  const isLoaded = (row) => row.state === "ready" || row.state === "draining";
+
+  // --- keys (kept for this tab only) ----------------------------------------------------------
+
+  const KEY_STORE = { admin: "lmswitch.adminKey", api: "lmswitch.apiKey" };
+  const KEY_TEXT = {
+    admin: {
+      title: "Admin key needed",
+      label: "Admin key",
+      description:
+        "This proxy's management endpoints need one of the keys in auth.admin_keys. " +
+        "The key is kept only while this tab is open.",
+    },
+    api: {
+      title: "API key needed",
+      label: "API key",
+      description:
+        "The chat goes through /v1/chat/completions, which needs one of the keys in " +
+        "auth.api_keys. The key is kept only while this tab is open.",
+    },
+  };
+
+  function getKey(kind) {
+    try {
+      return sessionStorage.getItem(KEY_STORE[kind]);
+    } catch {
+      return null;
+    }
+  }
+
+  function setKey(kind, value) {
+    try {
+      if (value) sessionStorage.setItem(KEY_STORE[kind], value);
+      else sessionStorage.removeItem(KEY_STORE[kind]);
+    } catch {
+      // storage disabled: the key is simply not remembered
+    }
+  }
+
+  const pendingKey = { admin: null, api: null };
+  let dialogChain = Promise.resolve();
+
+  // Ask for a key in the dialog; resolves to the key, or null when the user cancels.
+  function askKey(kind, rejected) {
+    if (!pendingKey[kind]) {
+      const asked = dialogChain.then(() => showKeyDialog(kind, rejected));
+      pendingKey[kind] = asked;
+      dialogChain = asked.catch(() => null);
+      asked.finally(() => {
+        if (pendingKey[kind] === asked) pendingKey[kind] = null;
+      });
+    }
+    return pendingKey[kind];
+  }
+
+  function showKeyDialog(kind, rejected) {
+    const text = KEY_TEXT[kind];
+    el.keyTitle.textContent = text.title;
+    el.keyLabel.textContent = text.label;
+    el.keyDescription.textContent = text.description;
+    el.keyError.textContent = rejected ? "That key was not accepted. Try another." : "";
+    el.keyInput.value = "";
+    return new Promise((resolve) => {
+      let answer = null;
+      const onSubmit = (event) => {
+        event.preventDefault();
+        const value = el.keyInput.value.trim();
+        if (!value) return;
+        answer = value;
+        setKey(kind, value);
+        el.dialog.close();
+      };
+      const onCancel = () => el.dialog.close();
+      const onClose = () => {
+        el.keyForm.removeEventListener("submit", onSubmit);
+        el.keyCancel.removeEventListener("click", onCancel);
+        el.dialog.removeEventListener("close", onClose);
+        resolve(answer);
+      };
+      el.keyForm.addEventListener("submit", onSubmit);
+      el.keyCancel.addEventListener("click", onCancel);
+      el.dialog.addEventListener("close", onClose);
+      el.dialog.showModal();
+      el.keyInput.focus();
+    });
+  }
+
+  // --- HTTP -----------------------------------------------------------------------------------
+
+  // fetch() with the stored key as Bearer; on 401 asks for a key and tries again.
+  async function request(path, options = {}, kind = "admin") {
+    for (;;) {
+      const key = getKey(kind);
+      const headers = { ...(options.headers || {}) };
+      if (key) headers.Authorization = `Bearer ${key}`;
+      let body;
+      if (options.json !== undefined) {
+        headers["Content-Type"] = "application/json";
+        body = JSON.stringify(options.json);
+      }
+      const response = await fetch(path, {
+        method: options.method || "GET",
+        headers,
+        body,
+        signal: options.signal,
+        cache: "no-store",
+      });
+      if (response.status !== 401) return response;
+      if (kind === "admin") el.adminKeyButton.hidden = false;
+      if (getKey(kind) === key) setKey(kind, null);
+      const entered = await askKey(kind, Boolean(key));
+      if (!entered) return response;
+      if (kind === "admin") el.adminKeyButton.hidden = true;
+    }
+  }
+
+  async function errorMessage(response) {
+    let text = "";
+    try {
+      text = await response.text();
+      const body = JSON.parse(text);
+      const error = body && body.error;
+      if (error && typeof error.message === "string") return error.message;
+      if (typeof error === "string") return error;
+      if (body && typeof body.detail === "string") return body.detail;
+    } catch {
+      // not JSON: fall back to the text or the status
+    }
+    return text.trim().slice(0, 300) || `HTTP ${response.status} ${response.statusText}`.trim();
+  }
+
+  // Server-Sent Events from a fetch() body: calls onEvent(type, data) for each event.
+  async function readSse(body, onEvent) {
+    const reader = body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    let type = "";
+    let data = [];
+    const line = (text) => {
+      if (text === "") {
+        if (data.length) onEvent(type || "message", data.join("\n"));
+        type = "";
+        data = [];
+        return;
+      }
+      if (text.startsWith(":")) return;
+      const colon = text.indexOf(":");
+      const field = colon < 0 ? text : text.slice(0, colon);
+      let value = colon < 0 ? "" : text.slice(colon + 1);
+      if (value.startsWith(" ")) value = value.slice(1);
+      if (field === "event") type = value;
+      else if (field === "data") data.push(value);
+    };
+    try {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffer += value;
+        // A "\r" at the very end may be the first half of "\r\n": keep it for the next chunk.
+        const keep = buffer.endsWith("\r") ? 1 : 0;
+        const usable = buffer.slice(0, buffer.length - keep).replace(/\r\n?/g, "\n");
+        const lines = usable.split("\n");
+        buffer = lines.pop() + buffer.slice(buffer.length - keep);
+        for (const text of lines) line(text);
+      }
+      if (buffer) line(buffer);
+      line("");
+    } finally {
+      reader.releaseLock();
+    }
+  }
+
+  // --- state and rendering --------------------------------------------------------------------
+
+  const state = {
+    models: [], // rows of /api/v1/models
+    status: null, // /api/v1/status
+    errors: new Map(), // model id -> LM Studio's reason for the last failed load
+    busy: null, // {action, id} while this page waits on a load or unload
+    pickerTouched: false,
+  };
+  const rows = new Map(); // model id -> the row's elements
+  const chat = { messages: [], controller: null };
+
+  function render() {
+    renderStatus();
+    renderTable();
+    renderPicker();
+    renderChatModel();
+  }
+
+  function setText(node, text) {
+    if (node.textContent !== text) node.textContent = text;
+  }
+
+  function setPill(node, text, tone) {
+    setText(node, text);
+    node.dataset.tone = tone;
+  }
+
+  function phaseOf(model) {
+    return state.errors.has(model.id) && model.state === "absent" ? "failed" : model.state;
+  }
+
+  function renderStatus() {
+    const status = state.status;
+    if (status && status.upstream) {
+      const reachable = Boolean(status.upstream.reachable);
+      setPill(
+        el.upstream,
+        reachable ? "LM Studio reachable" : "LM Studio unreachable",
+        reachable ? "ok" : "bad",
+      );
+      el.upstream.title = String(status.upstream.url || "");
+    }
+    // Loaded models from the rows (they tell loading from loaded); the status as a fallback.
+    const resident = state.models.filter((row) => row.state && row.state !== "absent");
+    const items = resident.length
+      ? resident.map((row) => ({ id: String(row.id), state: row.state }))
+      : ((status && status.loaded) || []).map((id) => ({ id: String(id), state: "ready" }));
+    const summary = items.map((i) => `${i.id}:${i.state}`).join(",");
+    if (el.loaded.dataset.summary !== summary || !el.loaded.firstChild) {
+      el.loaded.dataset.summary = summary;
+      el.loaded.replaceChildren();
+      if (!items.length) el.loaded.textContent = "none";
+      items.forEach((item, index) => {
+        if (index) el.loaded.append(", ");
+        const name = document.createElement("span");
+        name.className = "model-id";
+        name.textContent = item.id;
+        el.loaded.append(name);
+        if (item.state !== "ready") {
+          const note = document.createElement("span");
+          note.className = "note";
+          note.textContent = ` (${STATE_LABELS[item.state] || item.state})`;
+          el.loaded.append(note);
+        }
+      });
+    }
+    const capacity = status && status.capacity;
+    if (capacity) {
+      const used = Number(capacity.bytes_used) || 0;
+      const budget = capacity.memory_budget;
+      if (typeof budget === "number" && budget > 0) {
+        setText(el.memory, `${formatBytes(used)} of ${formatBytes(budget)}`);
+        el.meter.hidden = false;
+        el.meter.max = budget;
+        el.meter.low = budget * 0.75;
+        el.meter.high = budget * 0.9;
+        el.meter.optimum = 0;
+        el.meter.value = Math.min(used, budget);
+      } else {
+        setText(el.memory, `${formatBytes(used)} (no budget)`);
+        el.meter.hidden = true;
+      }
+    }
+    if (status) {
+      const queue = status.queue && typeof status.queue === "object" ? status.queue : {};
+      const waiting = Object.values(queue).reduce((sum, n) => sum + (Number(n) || 0), 0);
+      const running = Number(status.in_flight) || 0;
+      setText(el.queue, `${waiting} waiting · ${running} running`);
+    }
+  }
+
+  function cell(tr, label, className) {
+    const td = document.createElement("td");
+    td.dataset.label = label;
+    if (className) td.className = className;
+    tr.append(td);
+    return td;
+  }
+
+  function actionButton(text, label, onClick) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "secondary small";
+    button.textContent = text;
+    button.setAttribute("aria-label", label);
+    // aria-disabled rather than disabled: a focused button keeps its focus when it turns off.
+    button.addEventListener("click", () => {
+      if (button.getAttribute("aria-disabled") !== "true") onClick();
+    });
+    return button;
+  }
+
+  function createRow(id) {
+    const tr = document.createElement("tr");
+    tr.dataset.model = id;
+    const head = document.createElement("th");
+    head.scope = "row";
+    const name = document.createElement("span");
+    name.className = "model-name";
+    const key = document.createElement("span");
+    key.className = "model-id";
+    head.append(name, key);
+    tr.append(head);
+
+    const stateCell = cell(tr, "State", "state");
+    const badge = document.createElement("span");
+    badge.className = "badge";
+    const reason = document.createElement("span");
+    reason.className = "reason";
+    stateCell.append(badge, reason);
+
+    const size = cell(tr, "Size", "num");
+    const lastUse = cell(tr, "Last use", "last-use");
+    const time = document.createElement("time");
+    lastUse.append(time);
+    const inFlight = cell(tr, "In flight", "num");
+
+    const pinCell = cell(tr, "Pinned", "pin");
+    const pin = document.createElement("input");
+    pin.type = "checkbox";
+    pin.className = "switch";
+    pin.setAttribute("role", "switch");
+    pin.setAttribute("aria-label", `Pin ${id}`);
+    pin.addEventListener("change", () => setPinned(id, pin.checked, pin));
+    pinCell.append(pin);
+
+    const actions = cell(tr, "Actions", "actions");
+    const load = actionButton("Load", `Load ${id}`, () => loadModel(id));
+    const unload = actionButton("Unload", `Unload ${id}`, () => unloadModel(id));
+    actions.append(load, unload);
+
+    const row = { tr, name, key, badge, reason, size, time, inFlight, pin, load, unload };
+    rows.set(id, row);
+    return row;
+  }
+
+  function renderTable() {
+    const seen = new Set();
+    let previous = null;
+    for (const model of state.models) {
+      const id = String(model.id);
+      seen.add(id);
+      const row = rows.get(id) || createRow(id);
+      const named = model.name && model.name !== id;
+      setText(row.name, named ? String(model.name) : id);
+      setText(row.key, named ? id : "");
+      const phase = phaseOf(model);
+      setText(row.badge, STATE_LABELS[phase] || String(phase || "unknown"));
+      row.badge.dataset.state = phase || "unknown";
+      setText(row.reason, phase === "failed" ? state.errors.get(id) : "");
+      row.reason.hidden = phase !== "failed";
+      setText(row.size, formatBytes(model.size_bytes));
+      if (typeof model.last_used_at === "number") {
+        const when = new Date(model.last_used_at * 1000);
+        row.time.dateTime = when.toISOString();
+        row.time.dataset.epoch = String(model.last_used_at);
+        row.time.title = when.toLocaleString();
+      } else {
+        row.time.removeAttribute("datetime");
+        delete row.time.dataset.epoch;
+        row.time.removeAttribute("title");
+      }
+      setText(row.time, formatAgo(model.last_used_at));
+      const queued = Number(model.queued) || 0;
+      const running = Number(model.in_flight) || 0;
+      setText(row.inFlight, `${running}${queued ? ` (+${queued} queued)` : ""}`);
+      row.pin.checked = Boolean(model.pinned);
+      const busy = Boolean(state.busy);
+      row.load.setAttribute("aria-disabled", String(busy || model.state !== "absent"));
+      row.unload.setAttribute("aria-disabled", String(busy || model.state === "absent"));
+      // Keep the catalogue's order without moving rows already in place (one may have focus).
+      const expected = previous ? previous.nextSibling : el.tbody.firstChild;
+      if (expected !== row.tr) {
+        if (previous) previous.after(row.tr);
+        else el.tbody.prepend(row.tr);
+      }
+      previous = row.tr;
+    }
+    for (const [id, row] of rows) {
+      if (!seen.has(id)) {
+        row.tr.remove();
+        rows.delete(id);
+      }
+    }
+    const empty = el.tbody.querySelector("tr.empty");
+    if (state.models.length && empty) empty.remove();
+  }
+
+  function refreshTimes() {
+    for (const row of rows.values()) {
+      const epoch = row.time.dataset.epoch;
+      setText(row.time, formatAgo(epoch === undefined ? null : Number(epoch)));
+    }
+  }
+
+  function optionText(model) {
+    const name = model.name || model.id;
+    const phase = phaseOf(model);
+    const label = STATE_LABELS[phase] || phase;
+    const kind = model.type === "embedding" ? ", embedding" : "";
+    return `${name} — ${label} (${formatBytes(model.size_bytes)}${kind})`;
+  }
+
+  function renderPicker() {
+    const picker = el.picker;
+    const current = picker.value;
+    const stale = new Map(
+      Array.from(picker.options)
+        .filter((o) => o.value)
+        .map((o) => [o.value, o]),
+    );
+    let previous = null;
+    for (const model of state.models) {
+      const id = String(model.id);
+      let option = stale.get(id);
+      stale.delete(id);
+      if (!option) {
+        option = document.createElement("option");
+        option.value = id;
+      }
+      setText(option, optionText(model));
+      const expected = previous ? previous.nextSibling : picker.firstChild;
+      if (expected !== option) {
+        if (previous) previous.after(option);
+        else picker.prepend(option);
+      }
+      previous = option;
+    }
+    for (const option of stale.values()) option.remove();
+    for (const option of Array.from(picker.options)) if (!option.value) option.remove();
+    if (!state.models.length) {
+      const option = document.createElement("option");
+      option.value = "";
+      option.textContent = "No models";
+      picker.append(option);
+      return;
+    }
+    if (!state.pickerTouched) {
+      const choice =
+        state.models.find(isLoaded) ||
+        state.models.find((m) => m.type !== "embedding") ||
+        state.models[0];
+      picker.value = String(choice.id);
+    } else if (current && picker.value !== current) {
+      picker.value = current;
+    }
+  }
+
+  function selectedModel() {
+    return state.models.find((m) => String(m.id) === el.picker.value) || null;
+  }
+
+  function chatNote(text, kind) {
+    setText(el.chatStatus, text);
+    el.chatStatus.dataset.kind = kind || "";
+  }
+
+  function renderChatModel() {
+    const model = selectedModel();
+    setText(el.chatModel, model ? String(model.id) : "the selected model");
+    const embedding = Boolean(model && model.type === "embedding");
+    el.chatSend.setAttribute("aria-disabled", String(embedding || Boolean(chat.controller)));
+    if (embedding && !chat.controller) {
+      chatNote(`${model.id} is an embedding model: choose a chat model to chat.`, "embedding");
+    } else if (el.chatStatus.dataset.kind === "embedding") {
+      chatNote("", "");
+    }
+  }
+
+  function say(text, tone) {
+    el.message.textContent = text;
+    el.message.dataset.tone = tone || "info";
+  }
+
+  // --- actions --------------------------------------------------------------------------------
+
+  let progressTimer = null;
+
+  // The label is a status region (announced once); the running time is for the eyes only.
+  function startProgress(text) {
+    const started = performance.now();
+    const tick = () => {
+      const seconds = (performance.now() - started) / 1000;
+      el.progressTime.textContent = `${seconds.toFixed(1)} s`;
+    };
+    el.progressLabel.textContent = text;
+    tick();
+    el.progressBar.hidden = false;
+    el.progress.classList.add("active");
+    el.switchButton.setAttribute("aria-disabled", "true");
+    clearInterval(progressTimer);
+    progressTimer = setInterval(tick, 200);
+    return started;
+  }
+
+  function stopProgress() {
+    clearInterval(progressTimer);
+    progressTimer = null;
+    el.progressBar.hidden = true;
+    el.progress.classList.remove("active");
+    el.progressLabel.textContent = "";
+    el.progressTime.textContent = "";
+    el.switchButton.setAttribute("aria-disabled", "false");
+  }
+
+  async function runBusy(action, id, work) {
+    if (state.busy) {
+      say(`Please wait: ${state.busy.action} of ${state.busy.id} is still running.`, "info");
+      return;
+    }
+    state.busy = { action, id };
+    renderTable();
+    try {
+      await work();
+    } catch (error) {
+      say(`Could not ${action} ${id}: ${(error && error.message) || error}`, "error");
+    } finally {
+      state.busy = null;
+      stopProgress();
+      renderTable();
+      scheduleRefresh(0);
+    }
+  }
+
+  function loadModel(id) {
+    return runBusy("load", id, async () => {
+      state.errors.delete(id);
+      render();
+      say("", "info");
+      const started = startProgress(`Loading ${id}…`);
+      const response = await request("/api/v1/models/load", {
+        method: "POST",
+        json: { model_id: id },
+      });
+      const seconds = ((performance.now() - started) / 1000).toFixed(1);
+      if (response.ok) {
+        const body = await response.json().catch(() => ({}));
+        const already = typeof body.message === "string" && body.message.includes("already");
+        if (el.picker.value !== id && state.models.some((m) => String(m.id) === id)) {
+          el.picker.value = id; // the picker (and the chat) follow the model switched to
+          state.pickerTouched = true;
+          renderChatModel();
+        }
+        say(
+          already
+            ? `Switched to ${id} (it was already loaded).`
+            : `Switched to ${id} (loaded in ${seconds} s).`,
+          "ok",
+        );
+      } else {
+        const reason = await errorMessage(response);
+        if (response.status !== 401) state.errors.set(id, reason);
+        say(`Could not switch to ${id}: ${reason}`, "error");
+        render();
+      }
+    });
+  }
+
+  function unloadModel(id) {
+    return runBusy("unload", id, async () => {
+      say("", "info");
+      startProgress(`Unloading ${id} once its running requests finish…`);
+      const response = await request("/api/v1/models/unload", {
+        method: "POST",
+        json: { model_id: id },
+      });
+      if (response.ok) {
+        const body = await response.json().catch(() => ({}));
+        const notLoaded = typeof body.message === "string" && body.message.includes("not loaded");
+        say(notLoaded ? `${id} was not loaded.` : `Unloaded ${id}.`, "ok");
+      } else {
+        say(`Could not unload ${id}: ${await errorMessage(response)}`, "error");
+      }
+    });
+  }
+
+  async function setPinned(id, pinned, input) {
+    const verb = pinned ? "pin" : "unpin";
+    try {
+      const response = await request(`/api/v1/models/${verb}`, {
+        method: "POST",
+        json: { model_id: id },
+      });
+      if (response.ok) {
+        say(pinned ? `Pinned ${id}: it will not be evicted.` : `Unpinned ${id}.`, "ok");
+      } else {
+        input.checked = !pinned;
+        say(`Could not ${verb} ${id}: ${await errorMessage(response)}`, "error");
+      }
+    } catch (error) {
+      input.checked = !pinned;
+      say(`Could not ${verb} ${id}: ${(error && error.message) || error}`, "error");
+    }
+    scheduleRefresh(0);
+  }
+
+  // --- refresh after events (never on a timer) ------------------------------------------------
+
+  let refreshTimer = null;
+  let refreshDue = 0;
+  let refreshSeq = 0;
+
+  // At most one refresh per `delay`, however many events arrive (a throttle, so that a steady
+  // stream of events cannot postpone it for ever).
+  function scheduleRefresh(delay = 200) {
+    const due = performance.now() + delay;
+    if (refreshTimer !== null && refreshDue <= due) return;
+    clearTimeout(refreshTimer);
+    refreshDue = due;
+    refreshTimer = setTimeout(() => {
+      refreshTimer = null;
+      refresh().catch(() => {
+        // connection trouble shows in the live-updates state; nothing to add here
+      });
+    }, delay);
+  }
+
+  async function refresh() {
+    const seq = ++refreshSeq;
+    const [models, status] = await Promise.all([
+      request("/api/v1/models"),
+      request("/api/v1/status"),
+    ]);
+    const modelRows = models.ok ? await models.json() : null;
+    const statusBody = status.ok ? await status.json() : null;
+    if (seq !== refreshSeq) return;
+    if (Array.isArray(modelRows)) state.models = modelRows;
+    if (statusBody) state.status = statusBody;
+    render();
+  }
+
+  // --- live events ----------------------------------------------------------------------------
+
+  const live = { source: null, controller: null, attempt: 0, timer: null, generation: 0 };
+
+  function stopLive() {
+    clearTimeout(live.timer);
+    live.timer = null;
+    if (live.source) live.source.close();
+    live.source = null;
+    if (live.controller) live.controller.abort();
+    live.controller = null;
+  }
+
+  function reconnectLater(generation) {
+    if (generation !== live.generation) return;
+    stopLive();
+    const base = Math.min(15000, 500 * 2 ** live.attempt);
+    const delay = Math.round(base * (0.8 + Math.random() * 0.4));
+    live.attempt += 1;
+    setPill(el.live, `reconnecting in ${Math.max(1, Math.round(delay / 1000))} s`, "warn");
+    live.timer = setTimeout(connect, delay);
+  }
+
+  function onEvent(type, data) {
+    let payload;
+    try {
+      payload = JSON.parse(data);
+    } catch {
+      return;
+    }
+    if (!payload || typeof payload !== "object") return;
+    if (type === "snapshot") {
+      live.attempt = 0;
+      setPill(el.live, "connected", "ok");
+      if (Array.isArray(payload.models)) state.models = payload.models;
+      if (payload.status) state.status = payload.status;
+      render();
+    } else if (type === "model") {
+      applyModelEvent(payload);
+    } else if (type === "request") {
+      scheduleRefresh(500);
+    }
+  }
+
+  function applyModelEvent(event) {
+    const row = state.models.find((m) => m.id === event.model);
+    if (event.state === "failed") {
+      if (typeof event.error === "string") state.errors.set(event.model, event.error);
+      if (row) row.state = "absent";
+    } else {
+      if (event.state === "loading" || event.state === "loaded") state.errors.delete(event.model);
+      const phase = EVENT_PHASES[event.state];
+      if (row && phase) {
+        row.state = phase;
+        row.loaded = phase === "ready" || phase === "draining";
+      }
+    }
+    render();
+    scheduleRefresh();
+  }
+
+  async function connect() {
+    stopLive();
+    const generation = ++live.generation;
+    setPill(el.live, "connecting…", "muted");
+    let response;
+    try {
+      response = await request("/api/v1/status");
+    } catch {
+      if (generation !== live.generation) return;
+      setPill(el.upstream, "proxy unreachable", "bad");
+      reconnectLater(generation);
+      return;
+    }
+    if (generation !== live.generation) return;
+    if (response.status === 401) {
+      setPill(el.live, "needs the admin key", "warn");
+      el.adminKeyButton.hidden = false;
+      return;
+    }
+    if (response.status === 403) {
+      // Without admin keys the proxy answers management only on its own machine: retrying
+      // cannot help.
+      setPill(el.live, "not allowed from here", "bad");
+      setPill(el.upstream, "unknown", "muted");
+      say(await errorMessage(response), "error");
+      return;
+    }
+    if (!response.ok) {
+      setPill(el.live, `unavailable (HTTP ${response.status})`, "bad");
+      say(await errorMessage(response), "error");
+      reconnectLater(generation);
+      return;
+    }
+    state.status = await response.json();
+    renderStatus();
+    const key = getKey("admin");
+    if (key) streamWithFetch(generation, key);
+    else streamWithEventSource(generation);
+  }
+
+  function streamWithEventSource(generation) {
+    const source = new EventSource("/api/v1/events");
+    live.source = source;
+    for (const type of ["snapshot", "model", "request"]) {
+      source.addEventListener(type, (event) => onEvent(type, event.data));
+    }
+    source.onerror = () => {
+      if (live.source === source) reconnectLater(generation);
+    };
+  }
+
+  // EventSource cannot send an Authorization header: read the stream with fetch() instead.
+  async function streamWithFetch(generation, key) {
+    const controller = new AbortController();
+    live.controller = controller;
+    try {
+      const response = await fetch("/api/v1/events", {
+        headers: { Authorization: `Bearer ${key}`, Accept: "text/event-stream" },
+        signal: controller.signal,
+        cache: "no-store",
+      });
+      if (response.status === 401) {
+        if (getKey("admin") === key) setKey("admin", null);
+        if (generation === live.generation) connect();
+        return;
+      }
+      if (!response.ok || !response.body) throw new Error(`HTTP ${response.status}`);
+      await readSse(response.body, onEvent);
+    } catch {
+      // the stream broke: reconnect below
+    }
+    if (!controller.signal.aborted) reconnectLater(generation);
+  }
+
+  // --- chat -----------------------------------------------------------------------------------
+
+  function bubble(role, who, text) {
+    const item = document.createElement("div");
+    item.className = `bubble ${role}`;
+    const label = document.createElement("span");
+    label.className = "who";
+    label.textContent = who;
+    const body = document.createElement("p");
+    body.className = "text";
+    body.textContent = text;
+    item.append(label, body);
+    el.chatLog.append(item);
+    el.chatLog.scrollTop = el.chatLog.scrollHeight;
+    return { item, body };
+  }
+
+  function setChatBusy(busy) {
+    el.chatLog.setAttribute("aria-busy", String(busy));
+    el.chatStop.disabled = !busy;
+    renderChatModel();
+  }
+
+  async function sendChat() {
+    if (chat.controller) return;
+    const model = selectedModel();
+    const text = el.chatInput.value.trim();
+    if (!model) {
+      chatNote("Choose a model first.");
+      return;
+    }
+    if (model.type === "embedding") return;
+    if (!text) {
+      chatNote("Type a message first.");
+      el.chatInput.focus();
+      return;
+    }
+    const id = String(model.id);
+    el.chatInput.value = "";
+    bubble("user", "You", text);
+    const reply = bubble("assistant", id, "");
+    reply.item.classList.add("pending");
+    const node = document.createTextNode("");
+    reply.body.append(node);
+    chat.messages.push({ role: "user", content: text });
+    const controller = new AbortController();
+    chat.controller = controller;
+    setChatBusy(true);
+    chatNote(`Waiting for ${id} (it is loaded first if needed)…`);
+    let failed = null;
+    try {
+      const response = await request(
+        "/v1/chat/completions",
+        {
+          method: "POST",
+          json: { model: id, messages: chat.messages, stream: true },
+          headers: { Accept: "text/event-stream" },
+          signal: controller.signal,
+        },
+        "api",
+      );
+      if (!response.ok || !response.body) {
+        failed = await errorMessage(response);
+      } else {
+        chatNote(`${id} is replying…`);
+        await readSse(response.body, (type, data) => {
+          if (data === "[DONE]") return;
+          let chunk;
+          try {
+            chunk = JSON.parse(data);
+          } catch {
+            return;
+          }
+          if (chunk && chunk.error) {
+            failed = chunk.error.message || String(chunk.error);
+            return;
+          }
+          const choice = chunk && chunk.choices && chunk.choices[0];
+          const delta = choice && choice.delta && choice.delta.content;
+          if (typeof delta === "string" && delta) {
+            node.appendData(delta);
+            el.chatLog.scrollTop = el.chatLog.scrollHeight;
+          }
+        });
+      }
+    } catch (error) {
+      failed = controller.signal.aborted ? "stopped" : (error && error.message) || String(error);
+    } finally {
+      chat.controller = null;
+      reply.item.classList.remove("pending");
+      setChatBusy(false);
+    }
+    if (node.data) chat.messages.push({ role: "assistant", content: node.data });
+    else chat.messages.pop();
+    if (failed === "stopped") {
+      chatNote("Stopped.");
+    } else if (failed) {
+      reply.item.classList.add("failed");
+      const error = document.createElement("p");
+      error.className = "error-text";
+      error.textContent = `Error: ${failed}`;
+      reply.item.append(error);
+      chatNote(`The chat failed: ${failed}`);
+    } else {
+      chatNote(`Reply from ${id} complete.`);
+    }
+  }
+
+  // --- wiring ---------------------------------------------------------------------------------
+
+  el.switchForm.addEventListener("submit", (event) => {
+    event.preventDefault();
+    if (el.switchButton.getAttribute("aria-disabled") === "true") return;
+    const id = el.picker.value;
+    if (!id) {
+      say("Choose a model first.", "error");
+      return;
+    }
+    loadModel(id);
+  });
+
+  el.picker.addEventListener("change", () => {
+    state.pickerTouched = true;
+    renderChatModel();
+  });
+
+  el.chatForm.addEventListener("submit", (event) => {
+    event.preventDefault();
+    if (el.chatSend.getAttribute("aria-disabled") === "true") return;
+    sendChat();
+  });
+
+  el.chatInput.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+      event.preventDefault();
+      el.chatForm.requestSubmit();
+    }
+  });
+
+  el.chatStop.addEventListener("click", () => {
+    if (chat.controller) chat.controller.abort();
+  });
+
+  el.chatClear.addEventListener("click", () => {
+    if (chat.controller) chat.controller.abort();
+    chat.messages = [];
+    el.chatLog.replaceChildren();
+    chatNote("Conversation cleared.");
+  });
+
+  el.adminKeyButton.addEventListener("click", async () => {
+    const key = await askKey("admin", false);
+    if (key) {
+      el.adminKeyButton.hidden = true;
+      connect();
+    }
+  });
+
+  window.addEventListener("pagehide", stopLive);
+  window.addEventListener("pageshow", (event) => {
+    if (event.persisted) connect(); // back from the back/forward cache
+  });
+  setInterval(refreshTimes, 15000);
+  connect();
+})();

@@ -1,0 +1,394 @@
+"""The web page (`/ui/`) in a real browser: headless Chromium driven by Playwright.
+
+Debian's `chromium` package is used as it is (Playwright's own browser builds are never
+downloaded); the tests skip when /usr/bin/chromium is missing. Each test runs the emulator and
+the proxy over loopback and looks at the page the way a person would: by roles and labels.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+import pytest
+from playwright.async_api import ConsoleMessage, Error, Locator, Page, async_playwright, expect
+
+from proxy.app import create_app
+from proxy.emulator import Emulator
+from tests.conftest import serve
+from tests.test_proxy import LLAMA, QWEN, Proxy, running, settings_for
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+TIMEOUT_MS = 5_000
+QWEN_14B = "qwen2.5-14b-instruct"
+ADMIN_KEY = "sk-admin-ui-0123456789"
+API_KEY = "sk-client-ui-0123456789"
+
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.exists(),
+    reason="the browser tests need Debian's chromium at /usr/bin/chromium "
+    "(apt-get install --no-install-recommends chromium)",
+)
+expect.set_options(timeout=TIMEOUT_MS)
+
+
+@dataclass
+class Browser:
+    """A page on the proxy, with what the browser reported along the way."""
+
+    page: Page
+    proxy_url: str
+    errors: list[str] = field(default_factory=list)
+    requests: list[str] = field(default_factory=list)
+
+    def on_console(self, message: ConsoleMessage) -> None:
+        if message.type == "error":
+            self.errors.append(message.text)
+
+    def on_page_error(self, error: Error) -> None:
+        self.errors.append(f"uncaught: {error}")
+
+    async def open(self) -> None:
+        response = await self.page.goto(f"{self.proxy_url}/ui/")
+        assert response is not None
+        assert response.status == 200, (
+            f"GET /ui/ answered {response.status}: the static page must be served without the "
+            "admin key (the browser cannot send one when it opens a page); see the auth.py change "
+            "that lets /ui/ through"
+        )
+
+    def unexpected_errors(self, *statuses: int, refused: bool = False) -> list[str]:
+        """Console errors, less the browser's notes on responses a test asked for."""
+        expected = tuple(
+            f"Failed to load resource: the server responded with a status of {status} "
+            for status in statuses
+        )
+        if refused:
+            expected += ("Failed to load resource: net::ERR_",)
+        return [error for error in self.errors if not error.startswith(expected)]
+
+    def row(self, model: str) -> Locator:
+        return self.page.locator(f'#models-body tr[data-model="{model}"]')
+
+    def state_of(self, model: str) -> Locator:
+        return self.row(model).locator(".badge")
+
+    async def horizontal_overflow(self) -> int:
+        overflow = await self.page.evaluate(
+            "document.documentElement.scrollWidth - document.documentElement.clientWidth"
+        )
+        assert isinstance(overflow, int)
+        return overflow
+
+
+@asynccontextmanager
+async def browse(
+    proxy: Proxy | str, *, width: int = 1280, height: int = 800
+) -> AsyncIterator[Browser]:
+    """Headless Chromium with one page on the proxy, closed before the proxy stops."""
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+        )
+        try:
+            context = await browser.new_context(viewport={"width": width, "height": height})
+            context.set_default_timeout(TIMEOUT_MS)
+            page = await context.new_page()
+            seen = Browser(page, proxy if isinstance(proxy, str) else proxy.url)
+            page.on("console", seen.on_console)
+            page.on("pageerror", seen.on_page_error)
+            page.on("request", lambda request: seen.requests.append(request.url))
+            yield seen
+        finally:
+            await browser.close()
+
+
+async def load(proxy: Proxy, model: str, **headers: str) -> None:
+    """Load a model from outside the page, as another client would."""
+    response = await proxy.http.post(
+        "/api/v1/models/load", json={"model_id": model}, headers=headers
+    )
+    assert response.status_code == 200, response.text
+
+
+async def switch_to(ui: Browser, model: str) -> None:
+    await ui.page.get_by_label("Model", exact=True).select_option(model)
+    await ui.page.get_by_role("button", name="Switch", exact=True).click()
+
+
+async def test_page_loads_lists_models_and_uses_only_the_proxy() -> None:
+    emulator = Emulator()
+    async with running(emulator, models={"memory_budget": "20GiB"}) as proxy, browse(proxy) as ui:
+        await ui.open()
+        page = ui.page
+        await expect(page).to_have_title("lmswitch")
+        await expect(page.locator("#live")).to_have_text("connected")
+        await expect(page.locator("#upstream")).to_have_text("LM Studio reachable")
+        await expect(page.locator("#loaded")).to_have_text("none")
+        await expect(page.locator("#memory")).to_have_text("0 GB of 21.5 GB")
+        await expect(page.locator("#queue")).to_have_text("0 waiting · 0 running")
+        picker = page.get_by_label("Model", exact=True)
+        options = picker.locator("option")
+        await expect(options).to_have_count(len(emulator.catalog))
+        values = [await option.get_attribute("value") for option in await options.all()]
+        assert set(values) == set(emulator.catalog)
+        await expect(page.locator("#models-body tr")).to_have_count(len(emulator.catalog))
+        await expect(ui.row(QWEN).locator("td").nth(1)).to_have_text("4.68 GB")
+        await expect(ui.state_of(QWEN)).to_have_text("not loaded")
+        await expect(page.get_by_role("switch", name=f"Pin {QWEN}")).not_to_be_checked()
+        assert ui.errors == []
+        outside = [url for url in ui.requests if not url.startswith((proxy.url, "data:"))]
+        assert outside == []
+
+
+async def test_switching_shows_progress_then_the_result_everywhere(tmp_path: Path) -> None:
+    """Progress while loading, 'Switched to', then the status bar and table from events."""
+    emulator = Emulator(load_delay_s=0.6)
+    async with running(emulator, models={"memory_budget": "20GiB"}) as proxy, browse(proxy) as ui:
+        await load(proxy, LLAMA)
+        await ui.open()
+        page = ui.page
+        await expect(page.locator("#loaded")).to_have_text(LLAMA)
+        await switch_to(ui, QWEN)
+        progress = page.get_by_role("progressbar", name=f"Loading {QWEN}")
+        await expect(progress).to_be_visible()
+        await expect(page.locator("#progress")).to_contain_text(" s")  # the time it has taken
+        await expect(ui.state_of(QWEN)).to_have_text("loading…")  # a `model` event
+        message = page.locator("#message")
+        await expect(message).to_contain_text(f"Switched to {QWEN}")
+        await expect(progress).to_be_hidden()
+        await expect(page.locator("#loaded")).to_have_text(QWEN)
+        await expect(ui.state_of(QWEN)).to_have_text("loaded")
+        await expect(ui.state_of(LLAMA)).to_have_text("not loaded")
+        await expect(page.locator("#memory")).to_have_text("4.68 GB of 21.5 GB")
+        assert emulator.load_count(QWEN) == 1
+
+        # Another client's switch reaches the page through the event stream alone.
+        await load(proxy, LLAMA)
+        await expect(page.locator("#loaded")).to_have_text(LLAMA)
+        await expect(ui.state_of(LLAMA)).to_have_text("loaded")
+        await expect(ui.state_of(QWEN)).to_have_text("not loaded")
+        await switch_to(ui, QWEN)
+        await expect(page.locator("#loaded")).to_have_text(QWEN)
+        await expect(message).to_contain_text(f"Switched to {QWEN}")
+
+        await page.screenshot(path=tmp_path / "ui-1280x800.png", full_page=True)
+        await page.emulate_media(color_scheme="dark")
+        await page.screenshot(path=tmp_path / "ui-1280x800-dark.png", full_page=True)
+        await page.set_viewport_size({"width": 400, "height": 800})
+        assert await ui.horizontal_overflow() <= 0
+        await page.screenshot(path=tmp_path / "ui-400-dark.png", full_page=True)
+        await page.emulate_media(color_scheme="light")
+        await page.screenshot(path=tmp_path / "ui-400.png", full_page=True)
+        assert ui.errors == []
+
+
+async def test_failed_loads_show_lm_studios_reason() -> None:
+    emulator = Emulator(memory_bytes=6_000_000_000)
+    async with running(emulator) as proxy, browse(proxy) as ui:
+        await ui.open()
+        page = ui.page
+        message = page.locator("#message")
+        emulator.fail_next_loads = 1
+        await switch_to(ui, QWEN)
+        await expect(message).to_contain_text(f"Could not switch to {QWEN}")
+        await expect(message).to_contain_text("the engine process exited unexpectedly")
+        await expect(ui.state_of(QWEN)).to_have_text("load failed")
+        await expect(page.locator("#loaded")).to_have_text("none")
+
+        await switch_to(ui, QWEN_14B)  # bigger than LM Studio's memory: its guardrail refuses
+        await expect(message).to_contain_text(f"Could not switch to {QWEN_14B}")
+        await expect(message).to_contain_text("insufficient system resources")
+        await expect(ui.row(QWEN_14B).locator(".reason")).to_contain_text("insufficient")
+
+        await switch_to(ui, QWEN)  # the next try works, and clears the failure
+        await expect(message).to_contain_text(f"Switched to {QWEN}")
+        await expect(ui.state_of(QWEN)).to_have_text("loaded")
+        assert ui.unexpected_errors(503) == []
+
+
+async def test_unload_empties_the_loaded_model() -> None:
+    emulator = Emulator()
+    async with running(emulator) as proxy, browse(proxy) as ui:
+        await load(proxy, QWEN)
+        await ui.open()
+        page = ui.page
+        await expect(page.locator("#loaded")).to_have_text(QWEN)
+        await expect(page.get_by_label("Model", exact=True)).to_have_value(QWEN)
+        await page.get_by_role("button", name=f"Unload {QWEN}").click()
+        await expect(page.locator("#message")).to_have_text(f"Unloaded {QWEN}.")
+        await expect(page.locator("#loaded")).to_have_text("none")
+        await expect(ui.state_of(QWEN)).to_have_text("not loaded")
+        assert emulator.instances == {}
+        await page.get_by_role("switch", name=f"Pin {LLAMA}").check()
+        await expect(page.locator("#message")).to_contain_text(f"Pinned {LLAMA}")
+        rows = (await proxy.http.get("/api/v1/models")).json()
+        assert [row["id"] for row in rows if row["pinned"]] == [LLAMA]
+        assert ui.errors == []
+
+
+async def test_chat_streams_the_reply_token_by_token() -> None:
+    emulator = Emulator(token_delay_s=0.05, reply_tokens=16)
+    async with running(emulator) as proxy, browse(proxy) as ui:
+        await ui.open()
+        page = ui.page
+        await page.get_by_label("Model", exact=True).select_option(LLAMA)
+        await expect(page.locator("#chat-model")).to_have_text(LLAMA)
+        await page.get_by_label("Message", exact=True).fill("Say hello")
+        await page.get_by_label("Message", exact=True).press("Enter")
+        reply = page.locator(".bubble.assistant .text")
+        lengths: list[int] = []
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            lengths.append(len(await reply.text_content() or ""))
+            if await page.locator("#chat-status").text_content() == f"Reply from {LLAMA} complete.":
+                break
+            await anyio.sleep(0.04)
+        growth = sorted(set(lengths))
+        assert len(growth) >= 4, lengths  # seen part-way at least three times, then whole
+        assert lengths == sorted(lengths)
+        text = await reply.text_content() or ""
+        assert len(text.split()) == 16
+        await expect(page.locator("#chat-status")).to_have_text(f"Reply from {LLAMA} complete.")
+        await expect(page.locator("#loaded")).to_have_text(LLAMA)  # the chat loaded it
+        assert emulator.load_count(LLAMA) == 1
+        assert ui.errors == []
+
+
+async def test_keyboard_alone_switches_models() -> None:
+    emulator = Emulator(load_delay_s=0.2)
+    async with running(emulator) as proxy, browse(proxy) as ui:
+        await load(proxy, LLAMA)
+        await ui.open()
+        page = ui.page
+        picker = page.get_by_label("Model", exact=True)
+        await expect(picker).to_have_value(LLAMA)
+        for _ in range(12):
+            await page.keyboard.press("Tab")
+            if await page.evaluate("document.activeElement.id") == "model-picker":
+                break
+        else:
+            pytest.fail("Tab never reached the model picker")
+        assert await page.evaluate("document.activeElement.matches(':focus-visible')")
+        await page.keyboard.press("ArrowDown")  # the next model in the list
+        chosen = await picker.input_value()
+        assert chosen != LLAMA
+        await page.keyboard.press("Tab")
+        assert await page.evaluate("document.activeElement.id") == "switch-button"
+        await page.keyboard.press("Enter")
+        await expect(page.locator("#message")).to_contain_text(f"Switched to {chosen}")
+        await expect(page.locator("#loaded")).to_have_text(chosen)
+        assert ui.errors == []
+
+
+async def test_narrow_window_has_no_horizontal_scroll(tmp_path: Path) -> None:
+    emulator = Emulator(memory_bytes=6_000_000_000)
+    async with running(emulator) as proxy, browse(proxy, width=400, height=800) as ui:
+        await load(proxy, QWEN)
+        await ui.open()
+        page = ui.page
+        await switch_to(ui, QWEN_14B)  # a long error message must wrap, not widen the page
+        await expect(page.locator("#message")).to_contain_text("insufficient system resources")
+        await expect(page.locator("#models-body tr")).to_have_count(len(emulator.catalog))
+        assert await ui.horizontal_overflow() <= 0
+        await page.screenshot(path=tmp_path / "ui-400-failure.png", full_page=True)
+        assert ui.unexpected_errors(503) == []
+
+
+async def test_behind_keys_the_page_asks_for_them() -> None:
+    """401 from management asks for the admin key; 401 from /v1 asks for an API key."""
+    emulator = Emulator(token_delay_s=0.01, reply_tokens=5)
+    auth = {"admin_keys": [ADMIN_KEY], "api_keys": [API_KEY]}
+    async with running(emulator, auth=auth) as proxy:
+        # A browser cannot send a key when it opens a page: the page's static files must be
+        # served without one (they hold no data), and the page then asks for the key itself.
+        page_status = (await proxy.http.get("/ui/")).status_code
+        if page_status == 200:
+            await asks_for_the_keys(proxy, emulator)
+    # Checked outside the servers, so that a missing server change fails this test alone.
+    assert page_status == 200, (
+        f"GET /ui/ answers {page_status} when auth.admin_keys is set: proxy/auth.py must let "
+        "/ui/ through without the admin key (the management API keeps needing it)"
+    )
+
+
+async def asks_for_the_keys(proxy: Proxy, emulator: Emulator) -> None:
+    async with browse(proxy) as ui:
+        await ui.open()
+        page = ui.page
+        dialog = page.get_by_role("dialog", name="Admin key needed")
+        await expect(dialog).to_be_visible()
+        key_input = dialog.get_by_label("Admin key")
+        await expect(key_input).to_be_focused()
+        await key_input.fill("wrong-key")
+        await key_input.press("Enter")
+        await expect(dialog.get_by_role("alert")).to_have_text(
+            "That key was not accepted. Try another."
+        )
+        await key_input.fill(ADMIN_KEY)
+        await dialog.get_by_role("button", name="Use key").click()
+        await expect(dialog).to_be_hidden()
+        await expect(page.locator("#live")).to_have_text("connected")
+        options = page.get_by_label("Model", exact=True).locator("option")
+        await expect(options).to_have_count(len(emulator.catalog))
+        stored = await page.evaluate("sessionStorage.getItem('lmswitch.adminKey')")
+        assert stored == ADMIN_KEY
+
+        await switch_to(ui, QWEN)
+        await expect(page.locator("#message")).to_contain_text(f"Switched to {QWEN}")
+        await expect(page.locator("#loaded")).to_have_text(QWEN)
+        # the authenticated event stream (fetch, not EventSource) delivers others' changes
+        await load(proxy, LLAMA, authorization=f"Bearer {ADMIN_KEY}")
+        await expect(page.locator("#loaded")).to_have_text(LLAMA)
+
+        await page.get_by_label("Message", exact=True).fill("Say hello")
+        await page.get_by_role("button", name="Send").click()
+        api_dialog = page.get_by_role("dialog", name="API key needed")
+        await expect(api_dialog).to_be_visible()
+        await api_dialog.get_by_label("API key").fill(API_KEY)
+        await api_dialog.get_by_label("API key").press("Enter")
+        # the chat talks to the picker's model, which the page chose: QWEN, loaded again
+        await expect(page.locator("#chat-status")).to_have_text(f"Reply from {QWEN} complete.")
+        text = await page.locator(".bubble.assistant .text").text_content() or ""
+        assert len(text.split()) == 5
+        await expect(page.locator("#loaded")).to_have_text(QWEN)
+        stored = await page.evaluate("sessionStorage.getItem('lmswitch.apiKey')")
+        assert stored == API_KEY
+        # The only complaints are the browser's own notes on the 401s that asked for the keys.
+        assert ui.unexpected_errors(401) == []
+
+
+async def test_live_updates_reconnect_when_the_stream_ends() -> None:
+    """The proxy goes away and comes back: the page says so, reconnects, and catches up."""
+    with socket.socket() as probe:  # a free loopback port, to restart the proxy in place
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    emulator = Emulator()
+    async with serve(emulator.app) as upstream_url:
+        settings = settings_for(upstream_url)
+        async with browse(f"http://127.0.0.1:{port}") as ui:
+            live = ui.page.locator("#live")
+            async with serve(create_app(settings), port=port):
+                await ui.open()
+                await expect(live).to_have_text("connected")
+                await expect(ui.page.locator("#loaded")).to_have_text("none")
+            await expect(live).to_contain_text("reconnecting in")
+            emulator.load_instance(QWEN)  # loaded in LM Studio's own UI meanwhile
+            async with serve(create_app(settings), port=port):
+                await expect(live).to_have_text("connected")
+                await expect(ui.page.locator("#loaded")).to_have_text(QWEN)
+                await expect(ui.state_of(QWEN)).to_have_text("loaded")
+            assert ui.unexpected_errors(refused=True) == []
