@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import json
 import logging
 import math
@@ -222,8 +223,30 @@ def _proxy_server(args: argparse.Namespace) -> Server:
     }
     # Command-line options go in as overrides: validated, and above environment and file.
     settings = load_settings(args.config, server=server)
+    refuse_open_proxy(settings)
     configure_logging(settings)
     return Server(_uvicorn_config(create_app(settings), settings))
+
+
+def _is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost may resolve to anything
+
+
+def refuse_open_proxy(settings: Settings) -> None:
+    """Refuse to serve on a non-loopback address with no client keys, unless told to."""
+    auth, host = settings.auth, settings.server.host
+    if _is_loopback_host(host) or auth.api_keys or auth.allow_unauthenticated:
+        return
+    raise ConfigError(
+        f"server.host: {host!r} is reachable from other machines, and auth.api_keys is empty, "
+        "so anyone who can reach it could use your models. Set auth.api_keys, or set "
+        "auth.allow_unauthenticated: true if that is really what you want."
+    )
 
 
 # --- emulator ---------------------------------------------------------------------------------

@@ -215,13 +215,48 @@ def test_bad_port_is_a_usage_error(
 
 
 def test_build_server_honours_options(tmp_path: Path) -> None:
-    path = write_config(tmp_path, "server:\n  host: 127.0.0.2\n  port: 9000\n  drain_timeout: 7s\n")
+    path = write_config(
+        tmp_path,
+        "server:\n  host: 127.0.0.2\n  port: 9000\n  drain_timeout: 7s\nauth:\n  api_keys: [k]\n",
+    )
     server = build_server(["--config", str(path), "--host", "0.0.0.0", "--port", "9123"])
     assert isinstance(server, Server)
     assert (server.config.host, server.config.port) == ("0.0.0.0", 9123)
     assert server.config.timeout_graceful_shutdown == 7
     assert server.config.lifespan == "on"
     assert server.config.workers == 1
+
+
+@pytest.mark.parametrize(
+    ("host", "auth", "refused"),
+    [
+        ("0.0.0.0", "", True),
+        ("::", "", True),
+        ("192.168.1.20", "", True),
+        ("lmswitch.lan", "", True),
+        ("0.0.0.0", "auth:\n  api_keys: [sk-1]\n", False),
+        ("0.0.0.0", "auth:\n  allow_unauthenticated: true\n", False),
+        ("localhost", "", False),
+        ("::1", "", False),
+        ("127.0.0.5", "", False),
+    ],
+)
+def test_serve_refuses_an_open_proxy_without_keys(
+    tmp_path: Path, host: str, auth: str, refused: bool
+) -> None:
+    """Like LiteLLM's proxy: a non-loopback bind with no client keys needs an explicit yes."""
+    path = write_config(tmp_path, auth)
+    if refused:
+        with pytest.raises(ConfigError, match=r"auth\.allow_unauthenticated"):
+            build_server(["--config", str(path), "--host", host])
+    else:
+        assert build_server(["--config", str(path), "--host", host]).config.host == host
+
+
+def test_main_serve_open_proxy_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_config(tmp_path, "")
+    assert main(["serve", "--config", str(path), "--host", "0.0.0.0"]) == EXIT_USAGE
+    assert "auth.api_keys" in capsys.readouterr().err
 
 
 def test_build_server_reads_lmswitch_config(

@@ -469,7 +469,11 @@ def test_describe_settings_masks_secrets(monkeypatch: pytest.MonkeyPatch) -> Non
         assert secret not in text
     data = yaml.safe_load(text)
     assert data["upstream"]["api_token"] == "********"
-    assert data["auth"] == {"api_keys": ["********"], "admin_keys": ["********"]}
+    assert data["auth"] == {
+        "api_keys": ["********"],
+        "admin_keys": ["********"],
+        "allow_unauthenticated": False,
+    }
 
 
 def test_describe_settings_shows_every_key_and_reloads(tmp_path: Path) -> None:
