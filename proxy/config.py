@@ -129,11 +129,21 @@ class _Section(BaseModel):
 class LoadOptions(_Section):
     """LM Studio's load fields for one model; unset fields are left to LM Studio."""
 
-    context_length: int | None = Field(default=None, gt=0)
-    flash_attention: bool | None = None
-    eval_batch_size: int | None = Field(default=None, gt=0)
-    num_experts: int | None = Field(default=None, gt=0)
-    offload_kv_cache_to_gpu: bool | None = None
+    context_length: int | None = Field(
+        default=None, gt=0, description="Context window in tokens to load the model with."
+    )
+    flash_attention: bool | None = Field(
+        default=None, description="Flash attention on or off (llama.cpp engine only)."
+    )
+    eval_batch_size: int | None = Field(
+        default=None, gt=0, description="Evaluation batch size (llama.cpp engine only)."
+    )
+    num_experts: int | None = Field(
+        default=None, gt=0, description="Experts to use, for mixture-of-experts models."
+    )
+    offload_kv_cache_to_gpu: bool | None = Field(
+        default=None, description="Keep the KV cache in GPU memory (false: in RAM)."
+    )
 
     def as_body(self) -> dict[str, int | bool]:
         """The fields that are set, ready to merge into a load request body."""
@@ -147,21 +157,40 @@ class LoadOptions(_Section):
 class ServerSettings(_Section):
     """Where the proxy listens and how it treats request bodies and shutdown."""
 
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=0, le=65535)
-    max_body_bytes: ByteSize = 10 * MiB
-    drain_timeout: Seconds = 30.0
+    host: str = Field(
+        default="127.0.0.1",
+        description="Address to listen on; 0.0.0.0 accepts connections from other machines.",
+    )
+    port: int = Field(default=8000, ge=0, le=65535, description="Port to listen on.")
+    max_body_bytes: ByteSize = Field(
+        default=10 * MiB, description="Larger request bodies are refused with 413."
+    )
+    drain_timeout: Seconds = Field(
+        default=30.0,
+        description="On SIGTERM or Ctrl+C: stop accepting, let running requests finish this long.",
+    )
 
 
 class UpstreamSettings(_Section):
     """LM Studio's server and the deadlines for talking to it."""
 
-    base_url: str = "http://127.0.0.1:1234"
-    api_token: SecretStr | None = None
-    connect_timeout: Seconds = 5.0
-    read_timeout: Seconds = 600.0
-    load_timeout: Seconds = 300.0
-    poll_interval: Seconds = 10.0
+    base_url: str = Field(default="http://127.0.0.1:1234", description="LM Studio's server.")
+    api_token: SecretStr | None = Field(
+        default=None,
+        description="LM Studio API token, sent as Bearer (never the client's key).",
+    )
+    connect_timeout: Seconds = Field(
+        default=5.0, description="Longest wait to open a connection to LM Studio."
+    )
+    read_timeout: Seconds = Field(
+        default=600.0, description="Longest wait between bytes of an upstream response."
+    )
+    load_timeout: Seconds = Field(
+        default=300.0, description="Longest one model load may take; then 504."
+    )
+    poll_interval: Seconds = Field(
+        default=10.0, description="Reconcile with LM Studio's real state this often."
+    )
 
     @field_validator("base_url", mode="after")
     @classmethod
@@ -193,33 +222,63 @@ _Names = Annotated[tuple[str, ...], BeforeValidator(_null_as_empty)]
 class AuthSettings(_Section):
     """Bearer keys for clients (/v1/*) and for administrators (/api/v1/*, /ui)."""
 
-    api_keys: _Keys = ()
-    admin_keys: _Keys = ()
+    api_keys: _Keys = Field(
+        default=(), description="Bearer keys accepted on /v1/*; empty: no key needed."
+    )
+    admin_keys: _Keys = Field(
+        default=(),
+        description="Bearer keys for /api/v1/* and /ui/; empty: loopback clients only.",
+    )
+    allow_unauthenticated: bool = Field(
+        default=False,
+        description=(
+            "Let `serve` listen on a non-loopback address with no api_keys (anyone who can "
+            "reach it may use it); without it, serve refuses to start that way."
+        ),
+    )
 
 
 class ModelsSettings(_Section):
     """Routing (default, aliases) and the loading policy (pins, preloads, capacity, idle TTL)."""
 
-    default: str | None = None
+    default: str | None = Field(default=None, description="Model used when a request names none.")
     aliases: Annotated[dict[str, str], BeforeValidator(_null_as_empty_dict)] = Field(
-        default_factory=dict
+        default_factory=dict, description="Other names clients may use for a model."
     )
-    pinned: _Names = ()
-    preload: _Names = ()
-    max_loaded: int = Field(default=1, ge=0)
-    memory_budget: ByteSize | None = None
-    idle_ttl: Seconds | None = None
+    pinned: _Names = Field(default=(), description="Models never evicted.")
+    preload: _Names = Field(default=(), description="Models loaded at start, in order.")
+    max_loaded: int = Field(
+        default=1, ge=0, description="Models loaded at once; 0: no count limit."
+    )
+    memory_budget: ByteSize | None = Field(
+        default=None,
+        description="The sizes (LM Studio's size_bytes) of loaded models must fit under it; "
+        "null: no limit.",
+    )
+    idle_ttl: Seconds | None = Field(
+        default=None, description="Unload a model idle this long (not a pinned one); null: never."
+    )
     load_options: Annotated[dict[str, LoadOptions], BeforeValidator(_null_as_empty_dict)] = Field(
-        default_factory=dict
+        default_factory=dict, description="Per model key: LM Studio's load fields, each optional."
     )
 
 
 class SchedulerSettings(_Section):
     """Queueing limits and fair swapping (DESIGN.md §5.4, §5.5)."""
 
-    max_queue: int = Field(default=256, ge=0)
-    queue_timeout: Seconds = 300.0
-    swap_grace: Seconds = 10.0
+    max_queue: int = Field(
+        default=256,
+        ge=0,
+        description="Requests waiting for a model, all models together; more get 429.",
+    )
+    queue_timeout: Seconds = Field(
+        default=300.0, description="Longest a request waits for its model; then 503."
+    )
+    swap_grace: Seconds = Field(
+        default=10.0,
+        description="How long requests waiting for another model let the loaded model keep "
+        "taking new requests before it is drained.",
+    )
 
 
 def _lower(value: object) -> object:
@@ -231,8 +290,10 @@ class LoggingSettings(_Section):
 
     level: Annotated[
         Literal["debug", "info", "warning", "error", "critical"], BeforeValidator(_lower)
-    ] = "info"
-    format: Annotated[Literal["text", "json"], BeforeValidator(_lower)] = "text"
+    ] = Field(default="info", description="The least severe messages logged.")
+    format: Annotated[Literal["text", "json"], BeforeValidator(_lower)] = Field(
+        default="text", description="text, or json: one object per line."
+    )
 
 
 # --- the settings -----------------------------------------------------------------------------
