@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -33,6 +34,9 @@ from proxy.streaming import RequestRecord
 
 access_logger = logging.getLogger("lmswitch.access")
 
+# A client's request id is echoed back only if it is short and plain.
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:/+=-]{1,128}")
+
 UI_DIR = Path(__file__).parent / "ui"  # the web page: static files, no build step
 
 
@@ -50,7 +54,8 @@ class RequestIdMiddleware:
         request_id = ""
         for name, value in scope["headers"]:
             if name == b"x-request-id":
-                request_id = value.decode("latin-1")[:200]
+                if _REQUEST_ID.fullmatch(value):  # else it is not echoed: make our own
+                    request_id = value.decode("ascii")
                 break
         if not request_id:
             request_id = uuid.uuid4().hex

@@ -6,7 +6,9 @@ ProxyError
 ├── AuthenticationError (401)
 ├── PermissionDeniedError (403)
 ├── ModelNotFoundError (404)
+├── RequestTimeoutError (408)
 ├── PayloadTooLargeError (413)
+├── UnsupportedMediaTypeError (415)
 ├── QueueFullError (429)
 ├── CapacityError (503)
 ├── QueueTimeoutError (503)
@@ -105,6 +107,18 @@ class ModelNotFoundError(ProxyError):
     status_code = 404
     error_type = "invalid_request_error"
     default_code = "model_not_found"
+
+
+class RequestTimeoutError(ProxyError):
+    status_code = 408
+    error_type = "invalid_request_error"
+    default_code = "request_timeout"
+
+
+class UnsupportedMediaTypeError(ProxyError):
+    status_code = 415
+    error_type = "invalid_request_error"
+    default_code = "unsupported_media_type"
 
 
 class PayloadTooLargeError(ProxyError):

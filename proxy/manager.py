@@ -178,8 +178,9 @@ class ModelManager:
             found = self._lookup(target)
         if found is None:
             known = ", ".join(sorted(self.catalog)[:5])
+            shown = name if len(name) <= 100 else name[:100] + "..."
             raise ModelNotFoundError(
-                f"The model {name!r} does not exist. Known models include: {known}.",
+                f"The model {shown!r} does not exist. Known models include: {known}.",
                 param="model",
             )
         return Resolved(found, target)

@@ -13,7 +13,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive
 
-from proxy.errors import BadRequestError, PayloadTooLargeError, ProxyError, UpstreamUnavailableError
+from proxy.errors import (
+    BadRequestError,
+    PayloadTooLargeError,
+    ProxyError,
+    RequestTimeoutError,
+    UnsupportedMediaTypeError,
+    UpstreamUnavailableError,
+)
 from proxy.lmstudio import UpstreamResponse
 from proxy.manager import ClientGone, Lease
 from proxy.metrics import UNKNOWN_MODEL
@@ -31,17 +38,44 @@ def request_id_of(request: Request[Any]) -> str:
     return request_id if isinstance(request_id, str) else uuid.uuid4().hex
 
 
+# A client that sends nothing of its body for this long is given up on (408), like nginx's
+# client_body_timeout. No model lease is held while a body uploads.
+BODY_READ_TIMEOUT_S = 30.0
+
+
+def _check_content_type(request: Request[Any]) -> None:
+    content_type = request.headers.get("content-type")
+    if content_type is None:
+        return  # many clients send JSON without saying so
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        raise UnsupportedMediaTypeError(
+            f"Content-Type must be application/json, not {media[:100]!r} "
+            "(with curl, add -H 'content-type: application/json')"
+        )
+
+
 async def read_body(request: Request[Any], limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to pass `limit` bytes."""
+    """The JSON request body, refused with 413 as soon as it is known to pass `limit` bytes,
+    and with 408 when the client stalls for `BODY_READ_TIMEOUT_S`."""
+    _check_content_type(request)
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLargeError(f"request body is larger than {limit} bytes")
     body = bytearray()
-    async for chunk in request.stream():
+    chunks = request.stream()
+    while True:
+        with anyio.move_on_after(BODY_READ_TIMEOUT_S) as waited:
+            chunk = await anext(chunks, None)
+        if waited.cancelled_caught:
+            raise RequestTimeoutError(
+                f"the request body stalled for {BODY_READ_TIMEOUT_S:g} s; send it at once"
+            )
+        if chunk is None:
+            return bytes(body)
         body += chunk
         if len(body) > limit:
             raise PayloadTooLargeError(f"request body is larger than {limit} bytes")
-    return bytes(body)
 
 
 def parse_object(body: bytes) -> dict[str, Any]:
@@ -54,6 +88,12 @@ def parse_object(body: bytes) -> dict[str, Any]:
             f"the request body must be a JSON object, not {type(payload).__name__}"
         )
     return payload
+
+
+def _check_fields(payload: dict[str, Any]) -> None:
+    """The fields the proxy itself acts on must have the right type (the rest is LM Studio's)."""
+    if "stream" in payload and not isinstance(payload["stream"], bool):
+        raise BadRequestError("stream must be true or false", param="stream")
 
 
 def _skip_ws(text: str, i: int) -> int:
@@ -135,6 +175,7 @@ async def proxy_request(request: Request[State]) -> Response:
     try:
         body = await read_body(request, settings.server.max_body_bytes)
         payload = parse_object(body)
+        _check_fields(payload)
         resolved = await manager.resolve(payload.get("model"))
         record.model = key = resolved.key
         if payload.get("model") != resolved.upstream_name:
