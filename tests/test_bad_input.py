@@ -103,7 +103,7 @@ async def test_odd_request_ids_are_replaced_not_echoed() -> None:
             "accept": b"",
         }
         assert (await proxy.http.get("/v1/models", headers=odd_but_legal)).status_code == 200
-        control = await proxy.http.get("/v1/models", headers={"authorization": b"Basic \x7f\x01"})
+        control = await proxy.http.get("/v1/models", headers={b"authorization": b"Basic \x7f\x01"})
         assert control.status_code == 400  # the HTTP server refuses it before the proxy sees it
         await still_serving(proxy)
 
