@@ -98,9 +98,9 @@ async def test_odd_request_ids_are_replaced_not_echoed() -> None:
         assert odd.headers["x-request-id"] != "a b\tc"
         assert len(odd.headers["x-request-id"]) == 32
         odd_but_legal = {
-            "authorization": b"Bearer \xff\xfe",
-            "x-forwarded-for": b",",
-            "accept": b"",
+            b"authorization": b"Bearer \xff\xfe",
+            b"x-forwarded-for": b",",
+            b"accept": b"",
         }
         assert (await proxy.http.get("/v1/models", headers=odd_but_legal)).status_code == 200
         control = await proxy.http.get("/v1/models", headers={b"authorization": b"Basic \x7f\x01"})
