@@ -294,6 +294,11 @@ class LMStudioClient:
             response = await self._transport.handle_async_request(request)
         except httpx2.TimeoutException as exc:
             raise UpstreamTimeoutError(f"LM Studio did not answer {path} in time") from exc
+        except httpx2.ProtocolError as exc:
+            raise UpstreamError(
+                f"LM Studio sent no valid HTTP answer to {path}: {exc}",
+                code="upstream_protocol_error",
+            ) from exc
         except httpx2.TransportError as exc:
             raise UpstreamUnavailableError(
                 f"LM Studio is not reachable at {self.base_url}: {exc!r}", retry_after_s=5
@@ -321,7 +326,7 @@ def _status_error(path: str, response: httpx2.Response) -> UpstreamError:
 
 def _transport_of(http: httpx2.AsyncClient) -> httpx2.AsyncBaseTransport:
     """The transport `http` sends through (for a base URL without per-host mounts)."""
-    return http._transport_for_url(http.base_url)  # noqa: SLF001 - httpx's own lookup
+    return http._transport_for_url(http.base_url)
 
 
 def create_transport() -> httpx2.AsyncHTTPTransport:

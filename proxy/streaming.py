@@ -23,6 +23,9 @@ logger = logging.getLogger("lmswitch.streaming")
 
 _decoder = json.JSONDecoder()
 
+# The OpenAI streams that end with `data: [DONE]` (the Responses and Anthropic streams do not).
+_DONE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+
 # Non-streamed answers are copied aside up to this size to read their usage figures.
 _USAGE_COPY_LIMIT = 1 << 20
 
@@ -176,13 +179,20 @@ class UpstreamStreamResponse:
     async def _relay(self, send: Send, path: str) -> None:
         record = self._record
         usage = UsageScanner(self._sse)
+        tail = b""  # the stream's last bytes, to see that an OpenAI stream ended with [DONE]
         try:
             async for chunk in self._upstream.aiter_raw():
                 if record.first_byte_s is None:
                     record.first_byte_s = self._clock() - record.started
                 record.bytes_out += len(chunk)
                 usage.feed(chunk)
+                tail = (tail + chunk)[-32:]
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if self._sse and path in _DONE_PATHS and b"[DONE]" not in tail:
+                raise UpstreamError(  # noqa: TRY301 - the same handling as a broken stream
+                    "LM Studio ended the stream without [DONE]: the answer may be incomplete",
+                    code="upstream_incomplete",
+                )
         except UpstreamError as exc:
             record.upstream_failed = True
             logger.warning("request %s: upstream broke off: %s", record.request_id, exc.message)
