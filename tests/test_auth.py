@@ -87,3 +87,23 @@ async def test_without_admin_keys_management_answers_loopback_only() -> None:
                 assert (await outside.post("/api/v1/models/unload", json={})).status_code == 403
                 assert (await outside.get("/v1/models")).status_code == 200
                 assert (await inside.get("/api/v1/status")).status_code == 200
+
+
+async def test_secrets_never_appear_in_operator_answers() -> None:
+    token = "sk-lm-abcdefgh:abcdefghijklmnopqrst"
+    emulator = Emulator(api_token=token)
+    auth = {"api_keys": [API_KEY], "admin_keys": [ADMIN_KEY]}
+    async with running(emulator, auth=auth, upstream={"api_token": token}) as proxy:
+        admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+        client = {"authorization": f"Bearer {API_KEY}"}
+        assert (await proxy.http.post("/v1/chat/completions", json=CHAT, headers=client)).is_success
+        texts = [
+            (await proxy.http.get(path, headers=admin)).text
+            for path in ("/api/v1/status", "/api/v1/models", "/metrics", "/readyz")
+        ]
+        async with proxy.http.stream("GET", "/api/v1/events", headers=admin) as events:
+            texts.append(await anext(events.aiter_text()))
+        assert texts[0].startswith("{")
+        for text in texts:
+            for secret in (token, API_KEY, ADMIN_KEY):
+                assert secret not in text
