@@ -81,10 +81,7 @@ def access_log(
     def log(record: RequestRecord) -> None:
         status = str(record.status)
         metrics.requests.labels(record.model, record.endpoint, status).inc()
-        if record.duration_s:
-            metrics.request_duration.labels(record.model, record.endpoint).observe(
-                record.duration_s
-            )
+        metrics.request_duration.labels(record.model, record.endpoint).observe(record.duration_s)
         if record.first_byte_s is not None:
             metrics.ttfb.labels(record.model, record.endpoint).observe(record.first_byte_s)
         if record.prompt_tokens:
