@@ -13,6 +13,7 @@ from pathlib import Path
 
 import anyio
 import httpx2
+from prometheus_client import Counter, Histogram
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -77,19 +78,35 @@ def access_log(
 ) -> Callable[[RequestRecord], None]:
     """One line per request (DESIGN §7), the request metrics and a `request` event."""
     as_json = settings.logging.format == "json"
+    # Labelled children, looked up once: `labels()` takes a lock and builds a key every call.
+    # Label values are model keys and route paths, so these dicts stay small.
+    timers: dict[tuple[str, str], tuple[Histogram, Histogram]] = {}
+    counts: dict[tuple[str, str, int], Counter] = {}
 
     def log(record: RequestRecord) -> None:
-        status = str(record.status)
-        metrics.requests.labels(record.model, record.endpoint, status).inc()
-        metrics.request_duration.labels(record.model, record.endpoint).observe(record.duration_s)
+        model, endpoint = record.model, record.endpoint
+        if (count := counts.get((model, endpoint, record.status))) is None:
+            count = counts[model, endpoint, record.status] = metrics.requests.labels(
+                model, endpoint, str(record.status)
+            )
+        count.inc()
+        if (timer := timers.get((model, endpoint))) is None:
+            timer = timers[model, endpoint] = (
+                metrics.request_duration.labels(model, endpoint),
+                metrics.ttfb.labels(model, endpoint),
+            )
+        timer[0].observe(record.duration_s)
         if record.first_byte_s is not None:
-            metrics.ttfb.labels(record.model, record.endpoint).observe(record.first_byte_s)
+            timer[1].observe(record.first_byte_s)
         if record.prompt_tokens:
-            metrics.tokens.labels(record.model, "prompt").inc(record.prompt_tokens)
+            metrics.tokens.labels(model, "prompt").inc(record.prompt_tokens)
         if record.completion_tokens:
-            metrics.tokens.labels(record.model, "completion").inc(record.completion_tokens)
+            metrics.tokens.labels(model, "completion").inc(record.completion_tokens)
         if record.disconnected:
-            metrics.disconnects.labels(record.model).inc()
+            metrics.disconnects.labels(model).inc()
+        logging_on = access_logger.isEnabledFor(logging.INFO)
+        if not (logging_on or events.subscribers):
+            return
         fields = {
             "request_id": record.request_id,
             "model": record.model,
@@ -106,7 +123,7 @@ def access_log(
         if record.upstream_failed:
             fields["upstream_failed"] = True
         events.publish("request", fields)
-        if not access_logger.isEnabledFor(logging.INFO):
+        if not logging_on:
             return
         if as_json:
             access_logger.info(json.dumps(fields))
