@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 # Seconds, from sub-millisecond proxy answers up to long generations.
 _LATENCY_BUCKETS = (
@@ -14,6 +18,25 @@ _LOAD_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 UNKNOWN_MODEL = "unknown"
 
 
+class _WithoutCreated(Collector):
+    """A registry's metrics minus their `_created` samples.
+
+    In the Prometheus text format those samples become extra gauges (`lmswitch_requests_created`,
+    ...) outside DESIGN §6's frozen list, one series per labelled child, carrying only the time a
+    child first appeared. `prometheus_client.disable_created_metrics()` would drop them for the
+    whole process; this drops them for this app's registry only.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterable[Metric]:
+        for metric in self._registry.collect():  # fresh Metric objects on every collect
+            created = metric.name + "_created"
+            metric.samples = [s for s in metric.samples if s.name != created]
+            yield metric
+
+
 class Metrics:
     """Every instrument of DESIGN §6, registered on a registry of this app's own."""
 
@@ -21,53 +44,71 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "lmswitch_requests", "Requests answered.", ["model", "endpoint", "status"], registry=r
+            "lmswitch_requests",
+            "Requests answered, by model, endpoint and HTTP status.",
+            ["model", "endpoint", "status"],
+            registry=r,
         )
         self.request_duration = Histogram(
             "lmswitch_request_duration_seconds",
-            "Time from request to the last byte of the answer.",
+            "Seconds from a request's arrival to the last byte of its answer.",
             ["model", "endpoint"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.ttfb = Histogram(
             "lmswitch_time_to_first_byte_seconds",
-            "Time from request to the first byte of the answer's body.",
+            "Seconds from a request's arrival to the first byte of its answer's body.",
             ["model", "endpoint"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.queue_wait = Histogram(
             "lmswitch_queue_wait_seconds",
-            "Time a request waited for its model.",
+            "Seconds a request waited for its model to be ready.",
             ["model"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.loads = Counter(
-            "lmswitch_model_loads", "Model loads, by result.", ["model", "result"], registry=r
+            "lmswitch_model_loads",
+            "Model loads, by result (ok, failed, timeout).",
+            ["model", "result"],
+            registry=r,
         )
         self.load_duration = Histogram(
             "lmswitch_model_load_duration_seconds",
-            "Time LM Studio took to load a model.",
+            "Seconds LM Studio took to load a model.",
             ["model"],
             buckets=_LOAD_BUCKETS,
             registry=r,
         )
         self.unloads = Counter(
-            "lmswitch_model_unloads", "Model unloads, by reason.", ["model", "reason"], registry=r
+            "lmswitch_model_unloads",
+            "Model unloads, by reason (evicted, idle, admin, external).",
+            ["model", "reason"],
+            registry=r,
         )
         self.loaded = Gauge(
-            "lmswitch_model_loaded", "1 if the model is loaded, else 0.", ["model"], registry=r
+            "lmswitch_model_loaded",
+            "1 while the model is loaded in LM Studio, else 0.",
+            ["model"],
+            registry=r,
         )
         self.in_flight = Gauge(
-            "lmswitch_in_flight_requests", "Requests running on a model.", ["model"], registry=r
+            "lmswitch_in_flight_requests",
+            "Requests being answered by the model.",
+            ["model"],
+            registry=r,
         )
         self.queued = Gauge(
-            "lmswitch_queued_requests", "Requests waiting for a model.", ["model"], registry=r
+            "lmswitch_queued_requests", "Requests waiting for their model.", ["model"], registry=r
         )
         self.tokens = Counter(
-            "lmswitch_tokens", "Tokens reported by LM Studio.", ["model", "kind"], registry=r
+            "lmswitch_tokens",
+            "Tokens in the usage LM Studio reported, by kind (prompt, completion).",
+            ["model", "kind"],
+            registry=r,
         )
         self.disconnects = Counter(
             "lmswitch_client_disconnects",
@@ -76,8 +117,11 @@ class Metrics:
             registry=r,
         )
         self.upstream_up = Gauge(
-            "lmswitch_upstream_up", "1 if LM Studio answered the last call, else 0.", registry=r
+            "lmswitch_upstream_up",
+            "1 if LM Studio answered the proxy's last call, else 0.",
+            registry=r,
         )
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """The Prometheus text exposition of this app's metrics, without `_created` samples."""
+        return generate_latest(_WithoutCreated(self.registry))

@@ -1,0 +1,353 @@
+"""Writes README.md's generated sections, so that they cannot drift from the code.
+
+`uv run python -m tests.gen_docs` rewrites, between `<!-- NAME:start -->` and `<!-- NAME:end -->`:
+the configuration reference (from `proxy.config.Settings`), the endpoint reference and the
+old-LM-Studio example (captured by `tests.doc_capture`), and the metrics reference (from
+`proxy.metrics.Metrics`, with the PromQL examples below). tests/test_docs.py fails when the
+README differs from what this writes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import types
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import anyio
+from annotated_types import Ge, Gt, Le
+from prometheus_client.metrics import MetricWrapperBase
+from pydantic import BaseModel, SecretStr
+from pydantic.fields import FieldInfo
+
+from proxy.config import ENV_PREFIX, ByteSize, LoadOptions, Seconds, Settings
+from proxy.metrics import Metrics
+from tests import doc_capture
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+REGENERATE = "uv run python -m tests.gen_docs"
+
+# An example value per key, as YAML. Each is checked to be valid, in the file and in the
+# environment variable, by tests/test_docs.py.
+EXAMPLES: dict[str, str] = {
+    "server.host": "0.0.0.0",
+    "server.port": "8080",
+    "server.max_body_bytes": "32MiB",
+    "server.drain_timeout": "1m",
+    "upstream.base_url": "http://192.168.1.20:1234",
+    "upstream.api_token": "sk-lm-AbCd1234:AbCdEfGhIj0123456789",
+    "upstream.connect_timeout": "2s",
+    "upstream.read_timeout": "30m",
+    "upstream.load_timeout": "10m",
+    "upstream.poll_interval": "30s",
+    "auth.api_keys": "[sk-local-change-me]",
+    "auth.admin_keys": "[admin-change-me]",
+    "auth.allow_unauthenticated": "true",
+    "models.default": "qwen2.5-7b-instruct",
+    "models.aliases": "{gpt-4o-mini: qwen2.5-7b-instruct}",
+    "models.pinned": "[text-embedding-nomic-embed-text-v1.5]",
+    "models.preload": "[qwen2.5-7b-instruct]",
+    "models.max_loaded": "2",
+    "models.memory_budget": "20GiB",
+    "models.idle_ttl": "15m",
+    "models.load_options": "{qwen2.5-7b-instruct: {context_length: 16384}}",
+    "models.load_options.*.context_length": "16384",
+    "models.load_options.*.flash_attention": "true",
+    "models.load_options.*.eval_batch_size": "512",
+    "models.load_options.*.num_experts": "4",
+    "models.load_options.*.offload_kv_cache_to_gpu": "true",
+    "scheduler.max_queue": "64",
+    "scheduler.queue_timeout": "2m",
+    "scheduler.swap_grace": "30s",
+    "logging.level": "debug",
+    "logging.format": "json",
+}
+PER_MODEL = "models.load_options.*"  # `*` stands for a model key
+
+# A PromQL example per metric (the exposed name): the query and what it shows.
+PROMQL: dict[str, tuple[str, str]] = {
+    "lmswitch_requests_total": (
+        "sum by (model, status) (rate(lmswitch_requests_total[5m]))",
+        "requests per second by model and status",
+    ),
+    "lmswitch_request_duration_seconds": (
+        "histogram_quantile(0.95, sum by (le, model) "
+        "(rate(lmswitch_request_duration_seconds_bucket[5m])))",
+        "95th percentile of the whole request, queueing and loading included",
+    ),
+    "lmswitch_time_to_first_byte_seconds": (
+        "histogram_quantile(0.5, sum by (le, model) "
+        "(rate(lmswitch_time_to_first_byte_seconds_bucket[5m])))",
+        "median time until a client sees the first byte",
+    ),
+    "lmswitch_queue_wait_seconds": (
+        "sum by (model) (rate(lmswitch_queue_wait_seconds_sum[5m])) "
+        "/ sum by (model) (rate(lmswitch_queue_wait_seconds_count[5m]))",
+        "mean wait for the model, per model",
+    ),
+    "lmswitch_model_loads_total": (
+        'sum by (model) (increase(lmswitch_model_loads_total{result!="ok"}[1h]))',
+        "failed and timed-out loads in the last hour",
+    ),
+    "lmswitch_model_load_duration_seconds": (
+        "max by (model) (rate(lmswitch_model_load_duration_seconds_sum[1h]) "
+        "/ rate(lmswitch_model_load_duration_seconds_count[1h]))",
+        "mean load time per model",
+    ),
+    "lmswitch_model_unloads_total": (
+        'sum by (model) (increase(lmswitch_model_unloads_total{reason="evicted"}[1h]))',
+        "evictions per model in the last hour (swaps)",
+    ),
+    "lmswitch_model_loaded": (
+        "sum(lmswitch_model_loaded)",
+        "models loaded now",
+    ),
+    "lmswitch_in_flight_requests": (
+        "sum by (model) (lmswitch_in_flight_requests)",
+        "requests running now, per model",
+    ),
+    "lmswitch_queued_requests": (
+        "sum(lmswitch_queued_requests) > 0",
+        "requests waiting now (empty when none)",
+    ),
+    "lmswitch_tokens_total": (
+        'sum by (model) (rate(lmswitch_tokens_total{kind="completion"}[5m]))',
+        "generated tokens per second",
+    ),
+    "lmswitch_client_disconnects_total": (
+        "sum by (model) (increase(lmswitch_client_disconnects_total[1h]))",
+        "clients that went away before their answer ended",
+    ),
+    "lmswitch_upstream_up": (
+        "min_over_time(lmswitch_upstream_up[5m]) == 0",
+        "LM Studio was unreachable in the last 5 minutes (an alert rule)",
+    ),
+}
+
+
+# --- README sections --------------------------------------------------------------------------
+
+
+def markers(name: str) -> tuple[str, str]:
+    return f"<!-- {name}:start -->\n", f"<!-- {name}:end -->"
+
+
+def section(text: str, name: str) -> str:
+    """What the README holds between the `name` markers."""
+    start, end = markers(name)
+    begin = text.index(start) + len(start)
+    return text[begin : text.index(end, begin)]
+
+
+def replace_section(text: str, name: str, body: str) -> str:
+    start, end = markers(name)
+    begin = text.index(start) + len(start)
+    return text[:begin] + body + text[text.index(end, begin) :]
+
+
+# --- the configuration reference --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configuration key, as the reference shows it."""
+
+    key: str  # dotted, e.g. models.memory_budget; `*` for a model key
+    env: str | None  # None under load_options: set the whole mapping as JSON instead
+    type: str
+    default: str
+    example: str
+    description: str
+
+
+_DURATION, _SIZE = get_args(Seconds)[1], get_args(ByteSize)[1]  # their BeforeValidators
+
+
+def _unit(metadata: Sequence[Any]) -> str | None:
+    if _DURATION in metadata:
+        return "duration"
+    if _SIZE in metadata:
+        return "size"
+    return None
+
+
+def type_name(annotation: Any, metadata: Sequence[Any] = ()) -> str:
+    """A reader's name for a settings type: `duration`, `list of strings`, `size or null`, ..."""
+    if (unit := _unit(metadata)) is not None:
+        return unit
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return type_name(args[0], annotation.__metadata__)
+    if origin in (Union, types.UnionType):
+        names = [type_name(arg) for arg in args if arg is not type(None)]
+        return " or ".join([*names, "null"] if type(None) in args else names)
+    if origin is Literal:
+        return "one of " + ", ".join(f"`{value}`" for value in args)
+    if origin is tuple:
+        return f"list of {type_name(args[0])}s"
+    if origin is dict:
+        value = "load options" if args[1] is LoadOptions else f"{type_name(args[1])}s"
+        return f"mapping of names to {value}"
+    simple = {str: "string", int: "integer", bool: "boolean", float: "number", SecretStr: "secret"}
+    return simple[annotation]
+
+
+def _bounds(field: FieldInfo) -> str:
+    if field.annotation is not int:
+        return ""
+    low = next((f"≥ {m.ge}" for m in field.metadata if isinstance(m, Ge)), None)
+    low = next((f"> {m.gt}" for m in field.metadata if isinstance(m, Gt)), low)
+    high = next((m.le for m in field.metadata if isinstance(m, Le)), None)
+    if low is not None and high is not None:
+        return f", {low.removeprefix('≥ ')} to {high}"
+    return f", {low}" if low is not None else ""
+
+
+def show_value(value: Any, unit: str | None) -> str:
+    """A default as one would write it in config.yaml."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple | list):
+        return "[]" if not value else json.dumps(list(value))
+    if isinstance(value, dict):
+        return "{}" if not value else json.dumps(value)
+    if unit == "duration":
+        for suffix, seconds in (("h", 3600), ("m", 60)):
+            if value >= seconds and value % seconds == 0:
+                return f"{int(value // seconds)}{suffix}"
+        return f"{value:g}s"
+    if unit == "size":
+        for suffix, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+            if value >= size and value % size == 0:
+                return f"{value // size}{suffix}"
+    return str(value)
+
+
+def _settings_of(model: type[BaseModel], prefix: str, env: str | None) -> list[Setting]:
+    rows = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}.{name}"
+        metadata = field.metadata
+        default = field.get_default(call_default_factory=True)
+        rows.append(
+            Setting(
+                key=key,
+                env=f"{env}__{name.upper()}" if env is not None else None,
+                type=type_name(field.annotation, metadata) + _bounds(field),
+                default=show_value(default, _unit(metadata)),
+                example=EXAMPLES.get(key, show_value(default, _unit(metadata))),
+                description=field.description or "",
+            )
+        )
+        if get_args(field.annotation)[1:] == (LoadOptions,):
+            rows.extend(_settings_of(LoadOptions, f"{key}.*", None))
+    return rows
+
+
+def settings_reference() -> list[Setting]:
+    """Every key of `Settings`, section by section, in declaration order."""
+    rows = []
+    for name, field in Settings.model_fields.items():
+        section_model = field.annotation
+        assert isinstance(section_model, type)
+        assert issubclass(section_model, BaseModel)
+        rows.extend(_settings_of(section_model, name, f"{ENV_PREFIX}{name.upper()}"))
+    return rows
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def config_reference() -> str:
+    """The configuration reference's Markdown: one table per section."""
+    parts = []
+    for name, field in Settings.model_fields.items():
+        section_model = field.annotation
+        assert isinstance(section_model, type)
+        # The section's docstring, less its pointers into the design notes.
+        doc = re.sub(r"\s*\(DESIGN\.md[^)]*\)", "", (section_model.__doc__ or "").strip())
+        parts.append(
+            f"**`{name}`**: {doc}\n\n"
+            "| key, environment variable | type | default | example | meaning |\n"
+            "| --- | --- | --- | --- | --- |\n"
+        )
+        for row in settings_reference():
+            if not row.key.startswith(f"{name}."):
+                continue
+            env = f"<br>`{row.env}`" if row.env else ""
+            parts[-1] += (
+                f"| `{row.key}`{env} | {_cell(row.type)} | `{row.default}` | "
+                f"`{_cell(row.example)}` | {_cell(row.description)} |\n"
+            )
+    return "\n".join(parts)
+
+
+# --- the metrics reference --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MetricDoc:
+    name: str  # as exposed: counters end in _total
+    type: str
+    labels: tuple[str, ...]
+    help: str
+
+
+def metric_docs() -> list[MetricDoc]:
+    """Every instrument of `Metrics`, in the order it creates them."""
+    docs = []
+    for instrument in vars(Metrics()).values():
+        if isinstance(instrument, MetricWrapperBase):  # read its private fields: no getters
+            kind = str(instrument._type)
+            name = instrument._name
+            docs.append(
+                MetricDoc(
+                    name=f"{name}_total" if kind == "counter" else name,
+                    type=kind,
+                    labels=tuple(instrument._labelnames),
+                    help=instrument._documentation,
+                )
+            )
+    return docs
+
+
+def metrics_reference() -> str:
+    parts = []
+    for doc in metric_docs():
+        labels = ", ".join(f"`{label}`" for label in doc.labels) or "no labels"
+        query, shows = PROMQL.get(doc.name, ("", "no example yet"))
+        parts.append(
+            f"- **`{doc.name}`** ({doc.type}; {labels}): {doc.help}\n  - `{query}`: {shows}.\n"
+        )
+    return "".join(parts)
+
+
+# --- all together -----------------------------------------------------------------------------
+
+
+async def update(text: str) -> str:
+    """`text` (the README) with every generated section written afresh."""
+    text = replace_section(text, "config-reference", config_reference())
+    text = replace_section(text, "metrics-reference", metrics_reference())
+    examples = doc_capture.render_endpoints(await doc_capture.capture_endpoints())
+    text = replace_section(text, "endpoint-reference", examples)
+    old = await doc_capture.capture_old_lmstudio()
+    return replace_section(text, "old-lmstudio", f"```text\n{old}\n```\n")
+
+
+async def main() -> None:  # pragma: no cover - rewrites the README; the tests check its parts
+    text = README.read_text(encoding="utf-8")
+    new = await update(text)
+    README.write_text(new, encoding="utf-8")
+    print("README.md", "unchanged" if new == text else "rewritten", file=sys.stderr)  # noqa: T201
+
+
+if __name__ == "__main__":  # pragma: no cover - run by hand
+    anyio.run(main)

@@ -1,0 +1,286 @@
+"""README.md's generated references match the code; its scrape config and Grafana dashboard work.
+
+A failure here usually means the code changed: `uv run python -m tests.gen_docs` rewrites the
+generated parts of the README.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+import shutil
+from collections.abc import Iterator
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.config import Settings, load_settings
+from proxy.emulator import Emulator
+from tests import doc_capture
+from tests.gen_docs import (
+    PER_MODEL,
+    PROMQL,
+    README,
+    REGENERATE,
+    Setting,
+    config_reference,
+    metric_docs,
+    metrics_reference,
+    replace_section,
+    section,
+    settings_reference,
+    show_value,
+    update,
+)
+from tests.test_proxy import MESSAGES, QWEN, running
+
+STALE = f"README.md is stale: run `{REGENERATE}`"
+SETTINGS = settings_reference()
+DASHBOARD = files("proxy") / "grafana" / "lmswitch.json"
+# What the dashboard must show (base names, before _total/_bucket/_sum/_count).
+DASHBOARD_MUST_SHOW = {
+    "lmswitch_requests",
+    "lmswitch_request_duration_seconds",
+    "lmswitch_time_to_first_byte_seconds",
+    "lmswitch_queue_wait_seconds",
+    "lmswitch_model_loads",
+    "lmswitch_model_load_duration_seconds",
+    "lmswitch_model_unloads",
+    "lmswitch_model_loaded",
+}
+
+
+def readme() -> str:
+    return README.read_text(encoding="utf-8")
+
+
+def readme_block(name: str) -> str:
+    """The code block after `<!-- example: name -->` in the README."""
+    match = re.search(rf"<!-- example: {name} -->\n```\w*\n(.*?)```", readme(), re.DOTALL)
+    assert match is not None, f"no example {name!r} in README.md"
+    return match[1]
+
+
+# --- configuration ----------------------------------------------------------------------------
+
+
+def test_config_reference_is_current() -> None:
+    assert section(readme(), "config-reference") == config_reference(), STALE
+
+
+def test_replace_section_rewrites_between_the_markers_only() -> None:
+    text = "a\n<!-- x:start -->\nold\n<!-- x:end -->\nb\n"
+    new = replace_section(text, "x", "new\n")
+    assert new == "a\n<!-- x:start -->\nnew\n<!-- x:end -->\nb\n"
+    assert section(new, "x") == "new\n"
+
+
+def test_values_are_shown_as_config_yaml_would_hold_them() -> None:
+    assert show_value(True, None) == "true"
+    assert show_value(("a",), None) == '["a"]'
+    assert show_value({"a": "b"}, None) == '{"a": "b"}'
+    assert show_value(5400.0, "duration") == "90m"
+    assert show_value(0.25, "duration") == "0.25s"
+    assert show_value(1000, "size") == "1000"
+    assert show_value(3 * 2**30, "size") == "3GiB"
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=[s.key for s in SETTINGS])
+def test_every_setting_is_described(setting: Setting) -> None:
+    assert setting.description, f"add Field(description=...) for {setting.key} in proxy/config.py"
+
+
+def _yaml_for(key: str, example: str) -> str:
+    """`key` (dotted; `*` a model key) set to the example text, as config.yaml would hold it."""
+    *parents, leaf = key.replace("*", "some-model").split(".")
+    lines = [f"{'  ' * depth}{name}:" for depth, name in enumerate(parents)]
+    return "\n".join([*lines, f"{'  ' * len(parents)}{leaf}: {example}"]) + "\n"
+
+
+def _env_text(value: Any) -> str:
+    """A YAML value as an LMSWITCH_* variable holds it: strings as they are, the rest as JSON."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=[s.key for s in SETTINGS])
+def test_config_example_works_in_the_file_and_the_environment(
+    setting: Setting, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each example is valid YAML for its key, changes a setting, and means the same as its
+    environment variable."""
+    config = tmp_path / "config.yaml"
+    config.write_text(_yaml_for(setting.key, setting.example))
+    from_file = load_settings(config)
+    assert from_file != Settings()
+    if setting.key.startswith(PER_MODEL):
+        assert setting.env is None  # set the whole mapping, as JSON, instead
+        return
+    assert setting.env is not None
+    monkeypatch.setenv(setting.env, _env_text(yaml.safe_load(setting.example)))
+    assert Settings() == from_file
+
+
+# --- endpoints --------------------------------------------------------------------------------
+
+
+async def test_readme_matches_a_fresh_generation() -> None:
+    """The README's requests and answers (and every other generated part) are what the code
+    gives today, ids and times aside."""
+    text = readme()
+    with anyio.fail_after(20):
+        fresh = await update(text)
+    old, new = doc_capture.mask(text).splitlines(), doc_capture.mask(fresh).splitlines()
+    diff = "\n".join(
+        list(difflib.unified_diff(old, new, "README.md", "generated", lineterm=""))[:40]
+    )
+    assert old == new, f"{STALE}\n{diff}"
+
+
+def test_mask_blanks_ids_and_times_only() -> None:
+    text = '{"id": "chatcmpl-abc123", "created": 1795790504, "uptime_s": 0.5, "model": "m"}'
+    assert (
+        doc_capture.mask(text) == '{"id": "chatcmpl-…", "created": …, "uptime_s": …, "model": "m"}'
+    )
+
+
+# --- metrics ----------------------------------------------------------------------------------
+
+
+def test_metrics_reference_is_current() -> None:
+    assert section(readme(), "metrics-reference") == metrics_reference(), STALE
+
+
+async def scrape_served() -> dict[str, frozenset[str]]:
+    """Series name -> label names, from a real `/metrics` scrape after one chat request."""
+    labels = {doc.name: frozenset(doc.labels) for doc in metric_docs()}
+    async with running(Emulator()) as proxy:
+        with anyio.fail_after(10):
+            await proxy.sdk.chat.completions.create(model=QWEN, messages=MESSAGES)
+            text = (await proxy.http.get("/metrics")).text
+    served: dict[str, frozenset[str]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.type == "counter":
+            served[family.name + "_total"] = labels[family.name + "_total"]
+        elif family.type == "histogram":
+            for suffix in ("_bucket", "_sum", "_count"):
+                extra = {"le"} if suffix == "_bucket" else set()
+                served[family.name + suffix] = labels[family.name] | extra
+        else:
+            served[family.name] = labels[family.name]
+    return served
+
+
+_NAME = re.compile(r"\blmswitch_\w+")
+_SELECTOR = re.compile(r"\b(lmswitch_\w+)\{([^}]*)\}")
+_GROUPING = re.compile(r"\b(?:by|without)\s*\(([^)]*)\)")
+
+
+def promql_problems(expr: str, served: dict[str, frozenset[str]]) -> list[str]:
+    """What in `expr` names a series or label that lmswitch does not serve."""
+    names = set(_NAME.findall(expr))
+    problems = [f"{name} is not served" for name in sorted(names - set(served))]
+    known = set().union(*(served.get(name, frozenset()) for name in names))
+    problems += [
+        f"{name} has no label {label!r}"
+        for name, matchers in _SELECTOR.findall(expr)
+        for label in re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", matchers)
+        if name in served and label not in served[name]
+    ]
+    problems += [
+        f"no series in {expr!r} has the label {label!r}"
+        for grouping in _GROUPING.findall(expr)
+        for label in filter(None, (part.strip() for part in grouping.split(",")))
+        if label not in known
+    ]
+    return problems
+
+
+def test_promql_problems_finds_wrong_names_and_labels() -> None:
+    served = {"lmswitch_a_total": frozenset({"model"})}
+    assert promql_problems("sum by (model) (rate(lmswitch_a_total[5m]))", served) == []
+    assert promql_problems('lmswitch_b{model="x"}', served) == ["lmswitch_b is not served"]
+    assert promql_problems('sum by (kind) (lmswitch_a_total{mode="x"})', served) == [
+        "lmswitch_a_total has no label 'mode'",
+        "no series in 'sum by (kind) (lmswitch_a_total{mode=\"x\"})' has the label 'kind'",
+    ]
+
+
+async def test_promql_examples_name_only_served_series() -> None:
+    served = await scrape_served()
+    for doc in metric_docs():
+        query, _ = PROMQL[doc.name]
+        assert promql_problems(query, served) == [], query
+        assert doc.name.removesuffix("_total") in query, f"{doc.name}'s example is about another"
+
+
+def _queries(node: Any, keys: tuple[str, ...] = ("expr", "definition")) -> Iterator[str]:
+    """Every query in a dashboard: panel targets (`expr`, PromQL) and template variables'
+    (`definition`, Grafana's `label_values(...)`)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in keys and isinstance(value, str):
+                yield value
+            else:
+                yield from _queries(value, keys)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _queries(item, keys)
+
+
+async def test_grafana_dashboard_queries_name_only_served_series() -> None:
+    """The dashboard is valid JSON, every query names real series and labels, and it shows
+    requests, latency, time to first byte, queue wait, loads, load time, evictions and
+    loaded models."""
+    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    panels = dashboard["panels"]
+    assert len({panel["id"] for panel in panels}) == len(panels)
+    assert all(panel["targets"] for panel in panels)
+    queries = list(_queries(dashboard))
+    served = await scrape_served()
+    for query in queries:
+        assert promql_problems(query, served) == [], query
+    shown = {
+        re.sub(r"_(total|bucket|sum|count)$", "", n) for q in queries for n in _NAME.findall(q)
+    }
+    assert shown >= DASHBOARD_MUST_SHOW
+
+
+async def test_prometheus_scrape_config_points_at_metrics(tmp_path: Path) -> None:
+    """The README's scrape config scrapes /metrics on lmswitch's port (and passes promtool)."""
+    text = readme_block("prometheus")
+    job = yaml.safe_load(text)["scrape_configs"][0]
+    assert job["metrics_path"] == "/metrics"
+    assert job["static_configs"][0]["targets"] == [f"127.0.0.1:{Settings().server.port}"]
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (Debian: apt-get install prometheus)")
+    config = tmp_path / "prometheus.yml"
+    config.write_text(text)
+    with anyio.fail_after(20):
+        result = await anyio.run_process([promtool, "check", "config", str(config)], check=False)
+    assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
+async def test_promql_parses(tmp_path: Path) -> None:
+    """Prometheus' own parser (`promtool check rules`) accepts every PromQL expression: the
+    reference's examples and the dashboard's panels (its variables filled in)."""
+    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    panels = [
+        expr.replace("$__rate_interval", "5m").replace("$model", ".*")
+        for expr in _queries(dashboard, ("expr",))
+    ]
+    exprs = [query for query, _ in PROMQL.values()] + panels
+    rules = [{"record": f"lmswitch:docs_example_{i}", "expr": e} for i, e in enumerate(exprs)]
+    path = tmp_path / "rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "docs", "rules": rules}]}))
+    promtool: Any = shutil.which("promtool")
+    with anyio.fail_after(20):
+        result = await anyio.run_process([promtool, "check", "rules", str(path)], check=False)
+    assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
