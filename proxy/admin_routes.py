@@ -175,10 +175,13 @@ async def healthz(request: Request[State]) -> Response:
 
 
 async def readyz(request: Request[State]) -> Response:
+    """Ready once LM Studio's models have been read (it answered, and speaks the 0.4+ API)."""
     manager = request.state["manager"]
-    if manager.ever_reachable:
+    if manager.catalog_known:
         return JSONResponse({"status": "ready", "upstream_reachable": manager.reachable})
-    return JSONResponse({"status": "waiting for LM Studio", "upstream_reachable": False}, 503)
+    error = manager.last_error
+    reason = error.message if error is not None else "waiting for LM Studio"
+    return JSONResponse({"status": reason, "upstream_reachable": manager.reachable}, 503)
 
 
 async def metrics(request: Request[State]) -> Response:

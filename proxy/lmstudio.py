@@ -186,7 +186,14 @@ class LMStudioClient:
             raise UpstreamUnavailableError(
                 f"LM Studio is not reachable at {self.base_url}: {exc!r}", retry_after_s=5
             ) from exc
-        if response.status_code >= 400 or _unexpected_endpoint(response):
+        if _unexpected_endpoint(response):
+            raise UpstreamError(
+                f"LM Studio at {self.base_url} does not serve {path}: lmswitch needs LM Studio "
+                "0.4 or later (its /api/v1 REST API)",
+                code="upstream_unsupported",
+                should_retry=False,
+            )
+        if response.status_code >= 400:
             raise _status_error(path, response)
         try:
             return response.json()

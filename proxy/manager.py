@@ -110,7 +110,7 @@ class ModelManager:
         self.catalog: dict[str, ModelInfo] = {}
         self.catalog_known = False
         self.reachable = False
-        self.ever_reachable = False
+        self.last_error: ProxyError | None = None  # why the last catalogue read failed
         self._pending: dict[int, _Pending] = {}
         self._tg: TaskGroup | None = None
         self._wakeup = anyio.Event()
@@ -198,11 +198,18 @@ class ModelManager:
         if self.catalog_known and self._clock() - self._last_refresh < _CATALOG_REFRESH_S:
             return False
         await self.refresh()
-        if not self.catalog_known:
+        self.require_catalog()
+        return True
+
+    def require_catalog(self) -> None:
+        """Raise why LM Studio's models are unknown, if they are."""
+        if self.catalog_known:
+            return
+        if self.last_error is None or isinstance(self.last_error, UpstreamUnavailableError):
             raise UpstreamUnavailableError(
                 f"LM Studio is not reachable at {self._client.base_url}", retry_after_s=5
             )
-        return True
+        raise self.last_error
 
     # -- leases -----------------------------------------------------------------------------
 
@@ -490,7 +497,6 @@ class ModelManager:
     def _upstream_result(self, error: ProxyError | None) -> None:
         up = error is None or not isinstance(error, UpstreamUnavailableError)
         self.reachable = up
-        self.ever_reachable = self.ever_reachable or up
         self._metrics.upstream_up.set(1 if up else 0)
 
     async def refresh(self) -> None:
@@ -507,6 +513,7 @@ class ModelManager:
             catalog = await self._client.catalog()
         except ProxyError as exc:
             self._upstream_result(exc)
+            self.last_error = exc
             logger.warning("cannot read LM Studio's models: %s", exc.message)
             return
         finally:
@@ -514,6 +521,7 @@ class ModelManager:
             self._refreshed = None
             self._last_refresh = self._clock()
         self._upstream_result(None)
+        self.last_error = None
         self.catalog = {info.key: info for info in catalog}
         self.context_lengths.update(
             {info.key: info.context_length for info in catalog if info.instances}

@@ -241,10 +241,7 @@ async def _routable(request: Request[State]) -> AsyncIterator[tuple[str, str]]:
     manager = request.state["manager"]
     if not manager.catalog_known:
         await manager.refresh()
-        if not manager.catalog_known:
-            raise UpstreamUnavailableError(
-                "LM Studio is not reachable, so its models are unknown", retry_after_s=5
-            )
+        manager.require_catalog()
     for key in sorted(manager.catalog):
         yield key, key
     for alias, target in sorted(request.state["settings"].models.aliases.items()):

@@ -123,7 +123,8 @@ async def test_unexpected_endpoint_answer_is_an_error_not_data() -> None:
     client = client_for(lambda _: httpx2.Response(200, content=body))
     with pytest.raises(UpstreamError) as caught:
         await client.catalog()
-    assert "Unexpected endpoint" in caught.value.message
+    assert "0.4 or later" in caught.value.message
+    assert caught.value.code == "upstream_unsupported"
 
 
 async def test_unauthorised_names_the_token_setting() -> None:
