@@ -28,10 +28,9 @@ import uvicorn
 from anyio.abc import TaskStatus
 from uvicorn.server import HANDLED_SIGNALS
 
-from proxy import __version__, bench
+from proxy import __version__
 from proxy.app import create_app
 from proxy.config import ConfigError, Settings, describe_settings, load_settings
-from proxy.emulator import Emulator
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -258,6 +257,8 @@ def build_emulator_server(argv: Sequence[str]) -> Server:
 
 
 def _emulator_server(args: argparse.Namespace) -> Server:
+    from proxy.emulator import Emulator  # only this command and the demo need it
+
     memory = None if args.memory is None else int(args.memory * 2**30)
     emulator = Emulator(
         load_delay_s=args.load_delay,
@@ -359,6 +360,8 @@ async def run_demo(
     a `Demo`. SIGINT/SIGTERM (or `Demo.stop()`) drain the proxy; the emulator stops after it,
     since in-flight requests need it. Raises CannotListenError if `port` is taken.
     """
+    from proxy.emulator import Emulator  # not imported by `serve`: it costs memory
+
     emulator = Emulator(load_delay_s=load_delay_s, token_delay_s=0.05, reply_tokens=24)
     with _listen(0) as emulator_sock, _listen(port) as proxy_sock:
         emulator_port = emulator_sock.getsockname()[1]
@@ -425,6 +428,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "demo":
             anyio.run(partial(run_demo, args.port, args.load_delay))
         elif args.command == "bench":
+            from proxy import bench  # not imported by `serve`
+
             return bench.run(
                 bench.BenchOptions(
                     seconds=args.duration,
