@@ -33,7 +33,7 @@ from proxy.errors import ProxyError, error_response, handle_proxy_error
 from proxy.events import EventBus
 from proxy.lmstudio import LMStudioClient, create_http_client
 from proxy.manager import ModelManager
-from proxy.metrics import Metrics
+from proxy.metrics import UNKNOWN_MODEL, Metrics
 from proxy.state import State
 from proxy.streaming import RequestRecord
 
@@ -158,12 +158,16 @@ def release_startup_garbage() -> None:
 
 
 def create_app(
-    settings: Settings | None = None, *, transport: httpx2.AsyncBaseTransport | None = None
+    settings: Settings | None = None,
+    *,
+    transport: httpx2.AsyncBaseTransport | None = None,
+    events: EventBus | None = None,
 ) -> Starlette:
-    """The proxy as an ASGI app. `transport` replaces the network to LM Studio (tests)."""
+    """The proxy as an ASGI app. `transport` replaces the network to LM Studio (tests);
+    `events` is its event bus, for a server that closes it when shutting down."""
     settings = settings if settings is not None else Settings()
     metrics = Metrics()
-    events = EventBus()
+    events = events if events is not None else EventBus()
     log_request = access_log(settings, metrics, events)
 
     @asynccontextmanager
@@ -202,11 +206,23 @@ def create_app(
         lifespan=lifespan,
         exception_handlers={ProxyError: handle_proxy_error, HTTPException: _http_error},
     )
+
+    def refused(scope: Scope, status: int) -> None:
+        """An access line for a request the auth middleware answered before any route ran."""
+        path = scope["path"]
+        endpoint = path if path in openai_routes.PROXIED_PATHS else "other"  # bounded label
+        request_id = str(scope.get(openai_routes.REQUEST_ID_SCOPE_KEY, ""))
+        now = time.perf_counter()  # the clock of every request record (see openai_routes)
+        log_request(
+            RequestRecord(request_id, scope["method"], endpoint, UNKNOWN_MODEL, now, status=status)
+        )
+
     auth = settings.auth
     app.add_middleware(
         AuthMiddleware,
         api_keys=[key.get_secret_value() for key in auth.api_keys],
         admin_keys=[key.get_secret_value() for key in auth.admin_keys],
+        on_refused=refused,
     )
     app.add_middleware(RequestIdMiddleware)  # outermost: errors from auth carry the id too
     return app

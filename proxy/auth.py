@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -59,16 +59,26 @@ def is_loopback(scope: Scope) -> bool:
 class AuthMiddleware:
     """Pure ASGI middleware enforcing `auth.api_keys` and `auth.admin_keys` (DESIGN §5.9)."""
 
-    def __init__(self, app: ASGIApp, *, api_keys: Iterable[str], admin_keys: Iterable[str]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        api_keys: Iterable[str],
+        admin_keys: Iterable[str],
+        on_refused: Callable[[Scope, int], None] | None = None,
+    ) -> None:
         self.app = app
         self._api = [_digest(key) for key in api_keys]
         self._admin = [_digest(key) for key in admin_keys]
+        self._on_refused = on_refused  # told of every refusal (scope, status), for the access log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and (error := self._check(scope)) is not None:
             response = error_response(error, path=scope["path"])
             response.headers["www-authenticate"] = "Bearer"
             await response(scope, receive, send)
+            if self._on_refused is not None:
+                self._on_refused(scope, error.status_code)
             return
         await self.app(scope, receive, send)
 

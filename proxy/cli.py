@@ -31,6 +31,7 @@ from uvicorn.server import HANDLED_SIGNALS
 from proxy import __version__
 from proxy.app import create_app
 from proxy.config import ConfigError, Settings, describe_settings, load_settings
+from proxy.events import EventBus
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -65,16 +66,27 @@ def handling_signals(handler: SignalHandler) -> Iterator[None]:
 
 
 class Server(uvicorn.Server):
-    """uvicorn's server, minus re-raising the signal after a graceful shutdown.
+    """uvicorn's server, minus re-raising the signal after a graceful shutdown, plus a hook
+    called as the shutdown begins.
 
     uvicorn re-raises a captured SIGTERM once drained, which kills the process with status 143;
     a drained proxy exits 0 instead.
     """
 
+    def __init__(
+        self, config: uvicorn.Config, *, on_shutdown: Callable[[], object] = lambda: None
+    ) -> None:
+        super().__init__(config)
+        self._on_shutdown = on_shutdown
+
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         with handling_signals(self.handle_exit):
             yield
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self._on_shutdown()  # before the drain, which waits for every open response
+        await super().shutdown(sockets=sockets)
 
 
 class QuietServer(uvicorn.Server):
@@ -224,7 +236,9 @@ def _proxy_server(args: argparse.Namespace) -> Server:
     settings = load_settings(args.config, server=server)
     refuse_open_proxy(settings)
     configure_logging(settings)
-    return Server(_uvicorn_config(create_app(settings), settings))
+    events = EventBus()  # closed as the shutdown begins: live event streams end, not drain
+    app = create_app(settings, events=events)
+    return Server(_uvicorn_config(app, settings), on_shutdown=events.close)
 
 
 def _is_loopback_host(host: str) -> bool:

@@ -22,6 +22,7 @@ class EventBus:
     def __init__(self, buffer: int = 256) -> None:
         self._buffer = buffer
         self._subscribers: set[MemoryObjectSendStream[Event]] = set()
+        self._closed = False
         self.dropped = 0
 
     @property
@@ -43,11 +44,25 @@ class EventBus:
         send.close()  # the subscriber's stream ends after what it has buffered
         self.dropped += 1
 
+    def close(self) -> None:
+        """End every subscriber's stream (after what it has buffered), and new ones at once.
+
+        Called when the server starts shutting down: live event streams never end by
+        themselves, so left open they would hold up the drain for all of `drain_timeout`.
+        """
+        self._closed = True
+        for send in list(self._subscribers):
+            self._subscribers.discard(send)
+            send.close()
+
     @contextmanager
     def subscribe(self) -> Iterator[MemoryObjectReceiveStream[Event]]:
         """A stream of the events published from now on, until it is dropped or closed."""
         send, receive = anyio.create_memory_object_stream[Event](self._buffer)
-        self._subscribers.add(send)
+        if self._closed:
+            send.close()
+        else:
+            self._subscribers.add(send)
         try:
             with receive:
                 yield receive

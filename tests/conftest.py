@@ -46,15 +46,28 @@ async def serve(app: ASGIApp, *, host: str = "127.0.0.1", port: int = 0) -> Asyn
         app, log_level="warning", timeout_graceful_shutdown=1, lifespan="on", access_log=False
     )
     server = uvicorn.Server(config)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(server.serve, [sock])
-        with anyio.fail_after(5):
-            while not server.started:  # uvicorn only exposes a flag
-                if server.should_exit:
-                    raise RuntimeError("server failed to start")
-                await anyio.sleep(0.01)
-        bound_host, port = sock.getsockname()
+    stopped = anyio.Event()
+
+    async def run() -> None:
         try:
-            yield f"http://{bound_host}:{port}"
+            await server.serve([sock])
         finally:
-            server.should_exit = True
+            stopped.set()
+
+    with sock:  # closed however the server ends
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            with anyio.fail_after(5):
+                while not server.started:  # uvicorn only exposes a flag
+                    if server.should_exit:
+                        raise RuntimeError("server failed to start")
+                    await anyio.sleep(0.01)
+            bound_host, port = sock.getsockname()
+            try:
+                yield f"http://{bound_host}:{port}"
+            finally:
+                # Let it shut down even when the test failed: cancelled mid-serve, uvicorn leaves
+                # its listening server open, and closing a uvloop loop then blocks for good.
+                server.should_exit = True
+                with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                    await stopped.wait()

@@ -1,0 +1,263 @@
+"""Access logs (DESIGN §7) as `serve` writes them, in text and JSON, and keys kept out of them."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx2
+import pytest
+
+from proxy.cli import configure_logging
+from proxy.emulator import Emulator
+from tests.test_proxy import MESSAGES, QWEN, running, settings_for
+
+CHAT = "/v1/chat/completions"
+ACCESS_FIELDS = {
+    "request_id",
+    "model",
+    "endpoint",
+    "status",
+    "duration_ms",
+    "queue_wait_ms",
+    "waited_on_load",
+    "bytes_out",
+}
+API_KEY = "sk-client-TOPSECRET-4242"
+OTHER_API_KEY = "sk-client-ALSOSECRET-1717"
+ADMIN_KEY = "sk-admin-TOPSECRET-5353"
+UPSTREAM_TOKEN = "lm-token-TOPSECRET-6464"
+WRONG_KEY = "sk-wrong-GUESSED-7878"
+SECRETS = (API_KEY, OTHER_API_KEY, ADMIN_KEY, UPSTREAM_TOKEN, WRONG_KEY)
+
+_LOGFMT = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)')
+
+
+class Captured:
+    """What the `lmswitch` logger wrote (through `configure_logging`'s handler) and its records."""
+
+    def __init__(self, stream: io.StringIO) -> None:
+        self._stream = stream
+        self.records: list[logging.LogRecord] = []
+
+    @property
+    def lines(self) -> list[str]:
+        return self._stream.getvalue().splitlines()
+
+
+class _Keep(logging.Handler):
+    def __init__(self, into: list[logging.LogRecord]) -> None:
+        super().__init__(logging.NOTSET)
+        self._into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._into.append(record)
+
+
+@contextmanager
+def logging_as_serve_does(**sections: Any) -> Iterator[Captured]:
+    """`configure_logging` for these settings, its handler writing to a string; restored after."""
+    root = logging.getLogger("lmswitch")
+    saved = (root.handlers[:], root.level, root.propagate)
+    configure_logging(settings_for("http://unused", **sections))
+    (handler,) = root.handlers
+    assert isinstance(handler, logging.StreamHandler)
+    stream = io.StringIO()
+    handler.setStream(stream)
+    captured = Captured(stream)
+    root.addHandler(_Keep(captured.records))
+    try:
+        yield captured
+    finally:
+        root.handlers[:], root.level, root.propagate = saved
+
+
+def logfmt(line: str) -> list[tuple[str, str]]:
+    """`key=value` pairs in order; a quoted value is a JSON string."""
+    return [
+        (key, json.loads(value) if value.startswith('"') else value)
+        for key, value in _LOGFMT.findall(line)
+    ]
+
+
+def text_access_lines(captured: Captured) -> list[dict[str, str]]:
+    lines = [line for line in captured.lines if " lmswitch.access: " in line]
+    parsed = []
+    for line in lines:
+        pairs = logfmt(line.split(" lmswitch.access: ", 1)[1])
+        keys = [key for key, _ in pairs]
+        assert len(keys) == len(set(keys)), f"a field appears twice: {line}"
+        parsed.append(dict(pairs))
+    return parsed
+
+
+def json_access_lines(captured: Captured) -> list[dict[str, Any]]:
+    objects = []
+    for line in captured.lines:
+        obj = json.loads(line)  # every line the handler writes is one JSON object
+        assert isinstance(obj, dict), line
+        objects.append(obj)
+    return [obj for obj in objects if obj["logger"] == "lmswitch.access"]
+
+
+async def _two_requests(http: httpx2.AsyncClient, tag: str) -> tuple[httpx2.Response, ...]:
+    """One request that loads the model, one that finds it loaded."""
+    body = {"model": QWEN, "messages": MESSAGES}
+    first = await http.post(CHAT, json=body, headers={"x-request-id": f"{tag}-1"})
+    second = await http.post(CHAT, json=body, headers={"x-request-id": f"{tag}-2"})
+    assert first.status_code == second.status_code == 200
+    return first, second
+
+
+async def test_text_access_line_per_request() -> None:
+    """`format: text`: one `key=value` line per request, with every field of DESIGN §7."""
+    text: dict[str, Any] = {"logging": {"format": "text"}}
+    with logging_as_serve_does(**text) as captured:
+        async with running(Emulator(load_delay_s=0.1), **text) as proxy:
+            first, second = await _two_requests(proxy.http, "text")
+            unknown = await proxy.http.post(
+                CHAT, json={"model": "nope", "messages": MESSAGES}, headers={"x-request-id": "t-3"}
+            )
+            assert unknown.status_code == 404
+    lines = {line["request_id"]: line for line in text_access_lines(captured)}
+    assert sorted(lines) == ["t-3", "text-1", "text-2"]
+    for line in lines.values():
+        assert set(line) >= ACCESS_FIELDS
+        assert line["endpoint"] == CHAT
+        assert float(line["duration_ms"]) >= 0  # the 404 may take under the 0.1 ms shown
+        assert float(line["queue_wait_ms"]) >= 0
+    assert lines["text-1"]["model"] == lines["text-2"]["model"] == QWEN
+    assert lines["text-1"]["status"] == lines["text-2"]["status"] == "200"
+    assert lines["text-1"]["waited_on_load"] == "True"
+    assert float(lines["text-1"]["queue_wait_ms"]) >= 50  # the load took 0.1 s
+    assert float(lines["text-1"]["duration_ms"]) >= 50
+    assert lines["text-2"]["waited_on_load"] == "False"
+    assert lines["text-1"]["bytes_out"] == str(len(first.content))
+    assert lines["text-2"]["bytes_out"] == str(len(second.content))
+    assert lines["t-3"]["model"] == "unknown"
+    assert lines["t-3"]["status"] == "404"
+
+
+async def test_json_access_line_per_request() -> None:
+    """`format: json`: every line is a JSON object; access lines carry DESIGN §7's fields."""
+    as_json: dict[str, Any] = {"logging": {"format": "json"}}
+    with logging_as_serve_does(**as_json) as captured:
+        async with running(Emulator(load_delay_s=0.1), **as_json) as proxy:
+            first, second = await _two_requests(proxy.http, "json")
+    lines = {line["request_id"]: line for line in json_access_lines(captured)}
+    assert sorted(lines) == ["json-1", "json-2"]
+    for line, response in ((lines["json-1"], first), (lines["json-2"], second)):
+        assert set(line) >= ACCESS_FIELDS
+        assert line["level"] == "info"
+        assert line["model"] == QWEN
+        assert line["endpoint"] == CHAT
+        assert line["status"] == 200
+        assert line["duration_ms"] >= 0
+        assert line["bytes_out"] == len(response.content)
+    assert lines["json-1"]["waited_on_load"] is True
+    assert lines["json-1"]["queue_wait_ms"] >= 50
+    assert lines["json-1"]["duration_ms"] >= 50
+    assert lines["json-2"]["waited_on_load"] is False
+    # Lines other than access lines (model loads, ...) are JSON objects too.
+    assert any(obj["logger"] == "lmswitch.manager" for obj in map(json.loads, captured.lines))
+
+
+@pytest.mark.parametrize(
+    "request_id",
+    ['x status=500 model=gpt-4 "quoted"', "x\tstatus=500", "ok-id_1.2:3/4+5=6"],
+    ids=["spaces", "tab", "plain"],
+)
+async def test_client_request_id_cannot_forge_fields_in_a_text_line(request_id: str) -> None:
+    """A client's request id is logged as one value (kept, or replaced by the proxy's own)."""
+    text: dict[str, Any] = {"logging": {"format": "text"}}
+    with logging_as_serve_does(**text) as captured:
+        async with running(Emulator(), **text) as proxy:
+            response = await proxy.http.post(
+                CHAT,
+                json={"model": QWEN, "messages": MESSAGES},
+                headers={"x-request-id": request_id},
+            )
+            assert response.status_code == 200
+    (line,) = text_access_lines(captured)  # one line, each field once
+    assert line["request_id"] == response.headers["x-request-id"]
+    assert line["status"] == "200"
+    assert line["model"] == QWEN
+    if request_id == "ok-id_1.2:3/4+5=6":
+        assert line["request_id"] == request_id
+
+
+async def test_refused_requests_get_an_access_line() -> None:
+    """A request refused for its key is a request too: one access line, status 401."""
+    sections: dict[str, Any] = {"auth": {"api_keys": [API_KEY]}, "logging": {"format": "json"}}
+    with logging_as_serve_does(**sections) as captured:
+        async with running(Emulator(), **sections) as proxy:
+            for request_id, key in (("no-key", None), ("wrong-key", WRONG_KEY)):
+                headers = {"x-request-id": request_id}
+                if key is not None:
+                    headers["authorization"] = f"Bearer {key}"
+                body = {"model": QWEN, "messages": MESSAGES}
+                response = await proxy.http.post(CHAT, json=body, headers=headers)
+                assert response.status_code == 401
+    lines = {line["request_id"]: line for line in json_access_lines(captured)}
+    assert sorted(lines) == ["no-key", "wrong-key"]
+    for line in lines.values():
+        assert line["status"] == 401
+        assert line["endpoint"] == CHAT
+        assert line["model"] == "unknown"
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+async def test_keys_never_reach_the_logs(log_format: str) -> None:
+    """Client keys (right or wrong), admin keys and LM Studio's token appear in no log record."""
+    sections: dict[str, Any] = {
+        "auth": {"api_keys": [API_KEY, OTHER_API_KEY], "admin_keys": [ADMIN_KEY]},
+        "upstream": {"api_token": UPSTREAM_TOKEN},
+        "logging": {"format": log_format, "level": "debug"},
+    }
+    body = {"model": QWEN, "messages": MESSAGES}
+    emulator = Emulator(api_token=UPSTREAM_TOKEN)
+    with logging_as_serve_does(**sections) as captured:
+        async with running(emulator, **sections) as proxy:
+            for key in (API_KEY, OTHER_API_KEY):
+                ok = await proxy.http.post(
+                    CHAT, json=body, headers={"authorization": f"Bearer {key}"}
+                )
+                assert ok.status_code == 200
+            for headers in (
+                {"authorization": f"Bearer {WRONG_KEY}"},
+                {"authorization": WRONG_KEY},
+                {"x-api-key": WRONG_KEY},
+                {},
+            ):
+                refused = await proxy.http.post(CHAT, json=body, headers=headers)
+                assert refused.status_code == 401
+            anthropic = {"model": QWEN, "max_tokens": 8, "messages": MESSAGES}
+            messages = await proxy.http.post(
+                "/v1/messages", json=anthropic, headers={"x-api-key": API_KEY}
+            )
+            assert messages.status_code == 200
+            bad_body = await proxy.http.post(
+                CHAT,
+                content=API_KEY.encode(),  # a key pasted into the body: quoted in no log line
+                headers={"authorization": f"Bearer {API_KEY}", "content-type": "application/json"},
+            )
+            assert bad_body.status_code == 400
+            admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+            assert (await proxy.http.get("/api/v1/status", headers=admin)).status_code == 200
+            wrong_admin = {"authorization": f"Bearer {WRONG_KEY}"}
+            assert (await proxy.http.get("/api/v1/status", headers=wrong_admin)).status_code == 401
+            unload = await proxy.http.post(
+                "/api/v1/models/unload", json={"model_id": QWEN}, headers=admin
+            )
+            assert unload.status_code == 200
+    assert len([line for line in captured.lines if "lmswitch.access" in line]) >= 4
+    everything = "\n".join(captured.lines)
+    for record in captured.records:
+        everything += "\n" + record.getMessage() + "\n" + repr(record.__dict__)
+    for secret in SECRETS:
+        assert secret not in everything
