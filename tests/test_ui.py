@@ -233,7 +233,11 @@ async def test_unload_empties_the_loaded_model() -> None:
         await expect(page.locator("#loaded")).to_have_text("none")
         await expect(ui.state_of(QWEN)).to_have_text("not loaded")
         assert emulator.instances == {}
-        await page.get_by_role("switch", name=f"Pin {LLAMA}").check()
+        # By keyboard: a click aims at coordinates, and live updates may still move the layout.
+        pin = page.get_by_role("switch", name=f"Pin {LLAMA}")
+        await pin.focus()
+        await page.keyboard.press("Space")
+        await expect(pin).to_be_checked()
         await expect(page.locator("#message")).to_contain_text(f"Pinned {LLAMA}")
         rows = (await proxy.http.get("/api/v1/models")).json()
         assert [row["id"] for row in rows if row["pinned"]] == [LLAMA]

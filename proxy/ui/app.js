@@ -437,7 +437,8 @@
       const queued = Number(model.queued) || 0;
       const running = Number(model.in_flight) || 0;
       setText(row.inFlight, `${running}${queued ? ` (+${queued} queued)` : ""}`);
-      row.pin.checked = Boolean(model.pinned);
+      // A toggle the user just made wins over a snapshot taken before the server applied it.
+      if (!row.pin.dataset.pending) row.pin.checked = Boolean(model.pinned);
       const busy = Boolean(state.busy);
       row.load.setAttribute("aria-disabled", String(busy || model.state !== "absent"));
       row.unload.setAttribute("aria-disabled", String(busy || model.state === "absent"));
@@ -649,6 +650,8 @@
 
   async function setPinned(id, pinned, input) {
     const verb = pinned ? "pin" : "unpin";
+    input.dataset.pending = "1";
+    refreshSeq++; // a refresh already under way read the old state: its answer is dropped
     try {
       const response = await request(`/api/v1/models/${verb}`, {
         method: "POST",
@@ -663,6 +666,9 @@
     } catch (error) {
       input.checked = !pinned;
       say(`Could not ${verb} ${id}: ${(error && error.message) || error}`, "error");
+    } finally {
+      refreshSeq++;
+      delete input.dataset.pending;
     }
     scheduleRefresh(0);
   }
