@@ -55,7 +55,7 @@ def model_rows(request: Request[State]) -> list[dict[str, Any]]:
 
 def _wall(monotonic_s: float) -> float:
     """A time of the (monotonic) scheduler clock as seconds since the epoch."""
-    return round(time.time() - (anyio.current_time() - monotonic_s), 3)
+    return round(time.time() - (time.monotonic() - monotonic_s), 3)
 
 
 async def list_models(request: Request[State]) -> Response:

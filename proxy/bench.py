@@ -49,6 +49,9 @@ class Result:
     p50_ms: float
     p99_ms: float
     generator: str
+    # CPU the proxy process used per request (user + system), where /proc tells: steadier than
+    # throughput on a busy machine, since other processes' load does not count in it.
+    proxy_cpu_us: float = float("nan")
 
 
 @dataclass
@@ -305,10 +308,14 @@ async def run_matrix(
             for target, url in (("direct", stack.emulator_url), ("proxied", stack.proxy_url)):
                 kind = "streaming" if stream else "non-streaming"
                 _progress(f"bench: {kind} chat, concurrency {concurrency}, {target} ...")
+                cpu_before = _cpu_s(stack.proxy_pid)
                 result = await _measure(
                     url, stream=stream, concurrency=concurrency, seconds=seconds, use_wrk=use_wrk
                 )
                 result.target = target
+                if target == "proxied" and result.requests:
+                    cpu = _cpu_s(stack.proxy_pid) - cpu_before
+                    result.proxy_cpu_us = round(cpu / result.requests * 1e6, 1)
                 results.append(result)
     _progress("")
     return results
@@ -318,7 +325,7 @@ def format_table(results: Sequence[Result]) -> str:
     lines = [
         f"{'request':<14}{'conc':>5}  {'direct rps':>11}{'proxied rps':>12}{'ratio':>7}"
         f"  {'p50 direct':>11}{'p50 proxied':>12}{'added':>9}  {'p99 direct':>11}"
-        f"{'p99 proxied':>12}{'errors':>7}"
+        f"{'p99 proxied':>12}{'errors':>7}{'proxy CPU/req':>15}"
     ]
     pairs: dict[tuple[bool, int], dict[str, Result]] = {}
     for result in results:
@@ -329,7 +336,7 @@ def format_table(results: Sequence[Result]) -> str:
             f"{'streaming' if stream else 'non-streaming':<14}{concurrency:>5}  {d.rps:>11.1f}"
             f"{p.rps:>12.1f}{p.rps / d.rps if d.rps else 0:>7.2f}  {d.p50_ms:>9.2f}ms"
             f"{p.p50_ms:>10.2f}ms{p.p50_ms - d.p50_ms:>7.2f}ms  {d.p99_ms:>9.2f}ms"
-            f"{p.p99_ms:>10.2f}ms{d.errors + p.errors:>7}"
+            f"{p.p99_ms:>10.2f}ms{d.errors + p.errors:>7}{p.proxy_cpu_us:>13.0f}us"
         )
     return "\n".join(lines)
 

@@ -20,6 +20,7 @@ from proxy.errors import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
+from proxy.transport import PoolTransport
 
 # Hop-by-hop headers (RFC 9110 §7.6.1) are never forwarded, in either direction. `host` and
 # `content-length` are set anew by the client; `date` and `server` by our own server.
@@ -337,14 +338,11 @@ def _transport_of(http: httpx2.AsyncClient) -> httpx2.AsyncBaseTransport:
 
 
 def create_transport() -> httpx2.AsyncHTTPTransport:
-    """The connection pool to LM Studio."""
-    return httpx2.AsyncHTTPTransport(
+    """The connection pool to LM Studio (never through $HTTP_PROXY: LM Studio is local)."""
+    return PoolTransport(
         # LM Studio's server (Express) and uvicorn drop idle connections after 5 s; expiring ours
         # first avoids sending a request on a connection the server is closing.
-        limits=httpx2.Limits(
-            max_connections=None, max_keepalive_connections=256, keepalive_expiry=4.0
-        ),
-        trust_env=False,  # LM Studio is local: never route it through $HTTP_PROXY
+        httpx2.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=4.0)
     )
 
 
