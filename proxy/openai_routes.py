@@ -63,20 +63,21 @@ async def read_body(request: Request[Any], limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLargeError(f"request body is larger than {limit} bytes")
-    body = bytearray()
-    chunks = request.stream()
-    while True:
-        with anyio.move_on_after(BODY_READ_TIMEOUT_S) as waited:
-            chunk = await anext(chunks, None)
-        if waited.cancelled_caught:
-            raise RequestTimeoutError(
-                f"the request body stalled for {BODY_READ_TIMEOUT_S:g} s; send it at once"
-            )
-        if chunk is None:
-            return bytes(body)
-        body += chunk
-        if len(body) > limit:
-            raise PayloadTooLargeError(f"request body is larger than {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    # One cancel scope for the whole body, its deadline pushed back at each chunk.
+    with anyio.CancelScope(deadline=anyio.current_time() + BODY_READ_TIMEOUT_S) as scope:
+        async for chunk in request.stream():
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLargeError(f"request body is larger than {limit} bytes")
+            scope.deadline = anyio.current_time() + BODY_READ_TIMEOUT_S
+    if scope.cancelled_caught:
+        raise RequestTimeoutError(
+            f"the request body stalled for {BODY_READ_TIMEOUT_S:g} s; send it at once"
+        )
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def parse_object(body: bytes) -> dict[str, Any]:
