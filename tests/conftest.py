@@ -13,6 +13,23 @@ import uvicorn
 from starlette.types import ASGIApp
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--soak-minutes",
+        type=float,
+        default=0.75,
+        help="how long tests/test_soak.py drives load and faults (default 0.75: about a minute)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Soak tests run for --soak-minutes: their timeout follows (plus set-up and checks)."""
+    minutes: float = config.getoption("--soak-minutes")
+    for item in items:
+        if item.get_closest_marker("soak") is not None:
+            item.add_marker(pytest.mark.timeout(minutes * 60 + 120))
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     # uvicorn.Server is asyncio-only, as in uvicorn's own test suite.
@@ -29,6 +46,14 @@ def clean_environ() -> Iterator[None]:
     for key in [k for k in os.environ if k.startswith("LMSWITCH_")]:
         del os.environ[key]
     os.environ.update(saved)
+
+
+def free_port() -> int:
+    """A port nothing listens on now (for a server started, or restarted, on it later)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
 
 
 @asynccontextmanager

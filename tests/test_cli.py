@@ -41,7 +41,7 @@ from proxy.cli import (
     wait_until_ready,
 )
 from proxy.config import MASK, ConfigError
-from tests.conftest import serve
+from tests.conftest import free_port, serve
 
 QWEN = "qwen2.5-7b-instruct"
 LLAMA = "llama-3.2-1b-instruct"
@@ -59,13 +59,6 @@ def restore_logging() -> Iterator[None]:
     logger.handlers[:] = handlers
     logger.setLevel(level)
     logger.propagate = propagate
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def closed_url() -> str:

@@ -7,7 +7,6 @@ import io
 import json
 import re
 import shlex
-import socket
 import sys
 import tomllib
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from dockerfile_parse import DockerfileParser  # type: ignore[import-untyped] # 
 from proxy import cli
 from proxy.config import CONFIG_ENV_VAR, ConfigError, Settings, load_settings
 from proxy.emulator import Emulator
+from tests.conftest import free_port
 from tests.test_docs import readme, readme_block
 from tests.test_proxy import running
 
@@ -190,13 +190,6 @@ def healthcheck_code() -> str:
     return code
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port  # closed again: nothing listens there
-
-
 async def test_healthcheck_passes_on_a_running_proxy_and_fails_without_one() -> None:
     code = healthcheck_code()
     assert "127.0.0.1:8000" in code
@@ -207,7 +200,7 @@ async def test_healthcheck_passes_on_a_running_proxy_and_fails_without_one() -> 
                 [sys.executable, "-c", code.replace("127.0.0.1:8000", url)]
             )
     assert up.returncode == 0
-    closed = code.replace("127.0.0.1:8000", f"127.0.0.1:{_free_port()}")
+    closed = code.replace("127.0.0.1:8000", f"127.0.0.1:{free_port()}")
     with anyio.fail_after(10):
         down = await anyio.run_process([sys.executable, "-c", closed], check=False)
     assert down.returncode != 0

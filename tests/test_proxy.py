@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ import pytest
 from proxy.app import create_app
 from proxy.config import Settings
 from proxy.emulator import Emulator
-from tests.conftest import serve
+from tests.conftest import free_port, serve
 
 QWEN = "qwen2.5-7b-instruct"
 LLAMA = "llama-3.2-1b-instruct"
@@ -310,16 +309,9 @@ async def test_upstream_failure_mid_stream_ends_with_an_error_event() -> None:
         assert (await proxy.status())["in_flight"] == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 async def test_lm_studio_down_gives_503_and_the_proxy_recovers() -> None:
     """With LM Studio stopped: 503 upstream_unavailable; once it is back, requests work."""
-    port = _free_port()
+    port = free_port()
     upstream_url = f"http://127.0.0.1:{port}"
     async with proxy_for(upstream_url) as proxy:
         assert (await proxy.http.get("/readyz")).status_code == 503

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -18,7 +17,7 @@ import pytest
 from anyio.abc import Process
 
 from proxy.emulator import Emulator
-from tests.conftest import serve
+from tests.conftest import free_port, serve
 from tests.test_proxy import MESSAGES, QWEN
 
 pytestmark = pytest.mark.skipif(
@@ -28,13 +27,6 @@ pytestmark = pytest.mark.skipif(
 CHAT = "/v1/chat/completions"
 STREAM = {"model": QWEN, "messages": MESSAGES, "stream": True}
 START_TIMEOUT_S = 15.0  # a cold interpreter importing the proxy, then its first look upstream
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass
