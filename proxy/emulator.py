@@ -388,11 +388,15 @@ class Emulator:
         self._loading[instance_id] = model
         self._loads.append(model.key)
         self._notify()
-        with anyio.CancelScope(shield=True):
-            await anyio.sleep(self.load_delay_s)
-        del self._loading[instance_id]
-        if fail:
+        try:
+            with anyio.CancelScope(shield=True):
+                await anyio.sleep(self.load_delay_s)
+        finally:
+            # A load dies with its server: uvicorn's shutdown cancels handlers with asyncio's
+            # own `Task.cancel`, which the shield does not hold off.
+            del self._loading[instance_id]
             self._notify()
+        if fail:
             raise _LoadFailedError(
                 f'Failed to load model "{model.key}". Error: model_load_failed '
                 "(the engine process exited unexpectedly)"

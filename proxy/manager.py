@@ -7,6 +7,7 @@ requests and making the load and unload calls. It holds no scheduling rule of it
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -26,6 +27,7 @@ from proxy.errors import (
     ProxyError,
     QueueFullError,
     QueueTimeoutError,
+    UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
 from proxy.events import EventBus
@@ -437,9 +439,13 @@ class ModelManager:
         try:
             instance = await self._existing_instance(key)
             if instance is None:
-                loaded = await self._client.load(key, self._load_options(key))
-                instance = loaded.instance_id
-                self.context_lengths[key] = loaded.context_length
+                try:
+                    loaded = await self._client.load(key, self._load_options(key))
+                except UpstreamTimeoutError as exc:
+                    instance = await self._outlast_load(key, exc)
+                else:
+                    instance = loaded.instance_id
+                    self.context_lengths[key] = loaded.context_length
         except ProxyError as exc:
             self._upstream_result(exc)
             result = "timeout" if exc.status_code == 504 else "failed"
@@ -458,6 +464,22 @@ class ModelManager:
             self.scheduler.load_done(key, instance, self._clock())
         self._epoch += 1
         self._kick()
+
+    async def _outlast_load(self, key: str, error: UpstreamTimeoutError) -> str:
+        """LM Studio goes on with a load after the proxy stops waiting for it, and any other
+        load meanwhile would make a second copy or overrun its memory. The requests waiting get
+        the 504 now, but the model stays `loading` (so that no other load or unload starts)
+        until LM Studio lists it, for one more `load_timeout` at most."""
+        self.scheduler.fail_waiters(key, error)
+        self._kick()
+        upstream = self._settings.upstream
+        with anyio.move_on_after(upstream.load_timeout):
+            while True:
+                await anyio.sleep(min(upstream.poll_interval, 1.0))
+                with contextlib.suppress(ProxyError):
+                    if (instance := await self._existing_instance(key)) is not None:
+                        return instance
+        raise error
 
     async def _existing_instance(self, key: str) -> str | None:
         """LM Studio's real state first: loading a loaded model would add a second instance."""

@@ -85,6 +85,8 @@ def parse_object(body: bytes) -> dict[str, Any]:
         payload = json.loads(body)
     except ValueError as exc:
         raise BadRequestError(f"the request body is not valid JSON: {exc}") from exc
+    except RecursionError:  # json's C decoder stops at Python's recursion limit
+        raise BadRequestError("the request body is nested too deeply") from None
     if not isinstance(payload, dict):
         raise BadRequestError(
             f"the request body must be a JSON object, not {type(payload).__name__}"

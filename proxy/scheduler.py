@@ -222,6 +222,11 @@ class Scheduler:
         model = self.models[key]
         model.phase = Phase.ABSENT
         model.instance_id = None
+        self.fail_waiters(key, error)
+
+    def fail_waiters(self, key: str, error: Exception) -> None:
+        """Every request waiting for `key` fails with `error`; the model's phase stays as it is
+        (a load that LM Studio goes on with after the proxy stopped waiting for it)."""
         for waiter in [w for w in self.waiters.values() if w.model == key]:
             del self.waiters[waiter.id]
             self._outbox.append(Fail(waiter, FailReason.LOAD_FAILED, str(error), error))

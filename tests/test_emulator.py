@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -880,3 +881,23 @@ async def test_wait_until_raises_timeout_error() -> None:
     """wait_until gives up with TimeoutError after its timeout."""
     with pytest.raises(TimeoutError):
         await Emulator().wait_until(lambda: False, timeout=0.05)
+
+
+async def test_a_load_dies_with_its_server() -> None:
+    """uvicorn cancels a running load at shutdown: it leaves no reservation (memory, an id)."""
+    emulator = Emulator(load_delay_s=5)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg, serve(emulator.app) as url:
+
+            async def load() -> None:
+                async with httpx2.AsyncClient(base_url=url) as http:
+                    with contextlib.suppress(httpx2.TransportError):
+                        await http.post("/api/v1/models/load", json={"model": NOMIC})
+
+            tg.start_soon(load)
+            await emulator.wait_until(lambda: bool(emulator.calls))
+            await anyio.sleep(0.05)  # inside the load's delay
+        emulator.load_delay_s = 0
+        async with serve(emulator.app) as url, httpx2.AsyncClient(base_url=url) as http:
+            loaded = await http.post("/api/v1/models/load", json={"model": NOMIC})
+    assert loaded.json()["instance_id"] == NOMIC  # not NOMIC:2: the first id was given back

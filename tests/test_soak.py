@@ -1,0 +1,977 @@
+"""A soak under faults: many clients, models and endpoints while LM Studio misbehaves.
+
+Nothing may be lost: every request ends with a complete answer or a well-formed error before its
+deadline, leases and gauges return to zero, the proxy never makes LM Studio unload an instance
+that is answering, run two loads at once or load a model it had seen loaded, its view of the
+loaded models matches LM Studio's within a poll interval once the faults stop, and file
+descriptors and memory come back to where they were.
+
+About a minute by default; `uv run pytest -s tests/test_soak.py --soak-minutes 10` runs longer.
+The summary is printed (shown with `-s`) and written to `soak-summary.txt` in the test's tmp_path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import gc
+import json
+import logging
+import os
+import random
+import sys
+import tracemalloc
+from collections import Counter
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx2
+import pytest
+from anyio.abc import TaskGroup, TaskStatus
+from prometheus_client.parser import text_string_to_metric_families
+from starlette.requests import Request
+from starlette.responses import Response
+
+from proxy import emulator_replies as replies
+from proxy.emulator import CatalogModel, Emulator, Instance
+from tests.conftest import serve
+from tests.test_proxy import LLAMA, MESSAGES, NOMIC, QWEN, Proxy, proxy_for, running
+
+GEMMA = "google/gemma-3-4b"
+TEXT_MODELS = (LLAMA, GEMMA, QWEN)
+# Llama fits beside Gemma or Qwen, and the small embedding model beside any one; Gemma and Qwen
+# never fit together. The proxy's budget is LM Studio's memory, so its own loads always fit.
+MEMORY_BYTES = 6_000_000_000
+CLIENTS = 24
+REPLY_TOKENS = 12
+TOKEN_DELAY_S = 0.02
+LOAD_DELAY_S = 0.15  # a normal load
+POLL_S = 0.5
+LOAD_TIMEOUT_S = 1.0
+SLOW_LOAD_S = 1.6  # a load past the proxy's load_timeout
+QUEUE_TIMEOUT_S = 3.0
+READ_TIMEOUT_S = 3.0
+SECTIONS: dict[str, Any] = {
+    "upstream": {
+        "poll_interval": POLL_S,
+        "load_timeout": LOAD_TIMEOUT_S,
+        "read_timeout": READ_TIMEOUT_S,
+        "connect_timeout": 1.0,
+    },
+    "models": {"max_loaded": 2, "memory_budget": MEMORY_BYTES},
+    "scheduler": {"queue_timeout": QUEUE_TIMEOUT_S, "swap_grace": 0.5},
+}
+# The longest a request may take: two queue waits (a model unloaded behind the proxy's back is
+# reloaded and asked once more), LM Studio's read timeout twice, a stream, and slack.
+DEADLINE_S = 2 * QUEUE_TIMEOUT_S + 2 * READ_TIMEOUT_S + 4.0
+# uvicorn closes idle keep-alive connections after 5 s; the proxy's pool expires its own after 4.
+KEEPALIVE_EXPIRY_S = 5.5
+
+
+# --- an emulator that watches what the proxy makes LM Studio do --------------------------------
+
+# The instance the current request resolved to, inside one emulator request's task.
+_resolved: contextvars.ContextVar[str | None] = contextvars.ContextVar("resolved", default=None)
+
+
+@dataclass
+class LoadCall:
+    """A `POST /api/v1/models/load` the emulator is answering."""
+
+    model: str
+    abandoned: bool = False  # the caller hung up (its load_timeout passed); LM Studio goes on
+
+
+class WatchedEmulator(Emulator):
+    """The emulator, recording what a proxy must never make LM Studio do.
+
+    `findings` are the proxy's faults: a REST unload of an instance that is answering a request,
+    a load or unload call while a load runs (also one it stopped waiting for: LM Studio goes on
+    with it), a second instance of a model loaded while its first load still ran, a REST load of
+    a model that every listing since its last call showed loaded. `notes` count what is nobody's
+    fault (LM Studio's JIT evicting under a request, a duplicate
+    from a race with a load behind the proxy's back, ...).
+    """
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.answering: Counter[str] = Counter()  # requests inside the handler, per instance
+        self.streaming: Counter[str] = Counter()  # streams being sent, per instance
+        self.findings: list[str] = []
+        self.notes: Counter[str] = Counter()
+        self.rest_loads = 0
+        self.jit_loads = 0
+        self.most_loading = 0  # the most loads LM Studio ran at once
+        self.load_calls: list[LoadCall] = []
+        self._listings: list[frozenset[str]] = []  # loaded models listed since the last call
+        self._rest_unload = False
+
+    def _notify(self) -> None:
+        self.most_loading = max(self.most_loading, len(self._loading))  # after every change
+        super()._notify()
+
+    def busy(self, instance_id: str) -> bool:
+        return self.answering[instance_id] + self.streaming[instance_id] > 0
+
+    @property
+    def loading(self) -> bool:
+        return bool(self._loading or self.load_calls)
+
+    def view(self) -> dict[str, list[str]]:
+        """Loaded instance ids by model key."""
+        view: dict[str, list[str]] = {}
+        for instance in self.instances.values():
+            view.setdefault(instance.key, []).append(instance.id)
+        return {key: sorted(ids) for key, ids in view.items()}
+
+    # requests being answered
+
+    async def _resolve(self, payload: dict[str, Any], kind: replies.Kind) -> Instance:
+        instance = await super()._resolve(payload, kind)
+        self.answering[instance.id] += 1
+        _resolved.set(instance.id)  # awaited by `_infer`: its context sees this
+        return instance
+
+    async def _infer(
+        self, request: Request, body: object, *, kind: replies.Kind, v0: bool
+    ) -> Response:
+        _resolved.set(None)
+        try:
+            return await super()._infer(request, body, kind=kind, v0=v0)
+        finally:
+            if (instance_id := _resolved.get()) is not None:
+                self.answering[instance_id] -= 1
+
+    def _stream(self, frames: list[replies.Frame]) -> AsyncGenerator[bytes, None]:
+        # `_infer` calls this right after `_resolve`: the instance is the one it resolved.
+        return self._counted(_resolved.get(), super()._stream(frames))
+
+    async def _counted(
+        self, instance_id: str | None, chunks: AsyncGenerator[bytes, None]
+    ) -> AsyncGenerator[bytes, None]:
+        if instance_id is None:  # pragma: no cover - every stream comes from `_infer`
+            raise AssertionError("a stream without an instance")
+        self.streaming[instance_id] += 1
+        try:
+            async with contextlib.aclosing(chunks):
+                async for chunk in chunks:
+                    yield chunk
+        finally:
+            self.streaming[instance_id] -= 1
+
+    # listings, loads and unloads
+
+    async def _jit_load(self, model: CatalogModel, ttl: object) -> Instance:
+        self.jit_loads += 1
+        return await super()._jit_load(model, ttl)
+
+    def _listed(self) -> None:
+        self._listings.append(frozenset(i.key for i in self.instances.values()))
+        del self._listings[:-50]
+
+    async def _v0_models(self, request: Request, body: object) -> Response:
+        self._listed()
+        return await super()._v0_models(request, body)
+
+    async def _v1_models(self, request: Request, body: object) -> Response:
+        self._listed()
+        return await super()._v1_models(request, body)
+
+    def _no_load_running(self, kind: str, what: str) -> None:
+        for call in self.load_calls:
+            given_up = " (which the proxy had stopped waiting for)" if call.abandoned else ""
+            self.findings.append(
+                f"{kind} call of {what} while the load of {call.model}{given_up} ran"
+            )
+
+    async def _watch_hang_up(self, request: Request, call: LoadCall) -> None:
+        while (await request.receive())["type"] != "http.disconnect":  # pragma: no cover
+            pass
+        call.abandoned = True
+        self._listings.clear()  # the caller is free to make its next call
+
+    async def _load_endpoint(self, request: Request, body: object) -> Response:
+        key = body.get("model") if isinstance(body, dict) else None
+        if not isinstance(key, str):  # pragma: no cover - the proxy always names the model
+            return await super()._load_endpoint(request, body)
+        self.rest_loads += 1
+        self._no_load_running("a load", key)
+        before = {i.id for i in self.instances.values() if i.key == key}
+        before |= {i for i, model in self._loading.items() if model.key == key}
+        after_abandoned = any(c.abandoned and c.model == key for c in self.load_calls)
+        seen_loaded = bool(self._listings) and all(key in seen for seen in self._listings)
+        call = LoadCall(key)
+        self.load_calls.append(call)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._watch_hang_up, request, call)
+                response = await super()._load_endpoint(request, body)
+                tg.cancel_scope.cancel()
+        finally:
+            self.load_calls.remove(call)
+            if not call.abandoned:
+                self._listings.clear()
+            self._notify()  # for `wait_until(lambda: not emulator.loading)`
+        if response.status_code == 200 and before:
+            created = json.loads(bytes(response.body))["instance_id"]
+            if after_abandoned:
+                self.findings.append(f"{key} loaded as {created} while its first load still ran")
+            elif seen_loaded:
+                self.findings.append(
+                    f"the proxy loaded {key} as {created} although every listing since its "
+                    f"last call showed it loaded ({', '.join(sorted(before))})"
+                )
+            else:
+                self.notes["a second instance: a race with a load behind the proxy's back"] += 1
+        return response
+
+    async def _unload_endpoint(self, request: Request, body: object) -> Response:
+        instance_id = body.get("instance_id") if isinstance(body, dict) else None
+        self._no_load_running("an unload", str(instance_id))
+        if isinstance(instance_id, str) and self.busy(instance_id):
+            self.findings.append(f"the proxy unloaded {instance_id} while it answered a request")
+        self._rest_unload = True  # the handler does not await: `_unload` runs inside it
+        try:
+            return await super()._unload_endpoint(request, body)
+        finally:
+            self._rest_unload = False
+            self._listings.clear()
+
+    def _unload(self, instance_id: str, *, counted: bool) -> None:
+        if not self._rest_unload and self.busy(instance_id):
+            self.notes["an instance unloaded under a request (by LM Studio or a fault)"] += 1
+        super()._unload(instance_id, counted=counted)
+
+
+# --- the upstream server, stopped and started at will -------------------------------------------
+
+
+class Upstream:
+    """The emulator served on one port, which a fault stops and starts again."""
+
+    def __init__(self, emulator: Emulator, tg: TaskGroup) -> None:
+        self._emulator = emulator
+        self._tg = tg
+        self.port = 0  # a free one the first time, then the same
+        self._stop: anyio.Event | None = None
+        self._stopped = anyio.Event()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._stop is not None
+
+    async def start(self) -> None:
+        self._stop, self._stopped = anyio.Event(), anyio.Event()
+        with anyio.fail_after(10):
+            await self._tg.start(self._serve, self._stop, self._stopped)
+
+    async def stop(self) -> None:
+        assert self._stop is not None
+        self._stop.set()
+        self._stop = None
+        with anyio.fail_after(10):  # uvicorn gives open responses 1 s, then cuts them
+            await self._stopped.wait()
+
+    async def _serve(
+        self, stop: anyio.Event, stopped: anyio.Event, *, task_status: TaskStatus[None]
+    ) -> None:
+        try:
+            async with serve(self._emulator.app, port=self.port) as url:
+                self.port = int(url.rsplit(":", 1)[1])
+                task_status.started()
+                await stop.wait()
+        finally:
+            stopped.set()
+
+
+# --- clients ------------------------------------------------------------------------------------
+
+
+class Malformed(Exception):  # noqa: N818 - a verdict on an answer, raised to end its reading
+    """An answer that is neither complete nor a well-formed error."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    name: str
+    path: str
+    stream: bool
+    models: tuple[str, ...]
+
+    @property
+    def anthropic(self) -> bool:
+        return self.path == "/v1/messages"
+
+    def body(self, model: str) -> dict[str, Any]:
+        if self.path == "/v1/embeddings":
+            return {"model": model, "input": ["one", "two"]}
+        body: dict[str, Any] = {"model": model, "stream": self.stream}
+        if self.path == "/v1/completions":
+            body["prompt"] = "Once upon a time"
+        else:
+            body["messages"] = MESSAGES
+        if self.anthropic:
+            body["max_tokens"] = 64
+        return body
+
+
+ENDPOINTS = (
+    Endpoint("chat", "/v1/chat/completions", False, TEXT_MODELS),
+    Endpoint("chat-stream", "/v1/chat/completions", True, TEXT_MODELS),
+    Endpoint("completions", "/v1/completions", False, TEXT_MODELS),
+    Endpoint("completions-stream", "/v1/completions", True, TEXT_MODELS),
+    Endpoint("embeddings", "/v1/embeddings", False, (NOMIC,)),
+    Endpoint("messages", "/v1/messages", False, TEXT_MODELS),
+    Endpoint("messages-stream", "/v1/messages", True, TEXT_MODELS),
+)
+# Statuses LM Studio's own errors reach clients with (passed through as LM Studio sent them, in
+# OpenAI's envelope whatever the endpoint): 400 for a model gone when JIT loading is off, 500
+# for a JIT load that failed.
+UPSTREAM_STATUSES = frozenset({400, 500})
+PROXY_STATUSES = frozenset({429, 502, 503, 504})
+
+
+@dataclass
+class Tally:
+    outcomes: Counter[str] = field(default_factory=Counter)
+    endpoints: Counter[str] = field(default_factory=Counter)
+    faults: Counter[str] = field(default_factory=Counter)
+    failures: list[str] = field(default_factory=list)
+
+    def fail(self, what: str) -> None:
+        self.outcomes["FAILED"] += 1
+        if len(self.failures) < 40:
+            self.failures.append(what)
+
+
+def _json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise Malformed(f"not JSON: {raw[:200]!r}") from None
+
+
+def _openai_error(doc: Any) -> str | None:
+    """The error's code (or type) if `doc` is OpenAI's envelope, else None."""
+    error = doc.get("error") if isinstance(doc, dict) else None
+    if not isinstance(error, dict) or not isinstance(error.get("message"), str):
+        return None
+    if not isinstance(error.get("type"), str) or not {"param", "code"} <= error.keys():
+        return None
+    return str(error["code"] or error["type"])
+
+
+def _anthropic_error(doc: Any) -> str | None:
+    """The error's type if `doc` is Anthropic's envelope, else None."""
+    if not isinstance(doc, dict) or doc.get("type") != "error":
+        return None
+    error = doc.get("error")
+    if not isinstance(error, dict) or not isinstance(error.get("message"), str):
+        return None
+    kind = error.get("type")
+    return kind if isinstance(kind, str) else None
+
+
+def check_error(endpoint: Endpoint, status: int, headers: httpx2.Headers, raw: bytes) -> str:
+    doc = _json(raw)
+    if endpoint.anthropic and (kind := _anthropic_error(doc)) is not None:
+        if status not in PROXY_STATUSES:
+            raise Malformed(f"status {status} for the proxy's own error {kind}")
+        return f"{status} {kind} (Anthropic's)"
+    code = _openai_error(doc)
+    if code is None:
+        raise Malformed(f"status {status} without an error envelope: {raw[:300]!r}")
+    if status in UPSTREAM_STATUSES:
+        return f"{status} {code} (LM Studio's)"
+    if endpoint.anthropic or status not in PROXY_STATUSES:
+        raise Malformed(f"status {status} {code} in OpenAI's envelope on {endpoint.path}")
+    if code in ("upstream_unavailable", "queue_timeout") and "retry-after" not in headers:
+        raise Malformed(f"{status} {code} without Retry-After")
+    return f"{status} {code}"
+
+
+def check_answer(endpoint: Endpoint, doc: Any) -> str:
+    if not isinstance(doc, dict):
+        raise Malformed(f"a 200 answer that is not an object: {doc!r:.200}")
+    if endpoint.path == "/v1/embeddings":
+        data = doc.get("data")
+        good = (
+            isinstance(data, list)
+            and len(data) == 2
+            and all(isinstance(d.get("embedding"), list) for d in data)
+        )
+    elif endpoint.path == "/v1/chat/completions":
+        message = (doc.get("choices") or [{}])[0].get("message") or {}
+        good = isinstance(message.get("content"), str) and bool(message["content"])
+    elif endpoint.path == "/v1/completions":
+        good = isinstance((doc.get("choices") or [{}])[0].get("text"), str)
+    else:
+        content = doc.get("content") or [{}]
+        good = doc.get("type") == "message" and content[0].get("type") == "text"
+    if not good:
+        raise Malformed(f"an incomplete {endpoint.name} answer: {doc!r:.300}")
+    return "200 complete"
+
+
+def _stream_error(endpoint: Endpoint, event: str | None, data: str) -> str | None:
+    """The error of a stream's error event, if the event is one."""
+    if endpoint.anthropic:
+        return _anthropic_error(_json(data.encode())) if event == "error" else None
+    if data == "[DONE]":
+        return None
+    return _openai_error(_json(data.encode()))
+
+
+async def check_stream(endpoint: Endpoint, response: httpx2.Response, leave_after: int) -> str:
+    """Read an SSE answer to its end (or leave after `leave_after` text events, if not 0)."""
+    if not response.headers.get("content-type", "").startswith("text/event-stream"):
+        raise Malformed(f"a streamed answer as {response.headers.get('content-type')}")
+    events: list[tuple[str | None, str]] = []
+    event: str | None = None
+    texts = 0
+    async for line in response.aiter_lines():
+        if line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data = line[5:].strip()
+            events.append((event, data))
+            if (error := _stream_error(endpoint, event, data)) is not None:
+                if len(events) > 1 + REPLY_TOKENS + 4:  # pragma: no cover - a broken relay
+                    raise Malformed("an error event after the end of the stream")
+                return f"200 then an error event ({error})"
+            texts += '"text' in data or '"content":"' in data.replace(" ", "")
+            if leave_after and texts >= leave_after:
+                return "client left mid-stream"
+        elif line == "":
+            event = None
+    if not events:
+        raise Malformed("an empty stream")
+    last_event, last = events[-1]
+    complete = last_event == "message_stop" if endpoint.anthropic else last == "[DONE]"
+    if not complete or texts < REPLY_TOKENS:
+        raise Malformed(f"a stream cut short without an error event: {events[-3:]}")
+    return "200 complete"
+
+
+async def exchange(
+    http: httpx2.AsyncClient, endpoint: Endpoint, model: str, leave_after: int
+) -> str:
+    """One request; the outcome, or `Malformed`."""
+    try:
+        async with http.stream("POST", endpoint.path, json=endpoint.body(model)) as response:
+            if "x-request-id" not in response.headers:
+                raise Malformed("no x-request-id")
+            if response.status_code != 200:
+                raw = await response.aread()
+                return check_error(endpoint, response.status_code, response.headers, raw)
+            if endpoint.stream:
+                return await check_stream(endpoint, response, leave_after)
+            return check_answer(endpoint, _json(await response.aread()))
+    except httpx2.TransportError as exc:
+        raise Malformed(f"the connection failed: {exc!r}") from None
+
+
+async def client(
+    http: httpx2.AsyncClient, rng: random.Random, tally: Tally, until: Callable[[], bool]
+) -> None:
+    """Requests one after another: mostly read to the end, some left mid-stream or cancelled."""
+    while not until():
+        endpoint = rng.choice(ENDPOINTS)
+        model = rng.choice(endpoint.models)
+        mode = rng.choices(("full", "leave", "cancel"), (80, 10 if endpoint.stream else 0, 10))[0]
+        tally.endpoints[endpoint.name] += 1
+        outcome = "client cancelled"
+        with anyio.move_on_after(DEADLINE_S) as deadline:
+            try:
+                if mode == "cancel":  # in the queue, during a load, or mid-answer
+                    with anyio.move_on_after(rng.uniform(0.01, 1.5)):
+                        outcome = await exchange(http, endpoint, model, 0)
+                else:
+                    leave_after = rng.randint(1, 3) if mode == "leave" else 0
+                    outcome = await exchange(http, endpoint, model, leave_after)
+            except Malformed as exc:
+                tally.fail(f"{endpoint.name} {model}: {exc}")
+                continue
+        if deadline.cancelled_caught:
+            tally.fail(f"{endpoint.name} {model}: no answer within {DEADLINE_S:g} s")
+        else:
+            tally.outcomes[outcome] += 1
+        await anyio.sleep(rng.uniform(0, 0.03))
+
+
+# --- faults -------------------------------------------------------------------------------------
+
+
+class Injector:
+    """Random faults, each on its own, every 1.2 s on average, dealt from a shuffled deck (so
+    that every kind comes up, and in every order)."""
+
+    FAULTS = ("fail_loads", "slow_loads", "cut_streams", "restart", "unload_behind", "load_behind")
+
+    def __init__(
+        self, emulator: WatchedEmulator, upstream: Upstream, rng: random.Random, tally: Tally
+    ) -> None:
+        self.emulator = emulator
+        self.upstream = upstream
+        self.rng = rng
+        self.tally = tally
+        self._until: dict[str, float] = {}  # when a lasting fault ends
+        self._deck: list[str] = []
+        self._restarts = 0
+
+    async def run(self, until: Callable[[], bool]) -> None:
+        while not until():
+            await anyio.sleep(0.1)
+            self.emulator.calls.clear()  # its record of every call would only grow
+            now = anyio.current_time()
+            for knob in [k for k, end in self._until.items() if end <= now]:
+                self._revert(knob)
+            if self.rng.random() < 0.1 / 1.2:
+                if not self._deck:
+                    self._deck = self.rng.sample(self.FAULTS, len(self.FAULTS))
+                fault = self._deck.pop()
+                self.tally.faults[fault] += 1
+                await getattr(self, fault)()
+        self.calm()  # a restart ends before the loop goes on: LM Studio is up
+
+    def _revert(self, knob: str) -> None:
+        del self._until[knob]
+        if knob == "slow_loads":
+            self.emulator.load_delay_s = LOAD_DELAY_S
+        else:
+            self.emulator.cut_streams_after = None
+
+    def calm(self) -> None:
+        """Every fault ends."""
+        self._until.clear()
+        self.emulator.load_delay_s = LOAD_DELAY_S
+        self.emulator.cut_streams_after = None
+        self.emulator.fail_next_loads = 0
+
+    async def fail_loads(self) -> None:
+        self.emulator.fail_next_loads += self.rng.randint(1, 2)
+
+    async def slow_loads(self) -> None:
+        self.emulator.load_delay_s = SLOW_LOAD_S
+        self._until["slow_loads"] = anyio.current_time() + self.rng.uniform(1, 3)
+
+    async def cut_streams(self) -> None:
+        self.emulator.cut_streams_after = self.rng.randint(0, 4)
+        self._until["cut_streams"] = anyio.current_time() + self.rng.uniform(0.5, 2)
+
+    async def restart(self) -> None:
+        """LM Studio goes away for a while. Every other time it comes back with nothing loaded
+        (restarted, not just unreachable), and either way with JIT loading on or off."""
+        await self.upstream.stop()
+        self._restarts += 1
+        if self._restarts % 2:
+            self.tally.faults["restart: nothing loaded"] += 1
+            for instance_id in list(self.emulator.instances):
+                self.emulator.unload_instance(instance_id)
+        self.emulator.jit = self.rng.random() < 0.7
+        await anyio.sleep(self.rng.uniform(0.1, 1.0))
+        await self.upstream.start()
+
+    async def unload_behind(self) -> None:
+        loaded = list(self.emulator.instances)
+        for instance_id in self.rng.sample(loaded, min(1, len(loaded))):
+            self.emulator.unload_instance(instance_id)
+
+    async def load_behind(self) -> None:
+        """Mostly a model that is not loaded (clients will soon ask for it), else another copy."""
+        models = [*TEXT_MODELS, NOMIC]
+        absent = [m for m in models if m not in self.emulator.view()]
+        chosen = self.rng.choice(absent if absent and self.rng.random() < 0.7 else models)
+        self.emulator.load_instance(chosen, jit=True)
+
+
+# --- measuring and settling ---------------------------------------------------------------------
+
+
+def open_fds() -> int:
+    """File descriptors open in this process (0 where the system does not list them)."""
+    folder = next((f for f in ("/proc/self/fd", "/dev/fd") if os.path.isdir(f)), None)
+    return len(os.listdir(folder)) if folder is not None else 0
+
+
+def traced() -> tracemalloc.Snapshot:
+    """Memory allocated and still held, leaving out the log records pytest keeps."""
+    gc.collect()
+    return tracemalloc.take_snapshot().filter_traces(
+        [
+            tracemalloc.Filter(False, "*/logging/__init__.py"),
+            tracemalloc.Filter(False, "*/_pytest/logging.py"),
+            tracemalloc.Filter(False, tracemalloc.__file__),
+            tracemalloc.Filter(False, "*/linecache.py"),  # source lines of logged tracebacks
+        ]
+    )
+
+
+def rss_mib() -> float:
+    """Resident memory in MiB (0 where /proc is missing)."""
+    status = Path("/proc/self/status")
+    lines = status.read_text().splitlines() if status.exists() else []
+    return next((int(n.split()[1]) / 1024 for n in lines if n.startswith("VmRSS:")), 0.0)
+
+
+async def metric_samples(proxy: Proxy) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    text = (await proxy.http.get("/metrics")).text
+    samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = tuple(sorted(sample.labels.items()))
+            samples.setdefault(sample.name, {})[labels] = sample.value
+    return samples
+
+
+async def leases_left(proxy: Proxy) -> list[str]:
+    """What still holds or waits for a model, as the proxy reports it; empty when all is back."""
+    status = await proxy.status()
+    left = [f"status: in_flight {status['in_flight']}, queue {status['queue']}"]
+    left = left if status["in_flight"] or status["queue"] else []
+    rows = (await proxy.http.get("/api/v1/models")).json()
+    left += [f"model {r['id']}: {r['in_flight']}/{r['queued']}" for r in rows if r["in_flight"]]
+    left += [f"model {r['id']}: queued {r['queued']}" for r in rows if r["queued"]]
+    left += [
+        f"model {r['id']} is {r['state']}" for r in rows if r["state"] not in ("ready", "absent")
+    ]
+    samples = await metric_samples(proxy)
+    for gauge in ("lmswitch_in_flight_requests", "lmswitch_queued_requests"):
+        left += [f"{gauge}{dict(k)} = {v}" for k, v in samples.get(gauge, {}).items() if v]
+    return left
+
+
+async def proxy_view(proxy: Proxy) -> dict[str, list[str]]:
+    """Loaded instance ids by model key, as the proxy sees them."""
+    rows = (await proxy.http.get("/api/v1/models")).json()
+    return {
+        r["id"]: sorted([r["instance_id"], *r["duplicates"]])
+        for r in rows
+        if r["state"] != "absent"
+    }
+
+
+async def wait_until(check: Callable[[], Awaitable[bool]], timeout_s: float) -> float | None:
+    """Seconds until `check()` held, or None if it did not within `timeout_s`."""
+    start = anyio.current_time()
+    with anyio.move_on_after(timeout_s) as waited:
+        while not await check():  # noqa: ASYNC110 - the state is seen over HTTP
+            await anyio.sleep(0.02)
+    return None if waited.cancelled_caught else anyio.current_time() - start
+
+
+async def answers_every_model(url: str) -> list[str]:
+    """One request per model, each answered in full: the proxy recovered by itself."""
+    asked = [("/v1/chat/completions", chat(model)) for model in TEXT_MODELS]
+    asked.append(("/v1/embeddings", {"model": NOMIC, "input": "one"}))
+    async with httpx2.AsyncClient(base_url=url, timeout=DEADLINE_S) as http:
+        answers = [(body["model"], await http.post(path, json=body)) for path, body in asked]
+    return [f"after the soak, {m}: {r.status_code} {r.text}" for m, r in answers if r.is_error]
+
+
+@contextlib.asynccontextmanager
+async def tracing() -> AsyncIterator[None]:
+    tracemalloc.start()
+    try:
+        yield
+    finally:
+        tracemalloc.stop()
+
+
+# --- the soak -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Settled:
+    """How the proxy and LM Studio ended up once the faults and the clients stopped."""
+
+    quiet_s: float | None  # until LM Studio had no load running
+    zero_s: float | None  # until no lease, waiter or gauge was left
+    left: list[str]  # what was left then
+    converged_s: float | None  # until the proxy's view matched LM Studio's
+    views: tuple[dict[str, list[str]], dict[str, list[str]]]  # the proxy's, LM Studio's
+    recovered: list[str]  # requests that failed afterwards
+
+
+async def settle(proxy: Proxy, emulator: WatchedEmulator) -> Settled:
+    async def quiet() -> bool:
+        return not emulator.loading
+
+    async def back_to_zero() -> bool:
+        return not await leases_left(proxy)
+
+    async def views_match() -> bool:
+        return await proxy_view(proxy) == emulator.view()
+
+    quiet_s = await wait_until(quiet, SLOW_LOAD_S + 2)  # a load the proxy gave up on, ending
+    zero_s = await wait_until(back_to_zero, READ_TIMEOUT_S + 2)
+    left = await leases_left(proxy)
+    converged_s = await wait_until(views_match, POLL_S + 1)  # one poll, and the poll itself
+    views = (await proxy_view(proxy), emulator.view())
+    return Settled(quiet_s, zero_s, left, converged_s, views, await answers_every_model(proxy.url))
+
+
+def counted(samples: dict[tuple[tuple[str, str], ...], float], label: str) -> str:
+    totals: Counter[str] = Counter()
+    for labels, value in samples.items():
+        totals[dict(labels)[label]] += int(value)
+    return listed(totals)
+
+
+def listed(counts: Counter[str], empty: str = "none") -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or empty
+
+
+@pytest.mark.soak
+async def test_soak_under_faults_loses_nothing(
+    request: pytest.FixtureRequest, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Clients, models and faults for --soak-minutes: every request answered, nothing leaks."""
+    caplog.set_level(logging.CRITICAL, "uvicorn.error")  # the emulator's cut streams, by design
+    minutes: float = request.config.getoption("--soak-minutes")
+    seed = random.SystemRandom().randrange(2**32)
+    emulator = WatchedEmulator(
+        memory_bytes=MEMORY_BYTES,
+        load_delay_s=LOAD_DELAY_S,
+        token_delay_s=TOKEN_DELAY_S,
+        reply_tokens=REPLY_TOKENS,
+    )
+    tally = Tally()
+    async with tracing(), anyio.create_task_group() as servers:
+        upstream = Upstream(emulator, servers)
+        await upstream.start()
+        async with proxy_for(upstream.url, **SECTIONS) as proxy:
+            warm = await answers_every_model(proxy.url)  # every code path once, before measuring
+            fds_before, memory_before, rss_before = open_fds(), traced(), rss_mib()
+            rng = random.Random(seed)  # noqa: S311 - test traffic, not secrets
+            injector = Injector(emulator, upstream, rng, tally)
+            started = anyio.current_time()
+            end = started + minutes * 60
+
+            def over() -> bool:
+                return anyio.current_time() >= end
+
+            limits = httpx2.Limits(max_connections=None, max_keepalive_connections=CLIENTS)
+            async with (
+                httpx2.AsyncClient(base_url=proxy.url, timeout=None, limits=limits) as http,
+                anyio.create_task_group() as tg,
+            ):
+                for n in range(CLIENTS):
+                    tg.start_soon(client, http, random.Random(seed + n), tally, over)  # noqa: S311
+                tg.start_soon(injector.run, over)
+            ran_s = anyio.current_time() - started
+            settled = await settle(proxy, emulator)
+            await anyio.sleep(KEEPALIVE_EXPIRY_S)  # idle connections expire on both sides...
+            settled.recovered += await answers_every_model(proxy.url)  # ...and the pool drops them
+            fds_after, memory_after, rss_after = open_fds(), traced(), rss_mib()
+            samples = await metric_samples(proxy)
+        await upstream.stop()
+
+    requests = sum(tally.outcomes.values())
+    grown = memory_after.compare_to(memory_before, "lineno")
+    growth_mib = sum(stat.size_diff for stat in grown) / 2**20
+    summary = "\n".join(
+        [
+            f"soak: {ran_s:.0f} s of load and faults, {CLIENTS} clients, seed {seed}",
+            f"requests: {requests} ({requests / ran_s:.0f}/s)",
+            *(f"  {n:7d}  {outcome}" for outcome, n in sorted(tally.outcomes.items())),
+            f"by endpoint: {listed(tally.endpoints)}",
+            f"faults: {listed(tally.faults)}",
+            f"loads: {emulator.rest_loads} by the proxy "
+            f"({counted(samples.get('lmswitch_model_loads_total', {}), 'result')}), "
+            f"{emulator.jit_loads} JIT loads by LM Studio, at most {emulator.most_loading} at once",
+            "unloads by the proxy: "
+            + counted(samples.get("lmswitch_model_unloads_total", {}), "reason"),
+            f"not the proxy's doing: {listed(emulator.notes)}",
+            f"proxy's faults seen by LM Studio: {len(emulator.findings)}",
+            *(f"  {finding}" for finding in emulator.findings[:20]),
+            f"after the faults: LM Studio quiet in {settled.quiet_s} s, leases back to zero in "
+            f"{settled.zero_s} s, views matched in {settled.converged_s} s",
+            f"open fds {fds_before} -> {fds_after}; RSS {rss_before:.0f} -> {rss_after:.0f} MiB; "
+            f"traced memory {growth_mib:+.2f} MiB, most grown:",
+            *(f"  {stat}" for stat in grown[:5]),
+            *(f"FAILED: {failure}" for failure in tally.failures),
+            *(f"LEFT: {left}" for left in settled.left),
+            *(f"NOT RECOVERED: {failed}" for failed in warm + settled.recovered),
+        ]
+    )
+    (tmp_path / "soak-summary.txt").write_text(summary + "\n")
+    print(f"\n{summary}")  # noqa: T201 - the soak's report, shown with -s
+
+    assert not tally.failures, summary
+    assert not emulator.findings, summary
+    assert settled.quiet_s is not None, summary
+    assert not settled.left, summary
+    assert settled.converged_s is not None, f"{summary}\nviews: {settled.views}"
+    assert not [*warm, *settled.recovered], summary
+    assert tally.outcomes["200 complete"] > requests / 4, summary
+    assert fds_after - fds_before <= 12, summary  # pooled connections, give or take
+    assert growth_mib < 4 + minutes, summary
+
+
+@pytest.mark.parametrize("then", [QWEN, LLAMA])
+async def test_a_load_past_load_timeout_is_not_overlapped(then: str) -> None:
+    """LM Studio finishes a load the proxy stopped waiting for: no other load runs meanwhile."""
+    emulator = WatchedEmulator(load_delay_s=0.5)  # past load_timeout, well within twice that
+    upstream = {"load_timeout": 0.3, "poll_interval": 0.1}
+    async with running(emulator, upstream=upstream) as proxy:
+        first = await proxy.http.post("/v1/chat/completions", json=chat(QWEN))
+        assert first.status_code == 504
+        second = await proxy.http.post("/v1/chat/completions", json=chat(then))
+        assert second.status_code in (200, 504)
+        await emulator.wait_until(lambda: not emulator.loading, timeout=5)
+    assert not emulator.findings  # no call while the given-up load ran, so no second copy
+    assert emulator.most_loading == 1  # nor another model loading beside it: memory overrun
+    assert emulator.rest_loads == (1 if then == QWEN else 2)  # Qwen's load was adopted
+
+
+def chat(model: str) -> dict[str, Any]:
+    return {"model": model, "messages": MESSAGES}
+
+
+# --- the soak's judges, judged ------------------------------------------------------------------
+
+CHAT, STREAM, MESSAGES_STREAM = ENDPOINTS[0], ENDPOINTS[1], ENDPOINTS[6]
+EMBEDDINGS, MESSAGE = ENDPOINTS[4], ENDPOINTS[5]
+
+
+def _error(code: str | None, **extra: Any) -> bytes:
+    return json.dumps(
+        {"error": {"message": "m", "type": "t", "param": None, "code": code}}
+    ).encode()
+
+
+ANTHROPIC_ERROR = json.dumps(
+    {"type": "error", "error": {"type": "overloaded_error", "message": "m"}}
+).encode()
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "status", "raw", "headers", "verdict"),
+    [
+        (MESSAGE, 503, ANTHROPIC_ERROR, {}, "503 overloaded_error (Anthropic's)"),
+        (CHAT, 500, _error("model_load_failed"), {}, "500 model_load_failed (LM Studio's)"),
+        (CHAT, 503, _error("queue_timeout"), {"retry-after": "5"}, "503 queue_timeout"),
+        (MESSAGE, 400, ANTHROPIC_ERROR, {}, "400 for the proxy's own error"),
+        (CHAT, 503, b"Service Unavailable", {}, "not JSON"),
+        (CHAT, 503, b'{"error": "busy"}', {}, "without an error envelope"),
+        (CHAT, 503, b'{"error": {"message": "m", "type": "t"}}', {}, "without an error envelope"),
+        (MESSAGE, 503, b'{"type": "error", "error": "m"}', {}, "without an error envelope"),
+        (MESSAGE, 503, b'{"type": "error", "error": {"message": "m"}}', {}, "without an error"),
+        (MESSAGE, 503, _error("upstream_unavailable"), {}, "in OpenAI's envelope on /v1/messages"),
+        (CHAT, 418, _error(None), {}, "418 t in OpenAI's envelope"),
+        (CHAT, 503, _error("upstream_unavailable"), {}, "without Retry-After"),
+    ],
+)
+def test_the_soak_judges_errors(
+    endpoint: Endpoint, status: int, raw: bytes, headers: dict[str, str], verdict: str
+) -> None:
+    """Only the proxy's own errors in the client's envelope, or LM Studio's passed through."""
+    try:
+        outcome = check_error(endpoint, status, httpx2.Headers(headers), raw)
+    except Malformed as exc:
+        outcome = str(exc)
+    assert verdict in outcome
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "doc", "verdict"),
+    [
+        (EMBEDDINGS, {"data": [{"embedding": [0.5]}, {"embedding": [0.5]}]}, "200 complete"),
+        (CHAT, [], "not an object"),
+        (CHAT, {"choices": []}, "an incomplete chat answer"),
+        (MESSAGE, {"type": "message", "content": []}, "an incomplete messages answer"),
+    ],
+)
+def test_the_soak_judges_answers(endpoint: Endpoint, doc: Any, verdict: str) -> None:
+    try:
+        outcome = check_answer(endpoint, doc)
+    except Malformed as exc:
+        outcome = str(exc)
+    assert verdict in outcome
+
+
+SSE = {"content-type": "text/event-stream"}
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "headers", "body", "verdict"),
+    [
+        (STREAM, SSE, b': ping\n\ndata: {"error": {"message": "m", "type": "t", '
+         b'"param": null, "code": "upstream_error"}}\n\n', "an error event (upstream_error)"),
+        (MESSAGES_STREAM, SSE, b"event: error\ndata: " + ANTHROPIC_ERROR + b"\n\n",
+         "an error event (overloaded_error)"),
+        (STREAM, {"content-type": "application/json"}, b"{}", "a streamed answer as"),
+        (STREAM, SSE, b"", "an empty stream"),
+        (STREAM, SSE, b'data: {"choices": []}\n\n', "cut short without an error event"),
+        (MESSAGES_STREAM, SSE, b"event: ping\ndata: {}\n\n", "cut short without an error"),
+    ],
+)  # fmt: skip
+async def test_the_soak_judges_streams(
+    endpoint: Endpoint, headers: dict[str, str], body: bytes, verdict: str
+) -> None:
+    response = httpx2.Response(200, headers=headers, content=body)
+    try:
+        outcome = await check_stream(endpoint, response, 0)
+    except Malformed as exc:
+        outcome = str(exc)
+    assert verdict in outcome
+
+
+async def test_the_soak_client_fails_bad_answers_and_hangs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client counts an answer without a request id, a broken connection and a hang."""
+    monkeypatch.setattr(sys.modules[__name__], "DEADLINE_S", 0.2)
+    answers = iter(["no id", "broken", "hang"])
+
+    async def lm_switch(request: httpx2.Request) -> httpx2.Response:
+        answer = next(answers, "hang")
+        if answer == "broken":
+            raise httpx2.ConnectError("refused", request=request)
+        if answer == "hang":
+            await anyio.sleep_forever()
+        return httpx2.Response(200, json={})
+
+    tally = Tally()
+    rng = random.Random(0)  # noqa: S311 - test traffic
+    transport = httpx2.MockTransport(lm_switch)
+    async with httpx2.AsyncClient(transport=transport, base_url="http://lmswitch") as http:
+        with anyio.fail_after(5):
+            await client(http, rng, tally, lambda: tally.outcomes["FAILED"] >= 3)
+    assert tally.outcomes == {"FAILED": 3}
+    assert "no x-request-id" in tally.failures[0]
+    assert "the connection failed" in tally.failures[1]
+    assert "no answer within 0.2 s" in tally.failures[2]
+
+
+async def test_the_watched_emulator_sees_what_a_proxy_must_not_do() -> None:
+    """Two loads at once, a load of a listed model, an unload under a stream: findings."""
+    emulator = WatchedEmulator(load_delay_s=0.2, token_delay_s=0.05)
+    async with serve(emulator.app) as url, httpx2.AsyncClient(base_url=url, timeout=5) as http:
+
+        async def load(model: str) -> httpx2.Response:
+            return await http.post("/api/v1/models/load", json={"model": model})
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(load, QWEN)
+            tg.start_soon(load, LLAMA)
+        await http.get("/api/v1/models")
+        assert (await load(QWEN)).json()["instance_id"] == f"{QWEN}:2"
+        emulator.load_instance(GEMMA)  # behind the caller's back, since its last listing
+        assert (await load(GEMMA)).json()["instance_id"] == f"{GEMMA}:2"
+        body = {**chat(LLAMA), "stream": True}
+        async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+            await anext(response.aiter_lines())
+            await http.post("/api/v1/models/unload", json={"instance_id": LLAMA})
+    assert [f.split(" ")[:4] for f in emulator.findings] == [
+        ["a", "load", "call", "of"],
+        ["the", "proxy", "loaded", QWEN],
+        ["the", "proxy", "unloaded", LLAMA],
+    ]
+    assert emulator.notes == {"a second instance: a race with a load behind the proxy's back": 1}
