@@ -508,6 +508,8 @@ class Emulator:
                 body = json.loads(raw)
             except ValueError as exc:
                 body = _Malformed(str(exc))
+            except RecursionError:  # LM Studio's JSON.parse goes deeper; seen as malformed
+                body = _Malformed("nested too deeply")
         recorded = None if isinstance(body, _Malformed) else body
         self.calls.append(Call(request.method, request.url.path, recorded))
         self._notify()

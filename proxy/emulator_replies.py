@@ -85,14 +85,22 @@ def random_id(prefix: str, length: int = 22) -> str:
 
 
 def count_words(value: object) -> int:
-    """Prompt "tokens": whitespace-separated words in every text field of a request body."""
-    if isinstance(value, str):
-        return len(value.split())
-    if isinstance(value, list):
-        return sum(count_words(item) for item in value)
-    if isinstance(value, dict):
-        return sum(count_words(value[key]) for key in _TEXT_KEYS if key in value)
-    return 0
+    """Prompt "tokens": whitespace-separated words in every text field of a request body.
+
+    Iterative, so that a body nested deeper than Python's recursion limit (which `json.loads`
+    still reads when the proxy's stack is shallow) is counted, not a crash.
+    """
+    words = 0
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            words += len(item.split())
+        elif isinstance(item, list):
+            pending.extend(item)
+        elif isinstance(item, dict):
+            pending.extend(item[key] for key in _TEXT_KEYS if key in item)
+    return words
 
 
 def make_reply(kind: Kind, model: str, body: Body, reply_tokens: int) -> Reply:

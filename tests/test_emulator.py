@@ -901,3 +901,19 @@ async def test_a_load_dies_with_its_server() -> None:
         async with serve(emulator.app) as url, httpx2.AsyncClient(base_url=url) as http:
             loaded = await http.post("/api/v1/models/load", json={"model": NOMIC})
     assert loaded.json()["instance_id"] == NOMIC  # not NOMIC:2: the first id was given back
+
+
+async def test_deeply_nested_requests_are_no_server_error(running: Running) -> None:
+    """Counting the prompt's words does not recurse (two frames a level), and nesting deeper
+    than `json.loads` reads is a 400 like any malformed body."""
+
+    def nested(depth: int) -> str:
+        deep = "[" * depth + '"two words"' + "]" * depth
+        return f'{{"model": "{QWEN}", "messages": {deep}}}'
+
+    async with running(Emulator()) as http:
+        counted = await http.post("/v1/chat/completions", content=nested(600))
+        too_deep = await http.post("/v1/chat/completions", content=nested(5000))
+    assert counted.status_code == 200
+    assert counted.json()["usage"]["prompt_tokens"] == 2
+    assert too_deep.status_code == 400

@@ -111,15 +111,11 @@ def json_objects(draw: st.DrawFn, path: str) -> bytes:
     return f"{space}{{{space}{f',{space}'.join(items)}{space}}}{space}".encode()
 
 
-# Nesting deeper than Python's recursion limit is a 500 today (see the test at the end of this
-# file); until that is fixed, the fuzzing stays below it.
-MAX_DEPTH = 200
-
-
 @st.composite
 def nested(draw: st.DrawFn) -> bytes:
-    """A JSON value nested `depth` deep, alone or as a field of an otherwise good request."""
-    depth = draw(st.integers(1, MAX_DEPTH))
+    """A JSON value nested `depth` deep, alone or as a field of an otherwise good request; some
+    deeper than Python's recursion limit, where `json.loads` gives up."""
+    depth = draw(st.integers(1, 200) | st.integers(1000, 5000))  # 1000: its default
     opening, closing = draw(st.sampled_from((("[", "]"), ('{"a":', "}"))))
     value = opening * depth + "1" + closing * depth
     if draw(st.booleans()):
@@ -246,6 +242,9 @@ def check_answer(sent: Sent, response: httpx2.Response, upstream_saw: bool) -> N
 
 def check_forwarded(sent: Sent, forwarded: Any) -> None:
     """LM Studio got the client's body, with only `model` resolved (alias, default)."""
+    if forwarded is None:  # nested deeper than the emulator's parser reads: nothing to compare
+        assert b"[" * 900 in sent.body or b'{"a":' * 900 in sent.body
+        return
     payload = json.loads(sent.body)  # it reached LM Studio: a JSON object
     assert isinstance(payload, dict)
     name = payload.get("model")
