@@ -68,7 +68,12 @@ async def serve(app: ASGIApp, *, host: str = "127.0.0.1", port: int = 0) -> Asyn
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))  # no port race: the socket is ours before uvicorn starts
     config = uvicorn.Config(
-        app, log_level="warning", timeout_graceful_shutdown=1, lifespan="on", access_log=False
+        app,
+        log_config=None,  # uvicorn's records reach pytest's capture, not stderr directly
+        log_level="warning",
+        timeout_graceful_shutdown=1,
+        lifespan="on",
+        access_log=False,
     )
     server = uvicorn.Server(config)
     stopped = anyio.Event()

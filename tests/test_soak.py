@@ -22,7 +22,7 @@ import random
 import sys
 import tracemalloc
 from collections import Counter
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -676,6 +676,40 @@ async def answers_every_model(url: str) -> list[str]:
     return [f"after the soak, {m}: {r.status_code} {r.text}" for m, r in answers if r.is_error]
 
 
+class CountingHandler(logging.Handler):
+    """Counts log records by logger and level, and keeps none."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        error = record.exc_info[0].__name__ if record.exc_info and record.exc_info[0] else None
+        self.counts[f"{record.name} {record.levelname}{f' ({error})' if error else ''}"] += 1
+
+    def unhandled(self) -> list[str]:
+        """Exceptions that reached uvicorn, but the emulator's cut streams (by design)."""
+        return [
+            f"{what}: {n}"
+            for what, n in self.counts.items()
+            if what.startswith("uvicorn.error") and "SimulatedCrashError" not in what
+        ]
+
+
+@contextlib.contextmanager
+def counted_logs() -> Iterator[CountingHandler]:
+    """Log records counted instead of captured: pytest keeps every record (and the request ids,
+    paths and exceptions it holds) for the test's report, which over a soak reads as a leak."""
+    root = logging.getLogger()
+    handlers, root.handlers = root.handlers, []
+    counting = CountingHandler()
+    root.addHandler(counting)
+    try:
+        yield counting
+    finally:
+        root.handlers = handlers
+
+
 @contextlib.asynccontextmanager
 async def tracing() -> AsyncIterator[None]:
     tracemalloc.start()
@@ -731,10 +765,9 @@ def listed(counts: Counter[str], empty: str = "none") -> str:
 
 @pytest.mark.soak
 async def test_soak_under_faults_loses_nothing(
-    request: pytest.FixtureRequest, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     """Clients, models and faults for --soak-minutes: every request answered, nothing leaks."""
-    caplog.set_level(logging.CRITICAL, "uvicorn.error")  # the emulator's cut streams, by design
     minutes: float = request.config.getoption("--soak-minutes")
     seed = random.SystemRandom().randrange(2**32)
     emulator = WatchedEmulator(
@@ -744,35 +777,40 @@ async def test_soak_under_faults_loses_nothing(
         reply_tokens=REPLY_TOKENS,
     )
     tally = Tally()
-    async with tracing(), anyio.create_task_group() as servers:
-        upstream = Upstream(emulator, servers)
-        await upstream.start()
-        async with proxy_for(upstream.url, **SECTIONS) as proxy:
-            warm = await answers_every_model(proxy.url)  # every code path once, before measuring
-            fds_before, memory_before, rss_before = open_fds(), traced(), rss_mib()
-            rng = random.Random(seed)  # noqa: S311 - test traffic, not secrets
-            injector = Injector(emulator, upstream, rng, tally)
-            started = anyio.current_time()
-            end = started + minutes * 60
+    with counted_logs() as logs:
+        async with tracing(), anyio.create_task_group() as servers:
+            upstream = Upstream(emulator, servers)
+            await upstream.start()
+            async with proxy_for(upstream.url, **SECTIONS) as proxy:
+                warm = await answers_every_model(
+                    proxy.url
+                )  # every code path once, before measuring
+                fds_before, memory_before, rss_before = open_fds(), traced(), rss_mib()
+                rng = random.Random(seed)  # noqa: S311 - test traffic, not secrets
+                injector = Injector(emulator, upstream, rng, tally)
+                started = anyio.current_time()
+                end = started + minutes * 60
 
-            def over() -> bool:
-                return anyio.current_time() >= end
+                def over() -> bool:
+                    return anyio.current_time() >= end
 
-            limits = httpx2.Limits(max_connections=None, max_keepalive_connections=CLIENTS)
-            async with (
-                httpx2.AsyncClient(base_url=proxy.url, timeout=None, limits=limits) as http,
-                anyio.create_task_group() as tg,
-            ):
-                for n in range(CLIENTS):
-                    tg.start_soon(client, http, random.Random(seed + n), tally, over)  # noqa: S311
-                tg.start_soon(injector.run, over)
-            ran_s = anyio.current_time() - started
-            settled = await settle(proxy, emulator)
-            await anyio.sleep(KEEPALIVE_EXPIRY_S)  # idle connections expire on both sides...
-            settled.recovered += await answers_every_model(proxy.url)  # ...and the pool drops them
-            fds_after, memory_after, rss_after = open_fds(), traced(), rss_mib()
-            samples = await metric_samples(proxy)
-        await upstream.stop()
+                limits = httpx2.Limits(max_connections=None, max_keepalive_connections=CLIENTS)
+                async with (
+                    httpx2.AsyncClient(base_url=proxy.url, timeout=None, limits=limits) as http,
+                    anyio.create_task_group() as tg,
+                ):
+                    for n in range(CLIENTS):
+                        tg.start_soon(client, http, random.Random(seed + n), tally, over)  # noqa: S311
+                    tg.start_soon(injector.run, over)
+                ran_s = anyio.current_time() - started
+                settled = await settle(proxy, emulator)
+                await anyio.sleep(KEEPALIVE_EXPIRY_S)  # idle connections expire on both sides...
+                settled.recovered += await answers_every_model(
+                    proxy.url
+                )  # ...and the pool drops them
+                fds_after, memory_after, rss_after = open_fds(), traced(), rss_mib()
+                samples = await metric_samples(proxy)
+            await upstream.stop()
 
     requests = sum(tally.outcomes.values())
     grown = memory_after.compare_to(memory_before, "lineno")
@@ -791,6 +829,7 @@ async def test_soak_under_faults_loses_nothing(
             + counted(samples.get("lmswitch_model_unloads_total", {}), "reason"),
             f"not the proxy's doing: {listed(emulator.notes)}",
             f"proxy's faults seen by LM Studio: {len(emulator.findings)}",
+            f"log records: {listed(logs.counts)}",
             *(f"  {finding}" for finding in emulator.findings[:20]),
             f"after the faults: LM Studio quiet in {settled.quiet_s} s, leases back to zero in "
             f"{settled.zero_s} s, views matched in {settled.converged_s} s",
@@ -807,6 +846,7 @@ async def test_soak_under_faults_loses_nothing(
 
     assert not tally.failures, summary
     assert not emulator.findings, summary
+    assert not logs.unhandled(), summary
     assert settled.quiet_s is not None, summary
     assert not settled.left, summary
     assert settled.converged_s is not None, f"{summary}\nviews: {settled.views}"
