@@ -241,18 +241,23 @@ class LMStudioClient:
             )
         return models
 
-    async def load(self, key: str, options: Mapping[str, Any]) -> Loaded:
-        """Load a new instance of `key`. Blocks until LM Studio is done."""
+    async def load(
+        self, key: str, options: Mapping[str, Any], *, timeout_s: float | None = None
+    ) -> Loaded:
+        """Load a new instance of `key`. Blocks until LM Studio is done, or `timeout_s` (by
+        default `load_timeout`) has passed."""
+        limit = self.load_timeout_s if timeout_s is None else timeout_s
         try:
             answer = await self._call(
                 "POST",
                 "/api/v1/models/load",
                 {"model": key, **options, "echo_load_config": True},
-                timeout_s=self.load_timeout_s,
+                timeout_s=limit,
             )
         except UpstreamTimeoutError as exc:
+            setting = "load_timeout" if timeout_s is None else "the proxy's wait"
             raise UpstreamTimeoutError(
-                f"loading model {key!r} took longer than load_timeout ({self.load_timeout_s:g} s)",
+                f"loading model {key!r} took longer than {setting} ({limit:g} s)",
                 code="model_load_timeout",
             ) from exc
         except UpstreamUnavailableError:

@@ -7,7 +7,6 @@ requests and making the load and unload calls. It holds no scheduling rule of it
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -31,7 +30,7 @@ from proxy.errors import (
     UpstreamUnavailableError,
 )
 from proxy.events import EventBus
-from proxy.lmstudio import LMStudioClient, ModelInfo
+from proxy.lmstudio import LMStudioClient, Loaded, ModelInfo
 from proxy.metrics import Metrics
 
 logger = logging.getLogger("lmswitch.manager")
@@ -439,13 +438,9 @@ class ModelManager:
         try:
             instance = await self._existing_instance(key)
             if instance is None:
-                try:
-                    loaded = await self._client.load(key, self._load_options(key))
-                except UpstreamTimeoutError as exc:
-                    instance = await self._outlast_load(key, exc)
-                else:
-                    instance = loaded.instance_id
-                    self.context_lengths[key] = loaded.context_length
+                loaded = await self._load_outlasting_waiters(key)
+                instance = loaded.instance_id
+                self.context_lengths[key] = loaded.context_length
         except ProxyError as exc:
             self._upstream_result(exc)
             result = "timeout" if exc.status_code == 504 else "failed"
@@ -465,21 +460,31 @@ class ModelManager:
         self._epoch += 1
         self._kick()
 
-    async def _outlast_load(self, key: str, error: UpstreamTimeoutError) -> str:
-        """LM Studio goes on with a load after the proxy stops waiting for it, and any other
-        load meanwhile would make a second copy or overrun its memory. The requests waiting get
-        the 504 now, but the model stays `loading` (so that no other load or unload starts)
-        until LM Studio lists it, for one more `load_timeout` at most."""
-        self.scheduler.fail_waiters(key, error)
-        self._kick()
-        upstream = self._settings.upstream
-        with anyio.move_on_after(upstream.load_timeout):
-            while True:
-                await anyio.sleep(min(upstream.poll_interval, 1.0))
-                with contextlib.suppress(ProxyError):
-                    if (instance := await self._existing_instance(key)) is not None:
-                        return instance
-        raise error
+    async def _load_outlasting_waiters(self, key: str) -> Loaded:
+        """LM Studio goes on with a load however long it takes, and another load meanwhile would
+        make a second copy or overrun its memory. So the call stays open: the requests waiting
+        get a 504 at `load_timeout`, while the model stays `loading` (no other load or unload
+        starts, new requests for it wait) until LM Studio answers, for twice that at most."""
+        limit = self._settings.upstream.load_timeout
+        timer = anyio.CancelScope()
+        assert self._tg is not None  # noqa: S101 - loads run in `run`'s task group
+        self._tg.start_soon(self._fail_waiters_after, key, limit, timer)
+        try:
+            return await self._client.load(key, self._load_options(key), timeout_s=2 * limit)
+        finally:
+            timer.cancel()
+
+    async def _fail_waiters_after(self, key: str, limit: float, scope: anyio.CancelScope) -> None:
+        with scope:
+            await anyio.sleep(limit)
+            logger.warning("loading model %s takes longer than load_timeout (%g s)", key, limit)
+            error = UpstreamTimeoutError(
+                f"loading model {key!r} took longer than load_timeout ({limit:g} s); LM Studio "
+                "goes on with it, and a later request for the model waits for that load",
+                code="model_load_timeout",
+            )
+            self.scheduler.fail_waiters(key, error)
+            self._kick()
 
     async def _existing_instance(self, key: str) -> str | None:
         """LM Studio's real state first: loading a loaded model would add a second instance."""

@@ -103,7 +103,10 @@ class PoolTransport(httpx2.AsyncHTTPTransport):
     """httpx2's transport on a pool whose connections answer the idle check cheaply."""
 
     def __init__(self, limits: httpx2.Limits) -> None:
-        super().__init__(limits=limits, trust_env=False)
+        # `verify=False` only spares loading the CA bundle (~0.5 MB) for the pool built here and
+        # dropped below; the pool that serves has no context of its own, so an https LM Studio
+        # gets httpcore's default, verifying one when it first connects.
+        super().__init__(limits=limits, trust_env=False, verify=False)
         # httpx2 builds its pool in __init__ and takes no network backend: give it one. The
         # attribute is httpx's own (`AsyncHTTPTransport._pool`), stable across its releases.
         self._pool = httpcore2.AsyncConnectionPool(
