@@ -16,7 +16,7 @@ from starlette.routing import Route
 from proxy import __version__
 from proxy.errors import BadRequestError
 from proxy.openai_routes import disconnect_watcher, parse_object, read_body
-from proxy.scheduler import RESIDENT, Phase
+from proxy.scheduling import RESIDENT, Phase
 from proxy.state import State
 
 # A comment line this often keeps idle event streams open through proxies, and finds dead clients.
@@ -26,10 +26,11 @@ _HEARTBEAT_S = 15.0
 def model_rows(request: Request[State]) -> list[dict[str, Any]]:
     """Every model LM Studio has, with the proxy's view of it (DESIGN §4)."""
     manager = request.state["manager"]
-    sched = manager.scheduler
+    sched, upstream = manager.scheduler, manager.reconciler
+    catalog = upstream.catalog
     rows = []
-    for key in sorted(set(manager.catalog) | {k for k, m in sched.models.items() if m.instances}):
-        info = manager.catalog.get(key)
+    for key in sorted(set(catalog) | {k for k, m in sched.models.items() if m.instances}):
+        info = catalog.get(key)
         model = sched.model(key)
         rows.append(
             {
@@ -46,7 +47,7 @@ def model_rows(request: Request[State]) -> list[dict[str, Any]]:
                 "last_used_at": _wall(model.last_used) if model.last_used else None,
                 "instance_id": model.instance_id,
                 "duplicates": list(model.duplicates),
-                "context_length": manager.context_lengths.get(key) if model.instances else None,
+                "context_length": upstream.context_lengths.get(key) if model.instances else None,
                 "max_context_length": info.max_context_length if info is not None else None,
             }
         )
@@ -78,7 +79,7 @@ def _status(request: Request[State]) -> dict[str, Any]:
     return {
         "version": __version__,
         "uptime_s": round(time.time() - state["started_at"], 3),
-        "upstream": {"url": settings.upstream.base_url, "reachable": manager.reachable},
+        "upstream": {"url": settings.upstream.base_url, "reachable": manager.reconciler.reachable},
         "loaded": [k for k, m in sched.models.items() if m.phase in RESIDENT],
         "in_flight": sum(m.leases for m in sched.models.values()),
         "queue": {k: n for k in sched.models if (n := sched.queued(k))},
@@ -109,7 +110,7 @@ async def _model_request(request: Request[State], allowed: frozenset[str]) -> di
     model_id = payload.get("model_id")
     if not isinstance(model_id, str) or not model_id:
         raise BadRequestError("model_id (a model key) is required", param="model_id")
-    payload["key"] = (await request.state["manager"].resolve(model_id)).key
+    payload["key"] = (await request.state["manager"].reconciler.resolve(model_id)).key
     return payload
 
 
@@ -176,12 +177,12 @@ async def healthz(request: Request[State]) -> Response:
 
 async def readyz(request: Request[State]) -> Response:
     """Ready once LM Studio's models have been read (it answered, and speaks the 0.4+ API)."""
-    manager = request.state["manager"]
-    if manager.catalog_known:
-        return JSONResponse({"status": "ready", "upstream_reachable": manager.reachable})
-    error = manager.last_error
+    upstream = request.state["manager"].reconciler
+    if upstream.catalog_known:
+        return JSONResponse({"status": "ready", "upstream_reachable": upstream.reachable})
+    error = upstream.last_error
     reason = error.message if error is not None else "waiting for LM Studio"
-    return JSONResponse({"status": reason, "upstream_reachable": manager.reachable}, 503)
+    return JSONResponse({"status": reason, "upstream_reachable": upstream.reachable}, 503)
 
 
 async def metrics(request: Request[State]) -> Response:

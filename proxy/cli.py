@@ -1,156 +1,31 @@
 """The `lmswitch` command: serve, demo, emulator, check-config.
 
 Each command builds its server (or coroutine) in a function that tests call directly:
-`build_server`, `build_emulator_server`, `run_demo`; `main` only parses and dispatches.
+`build_server`, `build_emulator_server`, `proxy.demo.run_demo`; `main` only parses and
+dispatches. The servers themselves and the logging set-up are in `proxy.server`.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ipaddress
-import json
-import logging
-import math
-import signal
-import socket
 import sys
-import threading
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from functools import partial
-from types import FrameType
-from typing import Any
 
 import anyio
-import httpx2
 import uvicorn
-from anyio.abc import TaskStatus
-from uvicorn.server import HANDLED_SIGNALS
 
 from proxy import __version__
 from proxy.app import create_app
 from proxy.config import ConfigError, Settings, describe_settings, load_settings
+from proxy.demo import CannotListenError, run_demo
 from proxy.events import EventBus
+from proxy.server import Server, configure_logging, uvicorn_config
 
 EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_CANNOT_LISTEN = 3  # what uvicorn exits with when `serve` cannot bind its port
-
-DEMO_ALIASES = {
-    "gpt-4o-mini": "qwen2.5-7b-instruct",
-    "text-embedding-3-small": "text-embedding-nomic-embed-text-v1.5",
-}
-DEMO_READY_TIMEOUT_S = 10.0
-
-SignalHandler = Callable[[int, FrameType | None], None]
-logger = logging.getLogger("lmswitch.cli")
-
-
-@contextlib.contextmanager
-def handling_signals(handler: SignalHandler) -> Iterator[None]:
-    """Send SIGINT and SIGTERM (and SIGBREAK on Windows) to `handler` inside the block.
-
-    The previous handlers come back on exit, and, unlike uvicorn, a captured signal is not
-    raised again afterwards. Only the main thread can handle signals; elsewhere this does nothing.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.signal(sig, handler) for sig in HANDLED_SIGNALS}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
-class Server(uvicorn.Server):
-    """uvicorn's server, minus re-raising the signal after a graceful shutdown, plus a hook
-    called as the shutdown begins.
-
-    uvicorn re-raises a captured SIGTERM once drained, which kills the process with status 143;
-    a drained proxy exits 0 instead.
-    """
-
-    def __init__(
-        self, config: uvicorn.Config, *, on_shutdown: Callable[[], object] = lambda: None
-    ) -> None:
-        super().__init__(config)
-        self._on_shutdown = on_shutdown
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        with handling_signals(self.handle_exit):
-            yield
-
-    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        self._on_shutdown()  # before the drain, which waits for every open response
-        await super().shutdown(sockets=sockets)
-
-
-class QuietServer(uvicorn.Server):
-    """A server that leaves signals to its owner and says when it has started (the demo's two)."""
-
-    def __init__(self, config: uvicorn.Config, *, on_started: Callable[[], object]) -> None:
-        super().__init__(config)
-        self._on_started = on_started
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets=sockets)
-        self._on_started()  # uvicorn's startup either finishes started or raises SystemExit
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        fields: dict[str, Any] = {
-            "time": round(record.created, 3),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-        }
-        message = record.getMessage()
-        try:
-            decoded = json.loads(message) if message.startswith("{") else None
-        except ValueError:
-            decoded = None
-        if isinstance(decoded, dict):
-            fields.update(decoded)  # access lines are already JSON objects
-        else:
-            fields["message"] = message
-        if record.exc_info:
-            fields["exception"] = self.formatException(record.exc_info)
-        return json.dumps(fields)
-
-
-def configure_logging(settings: Settings) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if settings.logging.format == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("lmswitch")
-    root.handlers[:] = [handler]
-    root.setLevel(settings.logging.level.upper())
-    root.propagate = False
-
-
-def _uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
-    return uvicorn.Config(
-        app,
-        host=settings.server.host,
-        port=settings.server.port,
-        lifespan="on",  # a failed start-up exits instead of serving without state
-        workers=1,  # the load lock and leases live in this process
-        access_log=False,  # lmswitch writes its own access lines
-        log_level=settings.logging.level,
-        # Whole seconds (uvicorn's type), never shorter than configured, and at least 1 s.
-        timeout_graceful_shutdown=max(1, math.ceil(settings.server.drain_timeout)),
-        server_header=False,
-    )
 
 
 def _port(text: str) -> int:
@@ -238,7 +113,7 @@ def _proxy_server(args: argparse.Namespace) -> Server:
     configure_logging(settings)
     events = EventBus()  # closed as the shutdown begins: live event streams end, not drain
     app = create_app(settings, events=events)
-    return Server(_uvicorn_config(app, settings), on_shutdown=events.close)
+    return Server(uvicorn_config(app, settings), on_shutdown=events.close)
 
 
 def _is_loopback_host(host: str) -> bool:
@@ -292,136 +167,6 @@ def _emulator_server(args: argparse.Namespace) -> Server:
         access_log=not args.quiet,
     )
     return Server(config)
-
-
-# --- demo -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Demo:
-    """A running demo: where its two servers listen, its models, and how to stop it."""
-
-    proxy_url: str
-    emulator_url: str
-    models: tuple[str, ...]
-    _proxy: uvicorn.Server = field(repr=False)
-
-    def stop(self) -> None:
-        """Drain the proxy, then stop the emulator: what Ctrl+C does."""
-        self._proxy.should_exit = True
-
-
-def _greeting(demo: Demo) -> str:
-    base = demo.proxy_url
-    aliases = ", ".join(f"{alias} -> {target}" for alias, target in DEMO_ALIASES.items())
-    curl = (
-        f"  curl {base}/v1/chat/completions -H 'content-type: application/json' \\\n"
-        """    -d '{{"model": "{}", "messages": [{{"role": "user", "content": "Hi"}}]}}'"""
-    )
-    return f"""
-lmswitch demo: the proxy at {base}/v1, in front of an LM Studio emulator at {demo.emulator_url}
-  models:   {", ".join(demo.models)}
-  aliases:  {aliases}
-  web page: {base}/ui/
-  status:   {base}/api/v1/status    metrics: {base}/metrics
-
-Ask two models in turn and watch the proxy swap them (one model fits at a time):
-{curl.format("qwen2.5-7b-instruct")}
-{curl.format("llama-3.2-1b-instruct")}
-Press Ctrl+C to stop.
-"""
-
-
-class CannotListenError(Exception):
-    """The demo's port is taken (or otherwise cannot be bound)."""
-
-
-def _listen(port: int) -> socket.socket:
-    try:
-        return socket.create_server(("127.0.0.1", port))
-    except OSError as exc:
-        raise CannotListenError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror}") from exc
-
-
-async def wait_until_ready(url: str, timeout_s: float = DEMO_READY_TIMEOUT_S) -> bool:
-    """Poll the proxy's `/readyz` until it has reached LM Studio; False after `timeout_s`.
-
-    The proxy answers 503 `upstream_unavailable` to a request that comes while it is still
-    taking its first look at LM Studio, so the demo greets only once that look is done.
-    Each poll has its own 5 s timeout; the loop stops polling once `timeout_s` has passed.
-    """
-    deadline = anyio.current_time() + timeout_s
-    async with httpx2.AsyncClient(base_url=url, timeout=5) as http:
-        while anyio.current_time() < deadline:
-            with contextlib.suppress(httpx2.TransportError):  # e.g. stopped meanwhile
-                if (await http.get("/readyz")).status_code == 200:
-                    return True
-            await anyio.sleep(0.02)
-    return False
-
-
-async def run_demo(
-    port: int = 8000,
-    load_delay_s: float = 2.0,
-    *,
-    ready_timeout_s: float = DEMO_READY_TIMEOUT_S,
-    task_status: TaskStatus[Demo] = anyio.TASK_STATUS_IGNORED,
-) -> None:
-    """Run the proxy on 127.0.0.1:`port` (0: a free port) in front of the emulator until stopped.
-
-    Both sockets listen before either server starts, so the proxy's first look at LM Studio
-    finds the emulator. Once the proxy is ready, prints the greeting and hands `task_status`
-    a `Demo`. SIGINT/SIGTERM (or `Demo.stop()`) drain the proxy; the emulator stops after it,
-    since in-flight requests need it. Raises CannotListenError if `port` is taken.
-    """
-    from proxy.emulator import Emulator  # not imported by `serve`: it costs memory
-
-    emulator = Emulator(load_delay_s=load_delay_s, token_delay_s=0.05, reply_tokens=24)
-    with _listen(0) as emulator_sock, _listen(port) as proxy_sock:
-        emulator_port = emulator_sock.getsockname()[1]
-        emulator_url = f"http://127.0.0.1:{emulator_port}"
-        proxy_port = proxy_sock.getsockname()[1]
-        settings = Settings(
-            upstream={"base_url": emulator_url, "poll_interval": 5},
-            models={"max_loaded": 1, "aliases": DEMO_ALIASES, "default": "qwen2.5-7b-instruct"},
-            scheduler={"swap_grace": 5},
-            server={"port": proxy_port, "drain_timeout": 3},
-        )
-        configure_logging(settings)
-        emulator_config = uvicorn.Config(
-            emulator.app, log_level="warning", lifespan="off", access_log=False
-        )
-        emulator_server = QuietServer(emulator_config, on_started=lambda: None)
-        proxy_started = anyio.Event()
-        proxy_server = QuietServer(
-            _uvicorn_config(create_app(settings), settings), on_started=proxy_started.set
-        )
-        demo = Demo(
-            proxy_url=f"http://127.0.0.1:{proxy_port}",
-            emulator_url=emulator_url,
-            models=tuple(emulator.catalog),
-            _proxy=proxy_server,
-        )
-
-        waiting = anyio.CancelScope()
-
-        async def serve_proxy() -> None:
-            await proxy_server.serve([proxy_sock])
-            waiting.cancel()  # stopped before it was ready: greet, hand over, and finish
-            emulator_server.should_exit = True
-
-        # One handler for the two servers, for the whole run: a second Ctrl+C while the emulator
-        # stops still reaches uvicorn (force exit) rather than asyncio's KeyboardInterrupt.
-        with handling_signals(proxy_server.handle_exit):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(emulator_server.serve, [emulator_sock])
-                tg.start_soon(serve_proxy)
-                await proxy_started.wait()  # set by startup, which otherwise raises SystemExit
-                with waiting:
-                    if not await wait_until_ready(demo.proxy_url, ready_timeout_s):
-                        logger.warning("the proxy has not reached the emulator yet")
-                print(_greeting(demo), flush=True)  # noqa: T201 - the demo's greeting is its output
-                task_status.started(demo)
 
 
 # --- the command ------------------------------------------------------------------------------

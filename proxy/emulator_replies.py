@@ -1,7 +1,8 @@
-"""Response bodies, error bodies and SSE frames for the LM Studio emulator (lmstudio-api.md §3, §6).
+"""Replies of the LM Studio emulator: what all API families share, error bodies, and the OpenAI
+chat, completion and embedding bodies and SSE frames (lmstudio-api.md §5, §6).
 
 Pure functions: no state, no I/O. `proxy.emulator` decides what to answer; this module decides
-how the answer looks on the wire.
+how the answer looks on the wire. The Responses and Messages APIs are in `proxy.emulator_native`.
 """
 
 from __future__ import annotations
@@ -12,14 +13,12 @@ import math
 import secrets
 import string
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from starlette.responses import JSONResponse
 
-if TYPE_CHECKING:
-    from proxy.emulator import CatalogModel, Instance
+from proxy.emulator_catalog import CatalogModel
 
 Kind = Literal["chat", "completion", "embedding", "response", "message"]
 Body = dict[str, Any]
@@ -116,7 +115,7 @@ def make_reply(kind: Kind, model: str, body: Body, reply_tokens: int) -> Reply:
     return Reply(model, count_words(body), pieces, truncated=limit < reply_tokens)
 
 
-def _sse(payload: Body, *, event: str | None = None, content: bool = False) -> Frame:
+def sse(payload: Body, *, event: str | None = None, content: bool = False) -> Frame:
     data = json.dumps(payload, separators=(",", ":"))
     prefix = f"event: {event}\n" if event is not None else ""
     return Frame(f"{prefix}data: {data}\n\n".encode(), content)
@@ -210,15 +209,15 @@ def chat_frames(reply: Reply, include_usage: bool) -> list[Frame]:
         return head | {"choices": [choice]}
 
     frames = [
-        _sse(chunk({"role": "assistant", "content": piece} if i == 0 else {"content": piece}, None),
+        sse(chunk({"role": "assistant", "content": piece} if i == 0 else {"content": piece}, None),
              content=True)
         for i, piece in enumerate(reply.pieces)
     ]  # fmt: skip
     if not frames:
-        frames.append(_sse(chunk({"role": "assistant", "content": ""}, None)))
-    frames.append(_sse(chunk({}, "length" if reply.truncated else "stop")))
+        frames.append(sse(chunk({"role": "assistant", "content": ""}, None)))
+    frames.append(sse(chunk({}, "length" if reply.truncated else "stop")))
     if include_usage:
-        frames.append(_sse(head | {"choices": [], "usage": reply.usage()}))
+        frames.append(sse(head | {"choices": [], "usage": reply.usage()}))
     frames.append(DONE)
     return frames
 
@@ -255,10 +254,10 @@ def completion_frames(reply: Reply, include_usage: bool) -> list[Frame]:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
         return head | {"choices": [choice]}
 
-    frames = [_sse(chunk(piece, None), content=True) for piece in reply.pieces]
-    frames.append(_sse(chunk("", "length" if reply.truncated else "stop")))
+    frames = [sse(chunk(piece, None), content=True) for piece in reply.pieces]
+    frames.append(sse(chunk("", "length" if reply.truncated else "stop")))
     if include_usage:
-        frames.append(_sse(head | {"choices": [], "usage": reply.usage()}))
+        frames.append(sse(head | {"choices": [], "usage": reply.usage()}))
     frames.append(DONE)
     return frames
 
@@ -307,209 +306,3 @@ def embeddings_body(model: str, value: object, dims: int) -> Body:
         "model": model,
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     }
-
-
-# --- OpenAI Responses --------------------------------------------------------------------------
-
-
-def _response(reply: Reply, ids: tuple[str, str, int], *, done: bool) -> Body:
-    response_id, item_id, created = ids
-    status = ("incomplete" if reply.truncated else "completed") if done else "in_progress"
-    usage = {
-        "input_tokens": reply.prompt_tokens,
-        "output_tokens": reply.completion_tokens,
-        "total_tokens": reply.prompt_tokens + reply.completion_tokens,
-    }
-    return {
-        "id": response_id,
-        "object": "response",
-        "created_at": created,
-        "status": status,
-        "error": None,
-        "incomplete_details": {"reason": "max_output_tokens"} if done and reply.truncated else None,
-        "model": reply.model,
-        "output": [_output_item(reply, item_id)] if done else [],
-        "previous_response_id": None,
-        "usage": usage if done else None,
-    }
-
-
-def _output_text(text: str) -> Body:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-
-
-def _output_item(reply: Reply, item_id: str, *, done: bool = True) -> Body:
-    return {
-        "id": item_id,
-        "type": "message",
-        "status": "completed" if done else "in_progress",
-        "role": "assistant",
-        "content": [_output_text(reply.text)] if done else [],
-    }
-
-
-def response_body(reply: Reply, _extras: Body | None) -> Body:
-    """A non-streamed Responses API object."""
-    return _response(reply, _response_ids(), done=True)
-
-
-def _response_ids() -> tuple[str, str, int]:
-    return random_id("resp_"), random_id("msg_"), int(time.time())
-
-
-def response_frames(reply: Reply, _include_usage: bool) -> list[Frame]:
-    """Responses API events, `event:` + `data:` framed, `response.created` to `.completed`."""
-    ids = _response_ids()
-    item_id = ids[1]
-    where = {"item_id": item_id, "output_index": 0, "content_index": 0}
-    events: list[tuple[str, Body, bool]] = [
-        ("response.created", {"response": _response(reply, ids, done=False)}, False),
-        ("response.in_progress", {"response": _response(reply, ids, done=False)}, False),
-        (
-            "response.output_item.added",
-            {"output_index": 0, "item": _output_item(reply, item_id, done=False)},
-            False,
-        ),
-        ("response.content_part.added", where | {"part": _output_text("")}, False),
-        *(
-            ("response.output_text.delta", where | {"delta": piece, "logprobs": []}, True)
-            for piece in reply.pieces
-        ),
-        ("response.output_text.done", where | {"text": reply.text, "logprobs": []}, False),
-        ("response.content_part.done", where | {"part": _output_text(reply.text)}, False),
-        (
-            "response.output_item.done",
-            {"output_index": 0, "item": _output_item(reply, item_id)},
-            False,
-        ),
-        ("response.completed", {"response": _response(reply, ids, done=True)}, False),
-    ]
-    return [
-        _sse({"type": name, "sequence_number": seq} | payload, event=name, content=content)
-        for seq, (name, payload, content) in enumerate(events)
-    ]
-
-
-# --- Anthropic Messages ------------------------------------------------------------------------
-
-
-def _message(reply: Reply, message_id: str, *, done: bool) -> Body:
-    stop_reason = ("max_tokens" if reply.truncated else "end_turn") if done else None
-    return {
-        "id": message_id,
-        "type": "message",
-        "role": "assistant",
-        "content": [{"type": "text", "text": reply.text}] if done else [],
-        "model": reply.model,
-        "stop_reason": stop_reason,
-        "stop_sequence": None,
-        "usage": {
-            "input_tokens": reply.prompt_tokens,
-            "output_tokens": reply.completion_tokens if done else 0,
-        },
-    }
-
-
-def message_body(reply: Reply, _extras: Body | None) -> Body:
-    """A non-streamed Anthropic `message`."""
-    return _message(reply, random_id("msg_", 21), done=True)
-
-
-def message_frames(reply: Reply, _include_usage: bool) -> list[Frame]:
-    """Anthropic events, from `message_start` to `message_stop`."""
-    start = _message(reply, random_id("msg_", 21), done=False)
-    block = {"type": "text", "text": ""}
-    events: list[tuple[str, Body, bool]] = [
-        ("message_start", {"message": start}, False),
-        ("content_block_start", {"index": 0, "content_block": block}, False),
-        *(
-            ("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": p}}, True)
-            for p in reply.pieces
-        ),
-        ("content_block_stop", {"index": 0}, False),
-        (
-            "message_delta",
-            {
-                "delta": {
-                    "stop_reason": "max_tokens" if reply.truncated else "end_turn",
-                    "stop_sequence": None,
-                },
-                "usage": {"output_tokens": reply.completion_tokens},
-            },
-            False,
-        ),
-        ("message_stop", {}, False),
-    ]
-    return [
-        _sse({"type": name} | payload, event=name, content=content)
-        for name, payload, content in events
-    ]
-
-
-BODIES: dict[Kind, Callable[[Reply, Body | None], Body]] = {
-    "chat": chat_body,
-    "completion": completion_body,
-    "response": response_body,
-    "message": message_body,
-}
-FRAMES: dict[Kind, Callable[[Reply, bool], list[Frame]]] = {
-    "chat": chat_frames,
-    "completion": completion_frames,
-    "response": response_frames,
-    "message": message_frames,
-}
-
-
-# --- Model listings ----------------------------------------------------------------------------
-
-
-def v0_row(model: CatalogModel, instance: Instance | None) -> Body:
-    """One `/api/v0/models` entry: a loaded instance, or the model when not loaded (§3.2)."""
-    kind = "embeddings" if model.type == "embedding" else "vlm" if model.vision else "llm"
-    row: Body = {
-        "id": instance.id if instance is not None else model.key,
-        "object": "model",
-        "type": kind,
-        "publisher": model.publisher,
-        "arch": model.architecture,
-        "compatibility_type": "gguf",
-        "quantization": model.quantization,
-        "state": "loaded" if instance is not None else "not-loaded",
-        "max_context_length": model.max_context_length,
-    }
-    if instance is not None:
-        row["loaded_context_length"] = instance.context_length
-    row["capabilities"] = ["tool_use"] if model.trained_for_tool_use else []
-    return row
-
-
-def v1_row(model: CatalogModel, instances: list[Instance]) -> Body:
-    """One `/api/v1/models` entry with its `loaded_instances` (§3.3)."""
-    row: Body = {
-        "type": model.type,
-        "publisher": model.publisher,
-        "key": model.key,
-        "display_name": model.display_name,
-    }
-    if model.type == "llm":
-        row["architecture"] = model.architecture
-    row |= {
-        "quantization": {"name": model.quantization, "bits_per_weight": model.bits_per_weight},
-        "size_bytes": model.size_bytes,
-        "params_string": model.params_string,
-        "loaded_instances": [{"id": i.id, "config": dict(i.config)} for i in instances],
-        "max_context_length": model.max_context_length,
-        "format": "gguf",
-    }
-    if model.type == "llm":
-        variant = f"{model.key}@{model.quantization.lower()}"
-        row |= {
-            "capabilities": {
-                "vision": model.vision,
-                "trained_for_tool_use": model.trained_for_tool_use,
-            },
-            "description": None,
-            "variants": [variant],
-            "selected_variant": variant,
-        }
-    return row

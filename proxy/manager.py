@@ -2,7 +2,8 @@
 
 It owns the scheduler's state, feeds it events (arrivals, releases, load results, timer ticks,
 LM Studio's observed state) and carries out the actions it returns: waking or failing waiting
-requests and making the load and unload calls. It holds no scheduling rule of its own.
+requests here, load and unload calls through `proxy.reconciler`, which also keeps the scheduler's
+view true to LM Studio's. It holds no scheduling rule of its own.
 """
 
 from __future__ import annotations
@@ -11,45 +12,30 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
-from proxy import scheduler as sch
+from proxy import scheduling as sch
 from proxy.config import Settings
 from proxy.errors import (
-    BadRequestError,
     CapacityError,
-    ModelNotFoundError,
     ProxyError,
     QueueFullError,
     QueueTimeoutError,
-    UpstreamTimeoutError,
-    UpstreamUnavailableError,
 )
 from proxy.events import EventBus
-from proxy.lmstudio import LMStudioClient, Loaded, ModelInfo
+from proxy.lmstudio import LMStudioClient
 from proxy.metrics import Metrics
+from proxy.reconciler import Reconciler
+from proxy.scheduler import Scheduler
 
 logger = logging.getLogger("lmswitch.manager")
-
-# An unknown model name refreshes the catalogue at most this often (a model may have just been
-# downloaded), so that a client cannot make every bad request cost an upstream call.
-_CATALOG_REFRESH_S = 1.0
 
 
 class ClientGone(Exception):  # noqa: N818 - not an error: the client left while waiting
     """The client disconnected while its request waited for a model."""
-
-
-@dataclass(frozen=True, slots=True)
-class Resolved:
-    """A request's `model` resolved: the model key to lease and the name to send upstream."""
-
-    key: str
-    upstream_name: str
 
 
 class _Pending:
@@ -97,7 +83,7 @@ class ModelManager:
         self._metrics = metrics
         self._clock = clock
         models, sched = settings.models, settings.scheduler
-        self.scheduler = sch.Scheduler(
+        self.scheduler = Scheduler(
             sch.Policy(
                 max_loaded=models.max_loaded,
                 memory_budget=models.memory_budget,
@@ -109,21 +95,18 @@ class ModelManager:
         )
         for key in models.pinned:
             self.scheduler.pin(key, True)
-        self.catalog: dict[str, ModelInfo] = {}
-        self.catalog_known = False
-        self.reachable = False
-        self.last_error: ProxyError | None = None  # why the last catalogue read failed
+        self.reconciler = Reconciler(
+            client, settings, metrics, self.events, self.scheduler, clock=clock, kick=self._kick
+        )
         self._pending: dict[int, _Pending] = {}
         self._tg: TaskGroup | None = None
         self._wakeup = anyio.Event()
         self._sleep_until = math.inf
-        self._epoch = 0  # bumped by every load and unload, to discard stale observations
-        self._last_refresh = -math.inf
-        self._duplicates: dict[str, tuple[str, ...]] = {}  # as last reported
-        self._context_overrides: dict[str, int] = {}  # from operators' load requests
-        self.context_lengths: dict[str, int | None] = {}  # of loaded instances, as last seen
         self._change: anyio.Event | None = None
-        self._refreshed: anyio.Event | None = None  # set when the running refresh ends
+
+    async def refresh(self) -> None:
+        """Reconcile with LM Studio now (single-flight; never raises)."""
+        await self.reconciler.refresh()
 
     # -- lifetime ---------------------------------------------------------------------------
 
@@ -153,65 +136,11 @@ class ModelManager:
     async def _start_up(self) -> None:
         await self.refresh()
         for key in self._settings.models.preload:
-            if key in self.catalog:
+            if key in self.reconciler.catalog:
                 self.scheduler.arrive(key, self._clock(), takes_lease=False)
             else:
                 logger.warning("preload: model %r is not in LM Studio's catalogue", key)
         self._kick()
-
-    # -- routing ----------------------------------------------------------------------------
-
-    async def resolve(self, name: object) -> Resolved:
-        """Alias first, then a model key, then a loaded instance id (DESIGN §5.1)."""
-        models = self._settings.models
-        if name is None:
-            if models.default is None:
-                raise BadRequestError(
-                    "you must provide a model parameter (no models.default is configured)",
-                    param="model",
-                    code="missing_model",
-                )
-            name = models.default
-        if not isinstance(name, str) or not name:
-            raise BadRequestError("model must be a non-empty string", param="model")
-        target = models.aliases.get(name, name)
-        found = self._lookup(target)
-        if found is None and await self._refresh_for_unknown():
-            found = self._lookup(target)
-        if found is None:
-            known = ", ".join(sorted(self.catalog)[:5])
-            shown = name if len(name) <= 100 else name[:100] + "..."
-            raise ModelNotFoundError(
-                f"The model {shown!r} does not exist. Known models include: {known}.",
-                param="model",
-            )
-        return Resolved(found, target)
-
-    def _lookup(self, name: str) -> str | None:
-        if name in self.catalog:
-            return name
-        for model in self.scheduler.models.values():
-            if name == model.instance_id or name in model.duplicates:
-                return model.key
-        return None
-
-    async def _refresh_for_unknown(self) -> bool:
-        """Refresh the catalogue for an unknown name, at most once a second; True if it ran."""
-        if self.catalog_known and self._clock() - self._last_refresh < _CATALOG_REFRESH_S:
-            return False
-        await self.refresh()
-        self.require_catalog()
-        return True
-
-    def require_catalog(self) -> None:
-        """Raise why LM Studio's models are unknown, if they are."""
-        if self.catalog_known:
-            return
-        if self.last_error is None or isinstance(self.last_error, UpstreamUnavailableError):
-            raise UpstreamUnavailableError(
-                f"LM Studio is not reachable at {self._client.base_url}", retry_after_s=5
-            )
-        raise self.last_error
 
     # -- leases -----------------------------------------------------------------------------
 
@@ -239,7 +168,7 @@ class ModelManager:
 
         Returns how long it waited and whether it waited on a load.
         """
-        if not self.reachable:
+        if not self.reconciler.reachable:
             # LM Studio was away: it may have restarted with nothing loaded. See first.
             await self.refresh()
         arrived = self._clock()
@@ -314,11 +243,11 @@ class ModelManager:
         A `context_length` other than the loaded instance's reloads the model with it.
         """
         if context_length is not None:
-            self._context_overrides[key] = context_length
-            loaded_with = self.context_lengths.get(key)
-            if self._is_loaded(key) and loaded_with not in (None, context_length):
+            self.reconciler.context_overrides[key] = context_length
+            loaded_with = self.reconciler.context_lengths.get(key)
+            if self.scheduler.is_loaded(key) and loaded_with not in (None, context_length):
                 await self.unload(key)
-        was_loaded = self._is_loaded(key)
+        was_loaded = self.scheduler.is_loaded(key)
         await self._enqueue(key, disconnected, takes_lease=False)
         return not was_loaded
 
@@ -353,10 +282,6 @@ class ModelManager:
         self.scheduler.pin(key, pinned)
         self._model_event(key, "pinned" if pinned else "unpinned")
         self._kick()
-
-    def _is_loaded(self, key: str) -> bool:
-        model = self.scheduler.models.get(key)
-        return model is not None and model.phase in (sch.Phase.READY, sch.Phase.DRAINING)
 
     def _changed(self) -> anyio.Event:
         """An event set the next time the scheduler acts (for waiters on a model's state)."""
@@ -401,13 +326,13 @@ class ModelManager:
         assert self._tg is not None, "ModelManager.run is not running"  # noqa: S101
         if isinstance(action, sch.Load):
             self._model_event(action.model, "loading")
-            self._tg.start_soon(self._load, action.model)
+            self._tg.start_soon(self.reconciler.load, action.model, self._tg)
         else:
             self._model_event(action.model, "unloading", reason=str(action.reason))
-            self._tg.start_soon(self._unload, action)
+            self._tg.start_soon(self.reconciler.unload, action)
 
     def _model_event(self, key: str, state: str, **extra: Any) -> None:
-        self.events.publish("model", {"model": key, "state": state, **extra})
+        self.reconciler.model_event(key, state, **extra)
 
     def _failure(self, action: sch.Fail) -> ProxyError:
         if isinstance(action.error, ProxyError):
@@ -431,156 +356,6 @@ class ModelManager:
             self._metrics.unloads.labels(action.model, sch.UnloadReason.EXTERNAL).inc()
             self._model_event(action.model, "unloaded", reason=str(sch.UnloadReason.EXTERNAL))
 
-    async def _load(self, key: str) -> None:
-        """Load `key` (the scheduler guarantees no other load or unload runs meanwhile)."""
-        started = self._clock()
-        logger.info("loading model %s", key)
-        try:
-            instance = await self._existing_instance(key)
-            if instance is None:
-                loaded = await self._load_outlasting_waiters(key)
-                instance = loaded.instance_id
-                self.context_lengths[key] = loaded.context_length
-        except ProxyError as exc:
-            self._upstream_result(exc)
-            result = "timeout" if exc.status_code == 504 else "failed"
-            self._metrics.loads.labels(key, result).inc()
-            logger.warning("loading model %s failed: %s", key, exc.message)
-            self._model_event(key, "failed", error=exc.message, code=exc.code)
-            self.scheduler.load_failed(key, exc)
-        else:
-            self._upstream_result(None)
-            elapsed = self._clock() - started
-            self._metrics.loads.labels(key, "ok").inc()
-            self._metrics.load_duration.labels(key).observe(elapsed)
-            self._metrics.loaded.labels(key).set(1)
-            logger.info("loaded model %s as %s in %.2f s", key, instance, elapsed)
-            self._model_event(key, "loaded", instance_id=instance, load_s=round(elapsed, 3))
-            self.scheduler.load_done(key, instance, self._clock())
-        self._epoch += 1
-        self._kick()
-
-    async def _load_outlasting_waiters(self, key: str) -> Loaded:
-        """LM Studio goes on with a load however long it takes, and another load meanwhile would
-        make a second copy or overrun its memory. So the call stays open: the requests waiting
-        get a 504 at `load_timeout`, while the model stays `loading` (no other load or unload
-        starts, new requests for it wait) until LM Studio answers, for twice that at most."""
-        limit = self._settings.upstream.load_timeout
-        timer = anyio.CancelScope()
-        assert self._tg is not None  # noqa: S101 - loads run in `run`'s task group
-        self._tg.start_soon(self._fail_waiters_after, key, limit, timer)
-        try:
-            return await self._client.load(key, self._load_options(key), timeout_s=2 * limit)
-        finally:
-            timer.cancel()
-
-    async def _fail_waiters_after(self, key: str, limit: float, scope: anyio.CancelScope) -> None:
-        with scope:
-            await anyio.sleep(limit)
-            logger.warning("loading model %s takes longer than load_timeout (%g s)", key, limit)
-            error = UpstreamTimeoutError(
-                f"loading model {key!r} took longer than load_timeout ({limit:g} s); LM Studio "
-                "goes on with it, and a later request for the model waits for that load",
-                code="model_load_timeout",
-            )
-            self.scheduler.fail_waiters(key, error)
-            self._kick()
-
-    async def _existing_instance(self, key: str) -> str | None:
-        """LM Studio's real state first: loading a loaded model would add a second instance."""
-        catalog = await self._client.catalog()
-        for info in catalog:
-            if info.key == key and info.instances:
-                self.context_lengths[key] = info.context_length
-                return key if key in info.instances else info.instances[0]
-        return None
-
-    def _load_options(self, key: str) -> dict[str, Any]:
-        options = self._settings.models.load_options.get(key)
-        body: dict[str, Any] = dict(options.as_body()) if options is not None else {}
-        if (context_length := self._context_overrides.get(key)) is not None:
-            body["context_length"] = context_length
-        return body
-
-    async def _unload(self, action: sch.Unload) -> None:
-        logger.info("unloading model %s (%s)", action.model, action.reason)
-        try:
-            await self._client.unload(action.instance_id)
-        except ProxyError as exc:
-            self._upstream_result(exc)
-            logger.warning("unloading model %s failed: %s", action.model, exc.message)
-            self._model_event(action.model, "failed", error=exc.message, code=exc.code)
-            self.scheduler.unload_failed(action.model, self._clock())
-        else:
-            self._upstream_result(None)
-            self._metrics.unloads.labels(action.model, action.reason).inc()
-            self._metrics.loaded.labels(action.model).set(0)
-            self._model_event(action.model, "unloaded", reason=str(action.reason))
-            self.scheduler.unload_done(action.model)
-        self._epoch += 1
-        self._kick()
-
-    # -- staying true to LM Studio ----------------------------------------------------------
-
-    def _upstream_result(self, error: ProxyError | None) -> None:
-        up = error is None or not isinstance(error, UpstreamUnavailableError)
-        self.reachable = up
-        self._metrics.upstream_up.set(1 if up else 0)
-
-    async def refresh(self) -> None:
-        """Reconcile with LM Studio's catalogue and loaded instances; never raises.
-
-        Single-flight: a caller that arrives while a refresh runs waits for that one.
-        """
-        if self._refreshed is not None:
-            await self._refreshed.wait()
-            return
-        self._refreshed = anyio.Event()
-        epoch = self._epoch
-        try:
-            catalog = await self._client.catalog()
-        except ProxyError as exc:
-            self._upstream_result(exc)
-            self.last_error = exc
-            logger.warning("cannot read LM Studio's models: %s", exc.message)
-            return
-        finally:
-            self._refreshed.set()
-            self._refreshed = None
-            self._last_refresh = self._clock()
-        self._upstream_result(None)
-        self.last_error = None
-        self.catalog = {info.key: info for info in catalog}
-        self.context_lengths.update(
-            {info.key: info.context_length for info in catalog if info.instances}
-        )
-        self.catalog_known = True
-        self.scheduler.set_catalog({info.key: info.size_bytes for info in catalog})
-        if epoch == self._epoch:  # no load or unload finished meanwhile: the view is current
-            instances = {info.key: info.instances for info in catalog if info.instances}
-            self.scheduler.observed(instances, self._clock())
-            self._report_duplicates()
-        for key in self.catalog:  # every known model has its gauges, at 0 until used
-            self._metrics.loaded.labels(key).set(1 if self._is_loaded(key) else 0)
-            self._metrics.in_flight.labels(key)
-            self._metrics.queued.labels(key)
-        self._kick()
-
-    def _report_duplicates(self) -> None:
-        """Say once when LM Studio holds more than one instance of a model (they all count)."""
-        for key, model in self.scheduler.models.items():
-            extra = tuple(model.duplicates)
-            if extra and self._duplicates.get(key) != extra:
-                logger.warning(
-                    "LM Studio holds %d instances of %s (%s); each counts toward capacity",
-                    1 + len(extra),
-                    key,
-                    ", ".join((str(model.instance_id), *extra)),
-                )
-            self._duplicates[key] = extra
-
     def upstream_failed(self, error: ProxyError) -> None:
         """A request found LM Studio unreachable: note it and reconcile in the background."""
-        self._upstream_result(error)
-        if self._tg is not None and self._refreshed is None:
-            self._tg.start_soon(self.refresh)
+        self.reconciler.upstream_failed(error, self._tg)

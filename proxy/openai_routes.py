@@ -20,12 +20,13 @@ from proxy.errors import (
     ProxyError,
     RequestTimeoutError,
     UnsupportedMediaTypeError,
+    UpstreamError,
     UpstreamUnavailableError,
 )
 from proxy.lmstudio import UpstreamResponse
 from proxy.manager import ClientGone, Lease
 from proxy.metrics import UNKNOWN_MODEL
-from proxy.scheduler import Phase
+from proxy.scheduling import Phase
 from proxy.state import State
 from proxy.streaming import RequestRecord, UpstreamStreamResponse
 
@@ -166,6 +167,18 @@ async def _model_was_gone(upstream: UpstreamResponse) -> bool:
     return any(marker in body for marker in _NOT_LOADED_MARKERS)
 
 
+async def _refuse_unreadable_error(upstream: UpstreamResponse) -> None:
+    """LM Studio's error without a JSON body (a crash page): the client's SDK could not read
+    it, so the client gets the proxy's own error, in its API's envelope, quoting it."""
+    if upstream.status_code < 400 or "json" in upstream.content_type:
+        return
+    try:
+        text = (await upstream.read())[:300].decode("utf-8", "replace").strip()
+    finally:
+        await upstream.aclose()
+    raise UpstreamError(f"LM Studio answered {upstream.status_code} without a JSON error: {text!r}")
+
+
 async def proxy_request(request: Request[State]) -> Response:
     """Resolve the model, wait for it, and stream LM Studio's answer through."""
     state = request.state
@@ -181,7 +194,7 @@ async def proxy_request(request: Request[State]) -> Response:
         body = await read_body(request, settings.server.max_body_bytes)
         payload = parse_object(body)
         _check_fields(payload)
-        resolved = await manager.resolve(payload.get("model"))
+        resolved = await manager.reconciler.resolve(payload.get("model"))
         record.model = key = resolved.key
         if payload.get("model") != resolved.upstream_name:
             body = with_model(body, resolved.upstream_name)
@@ -197,6 +210,7 @@ async def proxy_request(request: Request[State]) -> Response:
             await manager.refresh()
             lease = await manager.acquire(key, disconnected=disconnected)
             upstream = await client.open_completion(path, body, request.headers.raw)
+        await _refuse_unreadable_error(upstream)
     except ClientGone:
         record.disconnected = True
         _finish(state, record, 499)  # nginx's "client closed request": nobody reads this answer
@@ -227,7 +241,7 @@ def _model_object(request: Request[State], name: str, key: str) -> dict[str, Any
     manager = request.state["manager"]
     model = manager.scheduler.models.get(key)
     phase = model.phase if model is not None else Phase.ABSENT
-    info = manager.catalog.get(key)
+    info = manager.reconciler.catalog.get(key)
     return {
         "id": name,
         "object": "model",
@@ -242,13 +256,13 @@ def _model_object(request: Request[State], name: str, key: str) -> dict[str, Any
 
 async def _routable(request: Request[State]) -> AsyncIterator[tuple[str, str]]:
     manager = request.state["manager"]
-    if not manager.catalog_known:
+    if not manager.reconciler.catalog_known:
         await manager.refresh()
-        manager.require_catalog()
-    for key in sorted(manager.catalog):
+        manager.reconciler.require_catalog()
+    for key in sorted(manager.reconciler.catalog):
         yield key, key
     for alias, target in sorted(request.state["settings"].models.aliases.items()):
-        if alias not in manager.catalog and target in manager.catalog:
+        if alias not in manager.reconciler.catalog and target in manager.reconciler.catalog:
             yield alias, target
 
 
@@ -262,7 +276,7 @@ async def get_model(request: Request[State]) -> Response:
     async for name, key in _routable(request):
         if name == wanted:
             return JSONResponse(_model_object(request, name, key))
-    resolved = await request.state["manager"].resolve(wanted)
+    resolved = await request.state["manager"].reconciler.resolve(wanted)
     return JSONResponse(_model_object(request, wanted, resolved.key))
 
 

@@ -12,6 +12,10 @@ import pytest
 import uvicorn
 from starlette.types import ASGIApp
 
+from proxy.bench_stack import free_port
+
+__all__ = ["free_port", "serve"]  # free_port: for the tests that restart a server in place
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
@@ -46,14 +50,6 @@ def clean_environ() -> Iterator[None]:
     for key in [k for k in os.environ if k.startswith("LMSWITCH_")]:
         del os.environ[key]
     os.environ.update(saved)
-
-
-def free_port() -> int:
-    """A port nothing listens on now (for a server started, or restarted, on it later)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 @asynccontextmanager

@@ -19,7 +19,7 @@ import anyio
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from proxy.cli import DEMO_ALIASES
+from proxy.demo import DEMO_ALIASES
 from proxy.emulator import Emulator
 from tests.conftest import serve
 from tests.test_proxy import Proxy, proxy_for
@@ -170,6 +170,7 @@ async def capture_endpoints() -> list[Example]:
     emulator = Emulator()
     async with serve(emulator.app) as upstream_url, proxy_for(upstream_url, **SETTINGS) as proxy:
         rec = _Recorder(proxy, upstream_url)
+        await proxy.wait_ready()  # as a user would find it: LM Studio's models read
         await rec.call("GET", "/healthz", "The process is alive (no auth).")
         await rec.call("GET", "/readyz", "Ready once LM Studio has answered (503 until then).")
         await rec.call("GET", "/v1/models", "Every downloaded model, then the aliases.")

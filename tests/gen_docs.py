@@ -24,8 +24,9 @@ from prometheus_client.metrics import MetricWrapperBase
 from pydantic import BaseModel, SecretStr
 from pydantic.fields import FieldInfo
 
-from proxy.config import ENV_PREFIX, ByteSize, LoadOptions, Seconds, Settings
+from proxy.config import ENV_PREFIX, LoadOptions, Settings
 from proxy.metrics import Metrics
+from proxy.units import ByteSize, Seconds
 from tests import doc_capture
 
 README = Path(__file__).resolve().parent.parent / "README.md"

@@ -157,9 +157,7 @@ async def test_status_reports_upstream_capacity_and_queue() -> None:
 async def test_events_show_loading_then_loaded_then_the_request() -> None:
     emulator = Emulator(load_delay_s=0.1)
     async with running(emulator) as proxy:
-        with anyio.fail_after(2):  # the snapshot lists the catalogue once the proxy has read it
-            while (await proxy.http.get("/readyz")).status_code != 200:  # noqa: ASYNC110
-                await anyio.sleep(0.01)
+        await proxy.wait_ready()  # the snapshot lists the catalogue once the proxy has read it
         seen: list[tuple[str, dict[str, Any]]] = []
         with anyio.fail_after(10):
             async with proxy.http.stream("GET", "/api/v1/events") as stream:

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from proxy import bench
+from proxy import bench, loadgen
 from proxy.cli import main
 
 WRK_OUTPUT = """Running 3s test @ http://127.0.0.1:40000/v1/chat/completions
@@ -27,11 +27,11 @@ Transfer/sec:    410.00KB
 
 
 def test_wrk_report_is_parsed() -> None:
-    result = bench.parse_wrk(WRK_OUTPUT, stream=False, concurrency=1, seconds=3)
+    result = loadgen.parse_wrk(WRK_OUTPUT, stream=False, concurrency=1, seconds=3)
     assert (result.requests, result.errors, result.rps) == (2183, 2, 727.8)
     assert (result.p50_ms, result.p99_ms) == (1.31, 2.1)
     assert (
-        bench.parse_wrk(
+        loadgen.parse_wrk(
             WRK_OUTPUT.replace("2.10ms", "1s"), stream=False, concurrency=1, seconds=3
         ).p99_ms
         == 1000.0
@@ -49,7 +49,7 @@ def test_bench_runs_direct_and_proxied(capsys: pytest.CaptureFixture[str]) -> No
         ("direct", False), ("proxied", False), ("direct", True), ("proxied", True),
     ]  # fmt: skip
     assert all(r["requests"] > 0 and r["errors"] == 0 for r in results)
-    table = bench.format_table([bench.Result(**r) for r in results])
+    table = bench.format_table([loadgen.Result(**r) for r in results])
     assert "non-streaming" in table
     assert "streaming" in table
 

@@ -27,20 +27,10 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from proxy import __version__
-from proxy.cli import (
-    EXIT_CANNOT_LISTEN,
-    EXIT_USAGE,
-    Demo,
-    Server,
-    _JsonFormatter,
-    build_emulator_server,
-    build_server,
-    handling_signals,
-    main,
-    run_demo,
-    wait_until_ready,
-)
+from proxy.cli import EXIT_CANNOT_LISTEN, EXIT_USAGE, build_emulator_server, build_server, main
 from proxy.config import MASK, ConfigError
+from proxy.demo import Demo, run_demo, wait_until_ready
+from proxy.server import Server, _JsonFormatter, handling_signals
 from tests.conftest import free_port, serve
 
 QWEN = "qwen2.5-7b-instruct"

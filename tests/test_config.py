@@ -9,15 +9,8 @@ import pytest
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
-from proxy.config import (
-    ByteSize,
-    ConfigError,
-    LoadOptions,
-    Seconds,
-    Settings,
-    describe_settings,
-    load_settings,
-)
+from proxy.config import ConfigError, LoadOptions, Settings, describe_settings, load_settings
+from proxy.units import ByteSize, Seconds
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

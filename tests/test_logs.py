@@ -13,8 +13,8 @@ from typing import Any
 import httpx2
 import pytest
 
-from proxy.cli import configure_logging
 from proxy.emulator import Emulator
+from proxy.server import configure_logging
 from tests.test_proxy import MESSAGES, QWEN, running, settings_for
 
 CHAT = "/v1/chat/completions"

@@ -36,6 +36,12 @@ class Proxy:
         result: dict[str, Any] = response.json()
         return result
 
+    async def wait_ready(self) -> None:
+        """Wait until the proxy has read LM Studio's models: `/readyz` is 200 (2 s at most)."""
+        with anyio.fail_after(2):
+            while (await self.http.get("/readyz")).status_code != 200:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+
     async def wait_for(self, predicate: Callable[[dict[str, Any]], bool]) -> None:
         """Poll the status endpoint until `predicate` holds (2 s at most)."""
         with anyio.fail_after(2):

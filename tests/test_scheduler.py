@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from proxy import scheduler as sch
-from proxy.scheduler import Phase, Policy, Scheduler
+from proxy import scheduling as sch
+from proxy.scheduler import Scheduler
+from proxy.scheduling import Phase, Policy
 
 GiB = 2**30
 

@@ -29,8 +29,8 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from proxy.scheduler import (
-    RETRY_HOLD_S,
+from proxy.scheduler import RETRY_HOLD_S, Scheduler
+from proxy.scheduling import (
     Action,
     Drain,
     Fail,
@@ -40,7 +40,6 @@ from proxy.scheduler import (
     Observed,
     Phase,
     Policy,
-    Scheduler,
     Unload,
     UnloadReason,
     Waiter,

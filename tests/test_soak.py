@@ -38,7 +38,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from proxy import emulator_replies as replies
-from proxy.emulator import CatalogModel, Emulator, Instance
+from proxy.emulator import Emulator
+from proxy.emulator_catalog import CatalogModel, Instance
 from tests.conftest import serve
 from tests.test_proxy import LLAMA, MESSAGES, NOMIC, QWEN, Proxy, proxy_for, running
 

@@ -66,6 +66,11 @@ class FaultyUpstream:
                 + b"%x\r\n%s\r\n" % (len(chunk), chunk) * 2
                 + b"0\r\n\r\n"
             )
+        elif self.fault == "crash-page":  # what uvicorn sends when its app dies mid-request
+            await stream.send(
+                b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: text/plain; charset=utf-8"
+                b"\r\ncontent-length: 21\r\n\r\nInternal Server Error"
+            )
         elif self.fault == "silent":
             await anyio.sleep_forever()
         # "close": say nothing, hang up
@@ -95,6 +100,29 @@ async def test_no_valid_http_answer_is_a_502(fault: str) -> None:
             response = await proxy.http.post("/v1/chat/completions", json=CHAT)
         assert response.status_code == 502
         assert response.json()["error"]["code"] == "upstream_protocol_error"
+        assert (await proxy.status())["in_flight"] == 0
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", CHAT),
+        ("/v1/messages", {**CHAT, "max_tokens": 16, "stream": True}),
+    ],
+)
+async def test_an_error_page_that_is_not_json_is_a_502_in_the_envelope(
+    path: str, body: dict[str, Any]
+) -> None:
+    """LM Studio's error without a JSON body reaches the client as the proxy's own error."""
+    async with faulty("crash-page") as proxy:
+        with anyio.fail_after(5):
+            response = await proxy.http.post(path, json=body)
+        assert response.status_code == 502
+        doc = response.json()
+        error = doc["error"]
+        assert error["type"] == ("api_error" if path == "/v1/messages" else "server_error")
+        assert "500" in error["message"]
+        assert "Internal Server Error" in error["message"]
         assert (await proxy.status())["in_flight"] == 0
 
 

@@ -1,0 +1,116 @@
+"""The bench's stage: the emulator and the proxy as their own processes, started the way
+`lmswitch emulator` and `lmswitch serve` start, what /proc says about them, and the progress line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# --- processes ----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A port nothing listens on now (for a server started, or restarted, on it later)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Stack:
+    """The emulator and the proxy, each in its own process."""
+
+    emulator_url: str
+    proxy_url: str
+    proxy_pid: int
+    _processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+
+def _wait_http(port: int, path: str, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    request = f"GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n".encode()
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1) as s:
+            s.sendall(request)
+            if s.recv(64).startswith(b"HTTP/1.1 200"):
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing answered 200 on 127.0.0.1:{port}{path} in {timeout_s:g} s")
+
+
+@contextlib.contextmanager
+def start_stack(
+    *, token_delay_s: float = 0.0, stamp: bool = False, reply_tokens: int = 12
+) -> Iterator[Stack]:
+    """Start the emulator (no load delay) and the proxy in front of it; stop both after."""
+    emulator_port, proxy_port = free_port(), free_port()
+    python = [sys.executable, "-m", "proxy"]
+    emulator_args = ["--port", str(emulator_port), "--load-delay", "0", "--quiet"]
+    emulator_args += ["--token-delay", str(token_delay_s), "--reply-tokens", str(reply_tokens)]
+    emulator_args += ["--stamp-chunks"] if stamp else []
+    processes: list[subprocess.Popen[bytes]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp, "bench.yaml")
+        config.write_text(
+            f"upstream:\n  base_url: http://127.0.0.1:{emulator_port}\n"
+            "models:\n  max_loaded: 1\n"
+            "scheduler:\n  max_queue: 4096\n"
+            "logging:\n  level: warning\n"
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LMSWITCH_")}
+        try:
+            processes.append(subprocess.Popen([*python, "emulator", *emulator_args], env=env))  # noqa: S603
+            _wait_http(emulator_port, "/lmstudio-greeting")
+            serve = [*python, "serve", "--config", str(config), "--port", str(proxy_port)]
+            processes.append(subprocess.Popen(serve, env=env))  # noqa: S603
+            _wait_http(proxy_port, "/readyz")
+            yield Stack(
+                f"http://127.0.0.1:{emulator_port}",
+                f"http://127.0.0.1:{proxy_port}",
+                processes[-1].pid,
+                processes,
+            )
+        finally:
+            for process in reversed(processes):
+                process.send_signal(signal.SIGINT)
+                try:
+                    process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+
+
+# --- what /proc says ----------------------------------------------------------------------------
+
+
+def rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")  # not Linux: the figure is not available
+
+
+def cpu_s(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+def progress(message: str) -> None:
+    print(f"\r\x1b[K{message}", end="", file=sys.stderr, flush=True)  # noqa: T201

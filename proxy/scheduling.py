@@ -1,0 +1,126 @@
+"""The scheduler's vocabulary: a model's phases, the policy, the state kept per model and per
+waiting request, and the actions `Scheduler.decide` returns (see `proxy.scheduler`)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+# How long a contested model must sit idle (no leases, no waiters) before it is taken to be done:
+# long enough to tell "its clients are gone" from "its client is between two requests".
+IDLE_GAP_S = 0.25
+
+
+class Phase(enum.StrEnum):
+    ABSENT = "absent"
+    LOADING = "loading"
+    READY = "ready"
+    DRAINING = "draining"
+    UNLOADING = "unloading"
+
+
+# Phases in which a model occupies (or is about to occupy) LM Studio's memory.
+RESIDENT = frozenset({Phase.LOADING, Phase.READY, Phase.DRAINING, Phase.UNLOADING})
+
+
+class FailReason(enum.StrEnum):
+    EXPIRED = "expired"  # waited past queue_timeout
+    NO_FIT = "no_fit"  # can never fit beside the pinned models
+    QUEUE_FULL = "queue_full"  # more waiters than max_queue
+    LOAD_FAILED = "load_failed"  # the load it waited on failed
+
+
+class UnloadReason(enum.StrEnum):
+    EVICTED = "evicted"
+    IDLE = "idle"
+    ADMIN = "admin"
+    EXTERNAL = "external"
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The limits the scheduler enforces (from `models` and `scheduler` settings)."""
+
+    max_loaded: int = 1  # 0 = no count limit
+    memory_budget: int | None = None  # bytes
+    swap_grace_s: float = 10.0
+    idle_ttl_s: float | None = None
+    max_queue: int = 256
+    queue_timeout_s: float = 300.0
+    idle_gap_s: float = IDLE_GAP_S
+
+
+@dataclass(slots=True)
+class Model:
+    """What the scheduler knows of one model key."""
+
+    key: str
+    size_bytes: int = 0
+    phase: Phase = Phase.ABSENT
+    leases: int = 0
+    last_used: float = 0.0  # when its last lease ended, or it became ready
+    instance_id: str | None = None
+    duplicates: list[str] = field(default_factory=list)  # extra instances seen in LM Studio
+    pinned: bool = False
+    adopted: bool = False  # loaded behind the proxy's back
+    idle_ttl_s: float | None = None  # a request's `ttl` overrides the policy's
+    unload_requested: bool = False  # an operator asked for an unload
+    drained_for_swap: bool = False
+
+    @property
+    def instances(self) -> int:
+        return (1 + len(self.duplicates)) if self.phase in RESIDENT else 0
+
+
+@dataclass(slots=True)
+class Waiter:
+    """A request waiting for its model (or an operator's load, which takes no lease)."""
+
+    id: int
+    model: str
+    arrived: float
+    deadline: float
+    takes_lease: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    waiter: Waiter
+
+
+@dataclass(frozen=True, slots=True)
+class Fail:
+    waiter: Waiter
+    reason: FailReason
+    message: str
+    error: Exception | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    model: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unload:
+    model: str
+    instance_id: str
+    reason: UnloadReason
+
+
+@dataclass(frozen=True, slots=True)
+class Drain:
+    """A model stops taking new leases so that it can be unloaded (no I/O)."""
+
+    model: str
+
+
+@dataclass(frozen=True, slots=True)
+class Observed:
+    """Reconciliation found a model loaded (`adopted`) or gone (`vanished`) behind our back."""
+
+    model: str
+    change: str
+
+
+Action = Grant | Fail | Load | Unload | Drain | Observed
