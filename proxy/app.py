@@ -41,16 +41,23 @@ access_logger = logging.getLogger("lmswitch.access")
 
 # A client's request id is echoed back only if it is short and plain.
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:/+=-]{1,128}")
+_PLAIN = re.compile(r"[!#-~]*")  # printable ASCII but space and `"`
 
 UI_DIR = Path(__file__).parent / "ui"  # the web page: static files, no build step
 
 
+# (scope, status, started (perf_counter), bytes sent): the access line of any other request.
+LogOther = Callable[[Scope, int, float, int], None]
+
+
 class RequestIdMiddleware:
     """Gives every request an id (the client's `x-request-id`, or a new one) and puts it on
-    every response, including the errors the proxy makes itself."""
+    every response, including the errors the proxy makes itself; writes the access line of
+    requests that do not write their own."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, log_other: LogOther | None = None) -> None:
         self.app = app
+        self._log_other = log_other
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -66,22 +73,33 @@ class RequestIdMiddleware:
             request_id = uuid.uuid4().hex
         scope[openai_routes.REQUEST_ID_SCOPE_KEY] = request_id
         raw_id = request_id.encode("latin-1")
+        started = time.perf_counter()
+        status = 500  # unless a response starts: an exception reached the server
+        sent = 0
 
         async def send_with_id(message: Message) -> None:
+            nonlocal status, sent
             if message["type"] == "http.response.start":
+                status = message["status"]
                 headers = message.setdefault("headers", [])
                 if not any(name == b"x-request-id" for name, _ in headers):
                     message["headers"] = [*headers, (b"x-request-id", raw_id)]
+            elif message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            if self._log_other is not None and not scope.get(openai_routes.ACCESS_LOGGED_SCOPE_KEY):
+                self._log_other(scope, status, started, sent)
 
 
 def access_log(
     settings: Settings, metrics: Metrics, events: EventBus
 ) -> Callable[[RequestRecord], None]:
     """One line per request (DESIGN §7), the request metrics and a `request` event."""
-    as_json = settings.logging.format == "json"
+    write = access_writer(settings)
     # Labelled children, looked up once: `labels()` takes a lock and builds a key every call.
     # Label values are model keys and route paths, so these dicts stay small.
     timers: dict[tuple[str, str], tuple[Histogram, Histogram]] = {}
@@ -127,12 +145,51 @@ def access_log(
         if record.upstream_failed:
             fields["upstream_failed"] = True
         events.publish("request", fields)
-        if not logging_on:
+        if logging_on:
+            write(fields)
+
+    return log
+
+
+def access_writer(settings: Settings) -> Callable[[dict[str, object]], None]:
+    """Writes one access line: a JSON object, or `key=value` pairs (quoted where needed)."""
+    if settings.logging.format == "json":
+        return lambda fields: access_logger.info(json.dumps(fields))
+
+    def text(fields: dict[str, object]) -> None:
+        access_logger.info(" ".join(f"{k}={_plain(v)}" for k, v in fields.items()))
+
+    return text
+
+
+def _plain(value: object) -> object:
+    """A value as it is, or as a JSON string if it holds spaces, quotes or control characters
+    (a client's path, decoded, could otherwise forge fields or lines)."""
+    if isinstance(value, str) and not _PLAIN.fullmatch(value):
+        return json.dumps(value)
+    return value
+
+
+def other_access_log(settings: Settings) -> LogOther:
+    """The access line of a request that is not routed to a model (management, metrics, health,
+    the web page, unknown paths): DESIGN §7's fields, with no model and no queue."""
+    write = access_writer(settings)
+
+    def log(scope: Scope, status: int, started: float, sent: int) -> None:
+        if not access_logger.isEnabledFor(logging.INFO):
             return
-        if as_json:
-            access_logger.info(json.dumps(fields))
-        else:
-            access_logger.info(" ".join(f"{k}={v}" for k, v in fields.items()))
+        write(
+            {
+                "request_id": scope.get(openai_routes.REQUEST_ID_SCOPE_KEY, ""),
+                "model": "-",
+                "endpoint": scope["path"],
+                "status": status,
+                "duration_ms": round((time.perf_counter() - started) * 1000, 1),
+                "queue_wait_ms": 0.0,
+                "waited_on_load": False,
+                "bytes_out": sent,
+            }
+        )
 
     return log
 
@@ -209,6 +266,7 @@ def create_app(
 
     def refused(scope: Scope, status: int) -> None:
         """An access line for a request the auth middleware answered before any route ran."""
+        scope[openai_routes.ACCESS_LOGGED_SCOPE_KEY] = True
         path = scope["path"]
         endpoint = path if path in openai_routes.PROXIED_PATHS else "other"  # bounded label
         request_id = str(scope.get(openai_routes.REQUEST_ID_SCOPE_KEY, ""))
@@ -224,5 +282,6 @@ def create_app(
         admin_keys=[key.get_secret_value() for key in auth.admin_keys],
         on_refused=refused,
     )
-    app.add_middleware(RequestIdMiddleware)  # outermost: errors from auth carry the id too
+    # Outermost: errors from auth carry the id too, and every request gets its access line.
+    app.add_middleware(RequestIdMiddleware, log_other=other_access_log(settings))
     return app

@@ -31,6 +31,8 @@ from proxy.state import State
 from proxy.streaming import RequestRecord, UpstreamStreamResponse
 
 REQUEST_ID_SCOPE_KEY = "lmswitch.request_id"
+# Set by a request that writes its own access line (see `proxy.app.RequestIdMiddleware`).
+ACCESS_LOGGED_SCOPE_KEY = "lmswitch.access_logged"
 
 _decoder = json.JSONDecoder()
 
@@ -181,6 +183,7 @@ async def _refuse_unreadable_error(upstream: UpstreamResponse) -> None:
 
 async def proxy_request(request: Request[State]) -> Response:
     """Resolve the model, wait for it, and stream LM Studio's answer through."""
+    request.scope[ACCESS_LOGGED_SCOPE_KEY] = True  # its line comes from `_finish` or the relay
     state = request.state
     manager, settings, client = state["manager"], state["settings"], state["client"]
     path = request.url.path

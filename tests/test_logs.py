@@ -261,3 +261,38 @@ async def test_keys_never_reach_the_logs(log_format: str) -> None:
         everything += "\n" + record.getMessage() + "\n" + repr(record.__dict__)
     for secret in SECRETS:
         assert secret not in everything
+
+
+async def test_requests_not_routed_to_a_model_get_an_access_line_too() -> None:
+    """Listings, management, metrics, health and unknown paths: one line each (DESIGN §7)."""
+    as_json: dict[str, Any] = {"logging": {"format": "json"}}
+    asked = [("/v1/models", 200), ("/api/v1/status", 200), ("/metrics", 200), ("/nope", 404)]
+    with logging_as_serve_does(**as_json) as captured:
+        async with running(Emulator(), **as_json) as proxy:
+            answers = {
+                path: await proxy.http.get(path, headers={"x-request-id": f"other-{n}"})
+                for n, (path, _) in enumerate(asked)
+            }
+    lines = {line["request_id"]: line for line in json_access_lines(captured)}
+    assert sorted(lines) == [f"other-{n}" for n in range(len(asked))]
+    for n, (path, status) in enumerate(asked):
+        line = lines[f"other-{n}"]
+        assert set(line) >= ACCESS_FIELDS
+        assert (line["endpoint"], line["status"], line["model"]) == (path, status, "-")
+        assert answers[path].status_code == status
+        assert line["bytes_out"] == len(answers[path].content)
+
+
+async def test_a_path_cannot_forge_fields_or_lines_in_a_text_line() -> None:
+    """The path is logged decoded: spaces, quotes and newlines in it are quoted as one value."""
+    text: dict[str, Any] = {"logging": {"format": "text"}}
+    with logging_as_serve_does(**text) as captured:
+        async with running(Emulator(), **text) as proxy:
+            forged = '/x status=200 "q"\nlmswitch.access: request_id=forged'
+            raw = "/x%20status=200%20%22q%22%0Almswitch.access:%20request_id=forged"
+            response = await proxy.http.get(raw)
+            assert response.status_code == 404
+    (line,) = text_access_lines(captured)
+    assert line["endpoint"] == forged
+    assert line["status"] == "404"
+    assert line["request_id"] == response.headers["x-request-id"]
