@@ -886,6 +886,9 @@ async def test_soak_under_faults_loses_nothing(
     assert tally.outcomes["200 complete"] > requests / 4, summary
     assert fds_after - fds_before <= 12, summary  # pooled connections, give or take
     assert growth_mib < 4 + minutes, summary
+    # Coarse: the process also holds the emulator, the clients and tracemalloc's own records,
+    # and the allocator keeps freed arenas; the traced growth above is the precise check.
+    assert rss_after - rss_before < 32, summary
 
 
 @pytest.mark.parametrize("then", [QWEN, LLAMA])
