@@ -28,15 +28,20 @@ from typing import Any, ClassVar
 from starlette.requests import Request
 from starlette.responses import Response
 
-# Anthropic's error `type` for each status, for the /v1/messages family.
+# Anthropic's error `type` for each status, for the /v1/messages family (its API's own list,
+# with the statuses it does not use mapped to the nearest); any other is `api_error`.
 _ANTHROPIC_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     403: "permission_error",
     404: "not_found_error",
+    405: "invalid_request_error",
+    408: "timeout_error",
     413: "request_too_large",
+    415: "invalid_request_error",
     429: "rate_limit_error",
     503: "overloaded_error",
+    504: "timeout_error",
 }
 
 

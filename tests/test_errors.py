@@ -55,6 +55,15 @@ async def test_anthropic_routes_answer_errors_in_anthropic_shape() -> None:
         assert "claude-sonnet-9" in response.json()["error"]["message"]
 
 
+async def test_a_load_timeout_on_the_messages_api_is_anthropics_timeout_error() -> None:
+    emulator = Emulator(load_delay_s=0.35)
+    async with running(emulator, upstream={"load_timeout": 0.2}) as proxy:
+        body = {"model": QWEN, "max_tokens": 10, "messages": MESSAGES}
+        response = await proxy.http.post("/v1/messages", json=body)
+        assert response.status_code == 504
+        assert response.json()["error"]["type"] == "timeout_error"
+
+
 async def test_upstream_errors_pass_through_with_their_status() -> None:
     """LM Studio's own refusal (an LLM asked for embeddings) reaches the client unchanged."""
     emulator = Emulator()
