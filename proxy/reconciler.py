@@ -3,7 +3,8 @@
 It makes the load and unload calls the scheduler decides and reports their outcome back, and it
 reads LM Studio's catalogue and loaded instances so that the scheduler's view stays true to what
 LM Studio really holds (models loaded or unloaded behind the proxy's back, duplicates, restarts).
-`ModelManager` starts its calls as tasks and asks the scheduler what to do after each.
+Holding the catalogue, it also resolves the model names clients send. `ModelManager` starts its
+calls as tasks and asks the scheduler what to do after each.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ class Resolved:
 
 
 class Reconciler:
-    """Carries out loads and unloads, and keeps the catalogue and loaded set in step."""
+    """Carries out loads and unloads, keeps the catalogue and loaded set in step with LM Studio,
+    and resolves model names against them."""
 
     def __init__(
         self,
