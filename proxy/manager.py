@@ -105,9 +105,8 @@ class ModelManager:
         self._change: anyio.Event | None = None
 
     async def refresh(self) -> None:
-        """Reconcile with LM Studio now, for a request: it waits `scheduler.queue_timeout` at
-        most (the reconciliation goes on in the background). Never raises."""
-        await self.reconciler.refresh(wait_s=self._settings.scheduler.queue_timeout)
+        """Reconcile with LM Studio now (single-flight; never raises)."""
+        await self.reconciler.refresh()
 
     # -- lifetime ---------------------------------------------------------------------------
 
@@ -117,7 +116,7 @@ class ModelManager:
         Loads and unloads run as tasks of this task group, so cancelling `run` stops them all.
         """
         async with anyio.create_task_group() as tg:
-            self._tg = self.reconciler.task_group = tg
+            self._tg = tg
             tg.start_soon(self._start_up)  # LM Studio may be slow or away: serve meanwhile
             task_status.started()
             next_poll = self._clock() + self._settings.upstream.poll_interval
@@ -125,7 +124,7 @@ class ModelManager:
                 self._wakeup = anyio.Event()
                 now = self._clock()
                 if now >= next_poll:
-                    tg.start_soon(self.reconciler.refresh)
+                    tg.start_soon(self.refresh)
                     next_poll = now + self._settings.upstream.poll_interval
                 wake = self.scheduler.next_wakeup(now)
                 self._sleep_until = min(wake if wake is not None else math.inf, next_poll)
@@ -135,7 +134,7 @@ class ModelManager:
                 self._kick()  # a deadline passed
 
     async def _start_up(self) -> None:
-        await self.reconciler.refresh()
+        await self.refresh()
         for key in self._settings.models.preload:
             if key in self.reconciler.catalog:
                 self.scheduler.arrive(key, self._clock(), takes_lease=False)
@@ -169,17 +168,14 @@ class ModelManager:
 
         Returns how long it waited and whether it waited on a load.
         """
-        began = self._clock()
         if not self.reconciler.reachable:
-            # LM Studio was away: it may have restarted with nothing loaded. See first (this
-            # wait counts toward the queue timeout).
+            # LM Studio was away: it may have restarted with nothing loaded. See first.
             await self.refresh()
         arrived = self._clock()
         if takes_lease and self.scheduler.try_grant(key, arrived):
-            waited = arrived - began
-            self._metrics.queue_wait.labels(key).observe(waited)
-            return waited, False
-        waiter = self.scheduler.arrive(key, arrived, takes_lease=takes_lease, since=began)
+            self._metrics.queue_wait.labels(key).observe(0.0)
+            return 0.0, False
+        waiter = self.scheduler.arrive(key, arrived, takes_lease=takes_lease)
         pending = self._pending[waiter.id] = _Pending()
         loading = self.scheduler.models[key].phase is not sch.Phase.READY
         self._kick()
@@ -195,7 +191,7 @@ class ModelManager:
                     self._kick()
         if pending.error is not None:
             raise pending.error
-        waited = self._clock() - began
+        waited = self._clock() - arrived
         self._metrics.queue_wait.labels(key).observe(waited)
         return waited, loading
 
@@ -330,7 +326,7 @@ class ModelManager:
         assert self._tg is not None, "ModelManager.run is not running"  # noqa: S101
         if isinstance(action, sch.Load):
             self._model_event(action.model, "loading")
-            self._tg.start_soon(self.reconciler.load, action.model)
+            self._tg.start_soon(self.reconciler.load, action.model, self._tg)
         else:
             self._model_event(action.model, "unloading", reason=str(action.reason))
             self._tg.start_soon(self.reconciler.unload, action)
@@ -362,4 +358,4 @@ class ModelManager:
 
     def upstream_failed(self, error: ProxyError) -> None:
         """A request found LM Studio unreachable: note it and reconcile in the background."""
-        self.reconciler.upstream_failed(error)
+        self.reconciler.upstream_failed(error, self._tg)

@@ -79,7 +79,6 @@ class Reconciler:
         self._epoch = 0  # bumped by every load and unload, to discard stale observations
         self._duplicates: dict[str, tuple[str, ...]] = {}  # as last reported
         self._refreshed: anyio.Event | None = None  # set when the running refresh ends
-        self.task_group: TaskGroup | None = None  # the manager's, while it runs
 
     # -- names ----------------------------------------------------------------------------
 
@@ -121,7 +120,7 @@ class Reconciler:
         """Refresh the catalogue for an unknown name, at most once a second; True if it ran."""
         if self.catalog_known and self._clock() - self.last_refresh < _CATALOG_REFRESH_S:
             return False
-        await self.refresh(wait_s=self._settings.scheduler.queue_timeout)
+        await self.refresh()
         self.require_catalog()
         return True
 
@@ -140,14 +139,15 @@ class Reconciler:
 
     # -- loads and unloads --------------------------------------------------------------------
 
-    async def load(self, key: str) -> None:
-        """Load `key` (the scheduler guarantees no other load or unload runs meanwhile)."""
+    async def load(self, key: str, task_group: TaskGroup) -> None:
+        """Load `key` (the scheduler guarantees no other load or unload runs meanwhile);
+        `task_group` runs its timer for the requests waiting."""
         started = self._clock()
         logger.info("loading model %s", key)
         try:
             instance = await self._existing_instance(key)
             if instance is None:
-                loaded = await self._load_outlasting_waiters(key)
+                loaded = await self._load_outlasting_waiters(key, task_group)
                 instance = loaded.instance_id
                 self.context_lengths[key] = loaded.context_length
         except ProxyError as exc:
@@ -169,15 +169,14 @@ class Reconciler:
         self._epoch += 1
         self._kick()
 
-    async def _load_outlasting_waiters(self, key: str) -> Loaded:
+    async def _load_outlasting_waiters(self, key: str, task_group: TaskGroup) -> Loaded:
         """LM Studio goes on with a load however long it takes, and another load meanwhile would
         make a second copy or overrun its memory. So the call stays open: the requests waiting
         get a 504 at `load_timeout`, while the model stays `loading` (no other load or unload
         starts, new requests for it wait) until LM Studio answers, for twice that at most."""
         limit = self._settings.upstream.load_timeout
         timer = anyio.CancelScope()
-        assert self.task_group is not None  # noqa: S101 - loads run in the manager's task group
-        self.task_group.start_soon(self._fail_waiters_after, key, limit, timer)
+        task_group.start_soon(self._fail_waiters_after, key, limit, timer)
         try:
             return await self._client.load(key, self._load_options(key), timeout_s=2 * limit)
         finally:
@@ -236,30 +235,21 @@ class Reconciler:
         self.reachable = up
         self._metrics.upstream_up.set(1 if up else 0)
 
-    def upstream_failed(self, error: ProxyError) -> None:
+    def upstream_failed(self, error: ProxyError, task_group: TaskGroup | None) -> None:
         """A request found LM Studio unreachable: note it and reconcile in the background."""
         self._upstream_result(error)
-        if self.task_group is not None and self._refreshed is None:
-            self.task_group.start_soon(self.refresh)
+        if task_group is not None and self._refreshed is None:
+            task_group.start_soon(self.refresh)
 
-    async def refresh(self, *, wait_s: float = math.inf) -> None:
+    async def refresh(self) -> None:
         """Reconcile with LM Studio's catalogue and loaded instances; never raises.
 
-        Single-flight: a caller that arrives while a refresh runs waits for that one. While the
-        manager runs, the refresh runs in its task group and a caller waits for it `wait_s` at
-        most: a request has its own deadline, and an LM Studio that hangs may not answer for a
-        long while. The refresh goes on for the others.
+        Single-flight: a caller that arrives while a refresh runs waits for that one.
         """
-        if (done := self._refreshed) is None:
-            done = self._refreshed = anyio.Event()
-            if self.task_group is None:
-                await self._refresh(done)
-                return
-            self.task_group.start_soon(self._refresh, done)
-        with anyio.move_on_after(wait_s):
-            await done.wait()
-
-    async def _refresh(self, done: anyio.Event) -> None:
+        if self._refreshed is not None:
+            await self._refreshed.wait()
+            return
+        self._refreshed = anyio.Event()
         epoch = self._epoch
         try:
             catalog = await self._client.catalog()
@@ -269,7 +259,7 @@ class Reconciler:
             logger.warning("cannot read LM Studio's models: %s", exc.message)
             return
         finally:
-            done.set()
+            self._refreshed.set()
             self._refreshed = None
             self.last_refresh = self._clock()
         self._upstream_result(None)

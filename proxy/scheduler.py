@@ -69,15 +69,10 @@ class Scheduler:
     def set_idle_ttl(self, key: str, ttl_s: float | None) -> None:
         self.model(key).idle_ttl_s = ttl_s
 
-    def arrive(
-        self, key: str, now: float, *, takes_lease: bool = True, since: float | None = None
-    ) -> Waiter:
-        """A request starts waiting for `key`; `since`, when it began waiting before (for
-        LM Studio's state to be read), so that its queue timeout counts from then."""
+    def arrive(self, key: str, now: float, *, takes_lease: bool = True) -> Waiter:
         self.model(key)
         self._next_id += 1
-        start = now if since is None else min(since, now)
-        waiter = Waiter(self._next_id, key, start, start + self.policy.queue_timeout_s, takes_lease)
+        waiter = Waiter(self._next_id, key, now, now + self.policy.queue_timeout_s, takes_lease)
         self.waiters[waiter.id] = waiter
         return waiter
 
