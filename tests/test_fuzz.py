@@ -18,19 +18,13 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 from proxy.emulator import Emulator
+from proxy.openai_routes import PROXIED_PATHS
 from tests.test_proxy import LLAMA, NOMIC, QWEN, running
 
 ALIAS = "gpt-4o-mini"
 MODELS = (QWEN, LLAMA, NOMIC)
 SECTIONS: dict[str, Any] = {"models": {"aliases": {ALIAS: QWEN}, "default": LLAMA, "max_loaded": 2}}
-V1_PATHS = (
-    "/v1/chat/completions",
-    "/v1/completions",
-    "/v1/embeddings",
-    "/v1/responses",
-    "/v1/messages",
-    "/v1/messages/count_tokens",
-)
+V1_PATHS = PROXIED_PATHS
 ADMIN_PATHS = (
     "/api/v1/models/load",
     "/api/v1/models/unload",
