@@ -14,9 +14,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from proxy import __version__
+from proxy.bodies import disconnect_watcher, parse_object, read_body
 from proxy.errors import BadRequestError
-from proxy.openai_routes import disconnect_watcher, parse_object, read_body
-from proxy.scheduling import RESIDENT, Phase
 from proxy.state import State
 
 # A comment line this often keeps idle event streams open through proxies, and finds dead clients.
@@ -24,39 +23,8 @@ _HEARTBEAT_S = 15.0
 
 
 def model_rows(request: Request[State]) -> list[dict[str, Any]]:
-    """Every model LM Studio has, with the proxy's view of it (DESIGN §4)."""
-    manager = request.state["manager"]
-    sched, upstream = manager.scheduler, manager.reconciler
-    catalog = upstream.catalog
-    rows = []
-    for key in sorted(set(catalog) | {k for k, m in sched.models.items() if m.instances}):
-        info = catalog.get(key)
-        model = sched.model(key)
-        rows.append(
-            {
-                "id": key,
-                "name": info.display_name if info is not None else key,
-                "loaded": model.phase in (Phase.READY, Phase.DRAINING),
-                "state": str(model.phase),
-                "type": info.type if info is not None else "llm",
-                "size_bytes": model.size_bytes,
-                "pinned": model.pinned,
-                "adopted": model.adopted,
-                "in_flight": model.leases,
-                "queued": sched.queued(key),
-                "last_used_at": _wall(model.last_used) if model.last_used else None,
-                "instance_id": model.instance_id,
-                "duplicates": list(model.duplicates),
-                "context_length": upstream.context_lengths.get(key) if model.instances else None,
-                "max_context_length": info.max_context_length if info is not None else None,
-            }
-        )
-    return rows
-
-
-def _wall(monotonic_s: float) -> float:
-    """A time of the (monotonic) scheduler clock as seconds since the epoch."""
-    return round(time.time() - (time.monotonic() - monotonic_s), 3)
+    """Every model LM Studio has, with the proxy's view of it."""
+    return [view.row() for view in request.state["manager"].views()]
 
 
 async def list_models(request: Request[State]) -> Response:
@@ -64,7 +32,8 @@ async def list_models(request: Request[State]) -> Response:
 
 
 async def loaded_models(request: Request[State]) -> Response:
-    return JSONResponse([row for row in model_rows(request) if row["loaded"]])
+    rows = [view.row() for view in request.state["manager"].views() if view.loaded]
+    return JSONResponse(rows)
 
 
 async def status(request: Request[State]) -> Response:
@@ -74,21 +43,20 @@ async def status(request: Request[State]) -> Response:
 def _status(request: Request[State]) -> dict[str, Any]:
     state = request.state
     manager, settings = state["manager"], state["settings"]
-    sched = manager.scheduler
-    count, used = sched.usage()
+    view = manager.status()
     return {
         "version": __version__,
         "uptime_s": round(time.time() - state["started_at"], 3),
-        "upstream": {"url": settings.upstream.base_url, "reachable": manager.reconciler.reachable},
-        "loaded": [k for k, m in sched.models.items() if m.phase in RESIDENT],
-        "in_flight": sum(m.leases for m in sched.models.values()),
-        "queue": {k: n for k in sched.models if (n := sched.queued(k))},
-        "duplicates": {k: m.duplicates for k, m in sched.models.items() if m.duplicates},
+        "upstream": {"url": settings.upstream.base_url, "reachable": view.reachable},
+        "loaded": view.resident,
+        "in_flight": view.in_flight,
+        "queue": view.queue,
+        "duplicates": view.duplicates,
         "capacity": {
             "max_loaded": settings.models.max_loaded,
             "memory_budget": settings.models.memory_budget,
-            "instances": count,
-            "bytes_used": used,
+            "instances": view.instances,
+            "bytes_used": view.bytes_used,
         },
         "event_subscribers": state["events"].subscribers,
     }
@@ -110,7 +78,7 @@ async def _model_request(request: Request[State], allowed: frozenset[str]) -> di
     model_id = payload.get("model_id")
     if not isinstance(model_id, str) or not model_id:
         raise BadRequestError("model_id (a model key) is required", param="model_id")
-    payload["key"] = (await request.state["manager"].reconciler.resolve(model_id)).key
+    payload["key"] = (await request.state["manager"].resolve(model_id)).key
     return payload
 
 
@@ -177,12 +145,11 @@ async def healthz(request: Request[State]) -> Response:
 
 async def readyz(request: Request[State]) -> Response:
     """Ready once LM Studio's models have been read (it answered, and speaks the 0.4+ API)."""
-    upstream = request.state["manager"].reconciler
-    if upstream.catalog_known:
-        return JSONResponse({"status": "ready", "upstream_reachable": upstream.reachable})
-    error = upstream.last_error
-    reason = error.message if error is not None else "waiting for LM Studio"
-    return JSONResponse({"status": reason, "upstream_reachable": upstream.reachable}, 503)
+    manager = request.state["manager"]
+    reachable = manager.reachable
+    if (reason := manager.readiness()) is None:
+        return JSONResponse({"status": "ready", "upstream_reachable": reachable})
+    return JSONResponse({"status": reason, "upstream_reachable": reachable}, 503)
 
 
 async def metrics(request: Request[State]) -> Response:

@@ -40,6 +40,9 @@ HOP_BY_HOP = frozenset(
 )
 # Listing models is quick; a server that takes longer than this is treated as unreachable.
 _LIST_TIMEOUT_S = 30.0
+# What LM Studio answers when the model asked for is not loaded and it does not load it itself
+# (JIT loading off): the model was unloaded behind the proxy's back.
+_NOT_LOADED_MARKERS = (b"No models loaded", b"Invalid model identifier", b"model_not_found")
 _NOT_FORWARDED_UP = HOP_BY_HOP | {b"host", b"content-length", b"authorization", b"x-api-key"}
 _NOT_FORWARDED_DOWN = HOP_BY_HOP | {b"date", b"server"}
 
@@ -136,6 +139,18 @@ class UpstreamResponse:
 
     async def aclose(self) -> None:
         await self._response.aclose()
+
+
+class ModelNotLoadedError(UpstreamError):
+    """LM Studio answered that the model is not loaded (it was unloaded behind the proxy's back,
+    and JIT loading is off). `response` is that answer, read and closed, and still relayable."""
+
+    def __init__(self, response: UpstreamResponse) -> None:
+        super().__init__(
+            f"LM Studio has the model no longer loaded (HTTP {response.status_code})",
+            code="model_not_loaded",
+        )
+        self.response = response
 
 
 class LMStudioClient:
@@ -290,9 +305,11 @@ class LMStudioClient:
     ) -> UpstreamResponse:
         """Send a request and return the response with its body not yet read.
 
-        The request path goes to the pool's transport directly: the client's URL merging,
-        cookies, auth and redirect handling cost more than the rest of the proxy, and none of
-        it applies to a POST relayed to LM Studio.
+        LM Studio's answer that the model is not loaded raises `ModelNotLoadedError`, and an
+        error without a JSON body (a crash page, which the client's SDK could not read) raises
+        `UpstreamError` quoting it. The request path goes to the pool's transport directly: the
+        client's URL merging, cookies, auth and redirect handling cost more than the rest of the
+        proxy, and none of it applies to a POST relayed to LM Studio.
         """
         if (url := self._urls.get(path)) is None:
             url = self._urls[path] = self._http.base_url.join(path)
@@ -316,7 +333,38 @@ class LMStudioClient:
             raise UpstreamUnavailableError(
                 f"LM Studio is not reachable at {self.base_url}: {exc!r}", retry_after_s=5
             ) from exc
-        return UpstreamResponse(response)
+        upstream = UpstreamResponse(response)
+        if upstream.status_code >= 400:
+            await _raise_for_quirks(upstream)
+        return upstream
+
+
+async def _raise_for_quirks(upstream: UpstreamResponse) -> None:
+    """Turn the error answers the proxy handles itself into exceptions, the response closed;
+    leave LM Studio's other errors open, to be relayed as they are."""
+    not_loaded = upstream.status_code in (400, 404)
+    unreadable = "json" not in upstream.content_type
+    if not (not_loaded or unreadable):
+        return
+    try:
+        body = await upstream.read()
+    except BaseException:
+        await _close(upstream)
+        raise
+    if not_loaded and any(marker in body for marker in _NOT_LOADED_MARKERS):
+        await _close(upstream)
+        raise ModelNotLoadedError(upstream)
+    if unreadable:
+        await _close(upstream)
+        text = body[:300].decode("utf-8", "replace").strip()
+        raise UpstreamError(
+            f"LM Studio answered {upstream.status_code} without a JSON error: {text!r}"
+        )
+
+
+async def _close(upstream: UpstreamResponse) -> None:
+    with anyio.CancelScope(shield=True):
+        await upstream.aclose()
 
 
 def _status_error(path: str, response: httpx2.Response) -> UpstreamError:

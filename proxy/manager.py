@@ -1,9 +1,10 @@
-"""ModelManager: the async driver of `proxy.scheduler`.
+"""ModelManager: the one driver of `proxy.scheduler`, and the one view of the models.
 
-It owns the scheduler's state, feeds it events (arrivals, releases, load results, timer ticks,
-LM Studio's observed state) and carries out the actions it returns: waking or failing waiting
-requests here, load and unload calls through `proxy.reconciler`, which also keeps the scheduler's
-view true to LM Studio's. It holds no scheduling rule of its own.
+It owns the scheduler's state, feeds it events (arrivals, releases, timer ticks, and the outcomes
+of the calls `proxy.reconciler` makes to LM Studio), carries out the actions it returns, and
+publishes what changed as metrics and events. It holds no scheduling rule of its own. Everyone
+else reads models through it: `resolve()` for names, `ModelView` rows and `StatusView` for state
+(docs/design.md §3.1).
 """
 
 from __future__ import annotations
@@ -11,27 +12,36 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
-from proxy import scheduling as sch
+from proxy import names, scheduling as sch
 from proxy.config import Settings
 from proxy.errors import (
     CapacityError,
     ProxyError,
     QueueFullError,
     QueueTimeoutError,
+    UpstreamTimeoutError,
 )
 from proxy.events import EventBus
 from proxy.lmstudio import LMStudioClient
 from proxy.metrics import Metrics
-from proxy.reconciler import Reconciler
+from proxy.names import Resolved
+from proxy.reconciler import LoadFailed, Reconciler
 from proxy.scheduler import Scheduler
+from proxy.views import ModelView, StatusView, model_view, status_view
+
+__all__ = ["ClientGone", "Lease", "ModelManager", "ModelView", "Resolved", "StatusView"]
 
 logger = logging.getLogger("lmswitch.manager")
+
+# An unknown model name refreshes the catalogue at most this often (a model may have just been
+# downloaded), so that a client cannot make every bad request cost an upstream call.
+_CATALOG_REFRESH_S = 1.0
 
 
 class ClientGone(Exception):  # noqa: N818 - not an error: the client left while waiting
@@ -77,13 +87,12 @@ class ModelManager:
         events: EventBus | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._client = client
         self.events = events if events is not None else EventBus()
         self._settings = settings
         self._metrics = metrics
         self._clock = clock
         models, sched = settings.models, settings.scheduler
-        self.scheduler = Scheduler(
+        self._scheduler = Scheduler(
             sch.Policy(
                 max_loaded=models.max_loaded,
                 memory_budget=models.memory_budget,
@@ -94,19 +103,16 @@ class ModelManager:
             )
         )
         for key in models.pinned:
-            self.scheduler.pin(key, True)
-        self.reconciler = Reconciler(
-            client, settings, metrics, self.events, self.scheduler, clock=clock, kick=self._kick
-        )
+            self._scheduler.pin(key, True)
+        self._upstream = Reconciler(client, settings, clock=clock)
         self._pending: dict[int, _Pending] = {}
         self._tg: TaskGroup | None = None
         self._wakeup = anyio.Event()
         self._sleep_until = math.inf
         self._change: anyio.Event | None = None
-
-    async def refresh(self) -> None:
-        """Reconcile with LM Studio now (single-flight; never raises)."""
-        await self.reconciler.refresh()
+        self._refreshed: anyio.Event | None = None  # set when the running refresh ends
+        self._epoch = 0  # bumped by every load and unload, to discard stale observations
+        self._duplicates: dict[str, tuple[str, ...]] = {}  # as last reported
 
     # -- lifetime ---------------------------------------------------------------------------
 
@@ -126,7 +132,7 @@ class ModelManager:
                 if now >= next_poll:
                     tg.start_soon(self.refresh)
                     next_poll = now + self._settings.upstream.poll_interval
-                wake = self.scheduler.next_wakeup(now)
+                wake = self._scheduler.next_wakeup(now)
                 self._sleep_until = min(wake if wake is not None else math.inf, next_poll)
                 with anyio.move_on_after(self._sleep_until - now):
                     await self._wakeup.wait()
@@ -136,11 +142,61 @@ class ModelManager:
     async def _start_up(self) -> None:
         await self.refresh()
         for key in self._settings.models.preload:
-            if key in self.reconciler.catalog:
-                self.scheduler.arrive(key, self._clock(), takes_lease=False)
+            if key in self._upstream.catalog:
+                self._scheduler.arrive(key, self._clock(), takes_lease=False)
             else:
                 logger.warning("preload: model %r is not in LM Studio's catalogue", key)
         self._kick()
+
+    # -- reading: names and views -----------------------------------------------------------
+
+    async def resolve(self, name: object) -> Resolved:
+        """A client's `model` as a model key and the name to send upstream (docs/design.md
+        §3.4); `ModelNotFoundError`, or why LM Studio's models are unknown, if it names none."""
+        name, target = names.requested(name, self._settings.models)
+        upstream, models = self._upstream, self._scheduler.models
+        key = names.find_key(target, upstream.catalog, models)
+        if key is None and await self._refresh_for_unknown():
+            key = names.find_key(target, upstream.catalog, models)
+        if key is None:
+            raise names.not_found(name, upstream.catalog)
+        return Resolved(key, target)
+
+    async def _refresh_for_unknown(self) -> bool:
+        """Refresh the catalogue for an unknown name, at most once a second; True if it ran."""
+        upstream = self._upstream
+        if upstream.catalog_known and self._clock() - upstream.last_refresh < _CATALOG_REFRESH_S:
+            return False
+        await self.refresh()
+        upstream.require_catalog()
+        return True
+
+    async def routable(self) -> list[tuple[str, str]]:
+        """Every name a client may use, with its model key: the catalogue, then aliases."""
+        if not self._upstream.catalog_known:
+            await self.refresh()
+            self._upstream.require_catalog()
+        return names.routable(self._upstream.catalog, self._settings.models.aliases)
+
+    def view(self, key: str) -> ModelView:
+        return model_view(
+            self._scheduler, self._upstream.catalog, self._upstream.context_lengths, key
+        )
+
+    def views(self) -> list[ModelView]:
+        """Every model LM Studio has, and any other it holds loaded, by key."""
+        resident = {key for key, model in self._scheduler.models.items() if model.instances}
+        return [self.view(key) for key in sorted(set(self._upstream.catalog) | resident)]
+
+    def status(self) -> StatusView:
+        return status_view(self._scheduler, reachable=self._upstream.reachable)
+
+    def readiness(self) -> str | None:
+        """None once LM Studio's models have been read; else why not (for `/readyz`)."""
+        if self._upstream.catalog_known:
+            return None
+        error = self._upstream.last_error
+        return error.message if error is not None else "waiting for LM Studio"
 
     # -- leases -----------------------------------------------------------------------------
 
@@ -168,16 +224,16 @@ class ModelManager:
 
         Returns how long it waited and whether it waited on a load.
         """
-        if not self.reconciler.reachable:
+        if not self._upstream.reachable:
             # LM Studio was away: it may have restarted with nothing loaded. See first.
             await self.refresh()
         arrived = self._clock()
-        if takes_lease and self.scheduler.try_grant(key, arrived):
+        if takes_lease and self._scheduler.try_grant(key, arrived):
             self._metrics.queue_wait.labels(key).observe(0.0)
             return 0.0, False
-        waiter = self.scheduler.arrive(key, arrived, takes_lease=takes_lease)
+        waiter = self._scheduler.arrive(key, arrived, takes_lease=takes_lease)
         pending = self._pending[waiter.id] = _Pending()
-        loading = self.scheduler.models[key].phase is not sch.Phase.READY
+        loading = self._scheduler.models[key].phase is not sch.Phase.READY
         self._kick()
         if not pending.event.is_set():
             self._metrics.queued.labels(key).inc()
@@ -187,7 +243,7 @@ class ModelManager:
                 self._metrics.queued.labels(key).dec()
                 if not pending.event.is_set():  # client gone or cancelled: leave the queue
                     self._pending.pop(waiter.id, None)
-                    self.scheduler.cancel(waiter.id)
+                    self._scheduler.cancel(waiter.id)
                     self._kick()
         if pending.error is not None:
             raise pending.error
@@ -219,15 +275,15 @@ class ModelManager:
     def _release(self, key: str) -> None:
         self._metrics.in_flight.labels(key).dec()
         now = self._clock()
-        self.scheduler.release(key, now)
-        if self.scheduler.release_settles(key):
+        self._scheduler.release(key, now)
+        if self._scheduler.release_settles(key):
             self._wake_if_sooner(now)  # an idle TTL may now run out before the loop wakes
         else:
             self._kick()
 
     def set_idle_ttl(self, key: str, ttl_s: float) -> None:
         """A request's `ttl` sets its model's idle TTL from now on, as LM Studio's JIT does."""
-        self.scheduler.set_idle_ttl(key, ttl_s)
+        self._scheduler.set_idle_ttl(key, ttl_s)
 
     # -- operators' requests ------------------------------------------------------------------
 
@@ -243,11 +299,11 @@ class ModelManager:
         A `context_length` other than the loaded instance's reloads the model with it.
         """
         if context_length is not None:
-            self.reconciler.context_overrides[key] = context_length
-            loaded_with = self.reconciler.context_lengths.get(key)
-            if self.scheduler.is_loaded(key) and loaded_with not in (None, context_length):
+            self._upstream.context_overrides[key] = context_length
+            loaded_with = self._upstream.context_lengths.get(key)
+            if self._scheduler.is_loaded(key) and loaded_with not in (None, context_length):
                 await self.unload(key)
-        was_loaded = self.scheduler.is_loaded(key)
+        was_loaded = self._scheduler.is_loaded(key)
         await self._enqueue(key, disconnected, takes_lease=False)
         return not was_loaded
 
@@ -258,10 +314,10 @@ class ModelManager:
         unload still happens when they end). Requests that arrive meanwhile queue, and load
         it again afterwards.
         """
-        model = self.scheduler.models.get(key)
+        model = self._scheduler.models.get(key)
         if model is None or model.phase not in sch.RESIDENT:
             return False
-        self.scheduler.request_unload(key)
+        self._scheduler.request_unload(key)
         self._kick()
         timeout_s = self._settings.scheduler.queue_timeout
         try:
@@ -279,7 +335,7 @@ class ModelManager:
 
     def pin(self, key: str, pinned: bool) -> None:
         """Pinned models are never evicted (runtime state, not written to the config)."""
-        self.scheduler.pin(key, pinned)
+        self._scheduler.pin(key, pinned)
         self._model_event(key, "pinned" if pinned else "unpinned")
         self._kick()
 
@@ -294,7 +350,7 @@ class ModelManager:
     def _kick(self) -> None:
         """Ask the scheduler what to do now and do it. Synchronous: upstream calls are tasks."""
         now = self._clock()
-        for action in self.scheduler.decide(now):
+        for action in self._scheduler.decide(now):
             if isinstance(action, sch.Grant):
                 if (pending := self._pending.pop(action.waiter.id, None)) is not None:
                     pending.event.set()
@@ -302,8 +358,12 @@ class ModelManager:
                 if (pending := self._pending.pop(action.waiter.id, None)) is not None:
                     pending.error = self._failure(action)
                     pending.event.set()
-            elif isinstance(action, sch.Load | sch.Unload):
-                self._start_task(action)
+            elif isinstance(action, sch.Load):
+                self._model_event(action.model, "loading")
+                self._start_soon(self._load, action.model)
+            elif isinstance(action, sch.Unload):
+                self._model_event(action.model, "unloading", reason=str(action.reason))
+                self._start_soon(self._unload, action)
             elif isinstance(action, sch.Drain):
                 logger.info(
                     "draining model %s (no new requests until it is unloaded)", action.model
@@ -318,21 +378,21 @@ class ModelManager:
 
     def _wake_if_sooner(self, now: float) -> None:
         """Wake the timer loop if the scheduler's next deadline is before its alarm."""
-        wake = self.scheduler.next_wakeup(now)
+        wake = self._scheduler.next_wakeup(now)
         if wake is not None and wake < self._sleep_until:
             self._wakeup.set()
 
-    def _start_task(self, action: sch.Load | sch.Unload) -> None:
+    def _start_soon(self, call: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
         assert self._tg is not None, "ModelManager.run is not running"  # noqa: S101
-        if isinstance(action, sch.Load):
-            self._model_event(action.model, "loading")
-            self._tg.start_soon(self.reconciler.load, action.model, self._tg)
-        else:
-            self._model_event(action.model, "unloading", reason=str(action.reason))
-            self._tg.start_soon(self.reconciler.unload, action)
+        self._tg.start_soon(call, *args)
+
+    def _upstream_seen(self) -> None:
+        """After each call to LM Studio: the gauge says whether it could be reached."""
+        self._metrics.upstream_up.set(1 if self._upstream.reachable else 0)
 
     def _model_event(self, key: str, state: str, **extra: Any) -> None:
-        self.reconciler.model_event(key, state, **extra)
+        loaded = self._scheduler.is_loaded(key)
+        self.events.publish("model", {"model": key, "state": state, "loaded": loaded, **extra})
 
     def _failure(self, action: sch.Fail) -> ProxyError:
         if isinstance(action.error, ProxyError):
@@ -356,6 +416,126 @@ class ModelManager:
             self._metrics.unloads.labels(action.model, sch.UnloadReason.EXTERNAL).inc()
             self._model_event(action.model, "unloaded", reason=str(sch.UnloadReason.EXTERNAL))
 
+    # -- loads and unloads: the reconciler calls, their outcomes fed to the scheduler ----------
+
+    async def _load(self, key: str) -> None:
+        """Load `key` (the scheduler starts no other load or unload meanwhile).
+
+        LM Studio goes on with a load however long it takes, and another load meanwhile would
+        make a second copy or overrun its memory. So the call stays open: the requests waiting
+        get a 504 at `load_timeout`, while the model stays `loading` (no other load or unload
+        starts, new requests for it wait) until LM Studio answers, for twice that at most.
+        """
+        logger.info("loading model %s", key)
+        limit = self._settings.upstream.load_timeout
+        timer = anyio.CancelScope()
+        self._start_soon(self._fail_waiters_after, key, limit, timer)
+        try:
+            result = await self._upstream.load(key, timeout_s=2 * limit)
+        finally:
+            timer.cancel()
+        self._upstream_seen()
+        if isinstance(result, LoadFailed):
+            error = result.error
+            outcome = "timeout" if error.status_code == 504 else "failed"
+            self._metrics.loads.labels(key, outcome).inc()
+            logger.warning("loading model %s failed: %s", key, error.message)
+            self._scheduler.load_failed(key, error)
+            self._model_event(key, "failed", error=error.message, code=error.code)
+        else:
+            self._metrics.loads.labels(key, "ok").inc()
+            self._metrics.load_duration.labels(key).observe(result.elapsed_s)
+            self._metrics.loaded.labels(key).set(1)
+            logger.info(
+                "loaded model %s as %s in %.2f s", key, result.instance_id, result.elapsed_s
+            )
+            self._scheduler.load_done(key, result.instance_id, self._clock())
+            self._model_event(
+                key, "loaded", instance_id=result.instance_id, load_s=round(result.elapsed_s, 3)
+            )
+        self._epoch += 1
+        self._kick()
+
+    async def _fail_waiters_after(self, key: str, limit: float, scope: anyio.CancelScope) -> None:
+        with scope:
+            await anyio.sleep(limit)
+            logger.warning("loading model %s takes longer than load_timeout (%g s)", key, limit)
+            error = UpstreamTimeoutError(
+                f"loading model {key!r} took longer than load_timeout ({limit:g} s); LM Studio "
+                "goes on with it, and a later request for the model waits for that load",
+                code="model_load_timeout",
+            )
+            self._scheduler.fail_waiters(key, error)
+            self._kick()
+
+    async def _unload(self, action: sch.Unload) -> None:
+        logger.info("unloading model %s (%s)", action.model, action.reason)
+        error = await self._upstream.unload(action.instance_id)
+        self._upstream_seen()
+        if error is not None:
+            logger.warning("unloading model %s failed: %s", action.model, error.message)
+            self._scheduler.unload_failed(action.model, self._clock())
+            self._model_event(action.model, "failed", error=error.message, code=error.code)
+        else:
+            self._metrics.unloads.labels(action.model, action.reason).inc()
+            self._metrics.loaded.labels(action.model).set(0)
+            self._scheduler.unload_done(action.model)
+            self._model_event(action.model, "unloaded", reason=str(action.reason))
+        self._epoch += 1
+        self._kick()
+
+    # -- staying true to LM Studio ------------------------------------------------------------
+
     def upstream_failed(self, error: ProxyError) -> None:
         """A request found LM Studio unreachable: note it and reconcile in the background."""
-        self.reconciler.upstream_failed(error, self._tg)
+        self._upstream.note(error)
+        self._upstream_seen()
+        if self._tg is not None and self._refreshed is None:
+            self._tg.start_soon(self.refresh)
+
+    async def refresh(self) -> None:
+        """Reconcile with LM Studio's catalogue and loaded instances; never raises.
+
+        Single-flight: a caller that arrives while a refresh runs waits for that one.
+        """
+        if self._refreshed is not None:
+            await self._refreshed.wait()
+            return
+        self._refreshed = refreshed = anyio.Event()
+        epoch = self._epoch
+        try:
+            observation = await self._upstream.observe()
+        finally:
+            self._refreshed = None
+            refreshed.set()
+        self._upstream_seen()
+        if isinstance(observation, ProxyError):
+            logger.warning("cannot read LM Studio's models: %s", observation.message)
+            return
+        self._scheduler.set_catalog(observation.sizes)
+        if epoch == self._epoch:  # no load or unload finished meanwhile: the view is current
+            self._scheduler.observed(observation.instances, self._clock())
+            self._report_duplicates()
+        for key in observation.sizes:  # every known model has its gauges, at 0 until used
+            self._metrics.loaded.labels(key).set(1 if self._scheduler.is_loaded(key) else 0)
+            self._metrics.in_flight.labels(key)
+            self._metrics.queued.labels(key)
+        self._kick()
+
+    def _report_duplicates(self) -> None:
+        """Say once when LM Studio holds more than one instance of a model (they all count)."""
+        for key, model in self._scheduler.models.items():
+            extra = tuple(model.duplicates)
+            if extra and self._duplicates.get(key) != extra:
+                logger.warning(
+                    "LM Studio holds %d instances of %s (%s); each counts toward capacity",
+                    1 + len(extra),
+                    key,
+                    ", ".join((str(model.instance_id), *extra)),
+                )
+            self._duplicates[key] = extra
+
+    @property
+    def reachable(self) -> bool:
+        """Whether LM Studio answered the proxy's last call."""
+        return self._upstream.reachable

@@ -1,8 +1,8 @@
 """Pure scheduling decisions: who gets a lease, what to evict, what to load next, fair swapping.
 
 No I/O, no async and no clock of its own: the driver (`manager.py`) feeds events in, passes the
-time, and carries out the actions that `Scheduler.decide` returns. `../shared/SCHEDULER.md`
-describes the phases, the decision order, the fairness rule and the invariants.
+time, and carries out the actions that `Scheduler.decide` returns. docs/design.md §2 describes
+the phases, the decision order, the fairness rule and the invariants.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 
 from proxy.scheduling import (
+    LOADED,
     RESIDENT,
     Action,
     Drain,
@@ -180,7 +181,7 @@ class Scheduler:
     def is_loaded(self, key: str) -> bool:
         """Whether `key` is loaded and answering (ready, or draining its last requests)."""
         model = self.models.get(key)
-        return model is not None and model.phase in (Phase.READY, Phase.DRAINING)
+        return model is not None and model.phase in LOADED
 
     @property
     def busy(self) -> bool:
@@ -309,10 +310,7 @@ class Scheduler:
             (
                 m
                 for m in self.models.values()
-                if m.phase in (Phase.READY, Phase.DRAINING)
-                and not m.pinned
-                and not m.unload_requested
-                and m is not target
+                if m.phase in LOADED and not m.pinned and not m.unload_requested and m is not target
             ),
             key=lambda m: (m.leases > 0, m.last_used),
         )

@@ -21,6 +21,9 @@ class Phase(enum.StrEnum):
 
 # Phases in which a model occupies (or is about to occupy) LM Studio's memory.
 RESIDENT = frozenset({Phase.LOADING, Phase.READY, Phase.DRAINING, Phase.UNLOADING})
+# Phases in which a model is loaded and answering: ready, or draining its last requests. The one
+# definition of "loaded" that every view (and the page, through them) reads.
+LOADED = frozenset({Phase.READY, Phase.DRAINING})
 
 
 class FailReason(enum.StrEnum):

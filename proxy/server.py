@@ -19,6 +19,7 @@ from typing import Any
 import uvicorn
 from uvicorn.server import HANDLED_SIGNALS
 
+from proxy.access import AccessLine
 from proxy.config import Settings
 
 SignalHandler = Callable[[int, FrameType | None], None]
@@ -89,15 +90,10 @@ class _JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
         }
-        message = record.getMessage()
-        try:
-            decoded = json.loads(message) if message.startswith("{") else None
-        except ValueError:
-            decoded = None
-        if isinstance(decoded, dict):
-            fields.update(decoded)  # access lines are already JSON objects
+        if isinstance(record.msg, AccessLine):
+            fields.update(record.msg.fields)  # an access line: its fields, not its text
         else:
-            fields["message"] = message
+            fields["message"] = record.getMessage()
         if record.exc_info:
             fields["exception"] = self.formatException(record.exc_info)
         return json.dumps(fields)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TypedDict
 
 from proxy.config import Settings
@@ -10,7 +9,6 @@ from proxy.events import EventBus
 from proxy.lmstudio import LMStudioClient
 from proxy.manager import ModelManager
 from proxy.metrics import Metrics
-from proxy.streaming import RequestRecord
 
 
 class State(TypedDict):
@@ -20,4 +18,3 @@ class State(TypedDict):
     metrics: Metrics
     events: EventBus
     started_at: float  # wall-clock seconds since the epoch
-    log_request: Callable[[RequestRecord], None]

@@ -1,23 +1,22 @@
 """UpstreamStreamResponse: relays LM Studio's bytes as they come and releases what it holds.
 
 The handler returns before the first byte is sent, so the upstream response and the model lease
-belong to this response object and are released in `__call__`'s `finally`.
+belong to this response object and are released in `__call__`'s `finally` (docs/design.md §4.1).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+import time
+from contextlib import AsyncExitStack
 
 import anyio
 from starlette.types import Receive, Scope, Send
 
+from proxy.access import RequestRecord
 from proxy.errors import UpstreamError, is_anthropic_path
 from proxy.lmstudio import UpstreamResponse
-from proxy.manager import Lease
 
 logger = logging.getLogger("lmswitch.streaming")
 
@@ -28,28 +27,6 @@ _DONE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 
 # Non-streamed answers are copied aside up to this size to read their usage figures.
 _USAGE_COPY_LIMIT = 1 << 20
-
-
-@dataclass(slots=True)
-class RequestRecord:
-    """What one request did, for the access log, metrics and events."""
-
-    request_id: str
-    method: str
-    endpoint: str
-    model: str
-    started: float
-    status: int = 0
-    queue_wait_s: float = 0.0
-    waited_on_load: bool = False
-    bytes_out: int = 0
-    first_byte_s: float | None = None
-    duration_s: float = 0.0
-    disconnected: bool = False
-    upstream_failed: bool = False
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class UsageScanner:
@@ -121,35 +98,25 @@ class UpstreamStreamResponse:
     """An ASGI response that streams an upstream response through, chunk for chunk.
 
     Invariant: whatever happens (normal end, client disconnect, upstream failure, cancellation)
-    the upstream response is closed and the lease released exactly once, in `__call__`.
+    what it holds (the upstream response and the model lease, in `held`) is released exactly
+    once, in `__call__`.
     """
 
     def __init__(
-        self,
-        upstream: UpstreamResponse,
-        lease: Lease,
-        record: RequestRecord,
-        *,
-        clock: Callable[[], float],
-        on_done: Callable[[RequestRecord], None],
-        request_id: str,
+        self, upstream: UpstreamResponse, held: AsyncExitStack, record: RequestRecord
     ) -> None:
         self._upstream = upstream
-        self._lease = lease
+        self._held = held
         self._record = record
-        self._clock = clock
-        self._on_done = on_done
         self._sse = upstream.content_type.startswith("text/event-stream")
+        # The request's own id replaces LM Studio's (`RequestIdMiddleware` adds it).
         headers = [(n, v) for n, v in upstream.headers if n != b"x-request-id"]
-        headers.append((b"x-request-id", request_id.encode()))
         if self._sse:
             headers.append((b"x-accel-buffering", b"no"))
         self._headers = headers
         self._complete = False
-        record.status = upstream.status_code
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        record = self._record
         try:
             await send(
                 {
@@ -164,10 +131,7 @@ class UpstreamStreamResponse:
                 tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
-                await self._upstream.aclose()
-            self._lease.release()
-            record.duration_s = self._clock() - record.started
-            self._on_done(record)
+                await self._held.aclose()  # the upstream response, then the lease
 
     async def _watch_disconnect(self, receive: Receive, scope: anyio.CancelScope) -> None:
         while (await receive())["type"] != "http.disconnect":
@@ -183,8 +147,7 @@ class UpstreamStreamResponse:
         try:
             async for chunk in self._upstream.aiter_raw():
                 if record.first_byte_s is None:
-                    record.first_byte_s = self._clock() - record.started
-                record.bytes_out += len(chunk)
+                    record.first_byte_s = time.perf_counter() - record.started
                 usage.feed(chunk)
                 tail = (tail + chunk)[-32:]
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})

@@ -8,7 +8,7 @@ from typing import Any
 import anyio
 import pytest
 
-from proxy import openai_routes
+from proxy import bodies
 from proxy.emulator import Emulator
 from tests.test_proxy import MESSAGES, QWEN, Proxy, running
 
@@ -70,7 +70,7 @@ async def test_wrong_content_type_is_415(content_type: str) -> None:
 async def test_a_trickling_body_times_out_without_holding_a_lease(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(openai_routes, "BODY_READ_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(bodies, "BODY_READ_TIMEOUT_S", 0.3)
     async with running(Emulator()) as proxy:
 
         async def trickle() -> Any:

@@ -27,6 +27,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from proxy import __version__
+from proxy.access import AccessLine
 from proxy.cli import EXIT_CANNOT_LISTEN, EXIT_USAGE, build_emulator_server, build_server, main
 from proxy.config import MASK, ConfigError
 from proxy.demo import Demo, run_demo, wait_until_ready
@@ -281,12 +282,15 @@ def test_build_server_json_logging(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("message", "expected"),
     [
-        ('{"status": 200, "model": "m"}', {"status": 200, "model": "m"}),
+        (AccessLine({"status": 200, "model": "m"}), {"status": 200, "model": "m"}),
+        # Only an access record's fields become fields: text that looks like JSON stays text.
+        ('{"status": 200, "model": "m"}', {"message": '{"status": 200, "model": "m"}'}),
         ("{not json", {"message": "{not json"}),
         ("plain words", {"message": "plain words"}),
     ],
+    ids=["access-line", "json-text", "broken-json", "plain"],
 )
-def test_json_formatter(message: str, expected: dict[str, Any]) -> None:
+def test_json_formatter(message: object, expected: dict[str, Any]) -> None:
     record = logging.LogRecord("lmswitch.access", logging.INFO, __file__, 1, message, None, None)
     line = json.loads(_JsonFormatter().format(record))
     assert line.items() >= {"level": "info", "logger": "lmswitch.access", **expected}.items()

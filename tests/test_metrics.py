@@ -14,13 +14,12 @@ import httpx2
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.app import access_log, create_app
-from proxy.config import Settings
+from proxy.access import RequestRecord, access_log
+from proxy.app import create_app
 from proxy.emulator import Emulator
 from proxy.events import EventBus
 from proxy.metrics import UNKNOWN_MODEL, Metrics
 from proxy.openai_routes import PROXIED_PATHS
-from proxy.streaming import RequestRecord
 from tests.conftest import serve
 from tests.test_proxy import LLAMA, MESSAGES, QWEN, Proxy, running, settings_for
 
@@ -210,7 +209,7 @@ async def test_every_metric_has_the_values_a_known_sequence_implies() -> None:
 def test_a_request_timed_at_zero_seconds_is_still_observed() -> None:
     """Every answered request lands in the duration histogram, however short it was."""
     metrics = Metrics()
-    log = access_log(Settings(), metrics, EventBus())
+    log = access_log(metrics, EventBus())
     log(RequestRecord("r-1", "POST", CHAT, UNKNOWN_MODEL, started=5.0, status=400))  # 0.0 s
     sample = metrics.registry.get_sample_value
     labels = {"model": UNKNOWN_MODEL, "endpoint": CHAT}

@@ -79,7 +79,8 @@
     unloading: "unloading",
     unloaded: "absent",
   };
-  const isLoaded = (row) => row.state === "ready" || row.state === "draining";
+  // Loaded means what the proxy says it means (`loaded` in rows and `model` events).
+  const isLoaded = (row) => row.loaded === true;
 
   // --- keys (kept for this tab only) ----------------------------------------------------------
 
@@ -760,10 +761,8 @@
     } else {
       if (event.state === "loading" || event.state === "loaded") state.errors.delete(event.model);
       const phase = EVENT_PHASES[event.state];
-      if (row && phase) {
-        row.state = phase;
-        row.loaded = phase === "ready" || phase === "draining";
-      }
+      if (row && phase) row.state = phase;
+      if (row && typeof event.loaded === "boolean") row.loaded = event.loaded;
     }
     render();
     scheduleRefresh();

@@ -1,0 +1,196 @@
+"""Request ids and access lines: every request's `RequestRecord`, built once by the outermost
+middleware, filled in by the route, and written once as the access line, the request metrics
+and a `request` event (docs/design.md §4.3)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import Counter, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from proxy.events import EventBus
+from proxy.metrics import Metrics
+
+access_logger = logging.getLogger("lmswitch.access")
+
+RECORD_SCOPE_KEY = "lmswitch.record"
+
+# A client's request id is echoed back only if it is short and plain.
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:/+=-]{1,128}")
+_PLAIN = re.compile(r"[!#-~]*")  # printable ASCII but space and `"`
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """What one request did, for its access line, the metrics and events.
+
+    `routed` requests (those for a model, and refusals of them) count in the request metrics and
+    events; the others (listings, management, metrics, health, the page) get an access line only.
+    """
+
+    request_id: str
+    method: str
+    endpoint: str
+    model: str
+    started: float  # time.perf_counter(): uvloop's own clock ticks in whole milliseconds
+    status: int = 0
+    queue_wait_s: float = 0.0
+    waited_on_load: bool = False
+    bytes_out: int = 0
+    first_byte_s: float | None = None
+    duration_s: float = 0.0
+    disconnected: bool = False
+    upstream_failed: bool = False
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    routed: bool = True
+
+    def fields(self) -> dict[str, Any]:
+        """The access line's fields, in their order."""
+        fields: dict[str, Any] = {
+            "request_id": self.request_id,
+            "model": self.model,
+            "endpoint": self.endpoint,
+            "status": self.status,
+            "duration_ms": round(self.duration_s * 1000, 1),
+            "queue_wait_ms": round(self.queue_wait_s * 1000, 1),
+            "waited_on_load": self.waited_on_load,
+            "bytes_out": self.bytes_out,
+        }
+        if not self.routed:
+            return fields
+        fields["disconnected"] = self.disconnected
+        if self.first_byte_s is not None:
+            fields["first_byte_ms"] = round(self.first_byte_s * 1000, 1)
+        if self.upstream_failed:
+            fields["upstream_failed"] = True
+        return fields
+
+
+def record_of(scope: Scope) -> RequestRecord:
+    """The record `RequestIdMiddleware` made for this request."""
+    record: RequestRecord = scope[RECORD_SCOPE_KEY]
+    return record
+
+
+class RequestIdMiddleware:
+    """Gives every request an id (the client's `x-request-id`, or a new one) and its record,
+    puts the id on every response (the proxy's own errors included), and, once the response has
+    ended, completes the record (status, bytes, duration) and hands it to `log`."""
+
+    def __init__(self, app: ASGIApp, log: Callable[[RequestRecord], None]) -> None:
+        self.app = app
+        self._log = log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = ""
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                if _REQUEST_ID.fullmatch(value):  # else it is not echoed: make our own
+                    request_id = value.decode("ascii")
+                break
+        if not request_id:
+            request_id = uuid.uuid4().hex
+        record = RequestRecord(
+            request_id, scope["method"], scope["path"], "-", time.perf_counter(), routed=False
+        )
+        scope[RECORD_SCOPE_KEY] = record
+        raw_id = request_id.encode("latin-1")
+        status = 500  # unless a response starts: an exception reached the server
+        sent = 0
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, sent
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = message.setdefault("headers", [])
+                if not any(name == b"x-request-id" for name, _ in headers):
+                    message["headers"] = [*headers, (b"x-request-id", raw_id)]
+            elif message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            record.status, record.bytes_out = status, sent
+            record.duration_s = time.perf_counter() - record.started
+            self._log(record)
+
+
+class AccessLine:
+    """An access line's fields, formatted only when a handler writes the record: as `key=value`
+    pairs by a text formatter, or merged into the JSON object by `proxy.server`'s JSON formatter."""
+
+    __slots__ = ("fields",)
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        self.fields = fields
+
+    def __str__(self) -> str:
+        return " ".join(f"{key}={_plain(value)}" for key, value in self.fields.items())
+
+
+def _plain(value: object) -> object:
+    """A value as it is, or as a JSON string if it holds spaces, quotes or control characters
+    (a client's path, decoded, could otherwise forge fields or lines)."""
+    if isinstance(value, str) and not _PLAIN.fullmatch(value):
+        return json.dumps(value)
+    return value
+
+
+def access_log(metrics: Metrics, events: EventBus) -> Callable[[RequestRecord], None]:
+    """What becomes of a finished request: the request metrics and a `request` event if it is
+    routed, and one access line (docs/design.md §4.3)."""
+    # Labelled children, looked up once: `labels()` takes a lock and builds a key every call.
+    # Label values are model keys and route paths, so these dicts stay small.
+    timers: dict[tuple[str, str], tuple[Histogram, Histogram]] = {}
+    counts: dict[tuple[str, str, int], Counter] = {}
+
+    def count(record: RequestRecord) -> None:
+        model, endpoint = record.model, record.endpoint
+        if (counter := counts.get((model, endpoint, record.status))) is None:
+            counter = counts[model, endpoint, record.status] = metrics.requests.labels(
+                model, endpoint, str(record.status)
+            )
+        counter.inc()
+        if (timer := timers.get((model, endpoint))) is None:
+            timer = timers[model, endpoint] = (
+                metrics.request_duration.labels(model, endpoint),
+                metrics.ttfb.labels(model, endpoint),
+            )
+        timer[0].observe(record.duration_s)
+        if record.first_byte_s is not None:
+            timer[1].observe(record.first_byte_s)
+        if record.prompt_tokens:
+            metrics.tokens.labels(model, "prompt").inc(record.prompt_tokens)
+        if record.completion_tokens:
+            metrics.tokens.labels(model, "completion").inc(record.completion_tokens)
+        if record.disconnected:
+            metrics.disconnects.labels(model).inc()
+
+    def log(record: RequestRecord) -> None:
+        if record.routed:
+            count(record)
+        logging_on = access_logger.isEnabledFor(logging.INFO)
+        publishing = record.routed and events.subscribers
+        if not (logging_on or publishing):
+            return
+        fields = record.fields()
+        if publishing:
+            events.publish("request", fields)
+        if logging_on:
+            access_logger.info(AccessLine(fields))
+
+    return log
