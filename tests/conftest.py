@@ -12,7 +12,7 @@ import pytest
 import uvicorn
 from starlette.types import ASGIApp
 
-from proxy.bench_stack import free_port
+from proxy.server import free_port
 
 __all__ = ["free_port", "serve"]  # free_port: for the tests that restart a server in place
 
