@@ -39,8 +39,7 @@ from starlette.responses import Response
 
 from proxy.emulator import Emulator, replies
 from proxy.emulator.catalog import CatalogModel, Instance
-from tests.conftest import serve
-from tests.test_proxy import LLAMA, MESSAGES, NOMIC, QWEN, Proxy, proxy_for, running
+from tests.helpers import LLAMA, MESSAGES, NOMIC, QWEN, Proxy, proxy_for, running, serve
 
 GEMMA = "google/gemma-3-4b"
 TEXT_MODELS = (LLAMA, GEMMA, QWEN)
