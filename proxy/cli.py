@@ -187,10 +187,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "demo":
             anyio.run(partial(run_demo, args.port, args.load_delay))
         elif args.command == "bench":
-            from proxy import bench  # not imported by `serve`
+            from proxy.bench import runner  # not imported by `serve`
 
-            return bench.run(
-                bench.BenchOptions(
+            return runner.run(
+                runner.BenchOptions(
                     seconds=args.duration,
                     concurrencies=args.concurrency,
                     json=args.json,

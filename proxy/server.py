@@ -43,6 +43,14 @@ def handling_signals(handler: SignalHandler) -> Iterator[None]:
             signal.signal(sig, old)
 
 
+def free_port() -> int:
+    """A port nothing listens on now (for a server started, or restarted, on it later)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
 class Server(uvicorn.Server):
     """uvicorn's server, minus re-raising the signal after a graceful shutdown, plus a hook
     called as the shutdown begins.

@@ -1,20 +1,13 @@
-"""Shared fixtures: a clean environment, the asyncio backend, and loopback servers."""
+"""pytest's hooks and shared fixtures: the soak options, the asyncio backend, a clean
+environment. The shared helpers (servers, the proxy, ports) are in tests/helpers.py.
+"""
 
 from __future__ import annotations
 
 import os
-import socket
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 
-import anyio
 import pytest
-import uvicorn
-from starlette.types import ASGIApp
-
-from proxy.bench_stack import free_port
-
-__all__ = ["free_port", "serve"]  # free_port: for the tests that restart a server in place
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -50,50 +43,3 @@ def clean_environ() -> Iterator[None]:
     for key in [k for k in os.environ if k.startswith("LMSWITCH_")]:
         del os.environ[key]
     os.environ.update(saved)
-
-
-@asynccontextmanager
-async def serve(app: ASGIApp, *, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
-    """Run `app` under a real uvicorn server on a pre-bound loopback port; yield its URL.
-
-    Port 0 (the default) picks a free port; a given port lets a test restart a server in place.
-    """
-    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets that name it, and without
-    # it every request after the first on a kept-alive connection waits ~40 ms for Nagle.
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))  # no port race: the socket is ours before uvicorn starts
-    config = uvicorn.Config(
-        app,
-        log_config=None,  # uvicorn's records reach pytest's capture, not stderr directly
-        log_level="warning",
-        timeout_graceful_shutdown=1,
-        lifespan="on",
-        access_log=False,
-    )
-    server = uvicorn.Server(config)
-    stopped = anyio.Event()
-
-    async def run() -> None:
-        try:
-            await server.serve([sock])
-        finally:
-            stopped.set()
-
-    with sock:  # closed however the server ends
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(run)
-            with anyio.fail_after(5):
-                while not server.started:  # uvicorn only exposes a flag
-                    if server.should_exit:
-                        raise RuntimeError("server failed to start")
-                    await anyio.sleep(0.01)
-            bound_host, port = sock.getsockname()
-            try:
-                yield f"http://{bound_host}:{port}"
-            finally:
-                # Let it shut down even when the test failed: cancelled mid-serve, uvicorn leaves
-                # its listening server open, and closing a uvloop loop then blocks for good.
-                server.should_exit = True
-                with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-                    await stopped.wait()

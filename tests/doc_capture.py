@@ -21,8 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from proxy.demo import DEMO_ALIASES
 from proxy.emulator import Emulator
-from tests.conftest import serve
-from tests.test_proxy import Proxy, proxy_for
+from tests.helpers import Proxy, proxy_for, serve
 
 SHOWN_URL = "http://127.0.0.1:8000"  # the proxy, as the README shows it
 SHOWN_UPSTREAM = "http://127.0.0.1:1234"  # LM Studio, as the README shows it

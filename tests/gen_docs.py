@@ -15,7 +15,6 @@ import sys
 import types
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import anyio
@@ -28,8 +27,8 @@ from proxy.config import ENV_PREFIX, LoadOptions, Settings
 from proxy.metrics import Metrics
 from proxy.units import ByteSize, Seconds
 from tests import doc_capture
+from tests.helpers import README
 
-README = Path(__file__).resolve().parent.parent / "README.md"
 REGENERATE = "uv run python -m tests.gen_docs"
 
 # An example value per key, as YAML. Each is checked to be valid, in the file and in the

@@ -10,7 +10,7 @@ import pytest
 
 from proxy.emulator import Emulator
 from proxy.events import EventBus
-from tests.test_proxy import LLAMA, MESSAGES, QWEN, Proxy, running
+from tests.helpers import LLAMA, MESSAGES, QWEN, Proxy, running
 
 
 async def post(proxy: Proxy, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:

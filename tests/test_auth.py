@@ -9,8 +9,7 @@ from asgi_lifespan import LifespanManager
 
 from proxy.app import create_app
 from proxy.emulator import Emulator
-from tests.conftest import serve
-from tests.test_proxy import LLAMA, MESSAGES, QWEN, running, settings_for
+from tests.helpers import LLAMA, MESSAGES, QWEN, running, serve, settings_for
 
 API_KEY = "sk-client-0123456789"
 ADMIN_KEY = "sk-admin-9876543210"

@@ -10,7 +10,7 @@ import pytest
 
 from proxy import bodies
 from proxy.emulator import Emulator
-from tests.test_proxy import MESSAGES, QWEN, Proxy, running
+from tests.helpers import MESSAGES, QWEN, Proxy, running
 
 CHAT = {"model": QWEN, "messages": MESSAGES}
 

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from proxy import bench, loadgen
+from proxy.bench import loadgen, runner as bench
 from proxy.cli import main
 
 WRK_OUTPUT = """Running 3s test @ http://127.0.0.1:40000/v1/chat/completions

@@ -31,8 +31,8 @@ from proxy.access import AccessLine
 from proxy.cli import EXIT_CANNOT_LISTEN, EXIT_USAGE, build_emulator_server, build_server, main
 from proxy.config import MASK, ConfigError
 from proxy.demo import Demo, run_demo, wait_until_ready
-from proxy.server import Server, _JsonFormatter, handling_signals
-from tests.conftest import free_port, serve
+from proxy.server import Server, _JsonFormatter, free_port, handling_signals
+from tests.helpers import serve
 
 QWEN = "qwen2.5-7b-instruct"
 LLAMA = "llama-3.2-1b-instruct"

@@ -21,9 +21,8 @@ from dockerfile_parse import DockerfileParser  # type: ignore[import-untyped] # 
 from proxy import cli
 from proxy.config import CONFIG_ENV_VAR, ConfigError, Settings, load_settings
 from proxy.emulator import Emulator
-from tests.conftest import free_port
-from tests.test_docs import readme, readme_block
-from tests.test_proxy import running
+from proxy.server import free_port
+from tests.helpers import readme, readme_block, running
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG_PATH = "/etc/lmswitch/config.yaml"

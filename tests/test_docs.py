@@ -26,7 +26,6 @@ from tests import doc_capture
 from tests.gen_docs import (
     PER_MODEL,
     PROMQL,
-    README,
     REGENERATE,
     Setting,
     config_reference,
@@ -38,7 +37,7 @@ from tests.gen_docs import (
     show_value,
     update,
 )
-from tests.test_proxy import MESSAGES, QWEN, running
+from tests.helpers import MESSAGES, QWEN, readme, readme_block, running
 
 STALE = f"README.md is stale: run `{REGENERATE}`"
 SETTINGS = settings_reference()
@@ -54,17 +53,6 @@ DASHBOARD_MUST_SHOW = {
     "lmswitch_model_unloads",
     "lmswitch_model_loaded",
 }
-
-
-def readme() -> str:
-    return README.read_text(encoding="utf-8")
-
-
-def readme_block(name: str) -> str:
-    """The code block after `<!-- example: name -->` in the README."""
-    match = re.search(rf"<!-- example: {name} -->\n```\w*\n(.*?)```", readme(), re.DOTALL)
-    assert match is not None, f"no example {name!r} in README.md"
-    return match[1]
 
 
 # --- configuration ----------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from starlette.applications import Starlette
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from proxy.emulator import Emulator
-from tests.conftest import serve
+from tests.helpers import serve
 
 QWEN = "qwen2.5-7b-instruct"
 LLAMA = "llama-3.2-1b-instruct"

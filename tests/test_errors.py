@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import anyio
 
 from proxy.emulator import Emulator
-from tests.test_proxy import LLAMA, MESSAGES, QWEN, running
+from tests.helpers import LLAMA, MESSAGES, QWEN, running
 
 CHAT = {"model": QWEN, "messages": MESSAGES}
 

@@ -18,8 +18,7 @@ import pytest
 
 from proxy.emulator import Emulator
 from tests.doc_capture import SETTINGS, SHOWN_URL
-from tests.test_docs import readme, readme_block
-from tests.test_proxy import Proxy, running
+from tests.helpers import Proxy, readme, readme_block, running
 
 REPLY = "Hello from the LM Studio emulator, a deterministic reply made of plain words that streams"
 TOKENS = len(REPLY.split())  # the emulator's reply length (reply_tokens)

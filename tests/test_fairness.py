@@ -7,7 +7,7 @@ import httpx2
 import pytest
 
 from proxy.emulator import Emulator
-from tests.test_proxy import LLAMA, MESSAGES, QWEN, running
+from tests.helpers import LLAMA, MESSAGES, QWEN, running
 
 A, B = QWEN, LLAMA
 

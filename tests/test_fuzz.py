@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 from proxy.emulator import Emulator
 from proxy.openai_routes import PROXIED_PATHS
-from tests.test_proxy import LLAMA, NOMIC, QWEN, running
+from tests.helpers import LLAMA, NOMIC, QWEN, running
 
 ALIAS = "gpt-4o-mini"
 MODELS = (QWEN, LLAMA, NOMIC)

@@ -10,8 +10,7 @@ import httpx2
 import pytest
 
 from proxy.emulator import Emulator
-from tests.conftest import serve
-from tests.test_shutdown import proxy_process
+from tests.helpers import proxy_process, serve
 
 MiB = 2**20
 CHAT = "/v1/chat/completions"

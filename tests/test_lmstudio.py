@@ -23,7 +23,7 @@ from proxy.lmstudio import (
     request_headers,
     response_headers,
 )
-from tests.conftest import serve
+from tests.helpers import serve
 
 Handler = Callable[[httpx2.Request], httpx2.Response]
 

@@ -15,7 +15,7 @@ import pytest
 
 from proxy.emulator import Emulator
 from proxy.server import configure_logging
-from tests.test_proxy import MESSAGES, QWEN, running, settings_for
+from tests.helpers import MESSAGES, QWEN, running, settings_for
 
 CHAT = "/v1/chat/completions"
 ACCESS_FIELDS = {

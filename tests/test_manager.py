@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from proxy.emulator import Emulator
-from tests.test_proxy import LLAMA, MESSAGES, QWEN, running
+from tests.helpers import LLAMA, MESSAGES, QWEN, running
 
 
 async def test_preload_loads_at_start_in_order() -> None:

@@ -20,8 +20,7 @@ from proxy.emulator import Emulator
 from proxy.events import EventBus
 from proxy.metrics import UNKNOWN_MODEL, Metrics
 from proxy.openai_routes import PROXIED_PATHS
-from tests.conftest import serve
-from tests.test_proxy import LLAMA, MESSAGES, QWEN, Proxy, running, settings_for
+from tests.helpers import LLAMA, MESSAGES, QWEN, Proxy, running, serve, settings_for
 
 GEMMA = "google/gemma-3-4b"
 CHAT = "/v1/chat/completions"

@@ -3,75 +3,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import Any
 
 import anyio
-import httpx2
 import openai
 import pytest
 
-from proxy.app import create_app
-from proxy.config import Settings
 from proxy.emulator import Emulator
-from tests.conftest import free_port, serve
-
-QWEN = "qwen2.5-7b-instruct"
-LLAMA = "llama-3.2-1b-instruct"
-NOMIC = "text-embedding-nomic-embed-text-v1.5"
-MESSAGES: list[Any] = [{"role": "user", "content": "Say hello"}]
-
-
-@dataclass
-class Proxy:
-    url: str
-    http: httpx2.AsyncClient
-    sdk: openai.AsyncOpenAI
-
-    async def status(self) -> dict[str, Any]:
-        response = await self.http.get("/api/v1/status")
-        assert response.status_code == 200
-        result: dict[str, Any] = response.json()
-        return result
-
-    async def wait_ready(self) -> None:
-        """Wait until the proxy has read LM Studio's models: `/readyz` is 200 (2 s at most)."""
-        with anyio.fail_after(2):
-            while (await self.http.get("/readyz")).status_code != 200:  # noqa: ASYNC110
-                await anyio.sleep(0.01)
-
-    async def wait_for(self, predicate: Callable[[dict[str, Any]], bool]) -> None:
-        """Poll the status endpoint until `predicate` holds (2 s at most)."""
-        with anyio.fail_after(2):
-            while not predicate(await self.status()):  # noqa: ASYNC110 - state seen over HTTP
-                await anyio.sleep(0.01)
-
-
-def settings_for(upstream_url: str, **sections: Any) -> Settings:
-    upstream = {"base_url": upstream_url, **sections.pop("upstream", {})}
-    return Settings(upstream=upstream, **sections)
-
-
-@asynccontextmanager
-async def proxy_for(upstream_url: str, **sections: Any) -> AsyncIterator[Proxy]:
-    app = create_app(settings_for(upstream_url, **sections))
-    async with (
-        serve(app) as url,
-        httpx2.AsyncClient(base_url=url, timeout=10) as http,
-        openai.AsyncOpenAI(
-            base_url=f"{url}/v1", api_key="sk-test", timeout=10, max_retries=0
-        ) as sdk,
-    ):
-        yield Proxy(url, http, sdk)
-
-
-@asynccontextmanager
-async def running(emulator: Emulator, **sections: Any) -> AsyncIterator[Proxy]:
-    """The emulator and the proxy in front of it, each on its own loopback port."""
-    async with serve(emulator.app) as upstream_url, proxy_for(upstream_url, **sections) as proxy:
-        yield proxy
+from proxy.server import free_port
+from tests.helpers import LLAMA, MESSAGES, NOMIC, QWEN, proxy_for, running, serve
 
 
 async def test_chat_non_streaming_through_the_sdk() -> None:

@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import signal
-import subprocess
 import sys
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import anyio
 import httpx2
 import pytest
-from anyio.abc import Process
 
 from proxy.emulator import Emulator
-from tests.conftest import free_port, serve
-from tests.test_proxy import MESSAGES, QWEN
+from tests.helpers import MESSAGES, QWEN, proxy_process, serve
 
 pytestmark = pytest.mark.skipif(
     sys.platform == "win32", reason="POSIX signals: Windows has no SIGTERM to send a process"
@@ -26,82 +20,6 @@ pytestmark = pytest.mark.skipif(
 
 CHAT = "/v1/chat/completions"
 STREAM = {"model": QWEN, "messages": MESSAGES, "stream": True}
-START_TIMEOUT_S = 15.0  # a cold interpreter importing the proxy, then its first look upstream
-
-
-@dataclass
-class ProxyProcess:
-    """`python -m proxy serve` running in a child process, and what it wrote to stderr."""
-
-    process: Process
-    port: int
-    output: bytearray = field(default_factory=bytearray)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def log(self) -> str:
-        return self.output.decode(errors="replace")
-
-    async def exit_code(self, timeout_s: float) -> int:
-        """Wait for the process to exit (`timeout_s` at most) and return its status."""
-        with anyio.fail_after(timeout_s):
-            return await self.process.wait()
-
-
-async def _drain(stream: Any, into: bytearray) -> None:
-    async for chunk in stream:
-        into += chunk
-
-
-async def _wait_ready(proxy: ProxyProcess) -> None:
-    """Poll `/readyz` until the proxy has seen LM Studio; fail early if the process dies."""
-    async with httpx2.AsyncClient(base_url=proxy.url, timeout=2) as http:
-        with anyio.fail_after(START_TIMEOUT_S):
-            while True:
-                if proxy.process.returncode is not None:
-                    pytest.fail(f"lmswitch serve exited early:\n{proxy.log()}")
-                try:
-                    if (await http.get("/readyz")).status_code == 200:
-                        return
-                except httpx2.TransportError:  # not listening yet
-                    pass
-                await anyio.sleep(0.05)
-
-
-@asynccontextmanager
-async def proxy_process(
-    tmp_path: Path, upstream_url: str, **server: object
-) -> AsyncIterator[ProxyProcess]:
-    """`lmswitch serve` with `server.*` settings in front of `upstream_url`, once ready.
-
-    Killed on the way out if a test left it running.
-    """
-    lines = ["server:", *(f"  {key}: {value}" for key, value in server.items())]
-    lines += ["upstream:", f"  base_url: {upstream_url}", "  poll_interval: 60s"]
-    config = tmp_path / "config.yaml"
-    config.write_text("\n".join(lines) + "\n")
-    port = free_port()
-    command = [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port", str(port)]
-    process = await anyio.open_process(
-        command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, cwd=tmp_path
-    )
-    proxy = ProxyProcess(process, port)
-    async with process, anyio.create_task_group() as tg:
-        tg.start_soon(_drain, process.stderr, proxy.output)  # ends when the process does
-        try:
-            await _wait_ready(proxy)
-            yield proxy
-        finally:
-            with anyio.move_on_after(5, shield=True):
-                if process.returncode is None:
-                    process.kill()
-                await process.wait()
 
 
 async def refuses_connections(port: int, timeout_s: float) -> None:

@@ -37,11 +37,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.requests import Request
 from starlette.responses import Response
 
-from proxy import emulator_replies as replies
-from proxy.emulator import Emulator
-from proxy.emulator_catalog import CatalogModel, Instance
-from tests.conftest import serve
-from tests.test_proxy import LLAMA, MESSAGES, NOMIC, QWEN, Proxy, proxy_for, running
+from proxy.emulator import Emulator, replies
+from proxy.emulator.catalog import CatalogModel, Instance
+from tests.helpers import LLAMA, MESSAGES, NOMIC, QWEN, Proxy, proxy_for, running, serve
 
 GEMMA = "google/gemma-3-4b"
 TEXT_MODELS = (LLAMA, GEMMA, QWEN)

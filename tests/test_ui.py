@@ -20,8 +20,7 @@ from playwright.async_api import ConsoleMessage, Error, Locator, Page, async_pla
 
 from proxy.app import create_app
 from proxy.emulator import Emulator
-from tests.conftest import serve
-from tests.test_proxy import LLAMA, QWEN, Proxy, running, settings_for
+from tests.helpers import LLAMA, QWEN, Proxy, running, serve, settings_for
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

@@ -13,7 +13,7 @@ import pytest
 from anyio.abc import SocketStream
 
 from proxy.emulator import Emulator
-from tests.test_proxy import MESSAGES, QWEN, Proxy, proxy_for
+from tests.helpers import MESSAGES, QWEN, Proxy, proxy_for
 
 CHAT = {"model": QWEN, "messages": MESSAGES}
 

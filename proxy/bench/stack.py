@@ -16,15 +16,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from proxy.server import free_port
+
 # --- processes ----------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A port nothing listens on now (for a server started, or restarted, on it later)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass

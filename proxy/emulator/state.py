@@ -1,4 +1,5 @@
-"""The model side of the LM Studio emulator: loaded instances, loads, JIT, TTLs, change events.
+"""The model side of the LM Studio emulator: loaded instances, loads, JIT, TTLs, change events
+(docs/design.md §5.1, §5.3).
 
 `proxy.emulator.Emulator` builds the HTTP surface on top; its handlers call the methods here.
 """
@@ -11,12 +12,12 @@ from typing import Any
 
 import anyio
 
-from proxy import emulator_replies as replies
-from proxy.emulator_catalog import CatalogModel, Instance, instance_config
-from proxy.emulator_http import RejectError, check_kind
-from proxy.emulator_replies import Kind
+from proxy.emulator import replies
+from proxy.emulator.catalog import CatalogModel, Instance, instance_config
+from proxy.emulator.checks import RejectError, check_kind
+from proxy.emulator.replies import Kind
 
-JIT_DEFAULT_TTL_S = 3600.0  # "By default, JIT-loaded models have a TTL of 60 minutes." (§4)
+JIT_DEFAULT_TTL_S = 3600.0  # "By default, JIT-loaded models have a TTL of 60 minutes." (§5.3)
 
 
 class LoadFailedError(Exception):
@@ -190,7 +191,7 @@ class EmulatorState:
         """The instance that answers: named by instance id or model key, JIT-loaded if needed."""
         requested = payload.get("model")
         if requested is None and self.instances:
-            requested = next(iter(self.instances))  # LM Studio answers with what is loaded (§4)
+            requested = next(iter(self.instances))  # LM Studio answers with what is loaded (§5.3)
         if requested is None or (not self.jit and not self.instances):
             raise RejectError(replies.openai_error(400, replies.NO_MODELS, param="model"))
         name = str(requested)
@@ -225,7 +226,7 @@ class EmulatorState:
                     self._unload(instance.id, counted=True)
             ttl_s = JIT_DEFAULT_TTL_S
             if isinstance(ttl, int | float) and not isinstance(ttl, bool) and ttl > 0:
-                ttl_s = float(ttl)  # `ttl` in the body applies to the load it triggers (§4)
+                ttl_s = float(ttl)  # `ttl` in the body applies to the load it triggers (§5.3)
             return await self._load(model, jit=True, ttl_s=ttl_s, options={})
         except LoadFailedError as exc:
             response = replies.openai_error(

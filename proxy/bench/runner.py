@@ -1,9 +1,9 @@
-"""`lmswitch bench`: the proxy against the emulator, direct vs proxied (DESIGN §9).
+"""`lmswitch bench`: the proxy against the emulator, direct vs proxied (docs/design.md §6).
 
 The emulator and the proxy run as their own processes, started the way `lmswitch emulator` and
-`lmswitch serve` start (`proxy.bench_stack`); the load comes from `wrk` when it is installed, else
+`lmswitch serve` start (`proxy.bench.stack`); the load comes from `wrk` when it is installed, else
 from a lean built-in generator (raw HTTP/1.1 over keep-alive connections) in this process
-(`proxy.loadgen`). `--streams N` runs `proxy.bench_streams` instead.
+(`proxy.bench.loadgen`). `--streams N` runs `proxy.bench.streams` instead.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from collections.abc import Coroutine, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
-from proxy.bench_stack import Stack, cpu_s, progress, start_stack
-from proxy.bench_streams import run_streams
-from proxy.loadgen import Result, builtin_run, wrk_run
+from proxy.bench.loadgen import Result, builtin_run, wrk_run
+from proxy.bench.stack import Stack, cpu_s, progress, start_stack
+from proxy.bench.streams import run_streams
 
 T = TypeVar("T")
 

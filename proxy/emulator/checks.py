@@ -1,6 +1,6 @@
 """The emulator's HTTP edges: request bodies and their checks, rejections, the SSE response.
 
-Errors are shaped by `proxy.emulator_replies`; a check that fails raises `RejectError`.
+Errors are shaped by `proxy.emulator.replies`; a check that fails raises `RejectError`.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import anyio
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from proxy import emulator_replies as replies
-from proxy.emulator_catalog import CatalogModel
-from proxy.emulator_replies import Kind
+from proxy.emulator import replies
+from proxy.emulator.catalog import CatalogModel
+from proxy.emulator.replies import Kind
 
 _LOAD_FIELDS: dict[str, tuple[type, str]] = {
     "model": (str, "string"),
@@ -79,7 +79,7 @@ def missing(name: str) -> RejectError:
 
 
 def validate_load(payload: dict[str, Any]) -> None:
-    """Strict body schema of `POST /api/v1/models/load` (§2.1)."""
+    """Strict body schema of `POST /api/v1/models/load` (docs/design.md §5.1)."""
     unknown = [key for key in payload if key not in _LOAD_FIELDS]
     if unknown:
         raise unrecognized(unknown)

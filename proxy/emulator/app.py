@@ -1,8 +1,8 @@
 """An LM Studio 0.4.x emulator: HTTP surface, test knobs, call record.
 
-Follows the emulator checklist of lmstudio-api.md §10. The model state (catalogue, instances,
-loads, JIT) is in `proxy.emulator_state`, request checks in `proxy.emulator_http`; bodies and SSE
-frames are built by `proxy.emulator_replies` and `proxy.emulator_native`. This module owns the
+Follows the emulator checklist of docs/design.md §5. The model state (catalogue, instances,
+loads, JIT) is in `proxy.emulator.state`, request checks in `proxy.emulator.checks`; bodies and SSE
+frames are built by `proxy.emulator.replies` and `proxy.emulator.native`. This module owns the
 HTTP surface and decides what to answer.
 """
 
@@ -20,9 +20,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from proxy import emulator_native as native, emulator_replies as replies
-from proxy.emulator_catalog import DEFAULT_CATALOG, Call, CatalogModel, v0_row, v1_row
-from proxy.emulator_http import (
+from proxy.emulator import native, replies
+from proxy.emulator.catalog import DEFAULT_CATALOG, Call, CatalogModel, v0_row, v1_row
+from proxy.emulator.checks import (
     LLM_ONLY_FIELDS,
     EventStream,
     Malformed,
@@ -32,8 +32,8 @@ from proxy.emulator_http import (
     unrecognized,
     validate_load,
 )
-from proxy.emulator_replies import Kind
-from proxy.emulator_state import EmulatorState, LoadFailedError
+from proxy.emulator.replies import Kind
+from proxy.emulator.state import EmulatorState, LoadFailedError
 
 EMBEDDING_DIMS = 768
 
@@ -181,7 +181,7 @@ class Emulator(EmulatorState):
         return replies.native_error(401, "invalid_request", message, code="invalid_api_key")
 
     async def _unknown_endpoint(self, request: Request, exc: Exception) -> Response:
-        """Express's fallback: HTTP 200 with an error string (§5.1)."""
+        """Express's fallback: HTTP 200 with an error string (§5.4)."""
         await self._receive(request)
         if (denied := self._deny(request)) is not None:
             return denied

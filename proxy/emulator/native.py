@@ -1,13 +1,13 @@
 """Response bodies and SSE frames of the emulator's OpenAI Responses and Anthropic Messages APIs.
 
-Pure functions, like `proxy.emulator_replies`, whose `Reply`, `Frame` and framing they use.
+Pure functions, like `proxy.emulator.replies`, whose `Reply`, `Frame` and framing they use.
 """
 
 from __future__ import annotations
 
 import time
 
-from proxy.emulator_replies import Body, Frame, Reply, random_id, sse
+from proxy.emulator.replies import Body, Frame, Reply, random_id, sse
 
 # --- OpenAI Responses --------------------------------------------------------------------------
 

@@ -1,8 +1,8 @@
 """Replies of the LM Studio emulator: what all API families share, error bodies, and the OpenAI
-chat, completion and embedding bodies and SSE frames (lmstudio-api.md §5, §6).
+chat, completion and embedding bodies and SSE frames (docs/design.md §5.4, §5.5).
 
-Pure functions: no state, no I/O. `proxy.emulator` decides what to answer; this module decides
-how the answer looks on the wire. The Responses and Messages APIs are in `proxy.emulator_native`.
+Pure functions: no state, no I/O. `proxy.emulator.app` decides what to answer; this module decides
+how the answer looks on the wire. The Responses and Messages APIs are in `proxy.emulator.native`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from starlette.responses import JSONResponse
 
-from proxy.emulator_catalog import CatalogModel
+from proxy.emulator.catalog import CatalogModel
 
 Kind = Literal["chat", "completion", "embedding", "response", "message"]
 Body = dict[str, Any]
@@ -148,18 +148,18 @@ def openai_error(
     code: str | None = None,
     error_type: str = "invalid_request_error",
 ) -> JSONResponse:
-    """OpenAI's envelope, used by /v1 and /api/v0 (§5.2)."""
+    """OpenAI's envelope, used by /v1 and /api/v0 (§5.4)."""
     error = {"message": message, "type": error_type, "param": param, "code": code}
     return JSONResponse({"error": error}, status_code=status)
 
 
 def native_error(status: int, error_type: str, message: str, **extra: str) -> JSONResponse:
-    """The native /api/v1 envelope (§5.3)."""
+    """The native /api/v1 envelope (§5.4)."""
     return JSONResponse({"error": {"type": error_type, "message": message, **extra}}, status)
 
 
 def guardrail_message(model: CatalogModel) -> str:
-    """The memory guardrail's refusal, as the CLI and the load endpoint word it (§2.1)."""
+    """The memory guardrail's refusal, as the CLI and the load endpoint word it (§5.6)."""
     return (
         "Model loading was stopped due to insufficient system resources. Under the current "
         f"settings, this model requires approximately {model.size_bytes / 1e9:.2f} GB of memory, "
@@ -172,7 +172,7 @@ def guardrail_message(model: CatalogModel) -> str:
 
 
 def chat_body(reply: Reply, v0_extras: Body | None) -> Body:
-    """A non-streamed `chat.completion`, as LM Studio 0.4 sends it (§6.1, §6.2 with v0 extras)."""
+    """A non-streamed `chat.completion`, as LM Studio 0.4 sends it (§5.5, with the v0 extras)."""
     finish = "length" if reply.truncated else "stop"
     message = {
         "role": "assistant",
@@ -263,7 +263,7 @@ def completion_frames(reply: Reply, include_usage: bool) -> list[Frame]:
 
 
 def v0_extras(reply: Reply, model: CatalogModel, context_length: int) -> Body:
-    """The `stats`, `model_info` and `runtime` fields that /api/v0 adds (§6.2)."""
+    """The `stats`, `model_info` and `runtime` fields that /api/v0 adds (§5.5)."""
     stop_reason = "maxPredictedTokensReached" if reply.truncated else "eosFound"
     stats = {
         "tokens_per_second": 50.0,

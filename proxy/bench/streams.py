@@ -8,8 +8,8 @@ import statistics
 import time
 from dataclasses import dataclass
 
-from proxy.bench_stack import cpu_s, progress, rss_mb, start_stack
-from proxy.loadgen import builtin_run, chat_body, http_request, percentile, read_response
+from proxy.bench.loadgen import builtin_run, chat_body, http_request, percentile, read_response
+from proxy.bench.stack import cpu_s, progress, rss_mb, start_stack
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""The emulator's data: the model catalogue, loaded instances, recorded calls (lmstudio-api.md §3).
+"""The emulator's data: the model catalogue, loaded instances, recorded calls
+(docs/design.md §5.2).
 
 Also how the native listings describe them: the rows of `/api/v0/models` and `/api/v1/models`.
 """
@@ -8,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-DEFAULT_CONTEXT_LENGTH = 4096  # what LM Studio loads LLMs with unless told otherwise (§4)
+DEFAULT_CONTEXT_LENGTH = 4096  # what LM Studio loads LLMs with unless told otherwise (§5.3)
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ class Instance:
     jit: bool
     ttl_s: float | None
     last_used: float
-    config: dict[str, Any] = field(default_factory=dict)  # `loaded_instances[].config` (§3.3)
+    config: dict[str, Any] = field(default_factory=dict)  # `loaded_instances[].config` (§5.2)
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ def instance_config(model: CatalogModel, options: dict[str, Any]) -> dict[str, A
 
 
 def v0_row(model: CatalogModel, instance: Instance | None) -> dict[str, Any]:
-    """One `/api/v0/models` entry: a loaded instance, or the model when not loaded (§3.2)."""
+    """One `/api/v0/models` entry: a loaded instance, or the model when not loaded (§5.2)."""
     kind = "embeddings" if model.type == "embedding" else "vlm" if model.vision else "llm"
     row: dict[str, Any] = {
         "id": instance.id if instance is not None else model.key,
@@ -113,7 +114,7 @@ def v0_row(model: CatalogModel, instance: Instance | None) -> dict[str, Any]:
 
 
 def v1_row(model: CatalogModel, instances: list[Instance]) -> dict[str, Any]:
-    """One `/api/v1/models` entry with its `loaded_instances` (§3.3)."""
+    """One `/api/v1/models` entry with its `loaded_instances` (§5.2)."""
     row: dict[str, Any] = {
         "type": model.type,
         "publisher": model.publisher,

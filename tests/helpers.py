@@ -1,0 +1,233 @@
+"""The shared test helpers: running proxy, emulator, ports.
+
+`serve` runs an ASGI app on a loopback port; `running` puts the emulator and the proxy behind
+real sockets; `proxy_process` runs `lmswitch serve` as a child process; `readme` and
+`readme_block` read README.md. Ports for servers started later come from `proxy.server.free_port`.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx2
+import openai
+import pytest
+import uvicorn
+from anyio.abc import Process
+from starlette.types import ASGIApp
+
+from proxy.app import create_app
+from proxy.config import Settings
+from proxy.emulator import Emulator
+from proxy.server import free_port
+
+QWEN = "qwen2.5-7b-instruct"
+LLAMA = "llama-3.2-1b-instruct"
+NOMIC = "text-embedding-nomic-embed-text-v1.5"
+MESSAGES: list[Any] = [{"role": "user", "content": "Say hello"}]
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+# --- servers on loopback ---------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def serve(app: ASGIApp, *, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
+    """Run `app` under a real uvicorn server on a pre-bound loopback port; yield its URL.
+
+    Port 0 (the default) picks a free port; a given port lets a test restart a server in place.
+    """
+    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets that name it, and without
+    # it every request after the first on a kept-alive connection waits ~40 ms for Nagle.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))  # no port race: the socket is ours before uvicorn starts
+    config = uvicorn.Config(
+        app,
+        log_config=None,  # uvicorn's records reach pytest's capture, not stderr directly
+        log_level="warning",
+        timeout_graceful_shutdown=1,
+        lifespan="on",
+        access_log=False,
+    )
+    server = uvicorn.Server(config)
+    stopped = anyio.Event()
+
+    async def run() -> None:
+        try:
+            await server.serve([sock])
+        finally:
+            stopped.set()
+
+    with sock:  # closed however the server ends
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            with anyio.fail_after(5):
+                while not server.started:  # uvicorn only exposes a flag
+                    if server.should_exit:
+                        raise RuntimeError("server failed to start")
+                    await anyio.sleep(0.01)
+            bound_host, port = sock.getsockname()
+            try:
+                yield f"http://{bound_host}:{port}"
+            finally:
+                # Let it shut down even when the test failed: cancelled mid-serve, uvicorn leaves
+                # its listening server open, and closing a uvloop loop then blocks for good.
+                server.should_exit = True
+                with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                    await stopped.wait()
+
+
+# --- the proxy in front of the emulator -------------------------------------------------------
+
+
+@dataclass
+class Proxy:
+    url: str
+    http: httpx2.AsyncClient
+    sdk: openai.AsyncOpenAI
+
+    async def status(self) -> dict[str, Any]:
+        response = await self.http.get("/api/v1/status")
+        assert response.status_code == 200
+        result: dict[str, Any] = response.json()
+        return result
+
+    async def wait_ready(self) -> None:
+        """Wait until the proxy has read LM Studio's models: `/readyz` is 200 (2 s at most)."""
+        with anyio.fail_after(2):
+            while (await self.http.get("/readyz")).status_code != 200:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+
+    async def wait_for(self, predicate: Callable[[dict[str, Any]], bool]) -> None:
+        """Poll the status endpoint until `predicate` holds (2 s at most)."""
+        with anyio.fail_after(2):
+            while not predicate(await self.status()):  # noqa: ASYNC110 - state seen over HTTP
+                await anyio.sleep(0.01)
+
+
+def settings_for(upstream_url: str, **sections: Any) -> Settings:
+    upstream = {"base_url": upstream_url, **sections.pop("upstream", {})}
+    return Settings(upstream=upstream, **sections)
+
+
+@asynccontextmanager
+async def proxy_for(upstream_url: str, **sections: Any) -> AsyncIterator[Proxy]:
+    app = create_app(settings_for(upstream_url, **sections))
+    async with (
+        serve(app) as url,
+        httpx2.AsyncClient(base_url=url, timeout=10) as http,
+        openai.AsyncOpenAI(
+            base_url=f"{url}/v1", api_key="sk-test", timeout=10, max_retries=0
+        ) as sdk,
+    ):
+        yield Proxy(url, http, sdk)
+
+
+@asynccontextmanager
+async def running(emulator: Emulator, **sections: Any) -> AsyncIterator[Proxy]:
+    """The emulator and the proxy in front of it, each on its own loopback port."""
+    async with serve(emulator.app) as upstream_url, proxy_for(upstream_url, **sections) as proxy:
+        yield proxy
+
+
+# --- `lmswitch serve` in a child process ------------------------------------------------------
+
+START_TIMEOUT_S = 15.0  # a cold interpreter importing the proxy, then its first look upstream
+
+
+@dataclass
+class ProxyProcess:
+    """`python -m proxy serve` running in a child process, and what it wrote to stderr."""
+
+    process: Process
+    port: int
+    output: bytearray = field(default_factory=bytearray)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log(self) -> str:
+        return self.output.decode(errors="replace")
+
+    async def exit_code(self, timeout_s: float) -> int:
+        """Wait for the process to exit (`timeout_s` at most) and return its status."""
+        with anyio.fail_after(timeout_s):
+            return await self.process.wait()
+
+
+async def _drain(stream: Any, into: bytearray) -> None:
+    async for chunk in stream:
+        into += chunk
+
+
+async def _wait_ready(proxy: ProxyProcess) -> None:
+    """Poll `/readyz` until the proxy has seen LM Studio; fail early if the process dies."""
+    async with httpx2.AsyncClient(base_url=proxy.url, timeout=2) as http:
+        with anyio.fail_after(START_TIMEOUT_S):
+            while True:
+                if proxy.process.returncode is not None:
+                    pytest.fail(f"lmswitch serve exited early:\n{proxy.log()}")
+                try:
+                    if (await http.get("/readyz")).status_code == 200:
+                        return
+                except httpx2.TransportError:  # not listening yet
+                    pass
+                await anyio.sleep(0.05)
+
+
+@asynccontextmanager
+async def proxy_process(
+    tmp_path: Path, upstream_url: str, **server: object
+) -> AsyncIterator[ProxyProcess]:
+    """`lmswitch serve` with `server.*` settings in front of `upstream_url`, once ready.
+
+    Killed on the way out if a test left it running.
+    """
+    lines = ["server:", *(f"  {key}: {value}" for key, value in server.items())]
+    lines += ["upstream:", f"  base_url: {upstream_url}", "  poll_interval: 60s"]
+    config = tmp_path / "config.yaml"
+    config.write_text("\n".join(lines) + "\n")
+    port = free_port()
+    command = [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port", str(port)]
+    process = await anyio.open_process(
+        command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, cwd=tmp_path
+    )
+    proxy = ProxyProcess(process, port)
+    async with process, anyio.create_task_group() as tg:
+        tg.start_soon(_drain, process.stderr, proxy.output)  # ends when the process does
+        try:
+            await _wait_ready(proxy)
+            yield proxy
+        finally:
+            with anyio.move_on_after(5, shield=True):
+                if process.returncode is None:
+                    process.kill()
+                await process.wait()
+
+
+# --- README.md ---------------------------------------------------------------------------------
+
+
+def readme() -> str:
+    return README.read_text(encoding="utf-8")
+
+
+def readme_block(name: str) -> str:
+    """The code block after `<!-- example: name -->` in the README."""
+    match = re.search(rf"<!-- example: {name} -->\n```\w*\n(.*?)```", readme(), re.DOTALL)
+    assert match is not None, f"no example {name!r} in README.md"
+    return match[1]
