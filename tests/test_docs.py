@@ -1,7 +1,7 @@
-"""README.md's generated references match the code; its scrape config and Grafana dashboard work.
+"""The references in docs/ match the code; the scrape config and Grafana dashboard work.
 
 A failure here usually means the code changed: `uv run python -m tests.gen_docs` rewrites the
-generated parts of the README.
+generated parts of the pages in docs/.
 """
 
 from __future__ import annotations
@@ -30,8 +30,11 @@ from tests.gen_docs import (
     REGENERATE,
     Setting,
     config_reference,
+    doc_block,
+    doc_page,
     metric_docs,
     metrics_reference,
+    pages,
     replace_section,
     section,
     settings_reference,
@@ -40,7 +43,7 @@ from tests.gen_docs import (
 )
 from tests.test_proxy import MESSAGES, QWEN, running
 
-STALE = f"README.md is stale: run `{REGENERATE}`"
+STALE = f"docs/ is stale: run `{REGENERATE}`"
 SETTINGS = settings_reference()
 DASHBOARD = files("proxy") / "grafana" / "lmswitch.json"
 # What the dashboard must show (base names, before _total/_bucket/_sum/_count).
@@ -71,7 +74,7 @@ def readme_block(name: str) -> str:
 
 
 def test_config_reference_is_current() -> None:
-    assert section(readme(), "config-reference") == config_reference(), STALE
+    assert section(doc_page("configuration"), "config-reference") == config_reference(), STALE
 
 
 def test_replace_section_rewrites_between_the_markers_only() -> None:
@@ -129,16 +132,23 @@ def test_config_example_works_in_the_file_and_the_environment(
 # --- endpoints --------------------------------------------------------------------------------
 
 
+def _joined(texts: dict[str, str]) -> list[str]:
+    """Every page's lines, masked, each page after a line naming it."""
+    return [
+        line
+        for page, text in texts.items()
+        for line in [f"==> docs/{page}.md <==", *doc_capture.mask(text).splitlines()]
+    ]
+
+
 async def test_readme_matches_a_fresh_generation() -> None:
-    """The README's requests and answers (and every other generated part) are what the code
+    """The docs' requests and answers (and every other generated part) are what the code
     gives today, ids and times aside."""
-    text = readme()
+    texts = pages()
     with anyio.fail_after(20):
-        fresh = await update(text)
-    old, new = doc_capture.mask(text).splitlines(), doc_capture.mask(fresh).splitlines()
-    diff = "\n".join(
-        list(difflib.unified_diff(old, new, "README.md", "generated", lineterm=""))[:40]
-    )
+        fresh = await update(texts)
+    old, new = _joined(texts), _joined(fresh)
+    diff = "\n".join(list(difflib.unified_diff(old, new, "docs/", "generated", lineterm=""))[:40])
     assert old == new, f"{STALE}\n{diff}"
 
 
@@ -153,7 +163,7 @@ def test_mask_blanks_ids_and_times_only() -> None:
 
 
 def test_metrics_reference_is_current() -> None:
-    assert section(readme(), "metrics-reference") == metrics_reference(), STALE
+    assert section(doc_page("metrics"), "metrics-reference") == metrics_reference(), STALE
 
 
 async def scrape_served() -> dict[str, frozenset[str]]:
@@ -252,8 +262,9 @@ async def test_grafana_dashboard_queries_name_only_served_series() -> None:
 
 
 async def test_prometheus_scrape_config_points_at_metrics(tmp_path: Path) -> None:
-    """The README's scrape config scrapes /metrics on lmswitch's port (and passes promtool)."""
-    text = readme_block("prometheus")
+    """The metrics reference's scrape config scrapes /metrics on lmswitch's port (and passes
+    promtool)."""
+    text = doc_block("metrics", "prometheus")
     job = yaml.safe_load(text)["scrape_configs"][0]
     assert job["metrics_path"] == "/metrics"
     assert job["static_configs"][0]["targets"] == [f"127.0.0.1:{Settings().server.port}"]
