@@ -1,4 +1,5 @@
-"""Real request and answer examples for README.md, captured from the emulator and the proxy.
+"""Real requests and answers for docs/endpoints.md and docs/troubleshooting.md, captured from
+the emulator and the proxy.
 
 `capture_endpoints` runs the demo's set-up (the emulator, aliases, one model at a time) over
 loopback and records one example per endpoint; `capture_old_lmstudio` records what the proxy
@@ -23,8 +24,8 @@ from proxy.demo import DEMO_ALIASES
 from proxy.emulator import Emulator
 from tests.helpers import Proxy, proxy_for, serve
 
-SHOWN_URL = "http://127.0.0.1:8000"  # the proxy, as the README shows it
-SHOWN_UPSTREAM = "http://127.0.0.1:1234"  # LM Studio, as the README shows it
+SHOWN_URL = "http://127.0.0.1:8000"  # the proxy, as the README and docs show it
+SHOWN_UPSTREAM = "http://127.0.0.1:1234"  # LM Studio, as the docs show it
 QWEN = "qwen2.5-7b-instruct"
 LLAMA = "llama-3.2-1b-instruct"
 HELLO = [{"role": "user", "content": "Say hello"}]

@@ -1,10 +1,14 @@
-"""Writes README.md's generated sections, so that they cannot drift from the code.
+"""Writes the generated sections of the pages in docs/, so that they cannot drift from the code.
 
-`uv run python -m tests.gen_docs` rewrites, between `<!-- NAME:start -->` and `<!-- NAME:end -->`:
-the configuration reference (from `proxy.config.Settings`), the endpoint reference and the
-old-LM-Studio example (captured by `tests.doc_capture`), and the metrics reference (from
-`proxy.metrics.Metrics`, with the PromQL examples below). tests/test_docs.py fails when the
-README differs from what this writes.
+`uv run python -m tests.gen_docs` rewrites, between `<!-- NAME:start -->` and `<!-- NAME:end -->`
+(`GENERATED` says which page holds which): the configuration reference in docs/configuration.md
+(from `proxy.config.Settings`), the endpoint reference in docs/endpoints.md and the
+old-LM-Studio example in docs/troubleshooting.md (captured by `tests.doc_capture`), and the
+metrics reference in docs/metrics.md (from `proxy.metrics.Metrics`, with the PromQL examples
+below). tests/test_docs.py fails when a page differs from what this writes.
+
+`doc_page(page)` and `doc_block(page, name)` read a page and one of its example code blocks, for the
+tests that check or run them.
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ import json
 import re
 import sys
 import types
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import anyio
@@ -29,7 +34,17 @@ from proxy.units import ByteSize, Seconds
 from tests import doc_capture
 from tests.helpers import README
 
+ROOT = README.parent
+DOCS = ROOT / "docs"
 REGENERATE = "uv run python -m tests.gen_docs"
+
+# The pages of docs/ that hold generated sections, and the sections (marker names) each holds.
+GENERATED: dict[str, tuple[str, ...]] = {
+    "configuration": ("config-reference",),
+    "endpoints": ("endpoint-reference",),
+    "metrics": ("metrics-reference",),
+    "troubleshooting": ("old-lmstudio",),
+}
 
 # An example value per key, as YAML. Each is checked to be valid, in the file and in the
 # environment variable, by tests/test_docs.py.
@@ -129,7 +144,30 @@ PROMQL: dict[str, tuple[str, str]] = {
 }
 
 
-# --- README sections --------------------------------------------------------------------------
+# --- pages and their sections -----------------------------------------------------------------
+
+
+def doc_path(page: str) -> Path:
+    """docs/PAGE.md."""
+    return DOCS / f"{page}.md"
+
+
+def doc_page(page: str) -> str:
+    """The text of docs/PAGE.md."""
+    return doc_path(page).read_text(encoding="utf-8")
+
+
+def example_block(text: str, name: str) -> str | None:
+    """The code block after `<!-- example: name -->` in `text`, or None."""
+    match = re.search(rf"<!-- example: {name} -->\n```\w*\n(.*?)```", text, re.DOTALL)
+    return None if match is None else match[1]
+
+
+def doc_block(page: str, name: str) -> str:
+    """The code block after `<!-- example: name -->` in docs/PAGE.md."""
+    block = example_block(doc_page(page), name)
+    assert block is not None, f"no example {name!r} in docs/{page}.md"
+    return block
 
 
 def markers(name: str) -> tuple[str, str]:
@@ -137,7 +175,7 @@ def markers(name: str) -> tuple[str, str]:
 
 
 def section(text: str, name: str) -> str:
-    """What the README holds between the `name` markers."""
+    """What `text` (a page) holds between the `name` markers."""
     start, end = markers(name)
     begin = text.index(start) + len(start)
     return text[begin : text.index(end, begin)]
@@ -265,6 +303,10 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
+# "(DESIGN.md §5.4, §5.5)" or "(docs/design.md §2.4)" at the end of a settings docstring.
+_DESIGN_POINTER = re.compile(r"\s*\((?:DESIGN(?:\.md)?|docs/design\.md) §[^)]*\)")
+
+
 def config_reference() -> str:
     """The configuration reference's Markdown: one table per section."""
     parts = []
@@ -272,9 +314,9 @@ def config_reference() -> str:
         section_model = field.annotation
         assert isinstance(section_model, type)
         # The section's docstring, less its pointers into the design notes.
-        doc = re.sub(r"\s*\(DESIGN\.md[^)]*\)", "", (section_model.__doc__ or "").strip())
+        about = _DESIGN_POINTER.sub("", (section_model.__doc__ or "").strip())
         parts.append(
-            f"**`{name}`**: {doc}\n\n"
+            f"**`{name}`**: {about}\n\n"
             "| key, environment variable | type | default | example | meaning |\n"
             "| --- | --- | --- | --- | --- |\n"
         )
@@ -332,21 +374,42 @@ def metrics_reference() -> str:
 # --- all together -----------------------------------------------------------------------------
 
 
-async def update(text: str) -> str:
-    """`text` (the README) with every generated section written afresh."""
-    text = replace_section(text, "config-reference", config_reference())
-    text = replace_section(text, "metrics-reference", metrics_reference())
+async def generated_sections() -> dict[str, str]:
+    """Every generated section's Markdown, by marker name, made afresh (the captures run here)."""
     examples = doc_capture.render_endpoints(await doc_capture.capture_endpoints())
-    text = replace_section(text, "endpoint-reference", examples)
     old = await doc_capture.capture_old_lmstudio()
-    return replace_section(text, "old-lmstudio", f"```text\n{old}\n```\n")
+    return {
+        "config-reference": config_reference(),
+        "metrics-reference": metrics_reference(),
+        "endpoint-reference": examples,
+        "old-lmstudio": f"```text\n{old}\n```\n",
+    }
 
 
-async def main() -> None:  # pragma: no cover - rewrites the README; the tests check its parts
-    text = README.read_text(encoding="utf-8")
-    new = await update(text)
-    README.write_text(new, encoding="utf-8")
-    print("README.md", "unchanged" if new == text else "rewritten", file=sys.stderr)  # noqa: T201
+def pages() -> dict[str, str]:
+    """The text of every page that holds generated sections, by page name."""
+    return {page: doc_page(page) for page in GENERATED}
+
+
+async def update(texts: Mapping[str, str]) -> dict[str, str]:
+    """`texts` (page name -> its text) with every generated section written afresh."""
+    sections = await generated_sections()
+    fresh = {}
+    for page, text in texts.items():
+        for name in GENERATED[page]:
+            text = replace_section(text, name, sections[name])
+        fresh[page] = text
+    return fresh
+
+
+async def main() -> None:  # pragma: no cover - rewrites the pages; the tests check their parts
+    texts = pages()
+    for page, text in (await update(texts)).items():
+        # A page whose new text differs only in ids and times is left as it is.
+        changed = doc_capture.mask(text) != doc_capture.mask(texts[page])
+        if changed:
+            doc_path(page).write_text(text, encoding="utf-8")
+        print(f"docs/{page}.md", "rewritten" if changed else "unchanged", file=sys.stderr)  # noqa: T201
 
 
 if __name__ == "__main__":  # pragma: no cover - run by hand

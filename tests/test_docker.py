@@ -138,6 +138,7 @@ def test_dockerignore_keeps_out_what_the_image_does_not_need() -> None:
         ".venv/bin/python",
         "tests/test_docker.py",
         "proxy/__pycache__/a.pyc",
+        "docs/design.md",
     ):
         assert dockerignored(path), path
     assert not dockerignored("proxy/ui/index.html")

@@ -1,7 +1,8 @@
-"""README.md's generated references match the code; its scrape config and Grafana dashboard work.
+"""The references in docs/ match the code; the scrape config and Grafana dashboard work; the
+README stays a front page, and every relative link in it and in docs/ leads somewhere.
 
 A failure here usually means the code changed: `uv run python -m tests.gen_docs` rewrites the
-generated parts of the README.
+generated parts of the pages in docs/.
 """
 
 from __future__ import annotations
@@ -24,22 +25,27 @@ from proxy.config import Settings, load_settings
 from proxy.emulator import Emulator
 from tests import doc_capture
 from tests.gen_docs import (
+    DOCS,
     PER_MODEL,
     PROMQL,
     REGENERATE,
+    ROOT,
     Setting,
     config_reference,
+    doc_block,
+    doc_page,
     metric_docs,
     metrics_reference,
+    pages,
     replace_section,
     section,
     settings_reference,
     show_value,
     update,
 )
-from tests.helpers import MESSAGES, QWEN, readme, readme_block, running
+from tests.helpers import MESSAGES, QWEN, README, readme, running
 
-STALE = f"README.md is stale: run `{REGENERATE}`"
+STALE = f"docs/ is stale: run `{REGENERATE}`"
 SETTINGS = settings_reference()
 DASHBOARD = files("proxy") / "grafana" / "lmswitch.json"
 # What the dashboard must show (base names, before _total/_bucket/_sum/_count).
@@ -59,7 +65,7 @@ DASHBOARD_MUST_SHOW = {
 
 
 def test_config_reference_is_current() -> None:
-    assert section(readme(), "config-reference") == config_reference(), STALE
+    assert section(doc_page("configuration"), "config-reference") == config_reference(), STALE
 
 
 def test_replace_section_rewrites_between_the_markers_only() -> None:
@@ -117,16 +123,23 @@ def test_config_example_works_in_the_file_and_the_environment(
 # --- endpoints --------------------------------------------------------------------------------
 
 
+def _joined(texts: dict[str, str]) -> list[str]:
+    """Every page's lines, masked, each page after a line naming it."""
+    return [
+        line
+        for page, text in texts.items()
+        for line in [f"==> docs/{page}.md <==", *doc_capture.mask(text).splitlines()]
+    ]
+
+
 async def test_readme_matches_a_fresh_generation() -> None:
-    """The README's requests and answers (and every other generated part) are what the code
+    """The docs' requests and answers (and every other generated part) are what the code
     gives today, ids and times aside."""
-    text = readme()
+    texts = pages()
     with anyio.fail_after(20):
-        fresh = await update(text)
-    old, new = doc_capture.mask(text).splitlines(), doc_capture.mask(fresh).splitlines()
-    diff = "\n".join(
-        list(difflib.unified_diff(old, new, "README.md", "generated", lineterm=""))[:40]
-    )
+        fresh = await update(texts)
+    old, new = _joined(texts), _joined(fresh)
+    diff = "\n".join(list(difflib.unified_diff(old, new, "docs/", "generated", lineterm=""))[:40])
     assert old == new, f"{STALE}\n{diff}"
 
 
@@ -141,7 +154,7 @@ def test_mask_blanks_ids_and_times_only() -> None:
 
 
 def test_metrics_reference_is_current() -> None:
-    assert section(readme(), "metrics-reference") == metrics_reference(), STALE
+    assert section(doc_page("metrics"), "metrics-reference") == metrics_reference(), STALE
 
 
 async def scrape_served() -> dict[str, frozenset[str]]:
@@ -240,8 +253,9 @@ async def test_grafana_dashboard_queries_name_only_served_series() -> None:
 
 
 async def test_prometheus_scrape_config_points_at_metrics(tmp_path: Path) -> None:
-    """The README's scrape config scrapes /metrics on lmswitch's port (and passes promtool)."""
-    text = readme_block("prometheus")
+    """The metrics reference's scrape config scrapes /metrics on lmswitch's port (and passes
+    promtool)."""
+    text = doc_block("metrics", "prometheus")
     job = yaml.safe_load(text)["scrape_configs"][0]
     assert job["metrics_path"] == "/metrics"
     assert job["static_configs"][0]["targets"] == [f"127.0.0.1:{Settings().server.port}"]
@@ -272,3 +286,106 @@ async def test_promql_parses(tmp_path: Path) -> None:
     with anyio.fail_after(20):
         result = await anyio.run_process([promtool, "check", "rules", str(path)], check=False)
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+
+
+# --- the README as a front page, and links ----------------------------------------------------
+
+README_MAX_LINES = 420
+MARKDOWN = [README, *sorted(DOCS.glob("*.md"))]
+
+_FENCE = re.compile(r"\s*(```|~~~)")
+_HEADING = re.compile(r"#{1,6}\s+(.*?)[\s#]*$")
+_LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
+_URL = re.compile(r"[a-z][a-z0-9+.-]*:")  # https:, mailto:, ...
+
+
+def test_readme_stays_a_front_page() -> None:
+    """The references live in docs/: the README stays short enough to read through."""
+    lines = len(readme().splitlines())
+    assert lines <= README_MAX_LINES, f"README.md has {lines} lines: move detail to docs/"
+
+
+def _unfenced(text: str) -> Iterator[str]:
+    """`text`'s lines outside fenced code blocks."""
+    fenced = False
+    for line in text.splitlines():
+        if _FENCE.match(line):
+            fenced = not fenced
+        elif not fenced:
+            yield line
+
+
+def anchors(text: str) -> set[str]:
+    """The anchors GitHub gives `text`'s headings: lower case, punctuation dropped, spaces as
+    hyphens, and `-1`, `-2`, ... after a repeat."""
+    found: set[str] = set()
+    repeats: dict[str, int] = {}
+    for line in _unfenced(text):
+        if (match := _HEADING.match(line)) is None:
+            continue
+        plain = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", match[1]).replace("`", "")
+        slug = re.sub(r"[^\w\- ]", "", plain.lower()).replace(" ", "-")
+        seen = repeats.get(slug, 0)
+        repeats[slug] = seen + 1
+        found.add(f"{slug}-{seen}" if seen else slug)
+    return found
+
+
+def relative_links(text: str) -> list[str]:
+    """The targets of `text`'s Markdown links that are not URLs (`page.md#anchor`, `#anchor`);
+    code blocks and code spans hold none."""
+    return [
+        target
+        for line in _unfenced(text)
+        for target in _LINK.findall(re.sub(r"`[^`]*`", "", line))
+        if not _URL.match(target)
+    ]
+
+
+def broken_links(path: Path, text: str) -> list[str]:
+    """The relative links in `text`, the Markdown file at `path`, that lead nowhere, each with
+    why."""
+    problems = []
+    for target in relative_links(text):
+        file, _, anchor = target.partition("#")
+        where = (path.parent / file).resolve()
+        if not where.is_relative_to(ROOT):
+            problems.append(f"{target}: outside the repository")
+        elif file and not where.exists():
+            problems.append(f"{target}: no such file")
+        elif anchor:
+            headings = where.read_text(encoding="utf-8") if file else text
+            if anchor not in anchors(headings):
+                problems.append(f"{target}: no heading with that anchor")
+    return problems
+
+
+def test_anchors_and_links_are_read_as_github_does() -> None:
+    text = (
+        "# A title\n## 2.4 The `swap_grace` rule (fair) ##\n## Notes\n## [Notes](x.md)\n"
+        "```sh\n# not a heading [no](link.md)\n```\n"
+        "See [here](#notes-1), [there](other.md#x), `[code](skip.md)`,\n"
+        '[the web](https://example.com) and ![a picture](img.png "its title").\n'
+    )
+    assert anchors(text) == {"a-title", "24-the-swap_grace-rule-fair", "notes", "notes-1"}
+    assert relative_links(text) == ["x.md", "#notes-1", "other.md#x", "img.png"]
+
+
+def test_broken_links_names_each_problem() -> None:
+    text = (
+        "# Top\n[ok](#top) [gone](#nowhere) [missing](missing.md) [out](../../elsewhere.md)\n"
+        "[readme](../README.md#lmswitch) [heading](../README.md#no-such-heading) [dir](../tests)\n"
+    )
+    assert broken_links(DOCS / "sample.md", text) == [
+        "#nowhere: no heading with that anchor",
+        "missing.md: no such file",
+        "../../elsewhere.md: outside the repository",
+        "../README.md#no-such-heading: no heading with that anchor",
+    ]
+
+
+@pytest.mark.parametrize("path", MARKDOWN, ids=[str(p.relative_to(ROOT)) for p in MARKDOWN])
+def test_relative_links_lead_to_files_and_headings_that_exist(path: Path) -> None:
+    """Every relative link in the README and docs/ names a file in the repository, and one of
+    its headings when it names an anchor."""
+    assert broken_links(path, path.read_text(encoding="utf-8")) == []
