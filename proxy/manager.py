@@ -20,18 +20,14 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from proxy import names, scheduling as sch
 from proxy.config import Settings
-from proxy.errors import (
-    CapacityError,
-    ProxyError,
-    QueueFullError,
-    QueueTimeoutError,
-    UpstreamTimeoutError,
-)
+from proxy.errors import ProxyError, QueueTimeoutError, UpstreamTimeoutError
 from proxy.events import EventBus
+from proxy.leases import ClientGone, Lease, Pending, failure
 from proxy.lmstudio import LMStudioClient
 from proxy.metrics import Metrics
 from proxy.names import Resolved
 from proxy.reconciler import LoadFailed, Reconciler
+from proxy.reporter import Reporter
 from proxy.scheduler import Scheduler
 from proxy.views import ModelView, StatusView, model_view, status_view
 
@@ -42,37 +38,6 @@ logger = logging.getLogger("lmswitch.manager")
 # An unknown model name refreshes the catalogue at most this often (a model may have just been
 # downloaded), so that a client cannot make every bad request cost an upstream call.
 _CATALOG_REFRESH_S = 1.0
-
-
-class ClientGone(Exception):  # noqa: N818 - not an error: the client left while waiting
-    """The client disconnected while its request waited for a model."""
-
-
-class _Pending:
-    __slots__ = ("error", "event")
-
-    def __init__(self) -> None:
-        self.event = anyio.Event()
-        self.error: ProxyError | None = None
-
-
-class Lease:
-    """A request's hold on a loaded model: while it is held the model is never unloaded."""
-
-    __slots__ = ("_manager", "_released", "key", "waited_on_load", "waited_s")
-
-    def __init__(self, manager: ModelManager, key: str, waited_s: float, on_load: bool) -> None:
-        self._manager = manager
-        self._released = False
-        self.key = key
-        self.waited_s = waited_s
-        self.waited_on_load = on_load
-
-    def release(self) -> None:
-        """Give the model back. Synchronous and idempotent, so it is safe in any `finally`."""
-        if not self._released:
-            self._released = True
-            self._manager._release(self.key)
 
 
 class ModelManager:
@@ -105,14 +70,14 @@ class ModelManager:
         for key in models.pinned:
             self._scheduler.pin(key, True)
         self._upstream = Reconciler(client, settings, clock=clock)
-        self._pending: dict[int, _Pending] = {}
+        self._report = Reporter(metrics, self.events, is_loaded=self._scheduler.is_loaded)
+        self._pending: dict[int, Pending] = {}
         self._tg: TaskGroup | None = None
         self._wakeup = anyio.Event()
         self._sleep_until = math.inf
         self._change: anyio.Event | None = None
         self._refreshed: anyio.Event | None = None  # set when the running refresh ends
         self._epoch = 0  # bumped by every load and unload, to discard stale observations
-        self._duplicates: dict[str, tuple[str, ...]] = {}  # as last reported
 
     # -- lifetime ---------------------------------------------------------------------------
 
@@ -211,7 +176,7 @@ class ModelManager:
         """
         waited, loading = await self._enqueue(key, disconnected, takes_lease=True)
         self._metrics.in_flight.labels(key).inc()
-        return Lease(self, key, waited, loading)
+        return Lease(key, waited, loading, self._release)
 
     async def _enqueue(
         self,
@@ -232,13 +197,13 @@ class ModelManager:
             self._metrics.queue_wait.labels(key).observe(0.0)
             return 0.0, False
         waiter = self._scheduler.arrive(key, arrived, takes_lease=takes_lease)
-        pending = self._pending[waiter.id] = _Pending()
+        pending = self._pending[waiter.id] = Pending()
         loading = self._scheduler.models[key].phase is not sch.Phase.READY
         self._kick()
         if not pending.event.is_set():
             self._metrics.queued.labels(key).inc()
             try:
-                await self._wait(pending, disconnected)
+                await pending.wait(disconnected)
             finally:
                 self._metrics.queued.labels(key).dec()
                 if not pending.event.is_set():  # client gone or cancelled: leave the queue
@@ -250,27 +215,6 @@ class ModelManager:
         waited = self._clock() - arrived
         self._metrics.queue_wait.labels(key).observe(waited)
         return waited, loading
-
-    async def _wait(
-        self, pending: _Pending, disconnected: Callable[[], Awaitable[None]] | None
-    ) -> None:
-        if disconnected is None:
-            await pending.event.wait()
-            return
-        gone = False
-        async with anyio.create_task_group() as tg:
-
-            async def watch() -> None:
-                nonlocal gone
-                await disconnected()
-                gone = True
-                tg.cancel_scope.cancel()
-
-            tg.start_soon(watch)
-            await pending.event.wait()
-            tg.cancel_scope.cancel()
-        if gone and not pending.event.is_set():
-            raise ClientGone
 
     def _release(self, key: str) -> None:
         self._metrics.in_flight.labels(key).dec()
@@ -336,7 +280,7 @@ class ModelManager:
     def pin(self, key: str, pinned: bool) -> None:
         """Pinned models are never evicted (runtime state, not written to the config)."""
         self._scheduler.pin(key, pinned)
-        self._model_event(key, "pinned" if pinned else "unpinned")
+        self._report.model_event(key, "pinned" if pinned else "unpinned")
         self._kick()
 
     def _changed(self) -> anyio.Event:
@@ -356,21 +300,20 @@ class ModelManager:
                     pending.event.set()
             elif isinstance(action, sch.Fail):
                 if (pending := self._pending.pop(action.waiter.id, None)) is not None:
-                    pending.error = self._failure(action)
+                    pending.error = failure(action)
                     pending.event.set()
             elif isinstance(action, sch.Load):
-                self._model_event(action.model, "loading")
+                self._report.loading(action.model)
                 self._start_soon(self._load, action.model)
             elif isinstance(action, sch.Unload):
-                self._model_event(action.model, "unloading", reason=str(action.reason))
+                self._report.unloading(action.model, action.reason)
                 self._start_soon(self._unload, action)
             elif isinstance(action, sch.Drain):
-                logger.info(
-                    "draining model %s (no new requests until it is unloaded)", action.model
-                )
-                self._model_event(action.model, "draining")
+                self._report.draining(action.model)
+            elif action.change == "adopted":
+                self._report.adopted(action.model)
             else:
-                self._observed(action)
+                self._report.vanished(action.model)
         if self._change is not None:
             self._change.set()
             self._change = None
@@ -386,36 +329,6 @@ class ModelManager:
         assert self._tg is not None, "ModelManager.run is not running"  # noqa: S101
         self._tg.start_soon(call, *args)
 
-    def _upstream_seen(self) -> None:
-        """After each call to LM Studio: the gauge says whether it could be reached."""
-        self._metrics.upstream_up.set(1 if self._upstream.reachable else 0)
-
-    def _model_event(self, key: str, state: str, **extra: Any) -> None:
-        loaded = self._scheduler.is_loaded(key)
-        self.events.publish("model", {"model": key, "state": state, "loaded": loaded, **extra})
-
-    def _failure(self, action: sch.Fail) -> ProxyError:
-        if isinstance(action.error, ProxyError):
-            return action.error
-        if action.reason is sch.FailReason.EXPIRED:
-            return QueueTimeoutError(action.message, retry_after_s=5)
-        if action.reason is sch.FailReason.QUEUE_FULL:
-            return QueueFullError(action.message, retry_after_s=1)
-        if action.reason is sch.FailReason.NO_FIT:
-            return CapacityError(action.message, should_retry=False)
-        return ProxyError(action.message)
-
-    def _observed(self, action: sch.Observed) -> None:
-        if action.change == "adopted":
-            logger.info("model %s was loaded outside the proxy; adopted", action.model)
-            self._metrics.loaded.labels(action.model).set(1)
-            self._model_event(action.model, "loaded", adopted=True)
-        else:
-            logger.info("model %s was unloaded outside the proxy", action.model)
-            self._metrics.loaded.labels(action.model).set(0)
-            self._metrics.unloads.labels(action.model, sch.UnloadReason.EXTERNAL).inc()
-            self._model_event(action.model, "unloaded", reason=str(sch.UnloadReason.EXTERNAL))
-
     # -- loads and unloads: the reconciler calls, their outcomes fed to the scheduler ----------
 
     async def _load(self, key: str) -> None:
@@ -426,7 +339,6 @@ class ModelManager:
         get a 504 at `load_timeout`, while the model stays `loading` (no other load or unload
         starts, new requests for it wait) until LM Studio answers, for twice that at most.
         """
-        logger.info("loading model %s", key)
         limit = self._settings.upstream.load_timeout
         timer = anyio.CancelScope()
         self._start_soon(self._fail_waiters_after, key, limit, timer)
@@ -434,32 +346,20 @@ class ModelManager:
             result = await self._upstream.load(key, timeout_s=2 * limit)
         finally:
             timer.cancel()
-        self._upstream_seen()
+        self._report.upstream(self._upstream.reachable)
         if isinstance(result, LoadFailed):
-            error = result.error
-            outcome = "timeout" if error.status_code == 504 else "failed"
-            self._metrics.loads.labels(key, outcome).inc()
-            logger.warning("loading model %s failed: %s", key, error.message)
-            self._scheduler.load_failed(key, error)
-            self._model_event(key, "failed", error=error.message, code=error.code)
+            self._scheduler.load_failed(key, result.error)
+            self._report.load_failed(key, result.error)
         else:
-            self._metrics.loads.labels(key, "ok").inc()
-            self._metrics.load_duration.labels(key).observe(result.elapsed_s)
-            self._metrics.loaded.labels(key).set(1)
-            logger.info(
-                "loaded model %s as %s in %.2f s", key, result.instance_id, result.elapsed_s
-            )
             self._scheduler.load_done(key, result.instance_id, self._clock())
-            self._model_event(
-                key, "loaded", instance_id=result.instance_id, load_s=round(result.elapsed_s, 3)
-            )
+            self._report.loaded(key, result.instance_id, result.elapsed_s)
         self._epoch += 1
         self._kick()
 
     async def _fail_waiters_after(self, key: str, limit: float, scope: anyio.CancelScope) -> None:
         with scope:
             await anyio.sleep(limit)
-            logger.warning("loading model %s takes longer than load_timeout (%g s)", key, limit)
+            self._report.load_slow(key, limit)
             error = UpstreamTimeoutError(
                 f"loading model {key!r} took longer than load_timeout ({limit:g} s); LM Studio "
                 "goes on with it, and a later request for the model waits for that load",
@@ -469,18 +369,14 @@ class ModelManager:
             self._kick()
 
     async def _unload(self, action: sch.Unload) -> None:
-        logger.info("unloading model %s (%s)", action.model, action.reason)
         error = await self._upstream.unload(action.instance_id)
-        self._upstream_seen()
+        self._report.upstream(self._upstream.reachable)
         if error is not None:
-            logger.warning("unloading model %s failed: %s", action.model, error.message)
             self._scheduler.unload_failed(action.model, self._clock())
-            self._model_event(action.model, "failed", error=error.message, code=error.code)
+            self._report.unload_failed(action.model, error)
         else:
-            self._metrics.unloads.labels(action.model, action.reason).inc()
-            self._metrics.loaded.labels(action.model).set(0)
             self._scheduler.unload_done(action.model)
-            self._model_event(action.model, "unloaded", reason=str(action.reason))
+            self._report.unloaded(action.model, action.reason)
         self._epoch += 1
         self._kick()
 
@@ -489,7 +385,7 @@ class ModelManager:
     def upstream_failed(self, error: ProxyError) -> None:
         """A request found LM Studio unreachable: note it and reconcile in the background."""
         self._upstream.note(error)
-        self._upstream_seen()
+        self._report.upstream(self._upstream.reachable)
         if self._tg is not None and self._refreshed is None:
             self._tg.start_soon(self.refresh)
 
@@ -508,32 +404,16 @@ class ModelManager:
         finally:
             self._refreshed = None
             refreshed.set()
-        self._upstream_seen()
+        self._report.upstream(self._upstream.reachable)
         if isinstance(observation, ProxyError):
-            logger.warning("cannot read LM Studio's models: %s", observation.message)
+            self._report.unreadable(observation)
             return
         self._scheduler.set_catalog(observation.sizes)
         if epoch == self._epoch:  # no load or unload finished meanwhile: the view is current
             self._scheduler.observed(observation.instances, self._clock())
-            self._report_duplicates()
-        for key in observation.sizes:  # every known model has its gauges, at 0 until used
-            self._metrics.loaded.labels(key).set(1 if self._scheduler.is_loaded(key) else 0)
-            self._metrics.in_flight.labels(key)
-            self._metrics.queued.labels(key)
+            self._report.duplicates(self._scheduler.models)
+        self._report.catalog(observation.sizes)
         self._kick()
-
-    def _report_duplicates(self) -> None:
-        """Say once when LM Studio holds more than one instance of a model (they all count)."""
-        for key, model in self._scheduler.models.items():
-            extra = tuple(model.duplicates)
-            if extra and self._duplicates.get(key) != extra:
-                logger.warning(
-                    "LM Studio holds %d instances of %s (%s); each counts toward capacity",
-                    1 + len(extra),
-                    key,
-                    ", ".join((str(model.instance_id), *extra)),
-                )
-            self._duplicates[key] = extra
 
     @property
     def reachable(self) -> bool:

@@ -1,0 +1,109 @@
+"""Reporter: says what happened to the models, as log lines, metrics and `model` events.
+
+`ModelManager` decides and feeds the scheduler; it tells this what came of it. Holding no state
+of its own but what it has already said, it never changes what happens (docs/design.md §4.3).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from proxy.errors import ProxyError
+from proxy.events import EventBus
+from proxy.metrics import Metrics
+from proxy.scheduling import Model, UnloadReason
+
+logger = logging.getLogger("lmswitch.manager")  # the manager's lines, as operators know them
+
+
+class Reporter:
+    """The log lines, metrics and `model` events of the models' changes of state."""
+
+    def __init__(
+        self, metrics: Metrics, events: EventBus, *, is_loaded: Callable[[str], bool]
+    ) -> None:
+        self._metrics = metrics
+        self._events = events
+        self._is_loaded = is_loaded  # the scheduler's, read when an event is published
+        self._duplicates: dict[str, tuple[str, ...]] = {}  # as last reported
+
+    def model_event(self, key: str, state: str, **extra: Any) -> None:
+        """A `model` event; `loaded` is the model's state after the change."""
+        loaded = self._is_loaded(key)
+        self._events.publish("model", {"model": key, "state": state, "loaded": loaded, **extra})
+
+    def upstream(self, reachable: bool) -> None:
+        self._metrics.upstream_up.set(1 if reachable else 0)
+
+    def loading(self, key: str) -> None:
+        logger.info("loading model %s", key)
+        self.model_event(key, "loading")
+
+    def loaded(self, key: str, instance_id: str, elapsed_s: float) -> None:
+        self._metrics.loads.labels(key, "ok").inc()
+        self._metrics.load_duration.labels(key).observe(elapsed_s)
+        self._metrics.loaded.labels(key).set(1)
+        logger.info("loaded model %s as %s in %.2f s", key, instance_id, elapsed_s)
+        self.model_event(key, "loaded", instance_id=instance_id, load_s=round(elapsed_s, 3))
+
+    def load_failed(self, key: str, error: ProxyError) -> None:
+        outcome = "timeout" if error.status_code == 504 else "failed"
+        self._metrics.loads.labels(key, outcome).inc()
+        logger.warning("loading model %s failed: %s", key, error.message)
+        self.model_event(key, "failed", error=error.message, code=error.code)
+
+    def load_slow(self, key: str, limit_s: float) -> None:
+        logger.warning("loading model %s takes longer than load_timeout (%g s)", key, limit_s)
+
+    def draining(self, key: str) -> None:
+        logger.info("draining model %s (no new requests until it is unloaded)", key)
+        self.model_event(key, "draining")
+
+    def unloading(self, key: str, reason: UnloadReason) -> None:
+        logger.info("unloading model %s (%s)", key, reason)
+        self.model_event(key, "unloading", reason=str(reason))
+
+    def unloaded(self, key: str, reason: UnloadReason) -> None:
+        self._metrics.unloads.labels(key, reason).inc()
+        self._metrics.loaded.labels(key).set(0)
+        self.model_event(key, "unloaded", reason=str(reason))
+
+    def unload_failed(self, key: str, error: ProxyError) -> None:
+        logger.warning("unloading model %s failed: %s", key, error.message)
+        self.model_event(key, "failed", error=error.message, code=error.code)
+
+    def adopted(self, key: str) -> None:
+        logger.info("model %s was loaded outside the proxy; adopted", key)
+        self._metrics.loaded.labels(key).set(1)
+        self.model_event(key, "loaded", adopted=True)
+
+    def vanished(self, key: str) -> None:
+        logger.info("model %s was unloaded outside the proxy", key)
+        self._metrics.loaded.labels(key).set(0)
+        self._metrics.unloads.labels(key, UnloadReason.EXTERNAL).inc()
+        self.model_event(key, "unloaded", reason=str(UnloadReason.EXTERNAL))
+
+    def unreadable(self, error: ProxyError) -> None:
+        logger.warning("cannot read LM Studio's models: %s", error.message)
+
+    def catalog(self, keys: Iterable[str]) -> None:
+        """Every known model has its gauges, at their values (0 until used)."""
+        for key in keys:
+            self._metrics.loaded.labels(key).set(1 if self._is_loaded(key) else 0)
+            self._metrics.in_flight.labels(key)
+            self._metrics.queued.labels(key)
+
+    def duplicates(self, models: Mapping[str, Model]) -> None:
+        """Say once when LM Studio holds more than one instance of a model (they all count)."""
+        for key, model in models.items():
+            extra = tuple(model.duplicates)
+            if extra and self._duplicates.get(key) != extra:
+                logger.warning(
+                    "LM Studio holds %d instances of %s (%s); each counts toward capacity",
+                    1 + len(extra),
+                    key,
+                    ", ".join((str(model.instance_id), *extra)),
+                )
+            self._duplicates[key] = extra
