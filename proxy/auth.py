@@ -57,7 +57,8 @@ def is_loopback(scope: Scope) -> bool:
 
 
 class AuthMiddleware:
-    """Pure ASGI middleware enforcing `auth.api_keys` and `auth.admin_keys` (DESIGN §5.9)."""
+    """Pure ASGI middleware enforcing `auth.api_keys` and `auth.admin_keys`
+    (docs/design.md §4.4)."""
 
     def __init__(
         self,

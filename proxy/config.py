@@ -1,4 +1,5 @@
-"""Settings: the `config.yaml` contract (DESIGN.md §3), environment overrides and validation.
+"""Settings: the `config.yaml` contract (docs/configuration.md), environment overrides and
+validation.
 
 Priority: init kwargs > `LMSWITCH_*` environment > YAML file > defaults. Every problem becomes a
 `ConfigError` naming the dotted key and why.
@@ -192,7 +193,7 @@ class ModelsSettings(_Section):
 
 
 class SchedulerSettings(_Section):
-    """Queueing limits and fair swapping (DESIGN.md §5.4, §5.5)."""
+    """Queueing limits and fair swapping (docs/design.md §2.4)."""
 
     max_queue: int = Field(
         default=256,

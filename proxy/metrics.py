@@ -1,4 +1,4 @@
-"""Metrics: owns one CollectorRegistry per app and every Prometheus instrument (DESIGN §6)."""
+"""Metrics: owns one CollectorRegistry per app and every Prometheus instrument (docs/metrics.md)."""
 
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ class _WithoutCreated(Collector):
     """A registry's metrics minus their `_created` samples.
 
     In the Prometheus text format those samples become extra gauges (`lmswitch_requests_created`,
-    ...) outside DESIGN §6's frozen list, one series per labelled child, carrying only the time a
-    child first appeared. `prometheus_client.disable_created_metrics()` would drop them for the
-    whole process; this drops them for this app's registry only.
+    ...) outside the frozen list of docs/metrics.md, one series per labelled child, carrying only
+    the time a child first appeared. `prometheus_client.disable_created_metrics()` would drop them
+    for the whole process; this drops them for this app's registry only.
     """
 
     def __init__(self, registry: CollectorRegistry) -> None:
@@ -38,7 +38,7 @@ class _WithoutCreated(Collector):
 
 
 class Metrics:
-    """Every instrument of DESIGN §6, registered on a registry of this app's own."""
+    """Every instrument of docs/metrics.md, registered on a registry of this app's own."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()

@@ -1,4 +1,5 @@
-"""Access logs (DESIGN §7) as `serve` writes them, in text and JSON, and keys kept out of them."""
+"""Access logs (docs/design.md §4.3) as `serve` writes them, in text and JSON, and keys kept
+out of them."""
 
 from __future__ import annotations
 
@@ -115,7 +116,7 @@ async def _two_requests(http: httpx2.AsyncClient, tag: str) -> tuple[httpx2.Resp
 
 
 async def test_text_access_line_per_request() -> None:
-    """`format: text`: one `key=value` line per request, with every field of DESIGN §7."""
+    """`format: text`: one `key=value` line per request, with every field of docs/design.md §4.3."""
     text: dict[str, Any] = {"logging": {"format": "text"}}
     with logging_as_serve_does(**text) as captured:
         async with running(Emulator(load_delay_s=0.1), **text) as proxy:
@@ -144,7 +145,8 @@ async def test_text_access_line_per_request() -> None:
 
 
 async def test_json_access_line_per_request() -> None:
-    """`format: json`: every line is a JSON object; access lines carry DESIGN §7's fields."""
+    """`format: json`: every line is a JSON object; access lines carry docs/design.md §4.3's
+    fields."""
     as_json: dict[str, Any] = {"logging": {"format": "json"}}
     with logging_as_serve_does(**as_json) as captured:
         async with running(Emulator(load_delay_s=0.1), **as_json) as proxy:
@@ -264,7 +266,8 @@ async def test_keys_never_reach_the_logs(log_format: str) -> None:
 
 
 async def test_requests_not_routed_to_a_model_get_an_access_line_too() -> None:
-    """Listings, management, metrics, health and unknown paths: one line each (DESIGN §7)."""
+    """Listings, management, metrics, health and unknown paths: one line each
+    (docs/design.md §4.3)."""
     as_json: dict[str, Any] = {"logging": {"format": "json"}}
     asked = [("/v1/models", 200), ("/api/v1/status", 200), ("/metrics", 200), ("/nope", 404)]
     with logging_as_serve_does(**as_json) as captured:

@@ -1,4 +1,4 @@
-"""Metrics over real sockets: DESIGN §6's instruments, their exact values, labels and lint."""
+"""Metrics over real sockets: docs/metrics.md's instruments, their exact values, labels and lint."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from tests.helpers import LLAMA, MESSAGES, QWEN, Proxy, running, serve, settings
 GEMMA = "google/gemma-3-4b"
 CHAT = "/v1/chat/completions"
 
-# DESIGN §6, frozen: name -> (type, labels).
+# docs/metrics.md, frozen: name -> (type, labels).
 FROZEN: dict[str, tuple[str, frozenset[str]]] = {
     "lmswitch_requests_total": ("counter", frozenset({"model", "endpoint", "status"})),
     "lmswitch_request_duration_seconds": ("histogram", frozenset({"model", "endpoint"})),
@@ -234,7 +234,8 @@ async def test_durations_are_finer_than_uvloops_millisecond_clock() -> None:
 
 
 async def test_exposition_has_exactly_the_frozen_names_types_and_labels() -> None:
-    """Nothing beyond DESIGN §6 is exposed (no `_created` gauges), with §6's types and labels."""
+    """Nothing beyond docs/metrics.md is exposed (no `_created` gauges), with its types and
+    labels."""
     emulator = Emulator()
     async with running(emulator, models={"max_loaded": 1}) as proxy:
         assert (await chat(proxy, QWEN)).status_code == 200

@@ -2,7 +2,7 @@
 
 `SchedulerMachine` plays the driver (`manager.py`) and a fake LM Studio with a fake clock: it
 feeds random events into `Scheduler`, carries out every action `decide` returns, and checks the
-contract of `../shared/SCHEDULER.md` after every step. `Sim` is a tiny discrete-event driver for
+contract of docs/design.md §2.5 after every step. `Sim` is a tiny discrete-event driver for
 fixed workloads: the alternating clients, a stream that must not starve another model, and the
 bounded wait of the fairness rule.
 """
@@ -662,7 +662,7 @@ def test_bounded_wait_with_one_slot(
     """Fairness bound, upstream calls and requests taking at most the given times.
 
     A request that arrives with its model absent and the other model ready waits at most
-    swap_grace + the longest request + one unload + one load (SCHEDULER.md). One that arrives
+    swap_grace + the longest request + one unload + one load (docs/design.md §2.4). One that arrives
     while a swap is under way (say, its own model being drained for the other one) may first
     wait for that swap to finish, which the weaker bound allows for.
     """

@@ -1,4 +1,5 @@
-"""Graceful shutdown (DESIGN §5.10): `lmswitch serve` in a subprocess, signalled mid-stream."""
+"""Graceful shutdown (docs/design.md §4.5): `lmswitch serve` in a subprocess, signalled
+mid-stream."""
 
 from __future__ import annotations
 
