@@ -23,10 +23,9 @@ from proxy.config import Settings
 from proxy.errors import ProxyError, QueueTimeoutError, UpstreamTimeoutError
 from proxy.events import EventBus
 from proxy.leases import ClientGone, Lease, Pending, failure
-from proxy.lmstudio import LMStudioClient
 from proxy.metrics import Metrics
 from proxy.names import Resolved
-from proxy.reconciler import LoadFailed, Reconciler
+from proxy.reconciler import LMStudioCalls, LoadFailed, Reconciler
 from proxy.reporter import Reporter
 from proxy.scheduler import Scheduler
 from proxy.views import ModelView, StatusView, model_view, status_view
@@ -45,7 +44,7 @@ class ModelManager:
 
     def __init__(
         self,
-        client: LMStudioClient,
+        client: LMStudioCalls,
         settings: Settings,
         metrics: Metrics,
         *,

@@ -11,11 +11,26 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from proxy.config import Settings
 from proxy.errors import ProxyError, UpstreamUnavailableError
-from proxy.lmstudio import LMStudioClient, ModelInfo
+from proxy.lmstudio import Loaded, ModelInfo
+
+
+class LMStudioCalls(Protocol):
+    """The calls the reconciler makes to LM Studio (`proxy.lmstudio.LMStudioClient`'s, or a
+    scripted stand-in's in tests)."""
+
+    base_url: str
+
+    async def catalog(self) -> list[ModelInfo]: ...
+
+    async def load(
+        self, key: str, options: Mapping[str, Any], *, timeout_s: float | None = None
+    ) -> Loaded: ...
+
+    async def unload(self, instance_id: str) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +62,7 @@ class Reconciler:
     calls whose outcomes it returns."""
 
     def __init__(
-        self, client: LMStudioClient, settings: Settings, *, clock: Callable[[], float]
+        self, client: LMStudioCalls, settings: Settings, *, clock: Callable[[], float]
     ) -> None:
         self._client = client
         self._settings = settings

@@ -1,8 +1,9 @@
 """The shared test helpers: running proxy, emulator, ports.
 
 `serve` runs an ASGI app on a loopback port; `running` puts the emulator and the proxy behind
-real sockets; `proxy_process` runs `lmswitch serve` as a child process; `readme` and
-`readme_block` read README.md. Ports for servers started later come from `proxy.server.free_port`.
+real sockets; `proxy_process` runs `lmswitch serve` as a child process; `ScriptedLMStudio` stands
+in for LM Studio's client with no sockets at all; `readme` and `readme_block` read README.md.
+Ports for servers started later come from `proxy.server.free_port`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import re
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,8 @@ from starlette.types import ASGIApp
 from proxy.app import create_app
 from proxy.config import Settings
 from proxy.emulator import Emulator
+from proxy.errors import ProxyError
+from proxy.lmstudio import Loaded, ModelInfo
 from proxy.server import free_port
 
 QWEN = "qwen2.5-7b-instruct"
@@ -35,6 +38,82 @@ LLAMA = "llama-3.2-1b-instruct"
 NOMIC = "text-embedding-nomic-embed-text-v1.5"
 MESSAGES: list[Any] = [{"role": "user", "content": "Say hello"}]
 README = Path(__file__).resolve().parent.parent / "README.md"
+
+# --- LM Studio, scripted ---------------------------------------------------------------------
+
+
+@dataclass
+class Call:
+    """One call a `ScriptedLMStudio` received."""
+
+    name: str  # "catalog", "load" or "unload"
+    target: str | None = None  # the model key loaded, or the instance id unloaded
+    options: Mapping[str, Any] | None = None
+    timeout_s: float | None = None
+
+
+class ScriptedLMStudio:
+    """LM Studio's client (`proxy.reconciler.LMStudioCalls`) with no network: models and their
+    loaded instances are plain data, every call is recorded in `calls`, a call fails with the
+    next error queued in `fail[name]`, and a load waits for `release_load` when `hold_loads`."""
+
+    base_url = "http://lmstudio.scripted"
+
+    def __init__(
+        self, sizes: Mapping[str, int], loaded: Mapping[str, list[str]] | None = None
+    ) -> None:
+        self.sizes = dict(sizes)
+        self.instances = {key: list(ids) for key, ids in (loaded or {}).items()}
+        self.context_length = 4096
+        self.calls: list[Call] = []
+        self.fail: dict[str, list[ProxyError]] = {"catalog": [], "load": [], "unload": []}
+        self.hold_loads = False
+        self.release_load = anyio.Event()
+
+    def _failure(self, name: str) -> None:
+        if self.fail[name]:
+            raise self.fail[name].pop(0)
+
+    async def catalog(self) -> list[ModelInfo]:
+        self.calls.append(Call("catalog"))
+        self._failure("catalog")
+        return [
+            ModelInfo(
+                key=key,
+                type="embedding" if "embed" in key else "llm",
+                size_bytes=size,
+                max_context_length=32768,
+                display_name=key.upper(),
+                instances=tuple(self.instances.get(key, ())),
+                context_length=self.context_length if self.instances.get(key) else None,
+            )
+            for key, size in self.sizes.items()
+        ]
+
+    async def load(
+        self, key: str, options: Mapping[str, Any], *, timeout_s: float | None = None
+    ) -> Loaded:
+        self.calls.append(Call("load", key, dict(options), timeout_s))
+        if self.hold_loads:
+            await self.release_load.wait()
+        self._failure("load")
+        ids = self.instances.setdefault(key, [])
+        instance = key if not ids else f"{key}:{len(ids) + 1}"
+        ids.append(instance)
+        context = options.get("context_length", self.context_length)
+        return Loaded(instance, context if isinstance(context, int) else None)
+
+    async def unload(self, instance_id: str) -> None:
+        self.calls.append(Call("unload", instance_id))
+        self._failure("unload")
+        for ids in self.instances.values():
+            if instance_id in ids:
+                ids.remove(instance_id)
+
+    def names(self) -> list[str]:
+        """The calls made so far, by name."""
+        return [call.name for call in self.calls]
+
 
 # --- servers on loopback ---------------------------------------------------------------------
 

@@ -1,9 +1,23 @@
-"""The manager's background work, end to end: preload, idle unload, reconciliation."""
+"""The manager: its background work end to end (preload, idle unload, reconciliation), and the
+driver alone over a scripted LM Studio (outcomes fed to the scheduler, then reported)."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import pytest
+from anyio.streams.memory import MemoryObjectReceiveStream
+
+from proxy.config import Settings
 from proxy.emulator import Emulator
-from tests.helpers import LLAMA, MESSAGES, QWEN, running
+from proxy.errors import ModelLoadError
+from proxy.events import Event, EventBus
+from proxy.manager import ModelManager
+from proxy.metrics import Metrics
+from tests.helpers import LLAMA, MESSAGES, QWEN, ScriptedLMStudio, running
 
 
 async def test_preload_loads_at_start_in_order() -> None:
@@ -78,3 +92,93 @@ async def test_duplicate_instances_are_reported_and_counted() -> None:
         # both slots are taken by QWEN's two copies: LLAMA needs one unloaded first
         await proxy.sdk.chat.completions.create(model=LLAMA, messages=MESSAGES)
         assert sorted(emulator.instances) == sorted([f"{QWEN}:2", LLAMA])
+
+
+# --- the driver alone: a scripted LM Studio, no sockets -------------------------------------
+
+
+@asynccontextmanager
+async def driving(
+    lmstudio: ScriptedLMStudio, **models: Any
+) -> AsyncIterator[tuple[ModelManager, Metrics, MemoryObjectReceiveStream[Event]]]:
+    """A running manager over `lmstudio`, its metrics, and a subscription to its events."""
+    metrics, bus = Metrics(), EventBus()
+    manager = ModelManager(lmstudio, Settings(models=models), metrics, events=bus)
+    with bus.subscribe() as events:
+        async with anyio.create_task_group() as tg:
+            await tg.start(manager.run)
+            with anyio.fail_after(5):
+                while manager.readiness() is not None:  # noqa: ASYNC110 - no event for it
+                    await anyio.sleep(0.001)
+            yield manager, metrics, events
+            tg.cancel_scope.cancel()
+
+
+def model_events(events: MemoryObjectReceiveStream[Event]) -> list[tuple[str, str, bool]]:
+    """The `model` events published so far (publishing is synchronous: they are all here)."""
+    seen: list[tuple[str, str, bool]] = []
+    while True:
+        try:
+            kind, event = events.receive_nowait()
+        except anyio.WouldBlock:
+            return seen
+        if kind == "model":
+            seen.append((event["model"], event["state"], event["loaded"]))
+
+
+async def test_the_manager_feeds_a_load_to_the_scheduler_then_says_so() -> None:
+    """A request's load: the reconciler's outcome reaches the scheduler (the lease is granted,
+    the view says loaded), then the metrics and a `loaded` event that says it is loaded."""
+    lmstudio = ScriptedLMStudio({QWEN: 4_000_000_000, LLAMA: 1_000_000_000})
+    async with driving(lmstudio) as (manager, metrics, events):
+        with anyio.fail_after(5):
+            lease = await manager.acquire(QWEN)
+        view = manager.view(QWEN)
+        assert (view.state, view.loaded, view.in_flight, view.instance_id) == (
+            "ready",
+            True,
+            1,
+            QWEN,
+        )
+        assert model_events(events) == [(QWEN, "loading", False), (QWEN, "loaded", True)]
+        sample = metrics.registry.get_sample_value
+        assert sample("lmswitch_model_loads_total", {"model": QWEN, "result": "ok"}) == 1
+        assert sample("lmswitch_model_loaded", {"model": QWEN}) == 1
+        lease.release()
+        lease.release()  # idempotent
+        assert manager.view(QWEN).in_flight == 0
+        assert manager.status().resident == [QWEN]
+    assert lmstudio.names() == ["catalog", "catalog", "load"]
+
+
+async def test_a_failed_load_fails_its_waiters_and_leaves_the_model_absent() -> None:
+    lmstudio = ScriptedLMStudio({QWEN: 4_000_000_000})
+    lmstudio.fail["load"].append(ModelLoadError("LM Studio failed to load model: no"))
+    async with driving(lmstudio) as (manager, metrics, events):
+        with anyio.fail_after(5), pytest.raises(ModelLoadError, match="no"):
+            await manager.acquire(QWEN)
+        assert (manager.view(QWEN).state, manager.view(QWEN).loaded) == ("absent", False)
+        assert model_events(events) == [(QWEN, "loading", False), (QWEN, "failed", False)]
+        sample = metrics.registry.get_sample_value
+        assert sample("lmswitch_model_loads_total", {"model": QWEN, "result": "failed"}) == 1
+        with anyio.fail_after(5):  # the next request may try again, and this time it loads
+            (await manager.acquire(QWEN)).release()
+        assert manager.view(QWEN).loaded
+
+
+async def test_a_refresh_feeds_lm_studios_own_changes_to_the_scheduler() -> None:
+    """Models loaded and unloaded behind the proxy's back reach the view through the manager."""
+    lmstudio = ScriptedLMStudio({QWEN: 4_000_000_000, LLAMA: 1_000_000_000})
+    async with driving(lmstudio) as (manager, metrics, events):
+        lmstudio.instances[LLAMA] = [LLAMA, f"{LLAMA}:2"]
+        await manager.refresh()
+        view = manager.view(LLAMA)
+        assert (view.state, view.adopted, view.duplicates) == ("ready", True, (f"{LLAMA}:2",))
+        assert manager.status().duplicates == {LLAMA: [f"{LLAMA}:2"]}
+        lmstudio.instances[LLAMA] = []
+        await manager.refresh()
+        assert manager.view(LLAMA).state == "absent"
+        assert model_events(events) == [(LLAMA, "loaded", True), (LLAMA, "unloaded", False)]
+        sample = metrics.registry.get_sample_value
+        labels = {"model": LLAMA, "reason": "external"}
+        assert sample("lmswitch_model_unloads_total", labels) == 1
