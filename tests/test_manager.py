@@ -10,6 +10,7 @@ from typing import Any
 import anyio
 import pytest
 from anyio.streams.memory import MemoryObjectReceiveStream
+from starlette.types import Receive, Scope, Send
 
 from proxy.config import Settings
 from proxy.emulator import Emulator
@@ -17,7 +18,7 @@ from proxy.errors import ModelLoadError
 from proxy.events import Event, EventBus
 from proxy.manager import ModelManager
 from proxy.metrics import Metrics
-from tests.helpers import LLAMA, MESSAGES, QWEN, ScriptedLMStudio, running
+from tests.helpers import LLAMA, MESSAGES, QWEN, ScriptedLMStudio, proxy_for, running, serve
 
 
 async def test_preload_loads_at_start_in_order() -> None:
@@ -77,6 +78,28 @@ async def test_model_unloaded_behind_the_proxys_back_is_reloaded_on_the_next_req
         emulator.unload_instance(QWEN)
         reply = await proxy.sdk.chat.completions.create(model=QWEN, messages=MESSAGES)
         assert reply.model == QWEN
+        assert emulator.load_count(QWEN) == 2
+        assert (await proxy.status())["in_flight"] == 0
+
+
+async def test_a_model_lm_studio_still_refuses_after_a_reload_gets_its_own_answer() -> None:
+    """Asked once more after the reload, LM Studio says again that the model is not loaded: the
+    client gets LM Studio's answer as it is, and nothing stays held."""
+    emulator = Emulator(jit=False)
+
+    async def unloading_first(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == "/v1/chat/completions":
+            for instance in list(emulator.instances):  # gone again, whatever the proxy does
+                emulator.unload_instance(instance)
+        await emulator.app(scope, receive, send)
+
+    body = {"model": QWEN, "messages": MESSAGES}
+    async with serve(unloading_first) as url, proxy_for(url) as proxy:
+        response = await proxy.http.post("/v1/chat/completions", json=body)
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["message"].startswith("No models loaded")
+        completions = [c for c in emulator.calls if c.path == "/v1/chat/completions"]
+        assert len(completions) == 2  # the first try, and one more after the reload
         assert emulator.load_count(QWEN) == 2
         assert (await proxy.status())["in_flight"] == 0
 
