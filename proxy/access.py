@@ -105,26 +105,23 @@ class RequestIdMiddleware:
         record = RequestRecord(
             request_id, scope["method"], scope["path"], "-", time.perf_counter(), routed=False
         )
+        record.status = 500  # unless a response starts: an exception reached the server
         scope[RECORD_SCOPE_KEY] = record
         raw_id = request_id.encode("latin-1")
-        status = 500  # unless a response starts: an exception reached the server
-        sent = 0
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status, sent
             if message["type"] == "http.response.start":
-                status = message["status"]
+                record.status = message["status"]
                 headers = message.setdefault("headers", [])
                 if not any(name == b"x-request-id" for name, _ in headers):
                     message["headers"] = [*headers, (b"x-request-id", raw_id)]
             elif message["type"] == "http.response.body":
-                sent += len(message.get("body", b""))
+                record.bytes_out += len(message.get("body", b""))
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            record.status, record.bytes_out = status, sent
             record.duration_s = time.perf_counter() - record.started
             self._log(record)
 

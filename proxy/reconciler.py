@@ -75,10 +75,6 @@ class Reconciler:
         self.context_overrides: dict[str, int] = {}  # from operators' load requests
         self.context_lengths: dict[str, int | None] = {}  # of loaded instances, as last seen
 
-    @property
-    def base_url(self) -> str:
-        return self._client.base_url
-
     def require_catalog(self) -> None:
         """Raise why LM Studio's models are unknown, if they are."""
         if self.catalog_known:
