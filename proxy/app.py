@@ -103,7 +103,7 @@ def create_app(
         exception_handlers={ProxyError: handle_proxy_error, HTTPException: _http_error},
     )
 
-    def refused(scope: Scope, status: int) -> None:
+    def refused(scope: Scope) -> None:
         """A request the auth middleware refused counts in the request metrics and events."""
         record = record_of(scope)
         path = scope["path"]

@@ -66,12 +66,12 @@ class AuthMiddleware:
         *,
         api_keys: Iterable[str],
         admin_keys: Iterable[str],
-        on_refused: Callable[[Scope, int], None] | None = None,
+        on_refused: Callable[[Scope], None] | None = None,
     ) -> None:
         self.app = app
         self._api = [_digest(key) for key in api_keys]
         self._admin = [_digest(key) for key in admin_keys]
-        self._on_refused = on_refused  # told of every refusal (scope, status), for the access log
+        self._on_refused = on_refused  # told of every refusal, for the access log and metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and (error := self._check(scope)) is not None:
@@ -79,7 +79,7 @@ class AuthMiddleware:
             response.headers["www-authenticate"] = "Bearer"
             await response(scope, receive, send)
             if self._on_refused is not None:
-                self._on_refused(scope, error.status_code)
+                self._on_refused(scope)
             return
         await self.app(scope, receive, send)
 
