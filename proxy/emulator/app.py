@@ -9,6 +9,7 @@ HTTP surface and decides what to answer.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from functools import partial
@@ -68,6 +69,9 @@ _FRAMES: dict[Kind, Callable[[replies.Reply, bool], list[replies.Frame]]] = {
 }
 
 
+_LISTINGS = frozenset({"/v1/models", "/api/v0/models", "/api/v1/models"})
+
+
 class SimulatedCrashError(Exception):
     """Raised inside a stream's body to make uvicorn drop the connection mid-response."""
 
@@ -109,10 +113,32 @@ class Emulator(EmulatorState):
         self.reply_tokens = reply_tokens
         self.cut_streams_after: int | None = None
         self.v1_loaded_instances_empty = False
+        self._hang_listings = False
+        self._silent = False
         self.calls: list[Call] = []
         self.streams_open = 0
         self.streams_closed_early = 0
         self.app = self._build_app()
+
+    @property
+    def hang_listings(self) -> bool:
+        """While set, model listings are read and left unanswered; inference still works."""
+        return self._hang_listings
+
+    @hang_listings.setter
+    def hang_listings(self, value: bool) -> None:
+        self._hang_listings = value
+        self._notify()
+
+    @property
+    def silent(self) -> bool:
+        """While set, every call is accepted and read, then left unanswered."""
+        return self._silent
+
+    @silent.setter
+    def silent(self, value: bool) -> None:
+        self._silent = value
+        self._notify()
 
     # --- HTTP plumbing ---------------------------------------------------------------------------
 
@@ -138,6 +164,11 @@ class Emulator(EmulatorState):
     def _route(self, method: str, path: str, handler: _Handler, *, auth: bool = True) -> Route:
         async def endpoint(request: Request) -> Response:
             body = await self._receive(request)
+            if self._silent or (self._hang_listings and path in _LISTINGS):
+                await self.wait_until(
+                    lambda: not (self._silent or (self._hang_listings and path in _LISTINGS)),
+                    timeout=math.inf,
+                )
             if auth and (denied := self._deny(request)) is not None:
                 return denied
             self._reap_expired()

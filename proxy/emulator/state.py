@@ -45,6 +45,10 @@ class EmulatorState:
         self.jit = jit
         self.auto_evict = auto_evict
         self.fail_next_loads = 0
+        # Concurrent JIT requests for one model share its load (True), or each loads an instance
+        # of its own, as some LM Studio versions do (`key:2`, `key:3`... §4).
+        self.jit_shares_loads = True
+        self.most_loads_at_once = 0  # the most loads (REST or JIT) that ever ran together
         self.instances: dict[str, Instance] = {}
         self._loads: list[str] = []
         self._unloads: list[str] = []
@@ -158,6 +162,7 @@ class EmulatorState:
         if fail:
             self.fail_next_loads -= 1
         self._loading[instance_id] = model
+        self.most_loads_at_once = max(self.most_loads_at_once, len(self._loading))
         self._loads.append(model.key)
         self._notify()
         try:
@@ -212,14 +217,16 @@ class EmulatorState:
         while not (loaded := self._instances_of(model.key)):
             if not self.jit:
                 raise self._invalid_model(model.key)
-            pending = self._jit_pending.get(model.key)
+            pending = self._jit_pending.get(model.key) if self.jit_shares_loads else None
             if pending is None:
                 return await self._jit_load(model, ttl)
             await pending.wait()
         return loaded[0]
 
     async def _jit_load(self, model: CatalogModel, ttl: object) -> Instance:
-        done = self._jit_pending[model.key] = anyio.Event()
+        done = anyio.Event()
+        if self.jit_shares_loads:
+            self._jit_pending[model.key] = done
         try:
             if self.auto_evict:
                 for instance in [i for i in self.instances.values() if i.jit]:
@@ -234,5 +241,6 @@ class EmulatorState:
             )
             raise RejectError(response) from exc
         finally:
-            del self._jit_pending[model.key]
+            if self._jit_pending.get(model.key) is done:
+                del self._jit_pending[model.key]
             done.set()
