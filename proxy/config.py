@@ -109,7 +109,9 @@ class UpstreamSettings(_Section):
         description="LM Studio API token, sent as Bearer (never the client's key).",
     )
     connect_timeout: Seconds = Field(
-        default=5.0, description="Longest wait to open a connection to LM Studio."
+        default=5.0,
+        description="Longest wait to open a connection to LM Studio, and for a whole listing of "
+        "its models (LM Studio lists them in milliseconds).",
     )
     read_timeout: Seconds = Field(
         default=600.0, description="Longest wait between bytes of an upstream response."
