@@ -95,7 +95,7 @@ def failure(action: Fail) -> ProxyError:
 
 
 # A request goes to a model at once while the model was confirmed loaded this recently, after
-# the request that began the current run of requests out to it was sent (docs/design.md §4.2).
+# the request that began the current run of requests out to it was sent (docs/design.md §4.1).
 FRESH_S = 1.0
 
 

@@ -252,7 +252,7 @@ class ModelManager:
 
         A model that LM Studio has not confirmed loaded since the request out to it now was sent
         takes one request at a time until it does (`Gate`): the others wait for that answer,
-        or for a listing, at most for what is left of their queue budget (docs/design.md §4.2).
+        or for a listing, at most for what is left of their queue budget (docs/design.md §4.1).
         An answer that begins with a status below 400 confirms the model loaded.
         """
         key = lease.key

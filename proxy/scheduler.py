@@ -50,7 +50,7 @@ class Scheduler:
         self.waiters: dict[int, Waiter] = {}  # insertion order is arrival order
         self.hold_until = 0.0
         # Why LM Studio's state cannot be read now (its last listing failed), or None. Nothing
-        # is loaded or evicted on the strength of a state that could not be read (§2.2).
+        # is loaded or evicted on the strength of a state that could not be read (§2.3).
         self.unreadable: str | None = None
         self._outbox: list[Action] = []
         self._next_id = 0
