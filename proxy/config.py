@@ -84,7 +84,7 @@ class LoadOptions(_Section):
 
 
 class ServerSettings(_Section):
-    """Where the proxy listens and how it treats request bodies and shutdown."""
+    """Where the proxy listens, how it bounds connections and request bodies, and shutdown."""
 
     host: str = Field(
         default="127.0.0.1",
@@ -97,6 +97,17 @@ class ServerSettings(_Section):
     drain_timeout: Seconds = Field(
         default=30.0,
         description="On SIGTERM or Ctrl+C: stop accepting, let running requests finish this long.",
+    )
+    header_timeout: Seconds = Field(
+        default=30.0,
+        gt=0,
+        description="A connection whose request headers have not all arrived this long after it "
+        "opened (or after the next request on it began) is closed.",
+    )
+    max_connections: int = Field(
+        default=1000,
+        ge=1,
+        description="Open client connections; past it, new ones get 503 and are closed.",
     )
 
 
