@@ -101,6 +101,9 @@ class QuietServer(uvicorn.Server):
 # --- the HTTP protocol -------------------------------------------------------------------------
 
 
+_REFUSED_LOG_S = 60.0
+
+
 def _raw_response(
     status: int, error: ProxyError, default_headers: list[tuple[bytes, bytes]]
 ) -> bytes:
@@ -130,6 +133,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
     header_timeout_s: ClassVar[float] = 30.0
     max_connections: ClassVar[int] = 1000
+    refused: ClassVar[int] = 0  # connections refused since the last warning
+    refused_logged: ClassVar[float] = -math.inf  # when the last warning was logged
 
     def __init__(
         self,
@@ -153,10 +158,18 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     def _refuse(self, transport: asyncio.Transport) -> None:
         self._refused = True
         self.transport = transport
-        logger.warning(
-            "refused a connection: %d open, the most server.max_connections allows",
-            len(self.connections),
-        )
+        cls = type(self)
+        cls.refused += 1
+        now = self.loop.time()
+        if now >= cls.refused_logged + _REFUSED_LOG_S:  # a flood logs one line a minute
+            cls.refused_logged = now
+            logger.warning(
+                "refused %d new connection(s): %d are open, the most server.max_connections "
+                "allows (said at most once a minute)",
+                cls.refused,
+                len(self.connections),
+            )
+            cls.refused = 0
         error = ProxyError(
             f"The proxy has {self.max_connections} connections open, the most it allows; "
             "retry shortly.",
