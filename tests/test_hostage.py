@@ -15,8 +15,13 @@ import openai
 import pytest
 from anyio.abc import Process
 
+from proxy.config import Settings
+from proxy.emulator import Emulator
+from proxy.errors import UpstreamUnavailableError
+from proxy.manager import ModelManager
+from proxy.metrics import Metrics
 from proxy.server import free_port
-from tests.helpers import MESSAGES, QWEN, proxy_for
+from tests.helpers import MESSAGES, NOMIC, QWEN, ScriptedLMStudio, proxy_for, serve
 
 # --- bug 6: LM Studio killed with requests in flight --------------------------------------------
 
@@ -76,3 +81,46 @@ async def test_requests_in_flight_when_lm_studio_is_killed_get_503_with_retry_af
         status = await proxy.status()
         assert status["upstream"]["reachable"] is False
         assert status["in_flight"] == 0
+
+
+# --- bug 7: /readyz follows LM Studio's answers -------------------------------------------------
+
+
+async def test_readyz_turns_503_while_lm_studio_does_not_answer_and_back() -> None:
+    """Ready with LM Studio up; 503 with the reason once calls to it fail; ready again once
+    it answers, within a few poll intervals."""
+    port = free_port()
+    emulator = Emulator()
+    async with proxy_for(f"http://127.0.0.1:{port}", upstream={"poll_interval": 0.2}) as proxy:
+        async with serve(emulator.app, port=port):
+            await proxy.wait_ready()
+            ready = await proxy.http.get("/readyz")
+            assert ready.json() == {"status": "ready", "upstream_reachable": True}
+        with anyio.fail_after(2):
+            while (response := await proxy.http.get("/readyz")).status_code == 200:  # noqa: ASYNC110 - state seen over HTTP
+                await anyio.sleep(0.05)
+        assert response.status_code == 503
+        doc = response.json()
+        assert doc["upstream_reachable"] is False
+        assert f"127.0.0.1:{port}" in doc["status"]
+        async with serve(emulator.app, port=port):
+            with anyio.fail_after(1):
+                await proxy.wait_ready()
+
+
+async def test_readiness_says_why_while_lm_studio_is_unreachable() -> None:
+    """A request that found LM Studio gone makes the manager unready at once, with a reason,
+    and the read it starts makes it ready again once LM Studio answers."""
+    lmstudio = ScriptedLMStudio({QWEN: 4_000_000_000, NOMIC: 100_000_000})
+    manager = ModelManager(lmstudio, Settings(), Metrics())
+    async with anyio.create_task_group() as tg:
+        await tg.start(manager.run)
+        with anyio.fail_after(2):
+            while manager.readiness() is not None:  # noqa: ASYNC110 - no event for it
+                await anyio.sleep(0.001)
+        manager.upstream_failed(UpstreamUnavailableError("gone", retry_after_s=5))
+        assert manager.readiness() == "LM Studio did not answer the last call to it"
+        with anyio.fail_after(2):
+            while manager.readiness() is not None:  # noqa: ASYNC110 - no event for it
+                await anyio.sleep(0.001)
+        tg.cancel_scope.cancel()
