@@ -167,6 +167,11 @@ class ModelManager:
             return "waiting for LM Studio"
         return "LM Studio did not answer the last call to it"
 
+    def model_type(self, key: str) -> str | None:
+        """`key`'s type in LM Studio's catalogue ("llm" or "embedding"), None if not in it."""
+        info = self._upstream.catalog.get(key)
+        return info.type if info is not None else None
+
     # -- leases -----------------------------------------------------------------------------
 
     async def acquire(

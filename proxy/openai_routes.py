@@ -11,7 +11,7 @@ from starlette.routing import Route
 
 from proxy.access import record_of
 from proxy.bodies import check_fields, disconnect_watcher, parse_object, read_body, with_model
-from proxy.errors import UpstreamUnavailableError
+from proxy.errors import BadRequestError, UpstreamUnavailableError
 from proxy.lmstudio import ModelNotLoadedError
 from proxy.manager import ClientGone, ModelView
 from proxy.metrics import UNKNOWN_MODEL
@@ -37,6 +37,7 @@ async def proxy_request(request: Request[State]) -> Response:
         check_fields(payload)
         resolved = await manager.resolve(payload.get("model"))
         record.model = key = resolved.key
+        check_type(manager.model_type(key), key, path)
         if payload.get("model") != resolved.upstream_name:
             body = with_model(body, resolved.upstream_name)
         ttl = payload.get("ttl")
@@ -68,6 +69,25 @@ async def proxy_request(request: Request[State]) -> Response:
     except UpstreamUnavailableError as exc:
         manager.upstream_failed(exc)
         raise
+
+
+# What each route needs of its model, by the catalogue's `type`; the others need an "llm".
+_ROUTE_NEEDS = {"/v1/embeddings": "embedding"}
+_TYPE_NAMES = {"llm": "a chat model (type 'llm')", "embedding": "an embedding model"}
+
+
+def check_type(model_type: str | None, key: str, path: str) -> None:
+    """Refuse a model of the wrong kind for `path` (400, before any load); one whose type is
+    unknown (not in LM Studio's catalogue) goes through."""
+    needed = _ROUTE_NEEDS.get(path, "llm")
+    if model_type is None or model_type == needed:
+        return
+    raise BadRequestError(
+        f"model {key!r} is {_TYPE_NAMES.get(model_type, repr(model_type))}: {path} needs "
+        f"{_TYPE_NAMES[needed]}",
+        param="model",
+        code="model_wrong_type",
+    )
 
 
 def _model_object(request: Request[State], name: str, model: ModelView) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio
 import httpx2
@@ -21,7 +22,75 @@ from proxy.errors import UpstreamUnavailableError
 from proxy.manager import ModelManager
 from proxy.metrics import Metrics
 from proxy.server import free_port
-from tests.helpers import MESSAGES, NOMIC, QWEN, ScriptedLMStudio, proxy_for, serve
+from tests.helpers import (
+    LLAMA,
+    MESSAGES,
+    NOMIC,
+    QWEN,
+    ScriptedLMStudio,
+    proxy_for,
+    running,
+    serve,
+)
+
+# --- bug 5: a request of the wrong kind for its model ------------------------------------------
+
+WRONG_KIND = [
+    ("/v1/chat/completions", {"model": NOMIC, "messages": MESSAGES}),
+    ("/v1/completions", {"model": NOMIC, "prompt": "Say hello"}),
+    ("/v1/responses", {"model": NOMIC, "input": "Say hello"}),
+    ("/v1/messages", {"model": NOMIC, "max_tokens": 8, "messages": MESSAGES}),
+    ("/v1/messages/count_tokens", {"model": NOMIC, "messages": MESSAGES}),
+    ("/v1/embeddings", {"model": QWEN, "input": "hello"}),
+    ("/v1/chat/completions", {"model": "embedder", "messages": MESSAGES}),  # an alias
+]
+
+
+@pytest.mark.parametrize(("path", "body"), WRONG_KIND)
+async def test_a_request_of_the_wrong_kind_is_refused_before_any_load(
+    path: str, body: dict[str, Any]
+) -> None:
+    """The catalogue says each model's type: a request the model cannot answer is a 400 in the
+    route's envelope, and the loaded model stays loaded."""
+    emulator = Emulator()
+    async with running(emulator, models={"aliases": {"embedder": NOMIC}}) as proxy:
+        await proxy.sdk.chat.completions.create(model=LLAMA, messages=MESSAGES)
+        loads, calls = emulator.load_count(), len(emulator.calls)
+        response = await proxy.http.post(path, json=body)
+        assert response.status_code == 400
+        doc = response.json()
+        if path.startswith("/v1/messages"):
+            assert doc["type"] == "error"
+            assert doc["error"]["type"] == "invalid_request_error"
+            message = doc["error"]["message"]
+        else:
+            error = doc["error"]
+            assert (error["code"], error["param"]) == ("model_wrong_type", "model")
+            message = error["message"]
+        model, needed = (QWEN, "embedding") if path == "/v1/embeddings" else (NOMIC, "'llm'")
+        assert model in message
+        assert needed in message
+        assert path in message
+        assert emulator.load_count() == loads
+        assert list(emulator.instances) == [LLAMA]
+        assert not [call for call in emulator.calls[calls:] if call.path.startswith("/v1/")]
+
+
+async def test_the_sdk_reads_the_wrong_kind_as_a_bad_request() -> None:
+    """As an openai SDK user meets it: chat from an embedding model, embeddings from a chat
+    model, each a `BadRequestError` with the code, and no load."""
+    emulator = Emulator()
+    async with running(emulator) as proxy:
+        with pytest.raises(openai.BadRequestError) as chat:
+            await proxy.sdk.chat.completions.create(model=NOMIC, messages=MESSAGES)
+        with pytest.raises(openai.BadRequestError) as embeddings:
+            await proxy.sdk.embeddings.create(model=QWEN, input="hello")
+        assert emulator.load_count() == 0
+    assert (chat.value.code, chat.value.param) == ("model_wrong_type", "model")
+    assert (embeddings.value.code, embeddings.value.param) == ("model_wrong_type", "model")
+    assert "embedding model" in chat.value.message
+    assert "embedding model" in embeddings.value.message
+
 
 # --- bug 6: LM Studio killed with requests in flight --------------------------------------------
 
@@ -118,6 +187,8 @@ async def test_readiness_says_why_while_lm_studio_is_unreachable() -> None:
         with anyio.fail_after(2):
             while manager.readiness() is not None:  # noqa: ASYNC110 - no event for it
                 await anyio.sleep(0.001)
+        assert (manager.model_type(QWEN), manager.model_type(NOMIC)) == ("llm", "embedding")
+        assert manager.model_type("not-downloaded") is None
         manager.upstream_failed(UpstreamUnavailableError("gone", retry_after_s=5))
         assert manager.readiness() == "LM Studio did not answer the last call to it"
         with anyio.fail_after(2):
