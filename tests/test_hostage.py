@@ -4,6 +4,7 @@ wrong kind is refused before any load, a dropped connection is LM Studio unavail
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -11,14 +12,18 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import httpx2
 import openai
 import pytest
 from anyio.abc import Process
+from starlette.types import Message
 
+from proxy.access import AccessLine
+from proxy.bodies import ClientWatch
 from proxy.config import Settings
 from proxy.emulator import Emulator
-from proxy.errors import UpstreamUnavailableError
+from proxy.errors import BadRequestError, UpstreamUnavailableError
 from proxy.manager import ModelManager
 from proxy.metrics import Metrics
 from proxy.server import free_port
@@ -27,11 +32,104 @@ from tests.helpers import (
     MESSAGES,
     NOMIC,
     QWEN,
+    Proxy,
     ScriptedLMStudio,
     proxy_for,
     running,
     serve,
 )
+
+
+def access_lines(caplog: pytest.LogCaptureFixture, model: str) -> list[dict[str, Any]]:
+    """The access lines' fields of the requests for `model`."""
+    return [
+        record.msg.fields
+        for record in caplog.records
+        if record.name == "lmswitch.access"
+        and isinstance(record.msg, AccessLine)
+        and record.msg.fields["model"] == model
+    ]
+
+
+async def leave_after(proxy: Proxy, seconds: float, **request: Any) -> float:
+    """Ask for a chat answer as the openai SDK does, give up after `seconds`; when it left."""
+    impatient = proxy.sdk.with_options(timeout=seconds)
+    with pytest.raises(openai.APITimeoutError):
+        await impatient.chat.completions.create(model=QWEN, messages=MESSAGES, **request)
+    return anyio.current_time()
+
+
+async def served_quickly(proxy: Proxy, left_at: float) -> float:
+    """Ask for another model (a short answer); how long after `left_at` it was served."""
+    with anyio.fail_after(5):
+        reply = await proxy.sdk.chat.completions.create(
+            model=LLAMA, messages=MESSAGES, max_tokens=2
+        )
+    assert reply.model == LLAMA
+    return anyio.current_time() - left_at
+
+
+# --- bug 3: a client that leaves before LM Studio's answer starts ------------------------------
+
+
+async def test_a_client_that_leaves_a_long_answer_frees_its_model_at_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A non-streamed answer that takes 10 s, its client gone after 0.5 s: the upstream request
+    is abandoned (LM Studio stops generating), the lease freed at once, and the next model is
+    served without waiting for the rest of the generation."""
+    caplog.set_level(logging.INFO, logger="lmswitch.access")
+    emulator = Emulator(token_delay_s=0.1, reply_tokens=100)
+    async with running(emulator, models={"max_loaded": 1}) as proxy:
+        left_at = await leave_after(proxy, 0.5)
+        with anyio.fail_after(0.5):
+            await proxy.wait_for(lambda status: status["in_flight"] == 0)
+        await emulator.wait_until(lambda: emulator.predictions_aborted == 1, timeout=0.5)
+        assert await served_quickly(proxy, left_at) < 3
+        assert list(emulator.instances) == [LLAMA]
+    [line] = access_lines(caplog, QWEN)
+    assert (line["status"], line["disconnected"]) == (499, True)
+
+
+async def test_a_stream_left_before_its_first_byte_frees_its_model_at_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A stream whose client leaves while LM Studio still reads the prompt (no byte sent yet)
+    is abandoned: the lease is freed at once, and LM Studio stops once the prompt is read."""
+    caplog.set_level(logging.INFO, logger="lmswitch.access")
+    emulator = Emulator()
+    emulator.prompt_delay_s = 1.5
+    async with running(emulator, models={"max_loaded": 1}) as proxy:
+        left_at = await leave_after(proxy, 0.5, stream=True)
+        emulator.prompt_delay_s = 0.0  # the next request's prompt is quick
+        with anyio.fail_after(0.5):
+            await proxy.wait_for(lambda status: status["in_flight"] == 0)
+        assert await served_quickly(proxy, left_at) < 1
+        await emulator.wait_until(lambda: emulator.predictions_aborted == 1, timeout=2)
+        assert emulator.streams_closed_early == 0  # the stream never started
+    [line] = access_lines(caplog, QWEN)
+    assert (line["status"], line["disconnected"]) == (499, True)
+
+
+async def test_a_client_that_leaves_a_silent_lm_studio_frees_its_model_at_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Against an LM Studio that never answers, a client that leaves does not hold the lease
+    until `upstream.read_timeout`."""
+    caplog.set_level(logging.INFO, logger="lmswitch.access")
+    emulator = Emulator()
+    async with running(emulator) as proxy:
+        await proxy.sdk.chat.completions.create(model=QWEN, messages=MESSAGES)  # loaded
+        emulator.silent = True
+        try:
+            await leave_after(proxy, 0.5)
+            with anyio.fail_after(0.5):
+                await proxy.wait_for(lambda status: status["in_flight"] == 0)
+        finally:
+            emulator.silent = False
+    statuses = [(line["status"], line["disconnected"]) for line in access_lines(caplog, QWEN)]
+    assert statuses == [(200, False), (499, True)]
+
 
 # --- bug 5: a request of the wrong kind for its model ------------------------------------------
 
@@ -195,3 +293,55 @@ async def test_readiness_says_why_while_lm_studio_is_unreachable() -> None:
             while manager.readiness() is not None:  # noqa: ASYNC110 - no event for it
                 await anyio.sleep(0.001)
         tg.cancel_scope.cancel()
+
+
+# --- the watch itself ---------------------------------------------------------------------------
+
+
+class Messages:
+    """A request's `receive`: the messages given, then (once `leave` is set) the disconnect."""
+
+    def __init__(self, *messages: Message) -> None:
+        self._messages = list(messages)
+        self.leave = anyio.Event()
+
+    async def __call__(self) -> Message:
+        if self._messages:
+            return self._messages.pop(0)
+        await self.leave.wait()
+        return {"type": "http.disconnect"}
+
+
+async def test_the_watch_cancels_its_block_when_the_client_leaves() -> None:
+    receive = Messages({"type": "http.request", "body": b"", "more_body": False})
+    with anyio.fail_after(1):
+        async with ClientWatch(receive) as watch:
+            watch.start()
+            receive.leave.set()
+            await anyio.sleep_forever()
+    assert watch.gone
+
+
+async def test_the_watch_lets_an_exception_through_as_it_is() -> None:
+    """Not wrapped in an ExceptionGroup, so the app's handlers still see a `ProxyError`."""
+    watch = ClientWatch(Messages())
+
+    async def refuse() -> None:
+        async with watch:
+            watch.start()
+            await anyio.lowlevel.checkpoint()  # the watcher waits
+            raise BadRequestError("no")
+
+    with anyio.fail_after(1), pytest.raises(BadRequestError):
+        await refuse()
+    assert not watch.gone
+
+
+async def test_a_client_that_leaves_after_the_last_byte_has_not_disconnected() -> None:
+    receive = Messages()
+    with anyio.fail_after(1):
+        async with ClientWatch(receive) as watch:
+            watch.start()
+            watch.complete = True
+            receive.leave.set()  # as uvicorn answers `receive` once the response is sent
+    assert not watch.gone
