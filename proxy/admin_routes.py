@@ -144,7 +144,8 @@ async def healthz(request: Request[State]) -> Response:
 
 
 async def readyz(request: Request[State]) -> Response:
-    """Ready once LM Studio's models have been read (it answered, and speaks the 0.4+ API)."""
+    """Ready while LM Studio's models are known (it answered, and speaks the 0.4+ API) and its
+    last call reached it; 503 with the reason otherwise."""
     manager = request.state["manager"]
     reachable = manager.reachable
     if (reason := manager.readiness()) is None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
+from types import TracebackType
 from typing import Any
 
 import anyio
 from starlette.requests import Request
-from starlette.types import Receive
+from starlette.types import Receive, Scope
 
 from proxy.errors import (
     BadRequestError,
@@ -115,6 +116,70 @@ def with_model(body: bytes, name: str) -> bytes:
     rest = text[brace + 1 :]
     comma = "" if rest.lstrip().startswith("}") else ","
     return (text[: brace + 1] + f'"model":{value}{comma}' + rest).encode()
+
+
+WATCH_SCOPE_KEY = "lmswitch.watch"
+
+
+class ClientWatch:
+    """Whether the client of a request for a model is still there.
+
+    Entered around the whole request, route and response (`WatchForDisconnect`). Once
+    `start()`ed, which is when the body has been read (`receive` then brings nothing but the
+    disconnect), a client that disconnects cancels everything inside at once: its wait in the
+    queue, its call to LM Studio, the relay of LM Studio's answer; `gone` says so afterwards.
+    One task watches; leaving the block stops it. An exception from inside the block leaves it
+    as it is (a task group would wrap it in an `ExceptionGroup`).
+    """
+
+    __slots__ = ("_receive", "_tg", "complete", "gone", "started")
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self._tg = anyio.create_task_group()
+        self.started = False  # the response has started
+        self.complete = False  # its last byte is on its way: a client that leaves now has not
+        self.gone = False
+
+    def start(self) -> None:
+        """Watch from now on (once the body has been read)."""
+        self._tg.start_soon(self._watch)
+
+    async def __aenter__(self) -> ClientWatch:
+        await self._tg.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        tg = self._tg
+        if exc is None and self.complete:
+            # uvicorn wakes a pending `receive` with `http.disconnect` once the response is
+            # sent (as ASGI has `receive` answer after it): the watcher ends by itself, which
+            # costs half of cancelling it, on every request.
+            return await tg.__aexit__(None, None, None)
+        tg.cancel_scope.cancel()  # the watcher's work is done
+        if exc is None or isinstance(exc, anyio.get_cancelled_exc_class()):
+            # Our own cancellation (the client left) ends here; any other goes on.
+            return await tg.__aexit__(exc_type, exc, tb)
+        await tg.__aexit__(None, None, None)  # wait for the watcher to stop...
+        return False  # ...and let the block's exception go on as it is
+
+    async def _watch(self) -> None:
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+        if not self.complete:
+            self.gone = True
+            self._tg.cancel_scope.cancel()
+
+
+def watch_of(scope: Scope) -> ClientWatch:
+    """The watch `openai_routes.WatchForDisconnect` made for this request."""
+    watch: ClientWatch = scope[WATCH_SCOPE_KEY]
+    return watch
 
 
 def disconnect_watcher(receive: Receive) -> Callable[[], Awaitable[None]]:

@@ -315,9 +315,11 @@ class LMStudioClient:
 
         LM Studio's answer that the model is not loaded raises `ModelNotLoadedError`, and an
         error without a JSON body (a crash page, which the client's SDK could not read) raises
-        `UpstreamError` quoting it. The request path goes to the pool's transport directly: the
-        client's URL merging, cookies, auth and redirect handling cost more than the rest of the
-        proxy, and none of it applies to a POST relayed to LM Studio.
+        `UpstreamError` quoting it. A connection LM Studio drops without answering is LM Studio
+        gone: `UpstreamUnavailableError`, as when it cannot be reached. The request path goes to
+        the pool's transport directly: the client's URL merging, cookies, auth and redirect
+        handling cost more than the rest of the proxy, and none of it applies to a POST relayed
+        to LM Studio.
         """
         if (url := self._urls.get(path)) is None:
             url = self._urls[path] = self._http.base_url.join(path)
@@ -333,9 +335,15 @@ class LMStudioClient:
         except httpx2.TimeoutException as exc:
             raise UpstreamTimeoutError(f"LM Studio did not answer {path} in time") from exc
         except httpx2.ProtocolError as exc:
-            raise UpstreamError(
-                f"LM Studio sent no valid HTTP answer to {path}: {exc}",
-                code="upstream_protocol_error",
+            if not _hung_up(exc):
+                raise UpstreamError(
+                    f"LM Studio sent no valid HTTP answer to {path}: {exc}",
+                    code="upstream_protocol_error",
+                ) from exc
+            raise UpstreamUnavailableError(
+                f"LM Studio at {self.base_url} closed the connection without answering {path} "
+                "(stopped or restarted?)",
+                retry_after_s=5,
             ) from exc
         except httpx2.TransportError as exc:
             raise UpstreamUnavailableError(
@@ -345,6 +353,16 @@ class LMStudioClient:
         if upstream.status_code >= 400:
             await _raise_for_quirks(upstream)
         return upstream
+
+
+def _hung_up(exc: httpx2.ProtocolError) -> bool:
+    """Whether the server closed the connection before its answer's status line and headers
+    were complete: LM Studio gone (killed, restarting), not a server speaking bad HTTP.
+
+    httpcore says so only in its message; anything else it raises is an answer it could not
+    parse. A reset connection is a `ReadError`, not a `ProtocolError`.
+    """
+    return isinstance(exc, httpx2.RemoteProtocolError) and "disconnected without" in str(exc)
 
 
 async def _raise_for_quirks(upstream: UpstreamResponse) -> None:

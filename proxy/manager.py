@@ -187,11 +187,21 @@ class ModelManager:
         return status_view(self._scheduler, reachable=self._upstream.reachable)
 
     def readiness(self) -> str | None:
-        """None once LM Studio's models have been read; else why not (for `/readyz`)."""
-        if self._upstream.catalog_known:
+        """None while LM Studio's models are known and its last call reached it; else why not
+        (for `/readyz`)."""
+        upstream = self._upstream
+        if upstream.catalog_known and upstream.reachable:
             return None
-        error = self._upstream.last_error
-        return error.message if error is not None else "waiting for LM Studio"
+        if upstream.last_error is not None:
+            return upstream.last_error.message
+        if not upstream.catalog_known:
+            return "waiting for LM Studio"
+        return "LM Studio did not answer the last call to it"
+
+    def model_type(self, key: str) -> str | None:
+        """`key`'s type in LM Studio's catalogue ("llm" or "embedding"), None if not in it."""
+        info = self._upstream.catalog.get(key)
+        return info.type if info is not None else None
 
     # -- leases -----------------------------------------------------------------------------
 

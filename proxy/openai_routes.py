@@ -6,15 +6,25 @@ from contextlib import AsyncExitStack
 from functools import partial
 from typing import Any
 
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proxy.access import record_of
-from proxy.bodies import check_fields, disconnect_watcher, parse_object, read_body, with_model
-from proxy.errors import UpstreamUnavailableError
+from proxy.bodies import (
+    WATCH_SCOPE_KEY,
+    ClientWatch,
+    check_fields,
+    parse_object,
+    read_body,
+    watch_of,
+    with_model,
+)
+from proxy.errors import BadRequestError, UpstreamUnavailableError
 from proxy.lmstudio import ModelNotLoadedError
-from proxy.manager import ClientGone, ModelView
+from proxy.manager import ModelView
 from proxy.metrics import UNKNOWN_MODEL
 from proxy.state import State
 from proxy.streaming import UpstreamStreamResponse
@@ -25,26 +35,28 @@ async def proxy_request(request: Request[State]) -> Response:
 
     Everything the answer holds (the model's lease, LM Studio's response) is entered on one
     exit stack: released by it if anything fails, else handed to the response that streams.
+    Once the body is read, a client that disconnects cancels the request (`WatchForDisconnect`).
     """
     state = request.state
     manager, settings, client = state["manager"], state["settings"], state["client"]
     path, headers = request.url.path, request.headers.raw
     record = record_of(request.scope)
     record.routed, record.model = True, UNKNOWN_MODEL
-    disconnected = disconnect_watcher(request.receive)
     try:
         body = await read_body(request, settings.server.max_body_bytes)
+        watch_of(request.scope).start()
         payload = parse_object(body)
         check_fields(payload)
         resolved = await manager.resolve(payload.get("model"))
         record.model = key = resolved.key
+        check_type(manager.model_type(key), key, path)
         if payload.get("model") != resolved.upstream_name:
             body = with_model(body, resolved.upstream_name)
         ttl = payload.get("ttl")
         if isinstance(ttl, int | float) and not isinstance(ttl, bool) and ttl > 0:
             manager.set_idle_ttl(key, float(ttl))
         async with AsyncExitStack() as held:
-            lease = await manager.acquire(key, disconnected=disconnected)
+            lease = await manager.acquire(key)
             held.callback(lease.release)
             send = partial(client.open_completion, path, body, headers)
             try:
@@ -53,7 +65,7 @@ async def proxy_request(request: Request[State]) -> Response:
                 # Unloaded in LM Studio behind our back: see its real state, reload, ask again.
                 await held.aclose()
                 await manager.refresh()
-                lease = await manager.acquire(key, disconnected=disconnected)
+                lease = await manager.acquire(key)
                 held.callback(lease.release)
                 try:
                     upstream = await manager.send(lease, send)
@@ -64,12 +76,54 @@ async def proxy_request(request: Request[State]) -> Response:
             return UpstreamStreamResponse(  # type: ignore[return-value] # an ASGI app
                 upstream, held.pop_all(), record
             )
-    except ClientGone:
-        record.disconnected = True
-        return Response(status_code=499)  # nginx's "client closed request": nobody reads it
     except UpstreamUnavailableError as exc:
         manager.upstream_failed(exc)
         raise
+
+
+class WatchForDisconnect:
+    """Route middleware: the route and its response inside a `ClientWatch`. Once the route has
+    read the body, a client that disconnects cancels the rest at once, whatever it awaits (the
+    queue, LM Studio's answer, the relay), which closes the upstream request and releases the
+    lease. Its record says so, and a request gone before its response started is a 499."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def watching_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                watch.started = True
+            elif not message.get("more_body", False):
+                watch.complete = True
+            await send(message)
+
+        async with ClientWatch(receive) as watch:
+            scope[WATCH_SCOPE_KEY] = watch
+            await self.app(scope, receive, watching_send)
+        if watch.gone:
+            record_of(scope).disconnected = True
+            if not watch.started:  # nginx's "client closed request": nobody reads it
+                await Response(status_code=499)(scope, receive, send)
+
+
+# What each route needs of its model, by the catalogue's `type`; the others need an "llm".
+_ROUTE_NEEDS = {"/v1/embeddings": "embedding"}
+_TYPE_NAMES = {"llm": "a chat model (type 'llm')", "embedding": "an embedding model"}
+
+
+def check_type(model_type: str | None, key: str, path: str) -> None:
+    """Refuse a model of the wrong kind for `path` (400, before any load); one whose type is
+    unknown (not in LM Studio's catalogue) goes through."""
+    needed = _ROUTE_NEEDS.get(path, "llm")
+    if model_type is None or model_type == needed:
+        return
+    raise BadRequestError(
+        f"model {key!r} is {_TYPE_NAMES.get(model_type, repr(model_type))}: {path} needs "
+        f"{_TYPE_NAMES[needed]}",
+        param="model",
+        code="model_wrong_type",
+    )
 
 
 def _model_object(request: Request[State], name: str, model: ModelView) -> dict[str, Any]:
@@ -113,7 +167,10 @@ PROXIED_PATHS = (
 )
 
 routes = [
-    *(Route(path, proxy_request, methods=["POST"]) for path in PROXIED_PATHS),
+    *(
+        Route(path, proxy_request, methods=["POST"], middleware=[Middleware(WatchForDisconnect)])
+        for path in PROXIED_PATHS
+    ),
     Route("/v1/models", list_models, methods=["GET"]),
     Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
 ]

@@ -99,7 +99,8 @@ class UpstreamStreamResponse:
 
     Invariant: whatever happens (normal end, client disconnect, upstream failure, cancellation)
     what it holds (the upstream response and the model lease, in `held`) is released exactly
-    once, in `__call__`.
+    once, in `__call__`. A client that disconnects cancels it from outside (the route's
+    `ClientWatch`, which also marks the record).
     """
 
     def __init__(
@@ -114,7 +115,6 @@ class UpstreamStreamResponse:
         if self._sse:
             headers.append((b"x-accel-buffering", b"no"))
         self._headers = headers
-        self._complete = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -125,20 +125,10 @@ class UpstreamStreamResponse:
                     "headers": self._headers,
                 }
             )
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._watch_disconnect, receive, tg.cancel_scope)
-                await self._relay(send, scope["path"])
-                tg.cancel_scope.cancel()
+            await self._relay(send, scope["path"])
         finally:
             with anyio.CancelScope(shield=True):
                 await self._held.aclose()  # the upstream response, then the lease
-
-    async def _watch_disconnect(self, receive: Receive, scope: anyio.CancelScope) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        if not self._complete:  # a client that leaves after the last byte has not disconnected
-            self._record.disconnected = True
-            scope.cancel()
 
     async def _relay(self, send: Send, path: str) -> None:
         record = self._record
@@ -170,5 +160,4 @@ class UpstreamStreamResponse:
             )
         usage.finish()
         record.prompt_tokens, record.completion_tokens = usage.prompt, usage.completion
-        self._complete = True
         await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -172,7 +172,9 @@ async def capture_endpoints() -> list[Example]:
         rec = _Recorder(proxy, upstream_url)
         await proxy.wait_ready()  # as a user would find it: LM Studio's models read
         await rec.call("GET", "/healthz", "The process is alive (no auth).")
-        await rec.call("GET", "/readyz", "Ready once LM Studio has answered (503 until then).")
+        await rec.call(
+            "GET", "/readyz", "Ready while LM Studio answers (503 with the reason otherwise)."
+        )
         await rec.call("GET", "/v1/models", "Every downloaded model, then the aliases.")
         await rec.call("GET", "/v1/models/gpt-4o-mini", "One model or alias.")
         chat = {"model": QWEN, "messages": HELLO, "max_tokens": 8}

@@ -858,6 +858,53 @@ async def test_client_disconnect_mid_stream_counts_as_closed_early(running: Runn
         )
 
 
+async def test_an_answer_not_streamed_comes_whole_after_its_generation(running: Running) -> None:
+    """Not streamed, the answer takes `token_delay_s` per token, like a stream of it."""
+    emulator = Emulator(token_delay_s=0.05, reply_tokens=6)
+    emulator.load_instance(QWEN)
+    async with running(emulator) as client:
+        started = anyio.current_time()
+        response = await client.post("/v1/chat/completions", json=CHAT)
+        assert anyio.current_time() - started >= 0.3
+    assert response.json()["usage"]["completion_tokens"] == 6
+    assert emulator.predictions_aborted == 0
+
+
+async def test_a_client_that_leaves_stops_the_generation(running: Running) -> None:
+    """A client gone before its answer stops the prediction, as LM Studio's does ("Client
+    disconnected. Stopping generation...")."""
+    emulator = Emulator(token_delay_s=0.1, reply_tokens=100)  # 10 s
+    emulator.load_instance(QWEN)
+    async with running(emulator) as client:
+        with pytest.raises(httpx2.ReadTimeout):
+            await client.post("/v1/chat/completions", json=CHAT, timeout=0.3)
+        await emulator.wait_until(lambda: emulator.predictions_aborted == 1, timeout=1)
+
+
+async def test_the_prompt_is_read_to_its_end_before_a_prediction_stops(running: Running) -> None:
+    """`prompt_delay_s` passes before the first byte, even of a stream; a client that leaves
+    meanwhile stops the prediction once the prompt is read ("if the model is busy processing
+    the prompt, it will finish first")."""
+    emulator = Emulator()
+    emulator.load_instance(QWEN)
+    emulator.prompt_delay_s = 0.5
+    async with running(emulator) as client:
+        started = anyio.current_time()
+        with pytest.raises(httpx2.ReadTimeout):
+            await client.post("/v1/chat/completions", json=CHAT | {"stream": True}, timeout=0.1)
+        await emulator.wait_until(lambda: emulator.predictions_aborted == 1, timeout=2)
+        assert anyio.current_time() - started >= 0.5
+        assert (emulator.streams_open, emulator.streams_closed_early) == (0, 0)
+        emulator.prompt_delay_s = 0.2
+        started = anyio.current_time()
+        async with client.stream(
+            "POST", "/v1/chat/completions", json=CHAT | {"stream": True}
+        ) as response:
+            assert anyio.current_time() - started >= 0.2  # the headers come with the first token
+            await response.aread()
+    assert emulator.predictions_aborted == 1
+
+
 async def test_wait_until_wakes_every_waiter(running: Running) -> None:
     """Several tasks can wait at once; one state change wakes them all."""
     emulator = Emulator()

@@ -65,15 +65,19 @@ async def test_a_load_timeout_on_the_messages_api_is_anthropics_timeout_error() 
 
 
 async def test_upstream_errors_pass_through_with_their_status() -> None:
-    """LM Studio's own refusal (an LLM asked for embeddings) reaches the client unchanged."""
+    """LM Studio's own refusal (a chat without messages) reaches the client unchanged."""
     emulator = Emulator()
     async with running(emulator) as proxy:
-        response = await proxy.http.post("/v1/embeddings", json={"model": QWEN, "input": "hi"})
+        response = await proxy.http.post("/v1/chat/completions", json={"model": QWEN})
         assert response.status_code == 400
-        [call] = [c for c in emulator.calls if c.path == "/v1/embeddings"]
-        assert call.body == {"model": QWEN, "input": "hi"}
-        error = response.json()["error"]
-        assert "embedding" in error["message"].lower()
+        [call] = [c for c in emulator.calls if c.path == "/v1/chat/completions"]
+        assert call.body == {"model": QWEN}
+        assert response.json()["error"] == {
+            "message": "'messages' is required",
+            "type": "invalid_request_error",
+            "param": "messages",
+            "code": None,
+        }
 
 
 async def test_load_timeout_answers_504_and_the_next_request_may_retry() -> None:

@@ -93,14 +93,37 @@ async def faulty(fault: str, **sections: Any) -> AsyncIterator[Proxy]:
         yield proxy
 
 
-@pytest.mark.parametrize("fault", ["garbage", "close"])
-async def test_no_valid_http_answer_is_a_502(fault: str) -> None:
-    async with faulty(fault) as proxy:
+async def test_no_valid_http_answer_is_a_502() -> None:
+    async with faulty("garbage") as proxy:
         with anyio.fail_after(5):
             response = await proxy.http.post("/v1/chat/completions", json=CHAT)
         assert response.status_code == 502
         assert response.json()["error"]["code"] == "upstream_protocol_error"
         assert (await proxy.status())["in_flight"] == 0
+
+
+async def test_a_connection_closed_without_an_answer_is_lm_studio_unavailable() -> None:
+    """LM Studio hanging up before its answer is LM Studio gone: 503 with Retry-After, and
+    the proxy reads its state again."""
+    upstream = FaultyUpstream("close")
+    async with upstream.serve() as url, proxy_for(url) as proxy:
+        await proxy.wait_ready()
+        with anyio.fail_after(5):
+            response = await proxy.http.post("/v1/chat/completions", json=CHAT)
+        assert response.status_code == 503
+        error = response.json()["error"]
+        assert error["code"] == "upstream_unavailable"
+        assert "closed the connection without answering" in error["message"]
+        assert response.headers["retry-after"] == "5"
+        assert (await proxy.status())["in_flight"] == 0
+        calls = upstream.emulator.calls
+
+        def read_after_the_load() -> bool:
+            paths = [call.path for call in calls]
+            loaded_at = max(i for i, path in enumerate(paths) if path == "/api/v1/models/load")
+            return "/api/v1/models" in paths[loaded_at:]
+
+        await upstream.emulator.wait_until(read_after_the_load, timeout=2)
 
 
 @pytest.mark.parametrize(

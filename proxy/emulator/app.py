@@ -108,6 +108,7 @@ class Emulator(EmulatorState):
         )
         self.api_token = api_token
         self.token_delay_s = token_delay_s
+        self.prompt_delay_s = 0.0  # reading the prompt, before the first token (and any byte)
         self.stamp_chunks = False  # prefix each streamed chunk with `: sent=<unix time>`
         self.reply_tokens = reply_tokens
         self.cut_streams_after: int | None = None
@@ -117,6 +118,7 @@ class Emulator(EmulatorState):
         self.calls: list[Call] = []
         self.streams_open = 0
         self.streams_closed_early = 0
+        self.predictions_aborted = 0  # stopped when their client left before the first byte
         self.app = self._build_app()
 
     @property
@@ -329,13 +331,50 @@ class Emulator(EmulatorState):
                 replies.embeddings_body(instance.id, payload["input"], EMBEDDING_DIMS)
             )
         reply = replies.make_reply(kind, instance.id, payload, self.reply_tokens)
-        if payload.get("stream") is True:
+        streamed = payload.get("stream") is True
+        # A stream sends its tokens as they come; an answer that is not streamed is sent whole.
+        generating_s = 0.0 if streamed else self.token_delay_s * reply.completion_tokens
+        if (self.prompt_delay_s > 0 or generating_s > 0) and not await self._predict(
+            request, generating_s
+        ):
+            return Response(status_code=499)  # the client is gone: nobody reads it
+        if streamed:
             options = payload.get("stream_options")
             include_usage = isinstance(options, dict) and options.get("include_usage") is True
             return EventStream(self._stream(_FRAMES[kind](reply, include_usage)))
         model = self.catalog[instance.key]
         extras = replies.v0_extras(reply, model, instance.context_length) if v0 else None
         return JSONResponse(_BODIES[kind](reply, extras))
+
+    async def _predict(self, request: Request, generating_s: float) -> bool:
+        """Read the prompt (`prompt_delay_s`), then generate for `generating_s`, before anything
+        is sent; False if the client went away meanwhile, which stops the prediction (counted
+        in `predictions_aborted`).
+
+        As LM Studio logs it: "Client disconnected. Stopping generation... (if the model is busy
+        processing the prompt, it will finish first)". The body has been read, so `receive`
+        brings nothing but the disconnect.
+        """
+        generation = anyio.CancelScope()
+        gone = False
+
+        async def watch() -> None:
+            nonlocal gone
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            gone = True
+            generation.cancel()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch)
+            await anyio.sleep(self.prompt_delay_s)  # a prompt is read to its end regardless
+            with generation:
+                await anyio.sleep(generating_s)
+            tg.cancel_scope.cancel()
+        if gone:
+            self.predictions_aborted += 1
+            self._notify()
+        return not gone
 
     async def _stream(self, frames: list[replies.Frame]) -> AsyncGenerator[bytes, None]:
         """Yield `frames` with `token_delay_s` between them, dying as `cut_streams_after` says.
