@@ -109,40 +109,45 @@ class Gate:
     request goes (the probe); the others wait until LM Studio confirms the model loaded after
     the probe was sent (an answer from it begins, or a listing shows it), or nothing is out.
 
-    Until the model is confirmed after the probe was sent, LM Studio may be loading it for the
-    probe (`dark`): no other load may start meanwhile.
+    A request sent without a confirmation newer than itself may make LM Studio load the model
+    (`dark`) until one comes: no other load may start meanwhile.
     """
 
     __slots__ = (
         "_changed",
+        "asked_at",
         "confirmed_at",
-        "listing",
         "out",
         "probe_sent",
         "recheck",
+        "unchecked_at",
     )
 
     def __init__(self) -> None:
         self.out = 0
         self.probe_sent = -math.inf
+        self.unchecked_at = -math.inf  # when the last request was sent unconfirmed
         self.confirmed_at = -math.inf
-        self.listing: anyio.Event | None = None  # the listing asked to confirm this probe
+        self.asked_at = -math.inf  # when the last listing asked on its behalf began
         self.recheck = False  # a listing missed the model while requests were out to it
         self._changed: anyio.Event | None = None
 
     def clear(self, now: float) -> bool:
-        """Whether a request may go to the model now."""
+        """Whether a request may go to the model now, as far as its own requests go."""
         confirmed = self.confirmed_at >= self.probe_sent and now - self.confirmed_at <= FRESH_S
         return self.out == 0 or confirmed
 
     @property
     def dark(self) -> bool:
-        """Requests are out, and the model was not confirmed since the first of them was sent."""
-        return self.out > 0 and self.confirmed_at < self.probe_sent
+        """A request is out that was sent unconfirmed, and the model not confirmed since."""
+        return self.out > 0 and self.confirmed_at < self.unchecked_at
 
-    def sent(self, now: float) -> None:
+    def sent(self, now: float, *, checked: bool) -> None:
+        """A request goes out; `checked`: the model was confirmed after a load began (§4.1)."""
         if self.out == 0:
-            self.probe_sent, self.listing = now, None
+            self.probe_sent = now
+        if not checked:
+            self.unchecked_at = now
         self.out += 1
 
     def answered(self, now: float | None) -> None:
@@ -150,13 +155,16 @@ class Gate:
         self.out -= 1
         if now is not None:
             self.confirmed_at = max(self.confirmed_at, now)
-        if self.out == 0:
-            self.listing = None  # the next probe asks afresh
         self.changed()
 
     def confirm(self, at: float) -> None:
         """A listing started at `at` shows the model loaded."""
         self.confirmed_at = max(self.confirmed_at, at)
+        self.changed()
+
+    def forget(self) -> None:
+        """LM Studio went away: what it confirmed before counts no more."""
+        self.confirmed_at = -math.inf
         self.changed()
 
     def changed(self) -> None:

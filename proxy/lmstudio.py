@@ -38,7 +38,8 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-# Unloading frees memory and takes a moment; one that takes longer than this has failed.
+# Unloading frees memory and takes a moment; one that takes longer than this (or than
+# load_timeout, if shorter) has failed.
 UNLOAD_TIMEOUT_S = 30.0
 # What LM Studio answers when the model asked for is not loaded and it does not load it itself
 # (JIT loading off): the model was unloaded behind the proxy's back.
@@ -302,7 +303,7 @@ class LMStudioClient:
                 "POST",
                 "/api/v1/models/unload",
                 {"instance_id": instance_id},
-                timeout_s=UNLOAD_TIMEOUT_S,
+                timeout_s=min(UNLOAD_TIMEOUT_S, self.load_timeout_s),
             )
         except UpstreamError as exc:
             if exc.code != "upstream_404":

@@ -22,7 +22,7 @@ from proxy import names, scheduling as sch
 from proxy.config import Settings
 from proxy.errors import ProxyError, QueueTimeoutError, UpstreamTimeoutError
 from proxy.events import EventBus
-from proxy.leases import ClientGone, Gate, Lease, Pending, failure
+from proxy.leases import FRESH_S, ClientGone, Gate, Lease, Pending, failure
 from proxy.metrics import Metrics
 from proxy.names import Resolved
 from proxy.reconciler import LMStudioCalls, LoadFailed, Observation, Reconciler
@@ -100,7 +100,8 @@ class ModelManager:
         self._next_poll = math.inf
         self._epoch = 0  # bumped by every load and unload, to discard stale observations
         self._gates: dict[str, Gate] = {}
-        self._loading_since = -math.inf  # when the running load began
+        self._barrier: float | None = None  # since when a load is wanted or running
+        self._listed_at = -math.inf  # when the latest listing began
         self._unloaded: dict[str, anyio.Event] = {}  # operators' unloads waiting to be done
 
     # -- lifetime ---------------------------------------------------------------------------
@@ -261,13 +262,12 @@ class ModelManager:
     async def send(self, lease: Lease, call: Callable[[], Awaitable[_A]]) -> _A:
         """Make `call` (a request to LM Studio for the leased model) once it is clear to go.
 
-        A model that LM Studio has not confirmed loaded since the request out to it now was sent
-        takes one request at a time until it does (`Gate`): the others wait for that answer,
-        or for a listing, at most for what is left of their queue budget (docs/design.md §4.1).
-        An answer that begins with a status below 400 confirms the model loaded. Until then LM
-        Studio may be loading the model for the probe (JIT), so the scheduler starts no load;
-        and while the proxy loads a model, a probe to a model not confirmed since that load
-        began waits for a listing (or the load's end): one load at a time counts LM Studio's.
+        LM Studio may load a model a request names that it does not hold (JIT). So (§4.1): a
+        model not confirmed loaded since the request out to it was sent takes no other; while
+        the proxy loads a model (or wants to), a request goes only to a model confirmed since;
+        and the first request to a model waits while a request LM Studio may be loading another
+        model for is out. Waits ask LM Studio's listing, and last at most what is left of the
+        request's queue budget. An answer that begins below 400 confirms the model loaded.
         """
         key = lease.key
         if (gate := self._gates.get(key)) is None:
@@ -275,8 +275,9 @@ class ModelManager:
         if self._must_wait(gate):
             budget = self._settings.scheduler.queue_timeout - lease.waited_s
             with anyio.move_on_after(budget):
-                await self._confirm(key, gate)
-        gate.sent(self._clock())
+                await self._confirm(gate)
+        barrier = self._barrier
+        gate.sent(self._clock(), checked=barrier is not None and gate.confirmed_at >= barrier)
         self._probed(key, gate)
         try:
             answer = await call()
@@ -291,18 +292,25 @@ class ModelManager:
             self._start_soon(self.refresh)
         return answer
 
-    def _must_wait(self, gate: Gate) -> bool:
-        if not gate.clear(self._clock()):
-            return True  # a probe is out, and the model not confirmed since
+    def _needs(self, gate: Gate) -> float | None:
+        """The time since which LM Studio must have confirmed the model before a request goes
+        to it, or None if it may go now."""
+        now = self._clock()
+        if not gate.clear(now):
+            return gate.probe_sent  # a probe is out, and the model not confirmed since
+        if self._barrier is not None:  # a load is wanted or running: the model must be known
+            return max(self._barrier, now - FRESH_S)
         if gate.out:
-            return False
-        # A probe now: not while a load may run that began after the model was last confirmed
-        # (the proxy's, or LM Studio's for another probe), lest LM Studio run two at once.
-        since = self._loading_since
-        for other in self._gates.values():
-            if other.dark and other is not gate:
-                since = max(since, other.probe_sent)
-        return gate.confirmed_at < since
+            return None
+        since = max(
+            (g.unchecked_at for g in self._gates.values() if g.dark and g is not gate),
+            default=-math.inf,
+        )  # LM Studio may be loading another model for a request: not two loads at once
+        return since if gate.confirmed_at < since else None
+
+    def _must_wait(self, gate: Gate) -> bool:
+        needs = self._needs(gate)
+        return needs is not None and gate.confirmed_at < needs
 
     def _probed(self, key: str, gate: Gate) -> None:
         """Tell the scheduler whether LM Studio may be loading `key` for a request now."""
@@ -312,32 +320,42 @@ class ModelManager:
                 if self._scheduler.load_held:
                     self._kick()  # the load held back for it may start
                 for other in self._gates.values():
-                    other.changed()  # probes that waited for it may go
+                    other.changed()  # requests that waited for it may go
 
-    async def _confirm(self, key: str, gate: Gate) -> None:
-        """Wait until a request may go to `key`, asking LM Studio's listing once; go on
-        without it if the listing cannot be read."""
-        while self._must_wait(gate):
-            if gate.listing is None:
-                gate.listing = anyio.Event()
-                self._start_soon(self._confirm_by_listing, gate, gate.listing)
-            elif gate.listing.is_set() and not self._upstream.current:
-                return  # LM Studio's state cannot be read: do not hold requests on it
+    async def _confirm(self, gate: Gate) -> None:
+        """Wait until a request may go to the gate's model, asking LM Studio's listing when
+        none asked since the time the confirmation must be newer than."""
+        while (needs := self._needs(gate)) is not None and gate.confirmed_at < needs:
+            if gate.asked_at < needs:
+                gate.asked_at = self._clock()
+                self._ask_listing(gate.asked_at)
             await gate.wait_change()
 
-    async def _confirm_by_listing(self, gate: Gate, listed: anyio.Event) -> None:
-        try:
-            await self.refresh()
-        finally:
-            listed.set()
-            gate.changed()
+    def _ask_listing(self, since: float) -> None:
+        """Read LM Studio's state in the background with a listing begun at `since` or later;
+        every gate is told when it ends."""
+        self._start_soon(self._listing_for_gates, since)
 
-    def _confirm_probes(self) -> None:
-        """A load waits for probes into the dark: ask a listing whether they loaded anything."""
-        for gate in self._gates.values():
-            if gate.dark and gate.listing is None:
-                gate.listing = anyio.Event()
-                self._start_soon(self._confirm_by_listing, gate, gate.listing)
+    async def _listing_for_gates(self, since: float) -> None:
+        try:
+            await self.refresh(begun_after=since)
+        finally:
+            for gate in self._gates.values():
+                gate.changed()
+
+    def _raise_barrier(self) -> None:
+        """While a load is wanted or running, requests go only to models confirmed since."""
+        wanted = self._scheduler.load_held or self._scheduler.loading
+        if wanted and self._barrier is None:
+            self._barrier = self._clock()
+        elif not wanted and self._barrier is not None:
+            self._barrier = None
+            for gate in self._gates.values():
+                gate.changed()
+        if self._scheduler.load_held and any(
+            gate.dark and gate.unchecked_at > self._listed_at for gate in self._gates.values()
+        ):
+            self._ask_listing(self._clock())  # did those requests make LM Studio load?
 
     def _release(self, key: str) -> None:
         self._metrics.in_flight.labels(key).dec()
@@ -438,8 +456,7 @@ class ModelManager:
                 self._report.adopted(action.model)
             else:
                 self._report.vanished(action.model)
-        if self._scheduler.load_held:
-            self._confirm_probes()
+        self._raise_barrier()
         if self._change is not None:
             self._change.set()
             self._change = None
@@ -466,7 +483,6 @@ class ModelManager:
         starts, new requests for it wait) until LM Studio answers, for twice that at most.
         """
         limit = self._settings.upstream.load_timeout
-        self._loading_since = self._clock()
         timer = anyio.CancelScope()
         self._start_soon(self._fail_waiters_after, key, limit, timer)
         try:
@@ -481,10 +497,7 @@ class ModelManager:
             self._scheduler.load_done(key, result.instance_id, self._clock())
             self._report.loaded(key, result.instance_id, result.elapsed_s)
         self._epoch += 1
-        self._loading_since = -math.inf
         self._kick()
-        for gate in self._gates.values():
-            gate.changed()  # requests that waited for the load to end may go
 
     async def _fail_waiters_after(self, key: str, limit: float, scope: anyio.CancelScope) -> None:
         with scope:
@@ -523,21 +536,25 @@ class ModelManager:
         """A request found LM Studio unreachable: note it and reconcile in the background."""
         self._upstream.note(error)
         self._report.upstream(self._upstream.reachable)
+        for gate in self._gates.values():
+            gate.forget()  # LM Studio may have restarted with nothing loaded
         if self._tg is not None and self._refreshing is None:
             self._tg.start_soon(self.refresh)
 
-    async def refresh(self) -> None:
+    async def refresh(self, *, begun_after: float = -math.inf) -> None:
         """Reconcile with LM Studio's catalogue and loaded instances; never raises.
 
-        A caller that arrives while a listing that began less than `_JOIN_S` ago runs waits for
-        that one; an older one may be stuck, so a new listing starts beside it.
+        A caller that arrives while a listing that began less than `_JOIN_S` ago (and not
+        before `begun_after`) runs waits for that one; an older one may be stuck, so a new
+        listing starts beside it.
         """
         now = self._clock()
         running = self._refreshing
-        if running is not None and now - running.started < _JOIN_S:
+        if running is not None and begun_after <= running.started > now - _JOIN_S:
             await running.done.wait()
             return
         self._refreshing = this = _Refresh(now)
+        self._listed_at = now
         epoch = self._epoch
         try:
             observation = await self._upstream.observe()

@@ -200,6 +200,11 @@ class Scheduler:
         """A load or unload call to LM Studio is in flight."""
         return any(m.phase in (Phase.LOADING, Phase.UNLOADING) for m in self.models.values())
 
+    @property
+    def loading(self) -> bool:
+        """The proxy's load call is in flight."""
+        return any(m.phase is Phase.LOADING for m in self.models.values())
+
     def usage(self, exclude: Iterable[str] = ()) -> tuple[int, int]:
         """Instances and bytes resident in LM Studio, leaving out the models in `exclude`."""
         skip = set(exclude)
