@@ -18,6 +18,7 @@ import gc
 import itertools
 import json
 import logging
+import math
 import os
 import random
 import sys
@@ -26,6 +27,7 @@ import tracemalloc
 from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +39,19 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.requests import Request
 from starlette.responses import Response
 
-from proxy.emulator import Emulator, replies
-from proxy.emulator.catalog import CatalogModel, Instance
+from proxy.emulator import Emulator, checks, replies
+from proxy.emulator.catalog import DEFAULT_CATALOG, CatalogModel, Instance
+from proxy.emulator.state import LoadFailedError
 from tests.helpers import LLAMA, MESSAGES, NOMIC, QWEN, Proxy, proxy_for, running, serve
 
 GEMMA = "google/gemma-3-4b"
 TEXT_MODELS = (LLAMA, GEMMA, QWEN)
+# A small model no client asks for: the faults that judge one model's requests use it alone.
+PROBE = "soak/probe-135m"
+CATALOG = (
+    *DEFAULT_CATALOG,
+    CatalogModel(PROBE, "llm", "soak", "Probe 135M", "llama", "Q8_0", 8, 145_000_000, "135M", 8192),
+)
 # Llama fits beside Gemma or Qwen, and the small embedding model beside any one; Gemma and Qwen
 # never fit together. The proxy's budget is LM Studio's memory, so its own loads always fit.
 MEMORY_BYTES = 6_000_000_000
@@ -68,6 +77,7 @@ SECTIONS: dict[str, Any] = {
 # The longest a request may take: two queue waits (a model unloaded behind the proxy's back is
 # reloaded and asked once more), LM Studio's read timeout twice, a stream, and slack.
 DEADLINE_S = 2 * QUEUE_TIMEOUT_S + 2 * READ_TIMEOUT_S + 4.0
+SLACK_S = 1.0  # on each request's own bound (`bound_s`)
 # uvicorn closes idle keep-alive connections after 5 s; the proxy's pool expires its own after 4.
 KEEPALIVE_EXPIRY_S = 5.5
 
@@ -76,6 +86,16 @@ KEEPALIVE_EXPIRY_S = 5.5
 
 # The instance the current request resolved to, inside one emulator request's task.
 _resolved: contextvars.ContextVar[str | None] = contextvars.ContextVar("resolved", default=None)
+
+# The calls LM Studio leaves unanswered while its listings hang.
+LISTINGS = frozenset({"/v1/models", "/api/v0/models", "/api/v1/models"})
+# The body of a call whose caller hung up while LM Studio held it: LM Studio answers it 400, to
+# nobody, and does nothing else with it.
+ABANDONED = checks.Malformed("the caller hung up before LM Studio answered")
+
+
+def _a_load(key: str, jit: bool) -> str:
+    return f"a JIT load of {key} (for a forwarded request)" if jit else f"the proxy's load of {key}"
 
 
 @dataclass
@@ -92,10 +112,16 @@ class WatchedEmulator(Emulator):
     `findings` are the proxy's faults: a REST unload of an instance that is streaming an answer
     to a client still reading it (`judge` decides once the streams have ended); a load or unload
     call while a load runs (also one the proxy stopped waiting for: LM Studio goes on with it);
-    a second instance of a model loaded while its first load still ran; a REST load of a model
-    that every listing since the proxy's last call showed loaded. `notes` count what is nobody's
-    fault (LM Studio's JIT evicting under a request, a duplicate from a race with a load behind
-    the proxy's back, ...).
+    a load running beside another where either is a JIT load (every load in the soak is the
+    proxy's, or its forwarded request's); a second instance of a model loaded while its first
+    load still ran; a REST load of a model that every listing since the proxy's last call showed
+    loaded. `notes` count what is nobody's fault (LM Studio's JIT evicting under a request, a
+    duplicate from a race with a load behind the proxy's back, ...).
+
+    `forwards` counts the inference calls LM Studio received, by the client's request id (the
+    proxy passes `x-request-id` on). `slow_first_token` holds the answers for a model this long
+    before their first byte. A call LM Studio left unanswered (`silent`, `hang_listings`) whose
+    caller hangs up before the fault ends is never acted on: a hung LM Studio does nothing of it.
     """
 
     def __init__(self, **options: Any) -> None:
@@ -109,14 +135,17 @@ class WatchedEmulator(Emulator):
         self.notes: Counter[str] = Counter()
         self.rest_loads = 0
         self.jit_loads = 0
-        self.most_loading = 0  # the most loads LM Studio ran at once
         self.load_calls: list[LoadCall] = []
         self._listings: list[frozenset[str]] = []  # loaded models listed since the last call
         self._rest_unload = False
+        self._running: list[tuple[str, bool]] = []  # the loads running: model key, JIT or not
+        self.forwards: Counter[str] = Counter()
+        self.slow_first_token: dict[str, float] = {}
+        self.unanswered = 0  # calls held until their caller hung up
 
-    def _notify(self) -> None:
-        self.most_loading = max(self.most_loading, len(self._loading))  # after every change
-        super()._notify()
+    def forwarded(self, request_id: str) -> int:
+        """How often LM Studio received the request, forgetting it."""
+        return self.forwards.pop(request_id, 0)
 
     def busy(self, instance_id: str) -> bool:
         return self.answering[instance_id] > 0 or bool(self.streams.get(instance_id))
@@ -149,6 +178,39 @@ class WatchedEmulator(Emulator):
             view.setdefault(instance.key, []).append(instance.id)
         return {key: sorted(ids) for key, ids in view.items()}
 
+    # calls held, and calls never answered
+
+    async def _receive(self, request: Request) -> object:
+        body = await super()._receive(request)
+        path, request_id = request.url.path, request.headers.get("x-request-id")
+        if request.method == "POST" and path.startswith("/v1/") and request_id is not None:
+            self.forwards[request_id] += 1
+        if self._unanswered(path) and await self._hung_up(request, path):
+            self.unanswered += 1
+            self._notify()
+            return ABANDONED
+        return body
+
+    def _unanswered(self, path: str) -> bool:
+        return self.silent or (self.hang_listings and path in LISTINGS)
+
+    async def _hung_up(self, request: Request, path: str) -> bool:
+        """Wait until LM Studio answers `path` again; True if the caller hung up first."""
+        hung_up = False
+        async with anyio.create_task_group() as tg:
+
+            async def watch() -> None:
+                nonlocal hung_up
+                while (await request.receive())["type"] != "http.disconnect":  # pragma: no cover
+                    pass
+                hung_up = True
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(watch)
+            await self.wait_until(lambda: not self._unanswered(path), timeout=math.inf)
+            tg.cancel_scope.cancel()
+        return hung_up
+
     # requests being answered
 
     async def _resolve(self, payload: dict[str, Any], kind: replies.Kind) -> Instance:
@@ -160,6 +222,8 @@ class WatchedEmulator(Emulator):
     async def _infer(
         self, request: Request, body: object, *, kind: replies.Kind, v0: bool
     ) -> Response:
+        if isinstance(body, dict) and (delay := self.slow_first_token.get(str(body.get("model")))):
+            await anyio.sleep(delay)  # a long prompt, say: nothing is sent meanwhile
         _resolved.set(None)
         try:
             return await super()._infer(request, body, kind=kind, v0=v0)
@@ -195,16 +259,37 @@ class WatchedEmulator(Emulator):
         self.jit_loads += 1
         return await super()._jit_load(model, ttl)
 
+    async def _load(
+        self, model: CatalogModel, *, jit: bool, ttl_s: float | None, options: dict[str, Any]
+    ) -> Instance:
+        try:
+            self._check_memory(model)  # as the load itself does first, with nothing in between
+        except LoadFailedError:  # refused at once: no load runs
+            return await super()._load(model, jit=jit, ttl_s=ttl_s, options=options)
+        for key, running_jit in self._running:
+            if jit or running_jit:  # a REST load beside a REST load: `_no_load_running` saw it
+                self.findings.append(
+                    f"{_a_load(model.key, jit)} ran beside {_a_load(key, running_jit)}"
+                )
+        running = (model.key, jit)
+        self._running.append(running)
+        try:
+            return await super()._load(model, jit=jit, ttl_s=ttl_s, options=options)
+        finally:
+            self._running.remove(running)
+
     def _listed(self) -> None:
         self._listings.append(frozenset(i.key for i in self.instances.values()))
         del self._listings[:-50]
 
     async def _v0_models(self, request: Request, body: object) -> Response:
-        self._listed()
+        if body is not ABANDONED:  # else nobody reads this listing
+            self._listed()
         return await super()._v0_models(request, body)
 
     async def _v1_models(self, request: Request, body: object) -> Response:
-        self._listed()
+        if body is not ABANDONED:
+            self._listed()
         return await super()._v1_models(request, body)
 
     def _no_load_running(self, kind: str, what: str) -> None:
@@ -368,16 +453,48 @@ PROXY_STATUSES = frozenset({429, 502, 503, 504})
 
 
 @dataclass
+class Timed:
+    """A request's time, and its bound."""
+
+    took_s: float = 0.0
+    bound_s: float = math.inf
+    what: str = "none"
+
+    def __str__(self) -> str:
+        return f"{self.took_s:.2f} s of its {self.bound_s:.2f} s bound ({self.what})"
+
+
+@dataclass
 class Tally:
     outcomes: Counter[str] = field(default_factory=Counter)
     endpoints: Counter[str] = field(default_factory=Counter)
     faults: Counter[str] = field(default_factory=Counter)
     failures: list[str] = field(default_factory=list)
+    longest: Timed = field(default_factory=Timed)  # the request that took longest
+    closest: Timed = field(default_factory=Timed)  # the one that came closest to its bound
+    late: int = 0  # requests past their bound
+    bursts: list[str] = field(default_factory=list)  # loads per JIT burst, by model
+    early_zero_s: list[float | None] = field(default_factory=list)  # gauges after early leavers
+    unloads: list[str] = field(default_factory=list)  # unloads during a load, as they went
 
     def fail(self, what: str) -> None:
         self.outcomes["FAILED"] += 1
+        self.flag(what)
+
+    def flag(self, what: str) -> None:
+        """A failed check (the request itself is counted by its outcome)."""
         if len(self.failures) < 40:
             self.failures.append(what)
+
+    def timed(self, what: str, took_s: float, bound_s: float) -> None:
+        timed = Timed(took_s, bound_s, what)
+        if took_s > self.longest.took_s:
+            self.longest = timed
+        if took_s / bound_s > self.closest.took_s / self.closest.bound_s:
+            self.closest = timed
+        if took_s > bound_s:
+            self.late += 1
+            self.flag(f"{what}: took {took_s:.2f} s, past its bound of {bound_s:.2f} s")
 
 
 def _json(raw: bytes) -> Any:
@@ -490,13 +607,16 @@ async def check_stream(endpoint: Endpoint, response: httpx2.Response, leave_afte
 
 
 async def exchange(
-    http: httpx2.AsyncClient, endpoint: Endpoint, model: str, leave_after: int
+    http: httpx2.AsyncClient, endpoint: Endpoint, model: str, leave_after: int, request_id: str
 ) -> str:
     """One request; the outcome, or `Malformed`."""
+    body, headers = endpoint.body(model), {"x-request-id": request_id}
     try:
-        async with http.stream("POST", endpoint.path, json=endpoint.body(model)) as response:
-            if "x-request-id" not in response.headers:
+        async with http.stream("POST", endpoint.path, json=body, headers=headers) as response:
+            if (echoed := response.headers.get("x-request-id")) is None:
                 raise Malformed("no x-request-id")
+            if echoed != request_id:  # pragma: no cover - the proxy echoes the client's id
+                raise Malformed(f"x-request-id {echoed!r} for a request sent as {request_id!r}")
             if response.status_code != 200:
                 raw = await response.aread()
                 return check_error(endpoint, response.status_code, response.headers, raw)
@@ -507,31 +627,91 @@ async def exchange(
         raise Malformed(f"the connection failed: {exc!r}") from None
 
 
+def bound_s(forwards: int) -> float:
+    """How long a request may take, from the soak's settings, by how often LM Studio saw it.
+
+    The proxy's own answer comes within a queue wait (`queue_timeout`: the wait for the model,
+    a load's `load_timeout` within it, and any reading of LM Studio's state the request waits
+    for, which counts toward it). A forwarded request adds LM Studio's answer head
+    (`read_timeout`), then the answer itself: its tokens, or a stream cut by LM Studio's restart
+    after uvicorn's second of grace. A request LM Studio saw twice (its model unloaded behind
+    the proxy's back, JIT off) was asked again after a reading of LM Studio's state and a second
+    queue wait, each a queue timeout at most, and a second head. Slack covers the one event loop
+    that the clients, the proxy and LM Studio share. `DEADLINE_S` still caps them all.
+    """
+    bound = QUEUE_TIMEOUT_S + SLACK_S
+    if forwards:
+        bound += READ_TIMEOUT_S + REPLY_TOKENS * TOKEN_DELAY_S + 1.0
+    return bound + max(0, forwards - 1) * (2 * QUEUE_TIMEOUT_S + READ_TIMEOUT_S)
+
+
+def _no_forwards(request_id: str) -> int:
+    return 0
+
+
+async def ask(
+    http: httpx2.AsyncClient,
+    tally: Tally,
+    request_id: str,
+    endpoint: Endpoint,
+    model: str,
+    *,
+    leave_after: int = 0,
+    cancel_after_s: float = math.inf,
+    forwards: Callable[[str], int] = _no_forwards,
+) -> str | None:
+    """One request, judged: its outcome tallied (None if it failed), its time held against its
+    bound; `forwards(request_id)` says how often LM Studio saw it."""
+    what = f"{request_id} {endpoint.name} {model}"
+    outcome = "client cancelled"
+    started = anyio.current_time()
+    with anyio.move_on_after(DEADLINE_S) as deadline:
+        try:
+            with anyio.move_on_after(cancel_after_s):
+                outcome = await exchange(http, endpoint, model, leave_after, request_id)
+        except Malformed as exc:
+            forwards(request_id)
+            tally.fail(f"{what}: {exc}")
+            return None
+    took_s, seen = anyio.current_time() - started, forwards(request_id)
+    if deadline.cancelled_caught:
+        tally.fail(f"{what}: no answer within {DEADLINE_S:g} s")
+        return None
+    tally.outcomes[outcome] += 1
+    if outcome != "client cancelled":
+        tally.timed(f"{what}: {outcome}, LM Studio saw it {seen}x", took_s, bound_s(seen))
+    return outcome
+
+
 async def client(
-    http: httpx2.AsyncClient, rng: random.Random, tally: Tally, until: Callable[[], bool]
+    http: httpx2.AsyncClient,
+    rng: random.Random,
+    tally: Tally,
+    until: Callable[[], bool],
+    name: str = "client",
+    forwards: Callable[[str], int] = _no_forwards,
 ) -> None:
-    """Requests one after another: mostly read to the end, some left mid-stream or cancelled."""
-    while not until():
+    """Requests one after another: mostly read to the end, some left mid-stream or cancelled
+    (in the queue, during a load, or mid-answer). Request ids are `name-<n>`."""
+    for n in itertools.count():
+        if until():
+            return
         endpoint = rng.choice(ENDPOINTS)
         model = rng.choice(endpoint.models)
         mode = rng.choices(("full", "leave", "cancel"), (80, 10 if endpoint.stream else 0, 10))[0]
         tally.endpoints[endpoint.name] += 1
-        outcome = "client cancelled"
-        with anyio.move_on_after(DEADLINE_S) as deadline:
-            try:
-                if mode == "cancel":  # in the queue, during a load, or mid-answer
-                    with anyio.move_on_after(rng.uniform(0.01, 1.5)):
-                        outcome = await exchange(http, endpoint, model, 0)
-                else:
-                    leave_after = rng.randint(1, 3) if mode == "leave" else 0
-                    outcome = await exchange(http, endpoint, model, leave_after)
-            except Malformed as exc:
-                tally.fail(f"{endpoint.name} {model}: {exc}")
-                continue
-        if deadline.cancelled_caught:
-            tally.fail(f"{endpoint.name} {model}: no answer within {DEADLINE_S:g} s")
-        else:
-            tally.outcomes[outcome] += 1
+        leave_after = rng.randint(1, 3) if mode == "leave" else 0
+        cancel_after_s = rng.uniform(0.01, 1.5) if mode == "cancel" else math.inf
+        await ask(
+            http,
+            tally,
+            f"{name}-{n}",
+            endpoint,
+            model,
+            leave_after=leave_after,
+            cancel_after_s=cancel_after_s,
+            forwards=forwards,
+        )
         await anyio.sleep(rng.uniform(0, 0.03))
 
 
@@ -800,6 +980,7 @@ async def test_soak_under_faults_loses_nothing(
     minutes: float = request.config.getoption("--soak-minutes")
     seed = random.SystemRandom().randrange(2**32)
     emulator = WatchedEmulator(
+        catalog=CATALOG,
         memory_bytes=MEMORY_BYTES,
         load_delay_s=LOAD_DELAY_S,
         token_delay_s=TOKEN_DELAY_S,
@@ -829,7 +1010,8 @@ async def test_soak_under_faults_loses_nothing(
                     anyio.create_task_group() as tg,
                 ):
                     for n in range(CLIENTS):
-                        tg.start_soon(client, http, random.Random(seed + n), tally, over)  # noqa: S311
+                        rng_n = random.Random(seed + n)  # noqa: S311 - test traffic, not secrets
+                        tg.start_soon(client, http, rng_n, tally, over, f"c{n}", emulator.forwarded)
                     tg.start_soon(injector.run, over)
                 ran_s = anyio.current_time() - started
                 settled = await settle(proxy, emulator)
@@ -852,9 +1034,12 @@ async def test_soak_under_faults_loses_nothing(
             *(f"  {n:7d}  {outcome}" for outcome, n in sorted(tally.outcomes.items())),
             f"by endpoint: {listed(tally.endpoints)}",
             f"faults: {listed(tally.faults)}",
+            f"longest request: {tally.longest}; closest to its bound: {tally.closest}; "
+            f"{tally.late} past their bound",
             f"loads: {emulator.rest_loads} by the proxy "
             f"({counted(samples.get('lmswitch_model_loads_total', {}), 'result')}), "
-            f"{emulator.jit_loads} JIT loads by LM Studio, at most {emulator.most_loading} at once",
+            f"{emulator.jit_loads} JIT loads by LM Studio; most loads at once: "
+            f"{emulator.most_loads_at_once}",
             "unloads by the proxy: "
             + counted(samples.get("lmswitch_model_unloads_total", {}), "reason"),
             f"not the proxy's doing: {listed(emulator.notes)}",
@@ -876,6 +1061,7 @@ async def test_soak_under_faults_loses_nothing(
 
     assert not tally.failures, summary
     assert not emulator.findings, summary
+    assert emulator.most_loads_at_once <= 1, summary  # every load is the proxy's doing
     assert not logs.unhandled(), summary
     assert settled.quiet_s is not None, summary
     assert not settled.left, summary
@@ -902,7 +1088,7 @@ async def test_a_load_past_load_timeout_is_not_overlapped(then: str) -> None:
         assert second.status_code == 200  # after Qwen's load, which it waited for
         await emulator.wait_until(lambda: not emulator.loading, timeout=5)
     assert not emulator.findings  # no call while the given-up load ran, so no second copy
-    assert emulator.most_loading == 1  # nor another model loading beside it: memory overrun
+    assert emulator.most_loads_at_once == 1  # nor another model loading beside it: memory overrun
     assert emulator.rest_loads == (1 if then == QWEN else 2)  # Qwen's load was adopted
 
 
@@ -1060,3 +1246,30 @@ async def test_the_watched_emulator_sees_what_a_proxy_must_not_do() -> None:
         "a second instance: a race with a load behind the proxy's back": 1,
         "an unload right after a client left mid-stream": 1,
     }
+
+
+async def test_the_watched_emulator_sees_jit_loads_beside_others_and_counts_forwards() -> None:
+    """A JIT load beside a REST load is a finding; inference calls are counted by request id;
+    a listing held by `hang_listings` whose caller hung up is never read as seen."""
+    emulator = WatchedEmulator(load_delay_s=0.2)
+    async with serve(emulator.app) as url, httpx2.AsyncClient(base_url=url, timeout=5) as http:
+        headers = {"x-request-id": "r1"}
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(partial(http.post, "/api/v1/models/load", json={"model": QWEN}))
+            await emulator.wait_until(lambda: emulator.loading)
+            tg.start_soon(
+                partial(http.post, "/v1/chat/completions", json=chat(LLAMA), headers=headers)
+            )
+        emulator.hang_listings = True
+        with anyio.move_on_after(0.2):
+            await http.get("/api/v1/models")
+        await emulator.wait_until(lambda: emulator.unanswered == 1)
+        emulator.hang_listings = False  # the held listing goes on, to nobody...
+        await http.get("/api/v1/models")  # ...before this one, which is read
+    assert emulator.findings == [
+        f"a JIT load of {LLAMA} (for a forwarded request) ran beside the proxy's load of {QWEN}"
+    ]
+    assert emulator.most_loads_at_once == 2
+    assert emulator.forwarded("r1") == 1
+    assert emulator.forwarded("r1") == 0  # forgotten once read
+    assert len(emulator._listings) == 1  # the held one was not read as seen
