@@ -78,6 +78,16 @@ SECTIONS: dict[str, Any] = {
 # reloaded and asked once more), LM Studio's read timeout twice, a stream, and slack.
 DEADLINE_S = 2 * QUEUE_TIMEOUT_S + 2 * READ_TIMEOUT_S + 4.0
 SLACK_S = 1.0  # on each request's own bound (`bound_s`)
+# LM Studio hung: its listings for this long, or everything for this long.
+HANG_S = (4.0, 7.0)
+SILENT_S = (2.0, 5.0)
+UNKNOWN = "soak/not-downloaded"  # a model name LM Studio does not have
+UNKNOWN_REFRESH_S = 1.05  # the proxy reads LM Studio's models for an unknown name once a second
+BURST = 6  # requests at once for a model just gone behind the proxy's back
+SLOW_FIRST_TOKEN_S = 2.0  # LM Studio's wait before the first byte, within read_timeout
+CARD_LOAD_S = 0.6  # a load an operator's unload comes during
+UNLOAD_BOUND_S = 3 * CARD_LOAD_S  # a few load times, well under the queue timeout
+GAUGES = ("lmswitch_in_flight_requests", "lmswitch_queued_requests")
 # uvicorn closes idle keep-alive connections after 5 s; the proxy's pool expires its own after 4.
 KEEPALIVE_EXPIRY_S = 5.5
 
@@ -92,6 +102,24 @@ LISTINGS = frozenset({"/v1/models", "/api/v0/models", "/api/v1/models"})
 # The body of a call whose caller hung up while LM Studio held it: LM Studio answers it 400, to
 # nobody, and does nothing else with it.
 ABANDONED = checks.Malformed("the caller hung up before LM Studio answered")
+
+
+async def _caller_left(request: Request, wait: Callable[[], Awaitable[object]]) -> bool:
+    """Await `wait()`; True if the caller hung up first (and `wait` was cancelled)."""
+    left = False
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            nonlocal left
+            while (await request.receive())["type"] != "http.disconnect":  # pragma: no cover
+                pass
+            left = True
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(watch)
+        await wait()
+        tg.cancel_scope.cancel()
+    return left
 
 
 def _a_load(key: str, jit: bool) -> str:
@@ -185,31 +213,17 @@ class WatchedEmulator(Emulator):
         path, request_id = request.url.path, request.headers.get("x-request-id")
         if request.method == "POST" and path.startswith("/v1/") and request_id is not None:
             self.forwards[request_id] += 1
-        if self._unanswered(path) and await self._hung_up(request, path):
-            self.unanswered += 1
             self._notify()
-            return ABANDONED
+        if self._unanswered(path):
+            answers = partial(self.wait_until, lambda: not self._unanswered(path), math.inf)
+            if await _caller_left(request, answers):
+                self.unanswered += 1
+                self._notify()
+                return ABANDONED
         return body
 
     def _unanswered(self, path: str) -> bool:
         return self.silent or (self.hang_listings and path in LISTINGS)
-
-    async def _hung_up(self, request: Request, path: str) -> bool:
-        """Wait until LM Studio answers `path` again; True if the caller hung up first."""
-        hung_up = False
-        async with anyio.create_task_group() as tg:
-
-            async def watch() -> None:
-                nonlocal hung_up
-                while (await request.receive())["type"] != "http.disconnect":  # pragma: no cover
-                    pass
-                hung_up = True
-                tg.cancel_scope.cancel()
-
-            tg.start_soon(watch)
-            await self.wait_until(lambda: not self._unanswered(path), timeout=math.inf)
-            tg.cancel_scope.cancel()
-        return hung_up
 
     # requests being answered
 
@@ -222,8 +236,11 @@ class WatchedEmulator(Emulator):
     async def _infer(
         self, request: Request, body: object, *, kind: replies.Kind, v0: bool
     ) -> Response:
-        if isinstance(body, dict) and (delay := self.slow_first_token.get(str(body.get("model")))):
-            await anyio.sleep(delay)  # a long prompt, say: nothing is sent meanwhile
+        model = body.get("model") if isinstance(body, dict) else None
+        delay_s = self.slow_first_token.get(str(model))
+        # A long prompt, say: nothing is sent meanwhile. A caller that leaves ends it.
+        if delay_s and await _caller_left(request, partial(anyio.sleep, delay_s)):
+            return Response(status_code=499)
         _resolved.set(None)
         try:
             return await super()._infer(request, body, kind=kind, v0=v0)
@@ -266,11 +283,9 @@ class WatchedEmulator(Emulator):
             self._check_memory(model)  # as the load itself does first, with nothing in between
         except LoadFailedError:  # refused at once: no load runs
             return await super()._load(model, jit=jit, ttl_s=ttl_s, options=options)
-        for key, running_jit in self._running:
-            if jit or running_jit:  # a REST load beside a REST load: `_no_load_running` saw it
-                self.findings.append(
-                    f"{_a_load(model.key, jit)} ran beside {_a_load(key, running_jit)}"
-                )
+        # A REST load beside REST loads only: `_no_load_running` has found its call.
+        if beside := [_a_load(key, other) for key, other in self._running if jit or other]:
+            self.findings.append(f"{_a_load(model.key, jit)} ran beside {', '.join(beside)}")
         running = (model.key, jit)
         self._running.append(running)
         try:
@@ -445,6 +460,8 @@ ENDPOINTS = (
     Endpoint("messages", "/v1/messages", False, TEXT_MODELS),
     Endpoint("messages-stream", "/v1/messages", True, TEXT_MODELS),
 )
+CHAT, STREAM, MESSAGES_STREAM = ENDPOINTS[0], ENDPOINTS[1], ENDPOINTS[6]
+EMBEDDINGS, MESSAGE = ENDPOINTS[4], ENDPOINTS[5]
 # Statuses LM Studio's own errors reach clients with (passed through as LM Studio sent them, in
 # OpenAI's envelope whatever the endpoint): 400 for a model gone when JIT loading is off, 500
 # for a JIT load that failed.
@@ -502,6 +519,13 @@ def _json(raw: bytes) -> Any:
         return json.loads(raw)
     except ValueError:
         raise Malformed(f"not JSON: {raw[:200]!r}") from None
+
+
+def _json_or_none(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:  # pragma: no cover - the proxy answers JSON
+        return None
 
 
 def _openai_error(doc: Any) -> str | None:
@@ -720,42 +744,76 @@ async def client(
 
 class Injector:
     """Random faults, each on its own, every 1.2 s on average, dealt from a shuffled deck (so
-    that every kind comes up, and in every order)."""
+    that every kind comes up, and in every order). A lasting fault clears itself; a fault that
+    sends requests of its own (through `http`, to the proxy) waits for them, each within its
+    deadline, or leaves a probe running in the injector's task group."""
 
-    FAULTS = ("fail_loads", "slow_loads", "cut_streams", "restart", "unload_behind", "load_behind")
+    FAULTS = (
+        "fail_loads",
+        "slow_loads",
+        "cut_streams",
+        "restart",
+        "unload_behind",
+        "load_behind",
+        "hang_listings",
+        "silent",
+        "jit_burst",
+        "leave_early",
+        "unload_during_load",
+    )
 
     def __init__(
-        self, emulator: WatchedEmulator, upstream: Upstream, rng: random.Random, tally: Tally
+        self,
+        emulator: WatchedEmulator,
+        upstream: Upstream,
+        rng: random.Random,
+        tally: Tally,
+        http: httpx2.AsyncClient,
     ) -> None:
         self.emulator = emulator
         self.upstream = upstream
         self.rng = rng
         self.tally = tally
+        self.http = http
         self._until: dict[str, float] = {}  # when a lasting fault ends
         self._deck: list[str] = []
         self._restarts = 0
+        self._serial = itertools.count()  # for the request ids of the faults' own requests
+        self._probes: TaskGroup | None = None
 
     async def run(self, until: Callable[[], bool]) -> None:
-        while not until():
-            await anyio.sleep(0.1)
-            self.emulator.calls.clear()  # its record of every call would only grow
-            now = anyio.current_time()
-            for knob in [k for k, end in self._until.items() if end <= now]:
-                self._revert(knob)
-            if self.rng.random() < 0.1 / 1.2:
-                if not self._deck:
-                    self._deck = self.rng.sample(self.FAULTS, len(self.FAULTS))
-                fault = self._deck.pop()
-                self.tally.faults[fault] += 1
-                await getattr(self, fault)()
-        self.calm()  # a restart ends before the loop goes on: LM Studio is up
+        async with anyio.create_task_group() as self._probes:
+            while not until():
+                await anyio.sleep(0.1)
+                self.emulator.calls.clear()  # its record of every call would only grow
+                now = anyio.current_time()
+                for knob in [k for k, end in self._until.items() if end <= now]:
+                    self._revert(knob)
+                if self.rng.random() < 0.1 / 1.2:
+                    if not self._deck:
+                        self._deck = self.rng.sample(self.FAULTS, len(self.FAULTS))
+                    fault = self._deck.pop()
+                    self.tally.faults[fault] += 1
+                    await getattr(self, fault)()
+            self.calm()  # a restart ends before the loop goes on: LM Studio is up
 
     def _revert(self, knob: str) -> None:
         del self._until[knob]
         if knob == "slow_loads":
             self.emulator.load_delay_s = LOAD_DELAY_S
-        else:
+        elif knob == "cut_streams":
             self.emulator.cut_streams_after = None
+        elif knob == "hang_listings":
+            self.emulator.hang_listings = False
+        else:
+            self.emulator.silent = False
+
+    async def _outlast(self, *knobs: str) -> None:
+        """Wait for these lasting faults to end (each within seconds), and end them."""
+        for knob in knobs:
+            if (end := self._until.get(knob)) is not None:
+                await anyio.sleep(max(0.0, end - anyio.current_time()))
+                self._revert(knob)
 
     def calm(self) -> None:
         """Every fault ends."""
@@ -763,6 +821,10 @@ class Injector:
         self.emulator.load_delay_s = LOAD_DELAY_S
         self.emulator.cut_streams_after = None
         self.emulator.fail_next_loads = 0
+        self.emulator.hang_listings = self.emulator.silent = False
+
+    def _request_id(self, fault: str) -> str:
+        return f"{fault}-{next(self._serial)}"
 
     async def fail_loads(self) -> None:
         self.emulator.fail_next_loads += self.rng.randint(1, 2)
@@ -800,6 +862,210 @@ class Injector:
         chosen = self.rng.choice(absent if absent and self.rng.random() < 0.7 else models)
         self.emulator.load_instance(chosen, jit=True)
 
+    # LM Studio hung
+
+    async def hang_listings(self) -> None:
+        """LM Studio's model listings hang while inference works; a probe waits on one."""
+        self.emulator.hang_listings = True
+        self._until["hang_listings"] = anyio.current_time() + self.rng.uniform(*HANG_S)
+        assert self._probes is not None
+        self._probes.start_soon(self._unknown_model)
+
+    async def silent(self) -> None:
+        """LM Studio accepts connections and answers nothing; a probe waits on a listing."""
+        self.emulator.silent = True
+        self._until["silent"] = anyio.current_time() + self.rng.uniform(*SILENT_S)
+        assert self._probes is not None
+        self._probes.start_soon(self._unknown_model)
+
+    async def _unknown_model(self) -> None:
+        """A request for a model LM Studio does not have: the proxy reads LM Studio's models
+        again before it answers 404 (or 503 if it cannot tell), and that reading hangs.
+
+        It asks once the proxy's limit of one such reading a second has passed: every reading
+        since the fault began hangs, so the last one that ended is older than that.
+        """
+        await anyio.sleep(UNKNOWN_REFRESH_S)
+        request_id = self._request_id("unknown")
+        what = f"{request_id} chat {UNKNOWN}"
+        headers = {"x-request-id": request_id}
+        started = anyio.current_time()
+        with anyio.move_on_after(DEADLINE_S) as deadline:
+            try:
+                response = await self.http.post(CHAT.path, json=CHAT.body(UNKNOWN), headers=headers)
+            except httpx2.TransportError as exc:  # pragma: no cover - a broken proxy
+                self.tally.fail(f"{what}: the connection failed: {exc!r}")
+                return
+        took_s = anyio.current_time() - started
+        if deadline.cancelled_caught:
+            self.tally.fail(f"{what}: no answer within {DEADLINE_S:g} s")
+            return
+        code = _openai_error(_json_or_none(response.content))
+        if response.status_code not in (404, 503) or code is None:  # pragma: no cover
+            self.tally.fail(f"{what}: {response.status_code} {response.text[:200]!r}")
+            return
+        outcome = f"{response.status_code} {code} (a model LM Studio does not have)"
+        self.tally.outcomes[outcome] += 1
+        self.tally.timed(f"{what}: {outcome}", took_s, bound_s(0))
+
+    # what the proxy makes LM Studio load
+
+    async def jit_burst(self) -> None:
+        """A model goes behind the proxy's back (or none is loaded), and a burst of requests
+        for it follows at once, with LM Studio's JIT loading on and stacking a copy per request:
+        LM Studio must load it once for them all (the proxy's load, or one request's)."""
+        await self._outlast("silent")  # LM Studio answers, and may load
+        loaded = sorted({i.key for i in self.emulator.instances.values() if i.key != PROBE})
+        key = self.rng.choice(loaded or [*TEXT_MODELS, NOMIC])
+        endpoint = EMBEDDINGS if key == NOMIC else CHAT
+        burst = f"burst-{next(self._serial)}"
+        jit, shares = self.emulator.jit, self.emulator.jit_shares_loads
+        self.emulator.jit, self.emulator.jit_shares_loads = True, False
+        before = self.emulator.load_count(key)
+        outcomes: Counter[str | None] = Counter()
+
+        async def request(request_id: str) -> None:
+            forwards = self.emulator.forwarded
+            outcomes[
+                await ask(self.http, self.tally, request_id, endpoint, key, forwards=forwards)
+            ] += 1
+
+        try:
+            for instance in [i.id for i in self.emulator.instances.values() if i.key == key]:
+                self.emulator.unload_instance(instance)
+            async with anyio.create_task_group() as tg:
+                for n in range(BURST):
+                    tg.start_soon(request, f"{burst}.{n}")
+        finally:
+            self.emulator.jit, self.emulator.jit_shares_loads = jit, shares
+        loads = self.emulator.load_count(key) - before
+        answers = ", ".join(f"{n} {outcome}" for outcome, n in outcomes.items())
+        self.tally.bursts.append(f"{key} {loads} ({answers})")
+        if loads > 1:
+            self.tally.flag(
+                f"{burst} ({burst}.0-{BURST - 1}): LM Studio loaded {key} {loads} times for "
+                f"{BURST} requests that came at once after it went behind the proxy's back"
+            )
+
+    # clients that leave
+
+    async def leave_early(self) -> None:
+        """Clients that leave before the first byte of their answer, streaming or not, while
+        the proxy loads their model or while LM Studio sits on its first token: within a second
+        of the last one leaving, no request for the model is counted in flight or queued."""
+        self.emulator.slow_first_token[PROBE] = SLOW_FIRST_TOKEN_S
+        ids = f"early-{next(self._serial)}"
+        try:
+            async with anyio.create_task_group() as tg:
+                for n, endpoint in enumerate((CHAT, STREAM, MESSAGE, MESSAGES_STREAM)):
+                    upstream = not endpoint.anthropic  # else wherever it is then
+                    leave_s = self.rng.uniform(0.02, 0.3 if upstream else 0.6)
+                    tg.start_soon(
+                        self._leave_before_first_byte, f"{ids}.{n}", endpoint, leave_s, upstream
+                    )
+            zero_s = await wait_until(partial(gauges_at_zero, self.http, PROBE), 1.0)
+            self.tally.early_zero_s.append(zero_s)
+            if zero_s is None:
+                left = await gauges_left(self.http, PROBE)
+                self.tally.flag(
+                    f"{ids} ({ids}.0-3): a second after the last of them left before the first "
+                    f"byte, the proxy still counted {', '.join(left)}"
+                )
+            # The next fault finds every request for the probe model over, LM Studio's too.
+            await wait_until(partial(gauges_at_zero, self.http, PROBE), READ_TIMEOUT_S + 1)
+        finally:
+            del self.emulator.slow_first_token[PROBE]
+
+    async def _leave_before_first_byte(
+        self, request_id: str, endpoint: Endpoint, leave_s: float, upstream: bool
+    ) -> None:
+        """Leave `leave_s` after asking, or after LM Studio has the request if `upstream`."""
+        body, headers = endpoint.body(PROBE), {"x-request-id": request_id}
+        outcome = "client left before the first byte"
+        async with anyio.create_task_group() as tg:
+
+            async def send() -> None:
+                nonlocal outcome
+                async with self.http.stream(
+                    "POST", endpoint.path, json=body, headers=headers
+                ) as response:
+                    outcome = f"{response.status_code} before the client left"  # proxy's error
+                    await response.aread()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(send)
+            if upstream:
+                with anyio.move_on_after(QUEUE_TIMEOUT_S + 1):  # then it is the proxy's 503
+                    forwards = self.emulator.forwards
+                    await self.emulator.wait_until(lambda: forwards[request_id] > 0, math.inf)
+            await anyio.sleep(leave_s)
+            tg.cancel_scope.cancel()
+        self.emulator.forwarded(request_id)
+        self.tally.outcomes[outcome] += 1
+
+    # an operator's calls
+
+    async def unload_during_load(self) -> None:
+        """An operator unloads the probe model while the proxy loads it: the unload answers
+        once the load has ended and the model is unloaded, within a few load times, and the
+        model stays unloaded (no client wants it)."""
+        await self._outlast("silent", "hang_listings")  # LM Studio answers, and may load
+        delay_s, self.emulator.load_delay_s = self.emulator.load_delay_s, CARD_LOAD_S
+        try:
+            await self._unload_during_load()
+        finally:
+            self.emulator.load_delay_s = delay_s
+
+    async def _unload_during_load(self) -> None:
+        if PROBE in self.emulator.view():  # an earlier fault's requests loaded it
+            await self._admin("unload")
+        load: list[tuple[int, str] | None] = []
+        unload: tuple[int, str] | None = None
+        async with anyio.create_task_group() as tg:
+
+            async def call_load() -> None:
+                load.append(await self._admin("load"))
+
+            tg.start_soon(call_load)
+            with anyio.move_on_after(QUEUE_TIMEOUT_S + 1) as waited:
+                await self.emulator.wait_until(self._probe_loading, math.inf)
+            if not waited.cancelled_caught:
+                await anyio.sleep(self.rng.uniform(0.2, 0.4))
+                during = self._probe_loading()
+                started = anyio.current_time()
+                unload = await self._admin("unload")
+                took_s = anyio.current_time() - started
+        if waited.cancelled_caught:  # the proxy could not load it then: nothing to judge
+            self.tally.unloads.append(f"not judged: the load answered {load[0]}")
+            return
+        held = self.emulator.view().get(PROBE)  # once the load call has ended too
+        when = "during its load" if during else "right after its load"
+        answer = "no answer" if unload is None else f"{unload[0]} {unload[1]!r}"
+        status = "no answer" if unload is None else unload[0]
+        self.tally.unloads.append(
+            f"{status} in {took_s:.2f} s {when}, then {'loaded' if held else 'unloaded'}"
+        )
+        if unload is None or unload[0] != 200 or took_s > UNLOAD_BOUND_S or held:
+            self.tally.flag(
+                f"an unload of {PROBE} {when} answered {answer} in {took_s:.2f} s (bound "
+                f"{UNLOAD_BOUND_S:g} s); the load answered {load[0] if load else 'nothing'}, "
+                f"and LM Studio then held {held or 'none'}"
+            )
+
+    def _probe_loading(self) -> bool:
+        return any(call.model == PROBE for call in self.emulator.load_calls)
+
+    async def _admin(self, action: str) -> tuple[int, str] | None:
+        """The proxy's `POST /api/v1/models/<action>` of the probe model: status and message."""
+        with anyio.move_on_after(QUEUE_TIMEOUT_S + 2):
+            response = await self.http.post(f"/api/v1/models/{action}", json={"model_id": PROBE})
+            doc = _json_or_none(response.content)
+            message = doc.get("message") if isinstance(doc, dict) else None
+            if not isinstance(message, str):
+                message = _openai_error(doc) or response.text[:200]
+            return response.status_code, message
+        return None
+
 
 # --- measuring and settling ---------------------------------------------------------------------
 
@@ -830,8 +1096,10 @@ def rss_mib() -> float:
     return next((int(n.split()[1]) / 1024 for n in lines if n.startswith("VmRSS:")), 0.0)
 
 
-async def metric_samples(proxy: Proxy) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
-    text = (await proxy.http.get("/metrics")).text
+async def metric_samples(
+    http: httpx2.AsyncClient,
+) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    text = (await http.get("/metrics")).text
     samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -851,10 +1119,22 @@ async def leases_left(proxy: Proxy) -> list[str]:
     left += [
         f"model {r['id']} is {r['state']}" for r in rows if r["state"] not in ("ready", "absent")
     ]
-    samples = await metric_samples(proxy)
-    for gauge in ("lmswitch_in_flight_requests", "lmswitch_queued_requests"):
-        left += [f"{gauge}{dict(k)} = {v}" for k, v in samples.get(gauge, {}).items() if v]
-    return left
+    return left + await gauges_left(proxy.http)
+
+
+async def gauges_left(http: httpx2.AsyncClient, model: str | None = None) -> list[str]:
+    """The requests the proxy's gauges count in flight or queued (for `model`, or any)."""
+    samples = await metric_samples(http)
+    return [
+        f"{gauge}{dict(labels)} = {value:g}"
+        for gauge in GAUGES
+        for labels, value in samples.get(gauge, {}).items()
+        if value and model in (None, dict(labels).get("model"))
+    ]
+
+
+async def gauges_at_zero(http: httpx2.AsyncClient, model: str | None = None) -> bool:
+    return not await gauges_left(http, model)
 
 
 async def proxy_view(proxy: Proxy) -> dict[str, list[str]]:
@@ -968,6 +1248,10 @@ def counted(samples: dict[tuple[tuple[str, str], ...], float], label: str) -> st
     return listed(totals)
 
 
+def seconds(took_s: float | None) -> str:
+    return "not within 1 s" if took_s is None else f"{took_s:.2f} s"
+
+
 def listed(counts: Counter[str], empty: str = "none") -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or empty
 
@@ -997,7 +1281,6 @@ async def test_soak_under_faults_loses_nothing(
                 )  # every code path once, before measuring
                 fds_before, memory_before, rss_before = open_fds(), traced(), rss_mib()
                 rng = random.Random(seed)  # noqa: S311 - test traffic, not secrets
-                injector = Injector(emulator, upstream, rng, tally)
                 started = anyio.current_time()
                 end = started + minutes * 60
 
@@ -1012,7 +1295,9 @@ async def test_soak_under_faults_loses_nothing(
                     for n in range(CLIENTS):
                         rng_n = random.Random(seed + n)  # noqa: S311 - test traffic, not secrets
                         tg.start_soon(client, http, rng_n, tally, over, f"c{n}", emulator.forwarded)
-                    tg.start_soon(injector.run, over)
+                    tg.start_soon(Injector(emulator, upstream, rng, tally, http).run, over)
+                # The last client has left (the faults' own requests too).
+                zero_s = await wait_until(partial(gauges_at_zero, proxy.http), 1.0)
                 ran_s = anyio.current_time() - started
                 settled = await settle(proxy, emulator)
                 emulator.judge()
@@ -1020,8 +1305,9 @@ async def test_soak_under_faults_loses_nothing(
                 settled.recovered += await answers_every_model(
                     proxy.url
                 )  # ...and the pool drops them
+                emulator.forwards.clear()  # forwards of requests whose clients had left
                 fds_after, memory_after, rss_after = open_fds(), traced(), rss_mib()
-                samples = await metric_samples(proxy)
+                samples = await metric_samples(proxy.http)
             await upstream.stop()
 
     requests = sum(tally.outcomes.values())
@@ -1036,6 +1322,12 @@ async def test_soak_under_faults_loses_nothing(
             f"faults: {listed(tally.faults)}",
             f"longest request: {tally.longest}; closest to its bound: {tally.closest}; "
             f"{tally.late} past their bound",
+            f"JIT bursts of {BURST} requests, loads of the model each: "
+            f"{', '.join(tally.bursts) or 'none'}",
+            f"unloads during a load: {'; '.join(tally.unloads) or 'none'}",
+            f"in-flight gauges at 0 after the last client left: {seconds(zero_s)}; after clients "
+            f"left before the first byte: {', '.join(map(seconds, tally.early_zero_s)) or '-'}",
+            f"calls LM Studio never answered (their callers hung up): {emulator.unanswered}",
             f"loads: {emulator.rest_loads} by the proxy "
             f"({counted(samples.get('lmswitch_model_loads_total', {}), 'result')}), "
             f"{emulator.jit_loads} JIT loads by LM Studio; most loads at once: "
@@ -1060,6 +1352,7 @@ async def test_soak_under_faults_loses_nothing(
     print(f"\n{summary}")  # noqa: T201 - the soak's report, shown with -s
 
     assert not tally.failures, summary
+    assert zero_s is not None, summary
     assert not emulator.findings, summary
     assert emulator.most_loads_at_once <= 1, summary  # every load is the proxy's doing
     assert not logs.unhandled(), summary
@@ -1097,9 +1390,6 @@ def chat(model: str) -> dict[str, Any]:
 
 
 # --- the soak's judges, judged ------------------------------------------------------------------
-
-CHAT, STREAM, MESSAGES_STREAM = ENDPOINTS[0], ENDPOINTS[1], ENDPOINTS[6]
-EMBEDDINGS, MESSAGE = ENDPOINTS[4], ENDPOINTS[5]
 
 
 def _error(code: str | None, **extra: Any) -> bytes:
