@@ -170,6 +170,7 @@ class WatchedEmulator(Emulator):
         self.forwards: Counter[str] = Counter()
         self.slow_first_token: dict[str, float] = {}
         self.unanswered = 0  # calls held until their caller hung up
+        self.refused: Counter[str] = Counter()  # loads refused at once for memory, per model
 
     def forwarded(self, request_id: str) -> int:
         """How often LM Studio received the request, forgetting it."""
@@ -282,6 +283,7 @@ class WatchedEmulator(Emulator):
         try:
             self._check_memory(model)  # as the load itself does first, with nothing in between
         except LoadFailedError:  # refused at once: no load runs
+            self.refused[model.key] += 1
             return await super()._load(model, jit=jit, ttl_s=ttl_s, options=options)
         # A REST load beside REST loads only: `_no_load_running` has found its call.
         if beside := [_a_load(key, other) for key, other in self._running if jit or other]:
@@ -921,7 +923,7 @@ class Injector:
         burst = f"burst-{next(self._serial)}"
         jit, shares = self.emulator.jit, self.emulator.jit_shares_loads
         self.emulator.jit, self.emulator.jit_shares_loads = True, False
-        before = self.emulator.load_count(key)
+        before = self.emulator.load_count(key), self.emulator.refused[key]
         outcomes: Counter[str | None] = Counter()
 
         async def request(request_id: str) -> None:
@@ -938,13 +940,16 @@ class Injector:
                     tg.start_soon(request, f"{burst}.{n}")
         finally:
             self.emulator.jit, self.emulator.jit_shares_loads = jit, shares
-        loads = self.emulator.load_count(key) - before
+        # A copy LM Studio refused for memory counts: it tried, and a request failed for it.
+        loads = self.emulator.load_count(key) - before[0]
+        refused = self.emulator.refused[key] - before[1]
         answers = ", ".join(f"{n} {outcome}" for outcome, n in outcomes.items())
-        self.tally.bursts.append(f"{key} {loads} ({answers})")
-        if loads > 1:
+        self.tally.bursts.append(f"{key} {loads}+{refused} refused ({answers})")
+        if loads + refused > 1:
             self.tally.flag(
-                f"{burst} ({burst}.0-{BURST - 1}): LM Studio loaded {key} {loads} times for "
-                f"{BURST} requests that came at once after it went behind the proxy's back"
+                f"{burst} ({burst}.0-{BURST - 1}): LM Studio loaded {key} {loads} times (and "
+                f"refused {refused} more for memory) for {BURST} requests that came at once "
+                "after it went behind the proxy's back"
             )
 
     # clients that leave
@@ -1322,7 +1327,7 @@ async def test_soak_under_faults_loses_nothing(
             f"faults: {listed(tally.faults)}",
             f"longest request: {tally.longest}; closest to its bound: {tally.closest}; "
             f"{tally.late} past their bound",
-            f"JIT bursts of {BURST} requests, loads of the model each: "
+            f"JIT bursts of {BURST} requests, loads of the model each (+ refused for memory): "
             f"{', '.join(tally.bursts) or 'none'}",
             f"unloads during a load: {'; '.join(tally.unloads) or 'none'}",
             f"in-flight gauges at 0 after the last client left: {seconds(zero_s)}; after clients "
