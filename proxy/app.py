@@ -80,7 +80,12 @@ def create_app(
             ) as http,
             anyio.create_task_group() as tg,  # exits first: tasks stop before the pool closes
         ):
-            client = LMStudioClient(http, api_token=token, load_timeout_s=upstream.load_timeout)
+            client = LMStudioClient(
+                http,
+                api_token=token,
+                load_timeout_s=upstream.load_timeout,
+                list_timeout_s=upstream.connect_timeout,  # a listing is as quick as a connect
+            )
             manager = ModelManager(client, settings, metrics, events=events)
             await tg.start(manager.run)
             release_startup_garbage()

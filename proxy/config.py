@@ -84,7 +84,7 @@ class LoadOptions(_Section):
 
 
 class ServerSettings(_Section):
-    """Where the proxy listens and how it treats request bodies and shutdown."""
+    """Where the proxy listens, how it bounds connections and request bodies, and shutdown."""
 
     host: str = Field(
         default="127.0.0.1",
@@ -98,6 +98,17 @@ class ServerSettings(_Section):
         default=30.0,
         description="On SIGTERM or Ctrl+C: stop accepting, let running requests finish this long.",
     )
+    header_timeout: Seconds = Field(
+        default=30.0,
+        gt=0,
+        description="A connection whose request headers have not all arrived this long after it "
+        "opened (or after the next request on it began) is closed.",
+    )
+    max_connections: int = Field(
+        default=1000,
+        ge=1,
+        description="Open client connections; past it, new ones get 503 and are closed.",
+    )
 
 
 class UpstreamSettings(_Section):
@@ -109,7 +120,9 @@ class UpstreamSettings(_Section):
         description="LM Studio API token, sent as Bearer (never the client's key).",
     )
     connect_timeout: Seconds = Field(
-        default=5.0, description="Longest wait to open a connection to LM Studio."
+        default=5.0,
+        description="Longest wait to open a connection to LM Studio, and for a whole listing of "
+        "its models (LM Studio lists them in milliseconds).",
     )
     read_timeout: Seconds = Field(
         default=600.0, description="Longest wait between bytes of an upstream response."

@@ -38,8 +38,8 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-# Listing models is quick; a server that takes longer than this is treated as unreachable.
-_LIST_TIMEOUT_S = 30.0
+# Unloading frees memory and takes a moment; one that takes longer than this has failed.
+UNLOAD_TIMEOUT_S = 30.0
 # What LM Studio answers when the model asked for is not loaded and it does not load it itself
 # (JIT loading off): the model was unloaded behind the proxy's back.
 _NOT_LOADED_MARKERS = (b"No models loaded", b"Invalid model identifier", b"model_not_found")
@@ -163,6 +163,7 @@ class LMStudioClient:
         transport: httpx2.AsyncBaseTransport | None = None,
         api_token: str | None = None,
         load_timeout_s: float = 300.0,
+        list_timeout_s: float = 5.0,
     ) -> None:
         self._http = http
         self._transport = transport if transport is not None else _transport_of(http)
@@ -170,6 +171,7 @@ class LMStudioClient:
         self._urls: dict[str, httpx2.URL] = {}
         self._auth = [(b"authorization", f"Bearer {api_token}".encode())] if api_token else []
         self.load_timeout_s = load_timeout_s
+        self.list_timeout_s = list_timeout_s
         self.base_url = str(http.base_url).rstrip("/")
 
     async def _call(self, method: str, path: str, body: Any, timeout_s: float) -> Any:
@@ -220,13 +222,19 @@ class LMStudioClient:
         """Downloaded models with sizes and loaded instances.
 
         `/api/v1/models` carries sizes but some builds report `loaded_instances` empty, so the
-        loaded state is cross-checked with `/api/v0/models`.
+        loaded state is cross-checked with `/api/v0/models`. LM Studio answers both in
+        milliseconds: the two together get `list_timeout_s`, and a listing that takes longer means
+        LM Studio is not answering (docs/design.md §3.3).
         """
+        started = anyio.current_time()
         try:
-            v1 = await self._call("GET", "/api/v1/models", None, _LIST_TIMEOUT_S)
-            v0 = await self._call("GET", "/api/v0/models", None, _LIST_TIMEOUT_S)
+            v1 = await self._call("GET", "/api/v1/models", None, self.list_timeout_s)
+            left = self.list_timeout_s - (anyio.current_time() - started)
+            v0 = await self._call("GET", "/api/v0/models", None, max(left, 0.001))
         except UpstreamTimeoutError as exc:
-            raise UpstreamUnavailableError(exc.message, retry_after_s=5) from exc
+            raise UpstreamUnavailableError(
+                f"LM Studio did not list its models in {self.list_timeout_s:g} s", retry_after_s=5
+            ) from exc
         loaded_v0: dict[str, list[tuple[str, int | None]]] = {}
         for row in v0.get("data", []) if isinstance(v0, dict) else []:
             if isinstance(row, dict) and row.get("state") == "loaded":
@@ -294,7 +302,7 @@ class LMStudioClient:
                 "POST",
                 "/api/v1/models/unload",
                 {"instance_id": instance_id},
-                timeout_s=self.load_timeout_s,
+                timeout_s=UNLOAD_TIMEOUT_S,
             )
         except UpstreamError as exc:
             if exc.code != "upstream_404":

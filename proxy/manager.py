@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from typing import Any, Protocol, TypeVar
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
@@ -22,10 +22,10 @@ from proxy import names, scheduling as sch
 from proxy.config import Settings
 from proxy.errors import ProxyError, QueueTimeoutError, UpstreamTimeoutError
 from proxy.events import EventBus
-from proxy.leases import ClientGone, Lease, Pending, failure
+from proxy.leases import ClientGone, Gate, Lease, Pending, failure
 from proxy.metrics import Metrics
 from proxy.names import Resolved
-from proxy.reconciler import LMStudioCalls, LoadFailed, Reconciler
+from proxy.reconciler import LMStudioCalls, LoadFailed, Observation, Reconciler
 from proxy.reporter import Reporter
 from proxy.scheduler import Scheduler
 from proxy.views import ModelView, StatusView, model_view, status_view
@@ -37,6 +37,27 @@ logger = logging.getLogger("lmswitch.manager")
 # An unknown model name refreshes the catalogue at most this often (a model may have just been
 # downloaded), so that a client cannot make every bad request cost an upstream call.
 _CATALOG_REFRESH_S = 1.0
+# A listing asked for while another runs waits for that one if it began this recently; an older
+# one may be stuck (LM Studio lists in milliseconds), and a new listing starts beside it
+# (docs/design.md §3.3).
+_JOIN_S = 0.25
+# While LM Studio's listings fail, they are retried this often (not every poll interval).
+_RETRY_S = 1.0
+
+
+class _Answer(Protocol):
+    status_code: int
+
+
+_A = TypeVar("_A", bound=_Answer)
+
+
+class _Refresh:
+    __slots__ = ("done", "started")
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.done = anyio.Event()
 
 
 class ModelManager:
@@ -75,8 +96,11 @@ class ModelManager:
         self._wakeup = anyio.Event()
         self._sleep_until = math.inf
         self._change: anyio.Event | None = None
-        self._refreshed: anyio.Event | None = None  # set when the running refresh ends
+        self._refreshing: _Refresh | None = None  # the latest listing still running
+        self._next_poll = math.inf
         self._epoch = 0  # bumped by every load and unload, to discard stale observations
+        self._gates: dict[str, Gate] = {}
+        self._unloaded: dict[str, anyio.Event] = {}  # operators' unloads waiting to be done
 
     # -- lifetime ---------------------------------------------------------------------------
 
@@ -89,15 +113,16 @@ class ModelManager:
             self._tg = tg
             tg.start_soon(self._start_up)  # LM Studio may be slow or away: serve meanwhile
             task_status.started()
-            next_poll = self._clock() + self._settings.upstream.poll_interval
+            self._next_poll = self._clock() + self._settings.upstream.poll_interval
             while True:
                 self._wakeup = anyio.Event()
                 now = self._clock()
-                if now >= next_poll:
-                    tg.start_soon(self.refresh)
-                    next_poll = now + self._settings.upstream.poll_interval
+                if now >= self._next_poll:
+                    if self._refreshing is None:  # the poll never starts beside a running listing
+                        tg.start_soon(self.refresh)
+                    self._next_poll = now + self._settings.upstream.poll_interval
                 wake = self._scheduler.next_wakeup(now)
-                self._sleep_until = min(wake if wake is not None else math.inf, next_poll)
+                self._sleep_until = min(wake if wake is not None else math.inf, self._next_poll)
                 with anyio.move_on_after(self._sleep_until - now):
                     await self._wakeup.wait()
                     continue  # woken by an event: the deadline may have moved
@@ -127,9 +152,14 @@ class ModelManager:
         return Resolved(key, target)
 
     async def _refresh_for_unknown(self) -> bool:
-        """Refresh the catalogue for an unknown name, at most once a second; True if it ran."""
+        """Refresh the catalogue for an unknown name, at most once a second; True if it ran.
+
+        While LM Studio's listings fail, the name is looked up in the last catalogue read.
+        """
         upstream = self._upstream
-        if upstream.catalog_known and self._clock() - upstream.last_refresh < _CATALOG_REFRESH_S:
+        if upstream.catalog_known and (
+            not upstream.current or self._clock() - upstream.last_refresh < _CATALOG_REFRESH_S
+        ):
             return False
         await self.refresh()
         upstream.require_catalog()
@@ -188,10 +218,12 @@ class ModelManager:
 
         Returns how long it waited and whether it waited on a load.
         """
-        if not self._upstream.reachable:
-            # LM Studio was away: it may have restarted with nothing loaded. See first.
-            await self.refresh()
         arrived = self._clock()
+        model = self._scheduler.models.get(key)
+        if not self._upstream.current and (model is None or model.phase is not sch.Phase.READY):
+            # The model must be loaded, and nothing is loaded on a state that was not read: try
+            # a listing first (its own deadline is shorter than the request's budget).
+            await self.refresh()
         if takes_lease and self._scheduler.try_grant(key, arrived):
             self._metrics.queue_wait.labels(key).observe(0.0)
             return 0.0, False
@@ -214,6 +246,51 @@ class ModelManager:
         waited = self._clock() - arrived
         self._metrics.queue_wait.labels(key).observe(waited)
         return waited, loading
+
+    async def send(self, lease: Lease, call: Callable[[], Awaitable[_A]]) -> _A:
+        """Make `call` (a request to LM Studio for the leased model) once it is clear to go.
+
+        A model that LM Studio has not confirmed loaded since the request out to it now was sent
+        takes one request at a time until it does (`Gate`): the others wait for that answer,
+        or for a listing, at most for what is left of their queue budget (docs/design.md §4.1).
+        An answer that begins with a status below 400 confirms the model loaded.
+        """
+        key = lease.key
+        if (gate := self._gates.get(key)) is None:
+            gate = self._gates[key] = Gate()
+        if not gate.clear(self._clock()):
+            budget = self._settings.scheduler.queue_timeout - lease.waited_s
+            with anyio.move_on_after(budget):
+                await self._confirm(key, gate)
+        gate.sent(self._clock())
+        try:
+            answer = await call()
+        except BaseException:
+            gate.answered(None)
+            raise
+        gate.answered(self._clock() if answer.status_code < 400 else None)
+        if gate.recheck and gate.out == 0:
+            gate.recheck = False  # LM Studio may have loaded copies of it meanwhile (JIT)
+            self._start_soon(self.refresh)
+        return answer
+
+    async def _confirm(self, key: str, gate: Gate) -> None:
+        """Wait until `gate` is clear, asking LM Studio's listing once; go on without it if
+        the listing cannot be read."""
+        while not gate.clear(self._clock()):
+            if gate.listing is None:
+                gate.listing = anyio.Event()
+                self._start_soon(self._confirm_by_listing, gate, gate.listing)
+            elif gate.listing.is_set() and not self._upstream.current:
+                return  # LM Studio's state cannot be read: do not hold requests on it
+            await gate.wait_change()
+
+    async def _confirm_by_listing(self, gate: Gate, listed: anyio.Event) -> None:
+        try:
+            await self.refresh()
+        finally:
+            listed.set()
+            gate.changed()
 
     def _release(self, key: str) -> None:
         self._metrics.in_flight.labels(key).dec()
@@ -260,13 +337,14 @@ class ModelManager:
         model = self._scheduler.models.get(key)
         if model is None or model.phase not in sch.RESIDENT:
             return False
+        if (unloaded := self._unloaded.get(key)) is None:
+            unloaded = self._unloaded[key] = anyio.Event()
         self._scheduler.request_unload(key)
         self._kick()
         timeout_s = self._settings.scheduler.queue_timeout
         try:
             with anyio.fail_after(timeout_s):
-                while model.phase is not sch.Phase.ABSENT:
-                    await self._changed().wait()
+                await unloaded.wait()
         except TimeoutError:
             raise QueueTimeoutError(
                 f"model {key!r} still has {model.leases} request(s) running after "
@@ -376,8 +454,15 @@ class ModelManager:
         else:
             self._scheduler.unload_done(action.model)
             self._report.unloaded(action.model, action.reason)
+            if action.reason is sch.UnloadReason.ADMIN:
+                self._unload_answered(action.model)
         self._epoch += 1
         self._kick()
+
+    def _unload_answered(self, key: str) -> None:
+        """Answer the operators waiting for `key` to be unloaded (it is, or it vanished)."""
+        if (unloaded := self._unloaded.pop(key, None)) is not None:
+            unloaded.set()
 
     # -- staying true to LM Studio ------------------------------------------------------------
 
@@ -385,34 +470,62 @@ class ModelManager:
         """A request found LM Studio unreachable: note it and reconcile in the background."""
         self._upstream.note(error)
         self._report.upstream(self._upstream.reachable)
-        if self._tg is not None and self._refreshed is None:
+        if self._tg is not None and self._refreshing is None:
             self._tg.start_soon(self.refresh)
 
     async def refresh(self) -> None:
         """Reconcile with LM Studio's catalogue and loaded instances; never raises.
 
-        Single-flight: a caller that arrives while a refresh runs waits for that one.
+        A caller that arrives while a listing that began less than `_JOIN_S` ago runs waits for
+        that one; an older one may be stuck, so a new listing starts beside it.
         """
-        if self._refreshed is not None:
-            await self._refreshed.wait()
+        now = self._clock()
+        running = self._refreshing
+        if running is not None and now - running.started < _JOIN_S:
+            await running.done.wait()
             return
-        self._refreshed = refreshed = anyio.Event()
+        self._refreshing = this = _Refresh(now)
         epoch = self._epoch
         try:
             observation = await self._upstream.observe()
         finally:
-            self._refreshed = None
-            refreshed.set()
+            if self._refreshing is this:
+                self._refreshing = None
+            this.done.set()
+        if observation is None:
+            return  # a listing started later was read first
         self._report.upstream(self._upstream.reachable)
         if isinstance(observation, ProxyError):
             self._report.unreadable(observation)
+            self._scheduler.set_unreadable(observation.message)
+            self._next_poll = min(self._next_poll, self._clock() + _RETRY_S)
+            self._wakeup.set()
+            self._kick()
             return
+        self._scheduler.set_unreadable(None)
         self._scheduler.set_catalog(observation.sizes)
         if epoch == self._epoch:  # no load or unload finished meanwhile: the view is current
-            self._scheduler.observed(observation.instances, self._clock())
+            self._scheduler.observed(self._seen(observation), self._clock())
             self._report.duplicates(self._scheduler.models)
+            for key, model in self._scheduler.models.items():
+                if model.phase is sch.Phase.ABSENT and key in self._unloaded:
+                    self._unload_answered(key)  # gone behind our back: unloaded all the same
         self._report.catalog(observation.sizes)
         self._kick()
+
+    def _seen(self, observation: Observation) -> Mapping[str, Sequence[str]]:
+        """The instances a listing shows, and those of models it misses while requests are out
+        to them (LM Studio may be loading them by JIT: they are looked at again afterwards)."""
+        seen: dict[str, Sequence[str]] = dict(observation.instances)
+        for key, gate in self._gates.items():
+            if key in seen:
+                gate.confirm(observation.started)
+                continue
+            model = self._scheduler.models.get(key)
+            if gate.out and model is not None and model.phase in sch.LOADED and model.instance_id:
+                seen[key] = [model.instance_id, *model.duplicates]
+                gate.recheck = True
+        return seen
 
     @property
     def reachable(self) -> bool:

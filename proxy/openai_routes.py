@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import AsyncExitStack
+from functools import partial
 from typing import Any
 
 from starlette.requests import Request
@@ -45,8 +46,9 @@ async def proxy_request(request: Request[State]) -> Response:
         async with AsyncExitStack() as held:
             lease = await manager.acquire(key, disconnected=disconnected)
             held.callback(lease.release)
+            send = partial(client.open_completion, path, body, headers)
             try:
-                upstream = await client.open_completion(path, body, headers)
+                upstream = await manager.send(lease, send)
             except ModelNotLoadedError:
                 # Unloaded in LM Studio behind our back: see its real state, reload, ask again.
                 await held.aclose()
@@ -54,7 +56,7 @@ async def proxy_request(request: Request[State]) -> Response:
                 lease = await manager.acquire(key, disconnected=disconnected)
                 held.callback(lease.release)
                 try:
-                    upstream = await client.open_completion(path, body, headers)
+                    upstream = await manager.send(lease, send)
                 except ModelNotLoadedError as again:
                     upstream = again.response  # LM Studio's own answer, relayed as it is
             held.push_async_callback(upstream.aclose)

@@ -55,6 +55,7 @@ class Observation:
 
     sizes: Mapping[str, int]
     instances: Mapping[str, tuple[str, ...]]
+    started: float  # when the listing was asked for: the state is at least this recent
 
 
 class Reconciler:
@@ -71,9 +72,14 @@ class Reconciler:
         self.catalog_known = False
         self.reachable = False
         self.last_error: ProxyError | None = None  # why the last catalogue read failed
-        self.last_refresh = -math.inf
+        self.last_refresh = -math.inf  # when the listing whose outcome is current was started
         self.context_overrides: dict[str, int] = {}  # from operators' load requests
         self.context_lengths: dict[str, int | None] = {}  # of loaded instances, as last seen
+
+    @property
+    def current(self) -> bool:
+        """Whether LM Studio's last listing was read (its state is known, not stale)."""
+        return self.catalog_known and self.last_error is None
 
     def require_catalog(self) -> None:
         """Raise why LM Studio's models are unknown, if they are."""
@@ -139,19 +145,27 @@ class Reconciler:
 
     # -- reading LM Studio's state ------------------------------------------------------------
 
-    async def observe(self) -> Observation | ProxyError:
-        """Read LM Studio's catalogue and loaded instances; the error if it could not be read.
+    async def observe(self) -> Observation | ProxyError | None:
+        """Read LM Studio's catalogue and loaded instances; the error if it could not be read,
+        or None if a listing started later has already been read (this one is stale).
 
         What was read becomes the catalogue (for names, sizes and context lengths) at once.
+        Listings may overlap (a stuck one is not waited for, §3.3): only the latest started
+        one that has ended counts.
         """
+        started = self._clock()
         try:
             catalog = await self._client.catalog()
         except ProxyError as exc:
+            if started < self.last_refresh:
+                return None
+            self.last_refresh = started
             self.note(exc)
             self.last_error = exc
             return exc
-        finally:
-            self.last_refresh = self._clock()
+        if started < self.last_refresh:
+            return None
+        self.last_refresh = started
         self.note(None)
         self.last_error = None
         self.catalog = {info.key: info for info in catalog}
@@ -162,4 +176,5 @@ class Reconciler:
         return Observation(
             sizes={info.key: info.size_bytes for info in catalog},
             instances={info.key: info.instances for info in catalog if info.instances},
+            started=started,
         )

@@ -49,6 +49,9 @@ class Scheduler:
         self.models: dict[str, Model] = {}
         self.waiters: dict[int, Waiter] = {}  # insertion order is arrival order
         self.hold_until = 0.0
+        # Why LM Studio's state cannot be read now (its last listing failed), or None. Nothing
+        # is loaded or evicted on the strength of a state that could not be read (§2.3).
+        self.unreadable: str | None = None
         self._outbox: list[Action] = []
         self._next_id = 0
 
@@ -63,6 +66,10 @@ class Scheduler:
     def set_catalog(self, sizes: Mapping[str, int]) -> None:
         for key, size in sizes.items():
             self.model(key).size_bytes = size
+
+    def set_unreadable(self, why: str | None) -> None:
+        """LM Studio's state could not be read (`why`), or could again (None)."""
+        self.unreadable = why
 
     def pin(self, key: str, pinned: bool) -> None:
         self.model(key).pinned = pinned
@@ -280,8 +287,16 @@ class Scheduler:
     def _refuse(self, actions: list[Action]) -> None:
         for waiter in list(self.waiters.values()):
             model = self.models[waiter.model]
-            if model.phase is Phase.ABSENT and (why := self.never_fits(model)) is not None:
+            if model.phase is not Phase.ABSENT:
+                continue
+            if (why := self.never_fits(model)) is not None:
                 self._fail(waiter, FailReason.NO_FIT, why, actions)
+            elif self.unreadable is not None:
+                message = (
+                    f"model {waiter.model!r} is not loaded, and LM Studio's models cannot be read "
+                    f"({self.unreadable}); nothing is loaded or evicted until they can"
+                )
+                self._fail(waiter, FailReason.UNREADABLE, message, actions)
 
     def _oldest(self, key: str) -> float:
         return min(w.arrived for w in self.waiters.values() if w.model == key)
@@ -352,9 +367,11 @@ class Scheduler:
                 actions.append(Drain(model.key))
 
     def _grant(self, now: float, actions: list[Action]) -> None:
+        """Lease ready models to their waiters. An operator's load (no lease) is done once its
+        model is ready, even if an unload was asked for meanwhile (it happens next)."""
         for waiter in list(self.waiters.values()):
             model = self.models[waiter.model]
-            if model.phase is Phase.READY and not model.unload_requested:
+            if model.phase is Phase.READY and not (model.unload_requested and waiter.takes_lease):
                 del self.waiters[waiter.id]
                 if waiter.takes_lease:
                     model.leases += 1
@@ -375,6 +392,8 @@ class Scheduler:
         for model in self.models.values():  # operators' unloads first
             if model.unload_requested and model.phase is Phase.DRAINING and model.leases == 0:
                 return self._unload(model, UnloadReason.ADMIN)
+        if self.unreadable is not None:
+            return None  # no eviction, load or idle unload on a state that could not be read
         grace_over = (
             target is not None
             and target.phase is Phase.ABSENT

@@ -31,6 +31,7 @@ class FailReason(enum.StrEnum):
     NO_FIT = "no_fit"  # can never fit beside the pinned models
     QUEUE_FULL = "queue_full"  # more waiters than max_queue
     LOAD_FAILED = "load_failed"  # the load it waited on failed
+    UNREADABLE = "unreadable"  # needs a load, and LM Studio's state cannot be read
 
 
 class UnloadReason(enum.StrEnum):

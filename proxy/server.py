@@ -1,9 +1,11 @@
 """The uvicorn servers lmswitch runs (signal handling, shutdown and start-up hooks), their
-uvicorn configuration, and the log handler and format every command shares.
+uvicorn configuration, the HTTP protocol that bounds client connections, and the log handler and
+format every command shares.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -13,16 +15,21 @@ import socket
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from http import HTTPStatus
 from types import FrameType
-from typing import Any
+from typing import Any, ClassVar
 
 import uvicorn
-from uvicorn.server import HANDLED_SIGNALS
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+from uvicorn.server import HANDLED_SIGNALS, ServerState
 
 from proxy.access import AccessLine
-from proxy.config import Settings
+from proxy.config import ServerSettings, Settings
+from proxy.errors import ProxyError, RequestTimeoutError
 
 SignalHandler = Callable[[int, FrameType | None], None]
+
+logger = logging.getLogger("lmswitch.server")
 
 
 @contextlib.contextmanager
@@ -91,6 +98,155 @@ class QuietServer(uvicorn.Server):
         self._on_started()  # uvicorn's startup either finishes started or raises SystemExit
 
 
+# --- the HTTP protocol -------------------------------------------------------------------------
+
+
+_REFUSED_LOG_S = 60.0
+
+
+def _raw_response(
+    status: int, error: ProxyError, default_headers: list[tuple[bytes, bytes]]
+) -> bytes:
+    """A whole `connection: close` response carrying `error`'s OpenAI body, written by the
+    protocol itself: no request reached the app, so no app can answer."""
+    body = json.dumps(error.body()).encode()
+    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}".encode()]
+    lines += [name + b": " + value for name, value in default_headers]
+    lines += [f"{name}: {value}".encode() for name, value in error.headers().items()]
+    lines += [b"content-type: application/json", b"content-length: %d" % len(body)]
+    lines += [b"connection: close", b"", body]
+    return b"\r\n".join(lines)
+
+
+class BoundedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP/1.1 protocol (httptools: what `http="auto"` picks with it installed), with
+    two bounds on client connections (docs/design.md §4.6):
+
+    - a request's headers must all arrive within `header_timeout_s` of the connection opening, or
+      of the next request on it beginning; otherwise the connection is closed, with a 408 if part
+      of a request came. Bodies and responses are not timed here (the app times body reads).
+    - at most `max_connections` are open (uvicorn's own registry of them, per server); one more
+      is answered 503 at once, before its request is read, then closed, and never counted.
+
+    `bounded_protocol(server)` makes the subclass that carries a configuration's values.
+    """
+
+    header_timeout_s: ClassVar[float] = 30.0
+    max_connections: ClassVar[int] = 1000
+    refused: ClassVar[int] = 0  # connections refused since the last warning
+    refused_logged: ClassVar[float] = -math.inf  # when the last warning was logged
+
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._awaiting_headers = False  # part of a request has come, not yet all its headers
+        self._refused = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if len(self.connections) >= self.max_connections:
+            self._refuse(transport)
+            return
+        super().connection_made(transport)
+        self._start_header_timer()
+
+    def _refuse(self, transport: asyncio.Transport) -> None:
+        self._refused = True
+        self.transport = transport
+        cls = type(self)
+        cls.refused += 1
+        now = self.loop.time()
+        if now >= cls.refused_logged + _REFUSED_LOG_S:  # a flood logs one line a minute
+            cls.refused_logged = now
+            logger.warning(
+                "refused %d new connection(s): %d are open, the most server.max_connections "
+                "allows (said at most once a minute)",
+                cls.refused,
+                len(self.connections),
+            )
+            cls.refused = 0
+        error = ProxyError(
+            f"The proxy has {self.max_connections} connections open, the most it allows; "
+            "retry shortly.",
+            code="too_many_connections",
+            retry_after_s=1,
+        )
+        transport.write(_raw_response(503, error, self.server_state.default_headers))
+        transport.close()  # after the write is flushed; the request, if any, is never read
+
+    def data_received(self, data: bytes) -> None:
+        # A refused connection's bytes are never parsed. asyncio and uvloop do not start reading
+        # a transport closed in connection_made, so this only guards against a loop that does.
+        if not self._refused:  # pragma: no branch - see above
+            super().data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_header_timer()
+        if not self._refused:  # a refused connection was never registered nor set up
+            super().connection_lost(exc)
+
+    # The header timer runs while a request's headers are awaited and no response is in
+    # progress; it is stopped when they are complete and when the connection is lost.
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._awaiting_headers = True
+        # uvicorn stops its keep-alive timer on any byte, so the next request's first byte
+        # starts ours; one behind a response still in progress waits for it to end (below).
+        cycle: RequestResponseCycle | None = self.cycle  # None before the first request
+        if cycle is None or cycle.response_complete:
+            self._start_header_timer()
+
+    def on_headers_complete(self) -> None:
+        self._awaiting_headers = False
+        self._stop_header_timer()
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._awaiting_headers and not self.transport.is_closing():
+            self._start_header_timer()  # a pipelined request's headers are still coming
+
+    def _start_header_timer(self) -> None:
+        if self._header_timer is None:  # a running timer keeps its start
+            self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_late)
+
+    def _stop_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_late(self) -> None:
+        self._header_timer = None
+        if self.transport.is_closing():  # pragma: no cover - closed earlier in this loop pass
+            return
+        if self._awaiting_headers:  # part of a request came: say why it gets no answer
+            error = RequestTimeoutError(
+                f"The request's headers did not arrive within {self.header_timeout_s:g} s."
+            )
+            self.transport.write(_raw_response(408, error, self.server_state.default_headers))
+        logger.debug("closed a connection whose request headers did not arrive in time")
+        self.transport.close()
+
+
+def bounded_protocol(server: ServerSettings) -> type[BoundedHttpProtocol]:
+    """`BoundedHttpProtocol` with `server`'s header_timeout and max_connections."""
+
+    class Bounded(BoundedHttpProtocol):
+        header_timeout_s = server.header_timeout
+        max_connections = server.max_connections
+
+    return Bounded
+
+
+# --- logging ----------------------------------------------------------------------------------
+
+
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         fields: dict[str, Any] = {
@@ -131,4 +287,5 @@ def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
         # Whole seconds (uvicorn's type), never shorter than configured, and at least 1 s.
         timeout_graceful_shutdown=max(1, math.ceil(settings.server.drain_timeout)),
         server_header=False,
+        http=bounded_protocol(settings.server),  # header timeout and connection cap
     )

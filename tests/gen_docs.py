@@ -53,6 +53,8 @@ EXAMPLES: dict[str, str] = {
     "server.port": "8080",
     "server.max_body_bytes": "32MiB",
     "server.drain_timeout": "1m",
+    "server.header_timeout": "10s",
+    "server.max_connections": "4000",
     "upstream.base_url": "http://192.168.1.20:1234",
     "upstream.api_token": "sk-lm-AbCd1234:AbCdEfGhIj0123456789",
     "upstream.connect_timeout": "2s",

@@ -38,6 +38,7 @@ def test_defaults_match_the_design() -> None:
     assert (s.server.host, s.server.port) == ("127.0.0.1", 8000)
     assert s.server.max_body_bytes == 10 * 1024 * 1024
     assert s.server.drain_timeout == 30
+    assert (s.server.header_timeout, s.server.max_connections) == (30, 1000)
     assert s.upstream.base_url == "http://127.0.0.1:1234"
     assert s.upstream.api_token is None
     assert (s.upstream.connect_timeout, s.upstream.read_timeout) == (5, 600)
@@ -98,7 +99,7 @@ def test_yaml_values_are_read(tmp_path: Path) -> None:
     path = write(
         tmp_path,
         """
-server: {port: 9000, max_body_bytes: 1MiB}
+server: {port: 9000, max_body_bytes: 1MiB, header_timeout: 500ms, max_connections: 64}
 upstream: {base_url: "https://lmstudio.local:1234/", api_token: tok}
 auth: {api_keys: [k1, k2]}
 models:
@@ -117,6 +118,7 @@ logging: {level: DEBUG, format: json}
     )
     s = load_settings(path)
     assert (s.server.port, s.server.max_body_bytes) == (9000, 1024 * 1024)
+    assert (s.server.header_timeout, s.server.max_connections) == (0.5, 64)
     assert s.upstream.base_url == "https://lmstudio.local:1234"
     assert s.upstream.api_token is not None
     assert s.upstream.api_token.get_secret_value() == "tok"
@@ -254,6 +256,12 @@ def test_unknown_nested_key_is_an_error(tmp_path: Path) -> None:
         ),
         ("models: {max_loaded: -1}", "models.max_loaded: must be >= 0"),
         ("server: {drain_timeout: -1}", "server.drain_timeout: must be >= 0"),
+        ("server: {header_timeout: 0}", "server.header_timeout: must be > 0.0"),
+        (
+            "server: {header_timeout: soon}",
+            "server.header_timeout: invalid duration 'soon' (use seconds or e.g. 90s, 15m, 2h)",
+        ),
+        ("server: {max_connections: 0}", "server.max_connections: must be >= 1"),
         ("server: {port: 70000}", "server.port: must be <= 65535"),
         ("scheduler: {max_queue: -3}", "scheduler.max_queue: must be >= 0"),
         (

@@ -123,7 +123,9 @@ async def test_observe_returns_sizes_and_instances_and_keeps_the_catalogue() -> 
 
     observation = await upstream.observe()
 
-    assert observation == Observation(sizes=SIZES, instances={LLAMA: (LLAMA, f"{LLAMA}:2")})
+    assert observation == Observation(
+        sizes=SIZES, instances={LLAMA: (LLAMA, f"{LLAMA}:2")}, started=100.0
+    )
     assert sorted(upstream.catalog) == sorted(SIZES)
     assert upstream.catalog[LLAMA].display_name == LLAMA.upper()
     assert upstream.context_lengths == {LLAMA: lmstudio.context_length}

@@ -9,7 +9,6 @@ HTTP surface and decides what to answer.
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from functools import partial
@@ -122,7 +121,8 @@ class Emulator(EmulatorState):
 
     @property
     def hang_listings(self) -> bool:
-        """While set, model listings are read and left unanswered; inference still works."""
+        """While set, model listings are read and never answered (each waits until its client
+        leaves, even after the knob is cleared); inference still works."""
         return self._hang_listings
 
     @hang_listings.setter
@@ -132,7 +132,8 @@ class Emulator(EmulatorState):
 
     @property
     def silent(self) -> bool:
-        """While set, every call is accepted and read, then left unanswered."""
+        """While set, every call is accepted and read, then never answered (it waits until its
+        client leaves, even after the knob is cleared)."""
         return self._silent
 
     @silent.setter
@@ -165,10 +166,10 @@ class Emulator(EmulatorState):
         async def endpoint(request: Request) -> Response:
             body = await self._receive(request)
             if self._silent or (self._hang_listings and path in _LISTINGS):
-                await self.wait_until(
-                    lambda: not (self._silent or (self._hang_listings and path in _LISTINGS)),
-                    timeout=math.inf,
-                )
+                # Stuck: never answered, even once the knob is cleared; over when the client goes.
+                while (await request.receive())["type"] != "http.disconnect":
+                    pass
+                return Response(status_code=499)
             if auth and (denied := self._deny(request)) is not None:
                 return denied
             self._reap_expired()
