@@ -39,7 +39,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.requests import Request
 from starlette.responses import Response
 
-from proxy.emulator import Emulator, checks, replies
+from proxy.emulator import Emulator, replies
 from proxy.emulator.catalog import DEFAULT_CATALOG, CatalogModel, Instance
 from proxy.emulator.state import LoadFailedError
 from tests.helpers import LLAMA, MESSAGES, NOMIC, QWEN, Proxy, proxy_for, running, serve
@@ -78,9 +78,10 @@ SECTIONS: dict[str, Any] = {
 # reloaded and asked once more), LM Studio's read timeout twice, a stream, and slack.
 DEADLINE_S = 2 * QUEUE_TIMEOUT_S + 2 * READ_TIMEOUT_S + 4.0
 SLACK_S = 1.0  # on each request's own bound (`bound_s`)
-# LM Studio hung: its listings for this long, or everything for this long.
-HANG_S = (4.0, 7.0)
-SILENT_S = (2.0, 5.0)
+# LM Studio stuck: its listings for this long, or everything (a call it holds meanwhile is never
+# answered, and waits until its caller leaves).
+HANG_S = (1.5, 4.0)
+SILENT_S = (1.0, 3.0)
 UNKNOWN = "soak/not-downloaded"  # a model name LM Studio does not have
 UNKNOWN_REFRESH_S = 1.05  # the proxy reads LM Studio's models for an unknown name once a second
 BURST = 6  # requests at once for a model just gone behind the proxy's back
@@ -96,12 +97,11 @@ KEEPALIVE_EXPIRY_S = 5.5
 
 # The instance the current request resolved to, inside one emulator request's task.
 _resolved: contextvars.ContextVar[str | None] = contextvars.ContextVar("resolved", default=None)
+# The client's id of the request an emulator request's task answers.
+_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request", default=None)
 
-# The calls LM Studio leaves unanswered while its listings hang.
+# The calls LM Studio never answers while its listings hang.
 LISTINGS = frozenset({"/v1/models", "/api/v0/models", "/api/v1/models"})
-# The body of a call whose caller hung up while LM Studio held it: LM Studio answers it 400, to
-# nobody, and does nothing else with it.
-ABANDONED = checks.Malformed("the caller hung up before LM Studio answered")
 
 
 async def _caller_left(request: Request, wait: Callable[[], Awaitable[object]]) -> bool:
@@ -122,8 +122,9 @@ async def _caller_left(request: Request, wait: Callable[[], Awaitable[object]]) 
     return left
 
 
-def _a_load(key: str, jit: bool) -> str:
-    return f"a JIT load of {key} (for a forwarded request)" if jit else f"the proxy's load of {key}"
+def _a_load(key: str, jit_for: str | None) -> str:
+    """A load, for a finding: the proxy's, or a JIT load for a request (`jit_for`)."""
+    return f"the proxy's load of {key}" if jit_for is None else f"a JIT load of {key} ({jit_for})"
 
 
 @dataclass
@@ -147,9 +148,9 @@ class WatchedEmulator(Emulator):
     duplicate from a race with a load behind the proxy's back, ...).
 
     `forwards` counts the inference calls LM Studio received, by the client's request id (the
-    proxy passes `x-request-id` on). `slow_first_token` holds the answers for a model this long
-    before their first byte. A call LM Studio left unanswered (`silent`, `hang_listings`) whose
-    caller hangs up before the fault ends is never acted on: a hung LM Studio does nothing of it.
+    proxy passes `x-request-id` on); `unanswered`, the calls it held (`silent`, `hang_listings`)
+    and never answered. `slow_first_token` holds the answers for a model this long before their
+    first byte, unless the caller leaves first.
     """
 
     def __init__(self, **options: Any) -> None:
@@ -166,11 +167,16 @@ class WatchedEmulator(Emulator):
         self.load_calls: list[LoadCall] = []
         self._listings: list[frozenset[str]] = []  # loaded models listed since the last call
         self._rest_unload = False
-        self._running: list[tuple[str, bool]] = []  # the loads running: model key, JIT or not
+        # The loads running: model key, and for a JIT load the request it is for.
+        self._running: list[tuple[str, str | None]] = []
         self.forwards: Counter[str] = Counter()
         self.slow_first_token: dict[str, float] = {}
-        self.unanswered = 0  # calls held until their caller hung up
-        self.refused: Counter[str] = Counter()  # loads refused at once for memory, per model
+        self.unanswered = 0  # calls LM Studio held and never answered
+        # Per model: loads tried (refused for memory or not) while another of it ran; instances
+        # loaded; JIT loads started.
+        self.stacked: Counter[str] = Counter()
+        self.copies: Counter[str] = Counter()
+        self.jit_started: Counter[str] = Counter()
 
     def forwarded(self, request_id: str) -> int:
         """How often LM Studio received the request, forgetting it."""
@@ -215,16 +221,9 @@ class WatchedEmulator(Emulator):
         if request.method == "POST" and path.startswith("/v1/") and request_id is not None:
             self.forwards[request_id] += 1
             self._notify()
-        if self._unanswered(path):
-            answers = partial(self.wait_until, lambda: not self._unanswered(path), math.inf)
-            if await _caller_left(request, answers):
-                self.unanswered += 1
-                self._notify()
-                return ABANDONED
+        if self.silent or (self.hang_listings and path in LISTINGS):
+            self.unanswered += 1  # held until its caller leaves, then answered 499 to nobody
         return body
-
-    def _unanswered(self, path: str) -> bool:
-        return self.silent or (self.hang_listings and path in LISTINGS)
 
     # requests being answered
 
@@ -237,6 +236,7 @@ class WatchedEmulator(Emulator):
     async def _infer(
         self, request: Request, body: object, *, kind: replies.Kind, v0: bool
     ) -> Response:
+        _request_id.set(request.headers.get("x-request-id"))
         model = body.get("model") if isinstance(body, dict) else None
         delay_s = self.slow_first_token.get(str(model))
         # A long prompt, say: nothing is sent meanwhile. A caller that leaves ends it.
@@ -280,33 +280,34 @@ class WatchedEmulator(Emulator):
     async def _load(
         self, model: CatalogModel, *, jit: bool, ttl_s: float | None, options: dict[str, Any]
     ) -> Instance:
+        self.stacked[model.key] += any(key == model.key for key, _ in self._running)
         try:
             self._check_memory(model)  # as the load itself does first, with nothing in between
         except LoadFailedError:  # refused at once: no load runs
-            self.refused[model.key] += 1
             return await super()._load(model, jit=jit, ttl_s=ttl_s, options=options)
         # A REST load beside REST loads only: `_no_load_running` has found its call.
-        if beside := [_a_load(key, other) for key, other in self._running if jit or other]:
-            self.findings.append(f"{_a_load(model.key, jit)} ran beside {', '.join(beside)}")
-        running = (model.key, jit)
+        running = (model.key, f"request {_request_id.get()}" if jit else None)
+        if beside := [_a_load(*other) for other in self._running if jit or other[1]]:
+            self.findings.append(f"{_a_load(*running)} ran beside {', '.join(beside)}")
+        self.jit_started[model.key] += jit
         self._running.append(running)
         try:
-            return await super()._load(model, jit=jit, ttl_s=ttl_s, options=options)
+            instance = await super()._load(model, jit=jit, ttl_s=ttl_s, options=options)
         finally:
             self._running.remove(running)
+        self.copies[model.key] += 1
+        return instance
 
     def _listed(self) -> None:
         self._listings.append(frozenset(i.key for i in self.instances.values()))
         del self._listings[:-50]
 
     async def _v0_models(self, request: Request, body: object) -> Response:
-        if body is not ABANDONED:  # else nobody reads this listing
-            self._listed()
+        self._listed()
         return await super()._v0_models(request, body)
 
     async def _v1_models(self, request: Request, body: object) -> Response:
-        if body is not ABANDONED:
-            self._listed()
+        self._listed()
         return await super()._v1_models(request, body)
 
     def _no_load_running(self, kind: str, what: str) -> None:
@@ -921,9 +922,16 @@ class Injector:
         key = self.rng.choice(loaded or [*TEXT_MODELS, NOMIC])
         endpoint = EMBEDDINGS if key == NOMIC else CHAT
         burst = f"burst-{next(self._serial)}"
-        jit, shares = self.emulator.jit, self.emulator.jit_shares_loads
-        self.emulator.jit, self.emulator.jit_shares_loads = True, False
-        before = self.emulator.load_count(key), self.emulator.refused[key]
+        emulator = self.emulator
+        jit, shares = emulator.jit, emulator.jit_shares_loads
+        emulator.jit, emulator.jit_shares_loads = True, False
+
+        def figures() -> tuple[int, ...]:
+            copies, stacked = emulator.copies[key], emulator.stacked[key]
+            return emulator.load_count(key), emulator.jit_started[key], copies, stacked
+
+        before = figures()
+        during = ", ".join(sorted(self._until)) or "no lasting fault"
         outcomes: Counter[str | None] = Counter()
 
         async def request(request_id: str) -> None:
@@ -940,16 +948,19 @@ class Injector:
                     tg.start_soon(request, f"{burst}.{n}")
         finally:
             self.emulator.jit, self.emulator.jit_shares_loads = jit, shares
-        # A copy LM Studio refused for memory counts: it tried, and a request failed for it.
-        loads = self.emulator.load_count(key) - before[0]
-        refused = self.emulator.refused[key] - before[1]
+        # One load after another (the first failed) is no fault; a copy kept beside another, or
+        # a load tried while another of the model ran (refused for memory or not), is.
+        loads, jit_loads, copies, stacked = (
+            now - was for now, was in zip(figures(), before, strict=True)
+        )
         answers = ", ".join(f"{n} {outcome}" for outcome, n in outcomes.items())
-        self.tally.bursts.append(f"{key} {loads}+{refused} refused ({answers})")
-        if loads + refused > 1:
+        made = f"{loads} loads ({jit_loads} JIT), {copies} kept, {stacked} stacked"
+        self.tally.bursts.append(f"{key}: {made} ({answers})")
+        if copies > 1 or stacked:
             self.tally.flag(
-                f"{burst} ({burst}.0-{BURST - 1}): LM Studio loaded {key} {loads} times (and "
-                f"refused {refused} more for memory) for {BURST} requests that came at once "
-                "after it went behind the proxy's back"
+                f"{burst} ({burst}.0-{BURST - 1}, during {during}): for {BURST} requests at "
+                f"once for {key} after it went behind the proxy's back, LM Studio made "
+                f"{made}; answers: {answers}"
             )
 
     # clients that leave
@@ -1015,6 +1026,7 @@ class Injector:
         once the load has ended and the model is unloaded, within a few load times, and the
         model stays unloaded (no client wants it)."""
         await self._outlast("silent", "hang_listings")  # LM Studio answers, and may load
+        await wait_until(self._upstream_read, 2 * POLL_S + 1)  # and the proxy has read it again
         delay_s, self.emulator.load_delay_s = self.emulator.load_delay_s, CARD_LOAD_S
         try:
             await self._unload_during_load()
@@ -1056,6 +1068,10 @@ class Injector:
                 f"{UNLOAD_BOUND_S:g} s); the load answered {load[0] if load else 'nothing'}, "
                 f"and LM Studio then held {held or 'none'}"
             )
+
+    async def _upstream_read(self) -> bool:
+        status = (await self.http.get("/api/v1/status")).json()
+        return bool(status["upstream"]["reachable"])
 
     def _probe_loading(self) -> bool:
         return any(call.model == PROBE for call in self.emulator.load_calls)
@@ -1327,7 +1343,7 @@ async def test_soak_under_faults_loses_nothing(
             f"faults: {listed(tally.faults)}",
             f"longest request: {tally.longest}; closest to its bound: {tally.closest}; "
             f"{tally.late} past their bound",
-            f"JIT bursts of {BURST} requests, loads of the model each (+ refused for memory): "
+            f"JIT bursts of {BURST} requests, LM Studio's loads of the model each: "
             f"{', '.join(tally.bursts) or 'none'}",
             f"unloads during a load: {'; '.join(tally.unloads) or 'none'}",
             f"in-flight gauges at 0 after the last client left: {seconds(zero_s)}; after clients "
@@ -1544,8 +1560,8 @@ async def test_the_watched_emulator_sees_what_a_proxy_must_not_do() -> None:
 
 
 async def test_the_watched_emulator_sees_jit_loads_beside_others_and_counts_forwards() -> None:
-    """A JIT load beside a REST load is a finding; inference calls are counted by request id;
-    a listing held by `hang_listings` whose caller hung up is never read as seen."""
+    """A JIT load beside a REST load is a finding; inference calls are counted by request id,
+    and the calls LM Studio never answers."""
     emulator = WatchedEmulator(load_delay_s=0.2)
     async with serve(emulator.app) as url, httpx2.AsyncClient(base_url=url, timeout=5) as http:
         headers = {"x-request-id": "r1"}
@@ -1558,13 +1574,12 @@ async def test_the_watched_emulator_sees_jit_loads_beside_others_and_counts_forw
         emulator.hang_listings = True
         with anyio.move_on_after(0.2):
             await http.get("/api/v1/models")
-        await emulator.wait_until(lambda: emulator.unanswered == 1)
-        emulator.hang_listings = False  # the held listing goes on, to nobody...
-        await http.get("/api/v1/models")  # ...before this one, which is read
+        emulator.hang_listings = False
+        await http.get("/api/v1/models")
     assert emulator.findings == [
-        f"a JIT load of {LLAMA} (for a forwarded request) ran beside the proxy's load of {QWEN}"
+        f"a JIT load of {LLAMA} (request r1) ran beside the proxy's load of {QWEN}"
     ]
     assert emulator.most_loads_at_once == 2
     assert emulator.forwarded("r1") == 1
     assert emulator.forwarded("r1") == 0  # forgotten once read
-    assert len(emulator._listings) == 1  # the held one was not read as seen
+    assert emulator.unanswered == 1
