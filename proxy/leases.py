@@ -108,13 +108,25 @@ class Gate:
     would then be loaded once per request of a burst. So when nothing is out to a model, one
     request goes (the probe); the others wait until LM Studio confirms the model loaded after
     the probe was sent (an answer from it begins, or a listing shows it), or nothing is out.
+
+    A probe sent when the model was not confirmed within `FRESH_S` goes into the dark: LM
+    Studio may load the model for it, so no other load may start until it is confirmed.
     """
 
-    __slots__ = ("_changed", "confirmed_at", "listing", "out", "probe_sent", "recheck")
+    __slots__ = (
+        "_changed",
+        "confirmed_at",
+        "listing",
+        "out",
+        "probe_in_dark",
+        "probe_sent",
+        "recheck",
+    )
 
     def __init__(self) -> None:
         self.out = 0
         self.probe_sent = -math.inf
+        self.probe_in_dark = False
         self.confirmed_at = -math.inf
         self.listing: anyio.Event | None = None  # the listing asked to confirm this probe
         self.recheck = False  # a listing missed the model while requests were out to it
@@ -125,8 +137,18 @@ class Gate:
         confirmed = self.confirmed_at >= self.probe_sent and now - self.confirmed_at <= FRESH_S
         return self.out == 0 or confirmed
 
+    def stale(self, now: float) -> bool:
+        """Whether a request sent now would be a probe into the dark."""
+        return self.out == 0 and now - self.confirmed_at > FRESH_S
+
+    @property
+    def dark(self) -> bool:
+        """A probe sent into the dark is out, and the model not confirmed since."""
+        return self.out > 0 and self.probe_in_dark and self.confirmed_at < self.probe_sent
+
     def sent(self, now: float) -> None:
         if self.out == 0:
+            self.probe_in_dark = self.stale(now)
             self.probe_sent, self.listing = now, None
         self.out += 1
 
@@ -135,6 +157,8 @@ class Gate:
         self.out -= 1
         if now is not None:
             self.confirmed_at = max(self.confirmed_at, now)
+        if self.out == 0:
+            self.listing = None  # the next probe asks afresh
         self.changed()
 
     def confirm(self, at: float) -> None:

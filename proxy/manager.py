@@ -253,31 +253,49 @@ class ModelManager:
         A model that LM Studio has not confirmed loaded since the request out to it now was sent
         takes one request at a time until it does (`Gate`): the others wait for that answer,
         or for a listing, at most for what is left of their queue budget (docs/design.md §4.1).
-        An answer that begins with a status below 400 confirms the model loaded.
+        An answer that begins with a status below 400 confirms the model loaded. A request that
+        LM Studio may load the model for (a probe into the dark) waits for a confirmation while
+        another load may run, and holds back the scheduler's loads while it is out.
         """
         key = lease.key
         if (gate := self._gates.get(key)) is None:
             gate = self._gates[key] = Gate()
-        if not gate.clear(self._clock()):
+        if self._must_wait(key, gate):
             budget = self._settings.scheduler.queue_timeout - lease.waited_s
             with anyio.move_on_after(budget):
                 await self._confirm(key, gate)
         gate.sent(self._clock())
+        self._probed(key, gate)
         try:
             answer = await call()
         except BaseException:
             gate.answered(None)
+            self._probed(key, gate)
             raise
         gate.answered(self._clock() if answer.status_code < 400 else None)
+        self._probed(key, gate)
         if gate.recheck and gate.out == 0:
             gate.recheck = False  # LM Studio may have loaded copies of it meanwhile (JIT)
             self._start_soon(self.refresh)
         return answer
 
+    def _must_wait(self, key: str, gate: Gate) -> bool:
+        now = self._clock()
+        if not gate.clear(now):
+            return True  # a probe is out, and the model not confirmed since
+        return gate.stale(now) and self._scheduler.may_be_loading(exclude=key)
+
+    def _probed(self, key: str, gate: Gate) -> None:
+        """Tell the scheduler whether LM Studio may be loading `key` for a request now."""
+        if gate.dark is not self._scheduler.model(key).probed:
+            self._scheduler.set_probed(key, gate.dark)
+            if not gate.dark:
+                self._kick()  # a load held back for it may start
+
     async def _confirm(self, key: str, gate: Gate) -> None:
-        """Wait until `gate` is clear, asking LM Studio's listing once; go on without it if
-        the listing cannot be read."""
-        while not gate.clear(self._clock()):
+        """Wait until a request may go to `key`, asking LM Studio's listing once; go on
+        without it if the listing cannot be read."""
+        while self._must_wait(key, gate):
             if gate.listing is None:
                 gate.listing = anyio.Event()
                 self._start_soon(self._confirm_by_listing, gate, gate.listing)
@@ -291,6 +309,13 @@ class ModelManager:
         finally:
             listed.set()
             gate.changed()
+
+    def _confirm_probes(self) -> None:
+        """A load waits for probes into the dark: ask a listing whether they loaded anything."""
+        for gate in self._gates.values():
+            if gate.dark and gate.listing is None:
+                gate.listing = anyio.Event()
+                self._start_soon(self._confirm_by_listing, gate, gate.listing)
 
     def _release(self, key: str) -> None:
         self._metrics.in_flight.labels(key).dec()
@@ -391,6 +416,8 @@ class ModelManager:
                 self._report.adopted(action.model)
             else:
                 self._report.vanished(action.model)
+        if self._scheduler.load_held:
+            self._confirm_probes()
         if self._change is not None:
             self._change.set()
             self._change = None
@@ -432,6 +459,8 @@ class ModelManager:
             self._report.loaded(key, result.instance_id, result.elapsed_s)
         self._epoch += 1
         self._kick()
+        for gate in self._gates.values():
+            gate.changed()  # requests that waited for the load to end may go
 
     async def _fail_waiters_after(self, key: str, limit: float, scope: anyio.CancelScope) -> None:
         with scope:
@@ -504,6 +533,7 @@ class ModelManager:
             return
         self._scheduler.set_unreadable(None)
         self._scheduler.set_catalog(observation.sizes)
+        self._confirm_gates(observation)
         if epoch == self._epoch:  # no load or unload finished meanwhile: the view is current
             self._scheduler.observed(self._seen(observation), self._clock())
             self._report.duplicates(self._scheduler.models)
@@ -513,13 +543,20 @@ class ModelManager:
         self._report.catalog(observation.sizes)
         self._kick()
 
+    def _confirm_gates(self, observation: Observation) -> None:
+        """Models the listing shows loaded are confirmed as of when it was asked for."""
+        for key, gate in self._gates.items():
+            if key in observation.instances:
+                gate.confirm(observation.started)
+                if (model := self._scheduler.models.get(key)) is not None and model.probed:
+                    self._scheduler.set_probed(key, gate.dark)
+
     def _seen(self, observation: Observation) -> Mapping[str, Sequence[str]]:
         """The instances a listing shows, and those of models it misses while requests are out
         to them (LM Studio may be loading them by JIT: they are looked at again afterwards)."""
         seen: dict[str, Sequence[str]] = dict(observation.instances)
         for key, gate in self._gates.items():
             if key in seen:
-                gate.confirm(observation.started)
                 continue
             model = self._scheduler.models.get(key)
             if gate.out and model is not None and model.phase in sch.LOADED and model.instance_id:

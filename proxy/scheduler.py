@@ -52,6 +52,7 @@ class Scheduler:
         # Why LM Studio's state cannot be read now (its last listing failed), or None. Nothing
         # is loaded or evicted on the strength of a state that could not be read (§2.3).
         self.unreadable: str | None = None
+        self.load_held = False  # the last `decide` held a load back for a probed model (§2.3)
         self._outbox: list[Action] = []
         self._next_id = 0
 
@@ -70,6 +71,10 @@ class Scheduler:
     def set_unreadable(self, why: str | None) -> None:
         """LM Studio's state could not be read (`why`), or could again (None)."""
         self.unreadable = why
+
+    def set_probed(self, key: str, probed: bool) -> None:
+        """A request LM Studio may load `key` for is out (True), or no longer (False)."""
+        self.model(key).probed = probed
 
     def pin(self, key: str, pinned: bool) -> None:
         self.model(key).pinned = pinned
@@ -195,6 +200,13 @@ class Scheduler:
         """A load or unload call to LM Studio is in flight."""
         return any(m.phase in (Phase.LOADING, Phase.UNLOADING) for m in self.models.values())
 
+    def may_be_loading(self, exclude: str | None = None) -> bool:
+        """LM Studio may be loading a model: the proxy's load, or a probe's JIT load."""
+        return any(
+            m.phase is Phase.LOADING or (m.probed and m.key != exclude)
+            for m in self.models.values()
+        )
+
     def usage(self, exclude: Iterable[str] = ()) -> tuple[int, int]:
         """Instances and bytes resident in LM Studio, leaving out the models in `exclude`."""
         skip = set(exclude)
@@ -254,6 +266,7 @@ class Scheduler:
     def decide(self, now: float) -> list[Action]:
         """Apply the rules at time `now`; return what the driver must carry out, in order."""
         actions, self._outbox = self._outbox, []
+        self.load_held = False
         self._expire(now, actions)
         self._refuse(actions)
         self._grant(now, actions)
@@ -406,7 +419,9 @@ class Scheduler:
             if victim.leases == 0 and (done or gap_over):
                 return self._unload(victim, UnloadReason.EVICTED)
         if target is not None and target.phase is Phase.ABSENT and self.fits(target):
-            return Load(target.key)
+            if not any(m.probed for m in self.models.values()):
+                return Load(target.key)
+            self.load_held = True  # LM Studio may be loading a probed model: one load at a time
         for model in self._idle_ready():
             ttl = self._ttl(model)
             if ttl is not None and now >= model.last_used + ttl:

@@ -70,6 +70,9 @@ class Model:
     idle_ttl_s: float | None = None  # a request's `ttl` overrides the policy's
     unload_requested: bool = False  # an operator asked for an unload
     drained_for_swap: bool = False
+    # A request is out to it that LM Studio may load it for (JIT): sent while the model was
+    # not confirmed loaded, and not confirmed since.
+    probed: bool = False
 
     @property
     def instances(self) -> int:

@@ -9,6 +9,7 @@ from typing import Any
 
 import anyio
 import httpx2
+import pytest
 
 from proxy.emulator import Emulator
 from tests.helpers import LLAMA, MESSAGES, QWEN, Proxy, running
@@ -184,3 +185,31 @@ async def test_an_unload_during_a_load_answers_when_the_model_is_unloaded() -> N
         assert emulator.load_count(QWEN) == 1
         rows = (await proxy.http.get("/api/v1/models")).json()
         assert next(row["state"] for row in rows if row["id"] == QWEN) == "absent"
+
+
+@pytest.mark.parametrize("first", [QWEN, LLAMA])
+async def test_a_jit_load_a_request_causes_never_runs_beside_the_proxys_load(first: str) -> None:
+    """A request to a model that LM Studio dropped unseen makes LM Studio load it (JIT); the
+    proxy's own load of another model waits for it, or it for the proxy's load."""
+    emulator = Emulator(load_delay_s=0.5)
+    sections = {**SECTIONS, "models": {"max_loaded": 2}}
+    sections["upstream"] = {"poll_interval": 60, "connect_timeout": LISTING_S}
+    async with running(emulator, **sections) as proxy:
+        await proxy.wait_ready()
+        assert (await chat(proxy, QWEN))[0].status_code == 200
+        await anyio.sleep(1.1)  # nothing confirms QWEN any more
+        emulator.unload_instance(QWEN)  # LM Studio dropped it; the proxy has not seen it
+        answers: dict[str, int] = {}
+
+        async def one(model: str) -> None:
+            answers[model] = (await chat(proxy, model))[0].status_code
+
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(one, first)
+                await anyio.sleep(0.1)
+                tg.start_soon(one, LLAMA if first == QWEN else QWEN)
+        assert answers == {QWEN: 200, LLAMA: 200}
+        assert emulator.load_count(QWEN) == 2  # the proxy's first load, then LM Studio's JIT
+        assert emulator.most_loads_at_once == 1
+        assert sorted(emulator.instances) == sorted([QWEN, LLAMA])

@@ -196,3 +196,47 @@ def test_fast_grant_only_when_decide_would_grant_at_once() -> None:
     s.request_unload("a")
     s.waiters.clear()
     assert not s.try_grant("a", 3.0)  # an operator is unloading it
+
+
+def test_nothing_is_loaded_or_evicted_while_the_state_cannot_be_read() -> None:
+    s = make(max_loaded=1)
+    load_ready(s, "a", 0.0)
+    s.set_unreadable("LM Studio did not list its models in 5 s")
+    on_a = s.arrive("a", 1.0)
+    on_b = s.arrive("b", 1.0)
+    actions = s.decide(1.0)
+    assert sch.Grant(on_a) in actions  # the loaded model still answers
+    fails = [a for a in actions if isinstance(a, sch.Fail)]
+    assert [(f.waiter, f.reason) for f in fails] == [(on_b, sch.FailReason.UNREADABLE)]
+    assert "did not list its models" in fails[0].message
+    assert not any(isinstance(a, sch.Load | sch.Unload) for a in actions)
+    s.release("a", 2.0)
+    s.set_unreadable(None)
+    s.arrive("b", 3.0)
+    assert kinds(s.decide(3.0 + sch.IDLE_GAP_S)) == ["Unload"]  # the swap goes on
+
+
+def test_a_load_waits_while_lm_studio_may_be_loading_for_a_probe() -> None:
+    s = make(max_loaded=2)
+    load_ready(s, "a", 0.0)
+    s.set_probed("a", True)  # a request LM Studio may JIT-load `a` for is out
+    assert s.may_be_loading()
+    assert not s.may_be_loading(exclude="a")
+    s.arrive("b", 1.0)
+    assert s.decide(1.0) == []
+    assert s.load_held
+    s.set_probed("a", False)
+    assert s.decide(1.1) == [sch.Load("b")]
+    assert not s.load_held
+    assert s.may_be_loading()  # now the proxy's own load
+
+
+def test_an_operators_load_answers_when_an_unload_came_meanwhile() -> None:
+    s = make()
+    load = s.arrive("a", 0.0, takes_lease=False)
+    assert s.decide(0.0) == [sch.Load("a")]
+    s.request_unload("a")  # during the load
+    s.load_done("a", "a", 1.0)
+    actions = s.decide(1.0)
+    assert actions[0] == sch.Grant(load)
+    assert sch.Unload("a", "a", sch.UnloadReason.ADMIN) in actions

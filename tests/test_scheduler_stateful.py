@@ -194,6 +194,18 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.s.request_unload(data.draw(st.sampled_from(self.keys), label="model"))
         self.step()
 
+    @rule(readable=st.sampled_from([True, True, False]))
+    def listing(self, readable: bool) -> None:
+        """A listing of LM Studio's models succeeds, or fails (its state cannot be read)."""
+        self.s.set_unreadable(None if readable else "LM Studio did not list its models")
+        self.step()
+
+    @rule(data=st.data(), probed=st.booleans())
+    def probe(self, data: st.DataObject, probed: bool) -> None:
+        """A request LM Studio may JIT-load a model for goes out, or its answer begins."""
+        self.s.set_probed(data.draw(st.sampled_from(self.keys)), probed)
+        self.step()
+
     @rule(data=st.data(), ttl=st.none() | st.sampled_from([0.5, 30.0]))
     def set_idle_ttl(self, data: st.DataObject, ttl: float | None) -> None:
         self.s.set_idle_ttl(data.draw(st.sampled_from(self.keys), label="model"), ttl)
@@ -292,6 +304,9 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert self.never_fits(waiter.model), f"refused though it fits: {action.message}"
         elif action.reason is FailReason.QUEUE_FULL:
             pass  # checked over the whole batch in `step`
+        elif action.reason is FailReason.UNREADABLE:
+            assert self.s.unreadable is not None, "failed as unreadable while readable"
+            assert self.s.models[waiter.model].phase is Phase.ABSENT
         else:
             assert action.reason is FailReason.LOAD_FAILED
             assert waiter.model == self.load_failed_for, "failed by another model's load"
@@ -299,6 +314,8 @@ class SchedulerMachine(RuleBasedStateMachine):
     def check_load(self, action: Load) -> None:
         key = action.model
         assert self.inflight is None, f"{action} while {self.inflight} is in flight"
+        assert self.s.unreadable is None, "a load on a state that could not be read"
+        assert not any(m.probed for m in self.s.models.values()), "a load beside a JIT load"
         assert key not in self.truth, "a second load of a loaded model"
         assert any(w.model == key for w in self.waiting.values()), "a load nobody waits for"
         # Everything LM Studio holds, adopted models included, must leave room for this one.
@@ -312,6 +329,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         if action.reason is UnloadReason.ADMIN:
             assert self.s.models[key].unload_requested
         else:
+            assert self.s.unreadable is None, "an eviction on a state that could not be read"
             assert key not in self.pinned, f"pinned model unloaded ({action.reason})"
 
     # -- capacity, as the test sees it ----------------------------------------------------------
@@ -374,8 +392,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         target = next(
             (w for w in self.waiting.values() if s.models[w.model].phase is Phase.ABSENT), None
         )
-        if target is None:
-            return
+        if target is None or s.unreadable is not None or s.load_held:
+            return  # nothing is loaded on an unread state, nor beside a JIT load
         key = target.model
         assert not self.fits(key, ()), f"{key} fits and waits, but is not loaded"
         leaving = {k for k, m in s.models.items() if m.unload_requested}
@@ -401,6 +419,10 @@ class SchedulerMachine(RuleBasedStateMachine):
             return  # a step already failed: let its error speak
         start = self.now
         self.expired.clear()
+        self.s.set_unreadable(None)
+        for key in self.keys:
+            self.s.set_probed(key, False)
+        self.step()  # as the driver kicks the scheduler on either event
         for _ in range(200):
             while self.running:
                 self.s.release(self.running.pop(), self.now)
