@@ -1,8 +1,11 @@
 """A soak under faults: many clients, models and endpoints while LM Studio misbehaves.
 
 Nothing may be lost: every request ends with a complete answer or a well-formed error before its
-deadline, leases and gauges return to zero, the proxy never makes LM Studio unload an instance
-that is answering, run two loads at once or load a model it had seen loaded, its view of the
+deadline and within its own bound (`bound_s`), leases and gauges return to zero (the in-flight
+gauges within a second of the last client leaving), the proxy never makes LM Studio unload an
+instance that is answering, run two loads at once (its own, or JIT loads its forwarded requests
+cause; a burst for a model gone behind its back loads it once) or load a model it had seen
+loaded, an operator's unload during a load answers once the model is unloaded, its view of the
 loaded models matches LM Studio's within a poll interval once the faults stop, and file
 descriptors and memory come back to where they were.
 
@@ -1029,11 +1032,16 @@ class Injector:
         await wait_until(self._upstream_read, 2 * POLL_S + 1)  # and the proxy has read it again
         delay_s, self.emulator.load_delay_s = self.emulator.load_delay_s, CARD_LOAD_S
         try:
-            await self._unload_during_load()
+            # The load waits its turn behind the clients' models, a queue timeout at most: if
+            # it never started, once more.
+            for attempt in (1, 2):
+                if await self._unload_during_load() or attempt == 2:
+                    return
         finally:
             self.emulator.load_delay_s = delay_s
 
-    async def _unload_during_load(self) -> None:
+    async def _unload_during_load(self) -> bool:
+        """One attempt; False if the proxy did not get the model loading in time."""
         if PROBE in self.emulator.view():  # an earlier fault's requests loaded it
             await self._admin("unload")
         load: list[tuple[int, str] | None] = []
@@ -1054,7 +1062,7 @@ class Injector:
                 took_s = anyio.current_time() - started
         if waited.cancelled_caught:  # the proxy could not load it then: nothing to judge
             self.tally.unloads.append(f"not judged: the load answered {load[0]}")
-            return
+            return False
         held = self.emulator.view().get(PROBE)  # once the load call has ended too
         when = "during its load" if during else "right after its load"
         answer = "no answer" if unload is None else f"{unload[0]} {unload[1]!r}"
@@ -1068,6 +1076,7 @@ class Injector:
                 f"{UNLOAD_BOUND_S:g} s); the load answered {load[0] if load else 'nothing'}, "
                 f"and LM Studio then held {held or 'none'}"
             )
+        return True
 
     async def _upstream_read(self) -> bool:
         status = (await self.http.get("/api/v1/status")).json()
