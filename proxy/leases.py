@@ -109,8 +109,8 @@ class Gate:
     request goes (the probe); the others wait until LM Studio confirms the model loaded after
     the probe was sent (an answer from it begins, or a listing shows it), or nothing is out.
 
-    A probe sent when the model was not confirmed within `FRESH_S` goes into the dark: LM
-    Studio may load the model for it, so no other load may start until it is confirmed.
+    Until the model is confirmed after the probe was sent, LM Studio may be loading it for the
+    probe (`dark`): no other load may start meanwhile.
     """
 
     __slots__ = (
@@ -118,7 +118,6 @@ class Gate:
         "confirmed_at",
         "listing",
         "out",
-        "probe_in_dark",
         "probe_sent",
         "recheck",
     )
@@ -126,7 +125,6 @@ class Gate:
     def __init__(self) -> None:
         self.out = 0
         self.probe_sent = -math.inf
-        self.probe_in_dark = False
         self.confirmed_at = -math.inf
         self.listing: anyio.Event | None = None  # the listing asked to confirm this probe
         self.recheck = False  # a listing missed the model while requests were out to it
@@ -137,18 +135,13 @@ class Gate:
         confirmed = self.confirmed_at >= self.probe_sent and now - self.confirmed_at <= FRESH_S
         return self.out == 0 or confirmed
 
-    def stale(self, now: float) -> bool:
-        """Whether a request sent now would be a probe into the dark."""
-        return self.out == 0 and now - self.confirmed_at > FRESH_S
-
     @property
     def dark(self) -> bool:
-        """A probe sent into the dark is out, and the model not confirmed since."""
-        return self.out > 0 and self.probe_in_dark and self.confirmed_at < self.probe_sent
+        """Requests are out, and the model was not confirmed since the first of them was sent."""
+        return self.out > 0 and self.confirmed_at < self.probe_sent
 
     def sent(self, now: float) -> None:
         if self.out == 0:
-            self.probe_in_dark = self.stale(now)
             self.probe_sent, self.listing = now, None
         self.out += 1
 

@@ -100,6 +100,7 @@ class ModelManager:
         self._next_poll = math.inf
         self._epoch = 0  # bumped by every load and unload, to discard stale observations
         self._gates: dict[str, Gate] = {}
+        self._loading_since = -math.inf  # when the running load began
         self._unloaded: dict[str, anyio.Event] = {}  # operators' unloads waiting to be done
 
     # -- lifetime ---------------------------------------------------------------------------
@@ -253,14 +254,15 @@ class ModelManager:
         A model that LM Studio has not confirmed loaded since the request out to it now was sent
         takes one request at a time until it does (`Gate`): the others wait for that answer,
         or for a listing, at most for what is left of their queue budget (docs/design.md §4.1).
-        An answer that begins with a status below 400 confirms the model loaded. A request that
-        LM Studio may load the model for (a probe into the dark) waits for a confirmation while
-        another load may run, and holds back the scheduler's loads while it is out.
+        An answer that begins with a status below 400 confirms the model loaded. Until then LM
+        Studio may be loading the model for the probe (JIT), so the scheduler starts no load;
+        and while the proxy loads a model, a probe to a model not confirmed since that load
+        began waits for a listing (or the load's end): one load at a time counts LM Studio's.
         """
         key = lease.key
         if (gate := self._gates.get(key)) is None:
             gate = self._gates[key] = Gate()
-        if self._must_wait(key, gate):
+        if self._must_wait(gate):
             budget = self._settings.scheduler.queue_timeout - lease.waited_s
             with anyio.move_on_after(budget):
                 await self._confirm(key, gate)
@@ -279,23 +281,33 @@ class ModelManager:
             self._start_soon(self.refresh)
         return answer
 
-    def _must_wait(self, key: str, gate: Gate) -> bool:
-        now = self._clock()
-        if not gate.clear(now):
+    def _must_wait(self, gate: Gate) -> bool:
+        if not gate.clear(self._clock()):
             return True  # a probe is out, and the model not confirmed since
-        return gate.stale(now) and self._scheduler.may_be_loading(exclude=key)
+        if gate.out:
+            return False
+        # A probe now: not while a load may run that began after the model was last confirmed
+        # (the proxy's, or LM Studio's for another probe), lest LM Studio run two at once.
+        since = self._loading_since
+        for other in self._gates.values():
+            if other.dark and other is not gate:
+                since = max(since, other.probe_sent)
+        return gate.confirmed_at < since
 
     def _probed(self, key: str, gate: Gate) -> None:
         """Tell the scheduler whether LM Studio may be loading `key` for a request now."""
         if gate.dark is not self._scheduler.model(key).probed:
             self._scheduler.set_probed(key, gate.dark)
             if not gate.dark:
-                self._kick()  # a load held back for it may start
+                if self._scheduler.load_held:
+                    self._kick()  # the load held back for it may start
+                for other in self._gates.values():
+                    other.changed()  # probes that waited for it may go
 
     async def _confirm(self, key: str, gate: Gate) -> None:
         """Wait until a request may go to `key`, asking LM Studio's listing once; go on
         without it if the listing cannot be read."""
-        while self._must_wait(key, gate):
+        while self._must_wait(gate):
             if gate.listing is None:
                 gate.listing = anyio.Event()
                 self._start_soon(self._confirm_by_listing, gate, gate.listing)
@@ -444,6 +456,7 @@ class ModelManager:
         starts, new requests for it wait) until LM Studio answers, for twice that at most.
         """
         limit = self._settings.upstream.load_timeout
+        self._loading_since = self._clock()
         timer = anyio.CancelScope()
         self._start_soon(self._fail_waiters_after, key, limit, timer)
         try:
@@ -458,6 +471,7 @@ class ModelManager:
             self._scheduler.load_done(key, result.instance_id, self._clock())
             self._report.loaded(key, result.instance_id, result.elapsed_s)
         self._epoch += 1
+        self._loading_since = -math.inf
         self._kick()
         for gate in self._gates.values():
             gate.changed()  # requests that waited for the load to end may go
@@ -548,8 +562,7 @@ class ModelManager:
         for key, gate in self._gates.items():
             if key in observation.instances:
                 gate.confirm(observation.started)
-                if (model := self._scheduler.models.get(key)) is not None and model.probed:
-                    self._scheduler.set_probed(key, gate.dark)
+                self._probed(key, gate)
 
     def _seen(self, observation: Observation) -> Mapping[str, Sequence[str]]:
         """The instances a listing shows, and those of models it misses while requests are out

@@ -200,13 +200,6 @@ class Scheduler:
         """A load or unload call to LM Studio is in flight."""
         return any(m.phase in (Phase.LOADING, Phase.UNLOADING) for m in self.models.values())
 
-    def may_be_loading(self, exclude: str | None = None) -> bool:
-        """LM Studio may be loading a model: the proxy's load, or a probe's JIT load."""
-        return any(
-            m.phase is Phase.LOADING or (m.probed and m.key != exclude)
-            for m in self.models.values()
-        )
-
     def usage(self, exclude: Iterable[str] = ()) -> tuple[int, int]:
         """Instances and bytes resident in LM Studio, leaving out the models in `exclude`."""
         skip = set(exclude)

@@ -220,15 +220,12 @@ def test_a_load_waits_while_lm_studio_may_be_loading_for_a_probe() -> None:
     s = make(max_loaded=2)
     load_ready(s, "a", 0.0)
     s.set_probed("a", True)  # a request LM Studio may JIT-load `a` for is out
-    assert s.may_be_loading()
-    assert not s.may_be_loading(exclude="a")
     s.arrive("b", 1.0)
     assert s.decide(1.0) == []
     assert s.load_held
     s.set_probed("a", False)
     assert s.decide(1.1) == [sch.Load("b")]
     assert not s.load_held
-    assert s.may_be_loading()  # now the proxy's own load
 
 
 def test_an_operators_load_answers_when_an_unload_came_meanwhile() -> None:
