@@ -175,10 +175,10 @@ class WatchedEmulator(Emulator):
         self.forwards: Counter[str] = Counter()
         self.slow_first_token: dict[str, float] = {}
         self.unanswered = 0  # calls LM Studio held and never answered
-        # Per model: loads tried (refused for memory or not) while another of it ran; instances
-        # loaded; JIT loads started.
+        # Per model: loads tried (refused for memory or not) while another of it ran; the most
+        # instances held at once (tests reset it); JIT loads started.
         self.stacked: Counter[str] = Counter()
-        self.copies: Counter[str] = Counter()
+        self.most_copies: Counter[str] = Counter()
         self.jit_started: Counter[str] = Counter()
 
     def forwarded(self, request_id: str) -> int:
@@ -295,10 +295,22 @@ class WatchedEmulator(Emulator):
         self.jit_started[model.key] += jit
         self._running.append(running)
         try:
-            instance = await super()._load(model, jit=jit, ttl_s=ttl_s, options=options)
+            return await super()._load(model, jit=jit, ttl_s=ttl_s, options=options)
         finally:
             self._running.remove(running)
-        self.copies[model.key] += 1
+
+    def _add(
+        self,
+        model: CatalogModel,
+        instance_id: str,
+        *,
+        jit: bool,
+        ttl_s: float | None,
+        options: dict[str, Any],
+    ) -> Instance:
+        instance = super()._add(model, instance_id, jit=jit, ttl_s=ttl_s, options=options)
+        copies = len(self._instances_of(model.key))
+        self.most_copies[model.key] = max(self.most_copies[model.key], copies)
         return instance
 
     def _listed(self) -> None:
@@ -930,8 +942,7 @@ class Injector:
         emulator.jit, emulator.jit_shares_loads = True, False
 
         def figures() -> tuple[int, ...]:
-            copies, stacked = emulator.copies[key], emulator.stacked[key]
-            return emulator.load_count(key), emulator.jit_started[key], copies, stacked
+            return emulator.load_count(key), emulator.jit_started[key], emulator.stacked[key]
 
         before = figures()
         during = ", ".join(sorted(self._until)) or "no lasting fault"
@@ -946,18 +957,19 @@ class Injector:
         try:
             for instance in [i.id for i in self.emulator.instances.values() if i.key == key]:
                 self.emulator.unload_instance(instance)
+            emulator.most_copies[key] = 0
             async with anyio.create_task_group() as tg:
                 for n in range(BURST):
                     tg.start_soon(request, f"{burst}.{n}")
         finally:
             self.emulator.jit, self.emulator.jit_shares_loads = jit, shares
-        # One load after another (the first failed) is no fault; a copy kept beside another, or
-        # a load tried while another of the model ran (refused for memory or not), is.
-        loads, jit_loads, copies, stacked = (
-            now - was for now, was in zip(figures(), before, strict=True)
-        )
+        # One load after another (the first failed, or the model went again) is no fault; two
+        # copies at once, or a load tried while another of the model ran (refused for memory or
+        # not), are.
+        loads, jit_loads, stacked = (now - was for now, was in zip(figures(), before, strict=True))
+        copies = emulator.most_copies[key]
         answers = ", ".join(f"{n} {outcome}" for outcome, n in outcomes.items())
-        made = f"{loads} loads ({jit_loads} JIT), {copies} kept, {stacked} stacked"
+        made = f"{loads} loads ({jit_loads} JIT), {copies} copies at most, {stacked} stacked"
         self.tally.bursts.append(f"{key}: {made} ({answers})")
         if copies > 1 or stacked:
             self.tally.flag(
