@@ -1,8 +1,11 @@
 """A soak under faults: many clients, models and endpoints while LM Studio misbehaves.
 
 Nothing may be lost: every request ends with a complete answer or a well-formed error before its
-deadline, leases and gauges return to zero, the proxy never makes LM Studio unload an instance
-that is answering, run two loads at once or load a model it had seen loaded, its view of the
+deadline and within its own bound (`bound_s`), leases and gauges return to zero (the in-flight
+gauges within a second of the last client leaving), the proxy never makes LM Studio unload an
+instance that is answering, run two loads at once (its own, or JIT loads its forwarded requests
+cause; a burst for a model gone behind its back loads it once) or load a model it had seen
+loaded, an operator's unload during a load answers once the model is unloaded, its view of the
 loaded models matches LM Studio's within a poll interval once the faults stop, and file
 descriptors and memory come back to where they were.
 
@@ -18,6 +21,7 @@ import gc
 import itertools
 import json
 import logging
+import math
 import os
 import random
 import sys
@@ -26,6 +30,7 @@ import tracemalloc
 from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +43,18 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from proxy.emulator import Emulator, replies
-from proxy.emulator.catalog import CatalogModel, Instance
+from proxy.emulator.catalog import DEFAULT_CATALOG, CatalogModel, Instance
+from proxy.emulator.state import LoadFailedError
 from tests.helpers import LLAMA, MESSAGES, NOMIC, QWEN, Proxy, proxy_for, running, serve
 
 GEMMA = "google/gemma-3-4b"
 TEXT_MODELS = (LLAMA, GEMMA, QWEN)
+# A small model no client asks for: the faults that judge one model's requests use it alone.
+PROBE = "soak/probe-135m"
+CATALOG = (
+    *DEFAULT_CATALOG,
+    CatalogModel(PROBE, "llm", "soak", "Probe 135M", "llama", "Q8_0", 8, 145_000_000, "135M", 8192),
+)
 # Llama fits beside Gemma or Qwen, and the small embedding model beside any one; Gemma and Qwen
 # never fit together. The proxy's budget is LM Studio's memory, so its own loads always fit.
 MEMORY_BYTES = 6_000_000_000
@@ -68,6 +80,18 @@ SECTIONS: dict[str, Any] = {
 # The longest a request may take: two queue waits (a model unloaded behind the proxy's back is
 # reloaded and asked once more), LM Studio's read timeout twice, a stream, and slack.
 DEADLINE_S = 2 * QUEUE_TIMEOUT_S + 2 * READ_TIMEOUT_S + 4.0
+SLACK_S = 1.0  # on each request's own bound (`bound_s`)
+# LM Studio stuck: its listings for this long, or everything (a call it holds meanwhile is never
+# answered, and waits until its caller leaves).
+HANG_S = (1.5, 4.0)
+SILENT_S = (1.0, 3.0)
+UNKNOWN = "soak/not-downloaded"  # a model name LM Studio does not have
+UNKNOWN_REFRESH_S = 1.05  # the proxy reads LM Studio's models for an unknown name once a second
+BURST = 6  # requests at once for a model just gone behind the proxy's back
+SLOW_FIRST_TOKEN_S = 2.0  # LM Studio's wait before the first byte, within read_timeout
+CARD_LOAD_S = 0.6  # a load an operator's unload comes during
+UNLOAD_BOUND_S = 3 * CARD_LOAD_S  # a few load times, well under the queue timeout
+GAUGES = ("lmswitch_in_flight_requests", "lmswitch_queued_requests")
 # uvicorn closes idle keep-alive connections after 5 s; the proxy's pool expires its own after 4.
 KEEPALIVE_EXPIRY_S = 5.5
 
@@ -76,6 +100,34 @@ KEEPALIVE_EXPIRY_S = 5.5
 
 # The instance the current request resolved to, inside one emulator request's task.
 _resolved: contextvars.ContextVar[str | None] = contextvars.ContextVar("resolved", default=None)
+# The client's id of the request an emulator request's task answers.
+_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request", default=None)
+
+# The calls LM Studio never answers while its listings hang.
+LISTINGS = frozenset({"/v1/models", "/api/v0/models", "/api/v1/models"})
+
+
+async def _caller_left(request: Request, wait: Callable[[], Awaitable[object]]) -> bool:
+    """Await `wait()`; True if the caller hung up first (and `wait` was cancelled)."""
+    left = False
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            nonlocal left
+            while (await request.receive())["type"] != "http.disconnect":  # pragma: no cover
+                pass
+            left = True
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(watch)
+        await wait()
+        tg.cancel_scope.cancel()
+    return left
+
+
+def _a_load(key: str, jit_for: str | None) -> str:
+    """A load, for a finding: the proxy's, or a JIT load for a request (`jit_for`)."""
+    return f"the proxy's load of {key}" if jit_for is None else f"a JIT load of {key} ({jit_for})"
 
 
 @dataclass
@@ -92,10 +144,16 @@ class WatchedEmulator(Emulator):
     `findings` are the proxy's faults: a REST unload of an instance that is streaming an answer
     to a client still reading it (`judge` decides once the streams have ended); a load or unload
     call while a load runs (also one the proxy stopped waiting for: LM Studio goes on with it);
-    a second instance of a model loaded while its first load still ran; a REST load of a model
-    that every listing since the proxy's last call showed loaded. `notes` count what is nobody's
-    fault (LM Studio's JIT evicting under a request, a duplicate from a race with a load behind
-    the proxy's back, ...).
+    a load running beside another where either is a JIT load (every load in the soak is the
+    proxy's, or its forwarded request's); a second instance of a model loaded while its first
+    load still ran; a REST load of a model that every listing since the proxy's last call showed
+    loaded. `notes` count what is nobody's fault (LM Studio's JIT evicting under a request, a
+    duplicate from a race with a load behind the proxy's back, ...).
+
+    `forwards` counts the inference calls LM Studio received, by the client's request id (the
+    proxy passes `x-request-id` on); `unanswered`, the calls it held (`silent`, `hang_listings`)
+    and never answered. `slow_first_token` holds the answers for a model this long before their
+    first byte, unless the caller leaves first.
     """
 
     def __init__(self, **options: Any) -> None:
@@ -109,14 +167,23 @@ class WatchedEmulator(Emulator):
         self.notes: Counter[str] = Counter()
         self.rest_loads = 0
         self.jit_loads = 0
-        self.most_loading = 0  # the most loads LM Studio ran at once
         self.load_calls: list[LoadCall] = []
         self._listings: list[frozenset[str]] = []  # loaded models listed since the last call
         self._rest_unload = False
+        # The loads running: model key, and for a JIT load the request it is for.
+        self._running: list[tuple[str, str | None]] = []
+        self.forwards: Counter[str] = Counter()
+        self.slow_first_token: dict[str, float] = {}
+        self.unanswered = 0  # calls LM Studio held and never answered
+        # Per model: loads tried (refused for memory or not) while another of it ran; the most
+        # instances held at once (tests reset it); JIT loads started.
+        self.stacked: Counter[str] = Counter()
+        self.most_copies: Counter[str] = Counter()
+        self.jit_started: Counter[str] = Counter()
 
-    def _notify(self) -> None:
-        self.most_loading = max(self.most_loading, len(self._loading))  # after every change
-        super()._notify()
+    def forwarded(self, request_id: str) -> int:
+        """How often LM Studio received the request, forgetting it."""
+        return self.forwards.pop(request_id, 0)
 
     def busy(self, instance_id: str) -> bool:
         return self.answering[instance_id] > 0 or bool(self.streams.get(instance_id))
@@ -149,6 +216,18 @@ class WatchedEmulator(Emulator):
             view.setdefault(instance.key, []).append(instance.id)
         return {key: sorted(ids) for key, ids in view.items()}
 
+    # calls held, and calls never answered
+
+    async def _receive(self, request: Request) -> object:
+        body = await super()._receive(request)
+        path, request_id = request.url.path, request.headers.get("x-request-id")
+        if request.method == "POST" and path.startswith("/v1/") and request_id is not None:
+            self.forwards[request_id] += 1
+            self._notify()
+        if self.silent or (self.hang_listings and path in LISTINGS):
+            self.unanswered += 1  # held until its caller leaves, then answered 499 to nobody
+        return body
+
     # requests being answered
 
     async def _resolve(self, payload: dict[str, Any], kind: replies.Kind) -> Instance:
@@ -160,6 +239,12 @@ class WatchedEmulator(Emulator):
     async def _infer(
         self, request: Request, body: object, *, kind: replies.Kind, v0: bool
     ) -> Response:
+        _request_id.set(request.headers.get("x-request-id"))
+        model = body.get("model") if isinstance(body, dict) else None
+        delay_s = self.slow_first_token.get(str(model))
+        # A long prompt, say: nothing is sent meanwhile. A caller that leaves ends it.
+        if delay_s and await _caller_left(request, partial(anyio.sleep, delay_s)):
+            return Response(status_code=499)
         _resolved.set(None)
         try:
             return await super()._infer(request, body, kind=kind, v0=v0)
@@ -194,6 +279,39 @@ class WatchedEmulator(Emulator):
     async def _jit_load(self, model: CatalogModel, ttl: object) -> Instance:
         self.jit_loads += 1
         return await super()._jit_load(model, ttl)
+
+    async def _load(
+        self, model: CatalogModel, *, jit: bool, ttl_s: float | None, options: dict[str, Any]
+    ) -> Instance:
+        self.stacked[model.key] += any(key == model.key for key, _ in self._running)
+        try:
+            self._check_memory(model)  # as the load itself does first, with nothing in between
+        except LoadFailedError:  # refused at once: no load runs
+            return await super()._load(model, jit=jit, ttl_s=ttl_s, options=options)
+        # A REST load beside REST loads only: `_no_load_running` has found its call.
+        running = (model.key, f"request {_request_id.get()}" if jit else None)
+        if beside := [_a_load(*other) for other in self._running if jit or other[1]]:
+            self.findings.append(f"{_a_load(*running)} ran beside {', '.join(beside)}")
+        self.jit_started[model.key] += jit
+        self._running.append(running)
+        try:
+            return await super()._load(model, jit=jit, ttl_s=ttl_s, options=options)
+        finally:
+            self._running.remove(running)
+
+    def _add(
+        self,
+        model: CatalogModel,
+        instance_id: str,
+        *,
+        jit: bool,
+        ttl_s: float | None,
+        options: dict[str, Any],
+    ) -> Instance:
+        instance = super()._add(model, instance_id, jit=jit, ttl_s=ttl_s, options=options)
+        copies = len(self._instances_of(model.key))
+        self.most_copies[model.key] = max(self.most_copies[model.key], copies)
+        return instance
 
     def _listed(self) -> None:
         self._listings.append(frozenset(i.key for i in self.instances.values()))
@@ -360,6 +478,8 @@ ENDPOINTS = (
     Endpoint("messages", "/v1/messages", False, TEXT_MODELS),
     Endpoint("messages-stream", "/v1/messages", True, TEXT_MODELS),
 )
+CHAT, STREAM, MESSAGES_STREAM = ENDPOINTS[0], ENDPOINTS[1], ENDPOINTS[6]
+EMBEDDINGS, MESSAGE = ENDPOINTS[4], ENDPOINTS[5]
 # Statuses LM Studio's own errors reach clients with (passed through as LM Studio sent them, in
 # OpenAI's envelope whatever the endpoint): 400 for a model gone when JIT loading is off, 500
 # for a JIT load that failed.
@@ -368,16 +488,48 @@ PROXY_STATUSES = frozenset({429, 502, 503, 504})
 
 
 @dataclass
+class Timed:
+    """A request's time, and its bound."""
+
+    took_s: float = 0.0
+    bound_s: float = math.inf
+    what: str = "none"
+
+    def __str__(self) -> str:
+        return f"{self.took_s:.2f} s of its {self.bound_s:.2f} s bound ({self.what})"
+
+
+@dataclass
 class Tally:
     outcomes: Counter[str] = field(default_factory=Counter)
     endpoints: Counter[str] = field(default_factory=Counter)
     faults: Counter[str] = field(default_factory=Counter)
     failures: list[str] = field(default_factory=list)
+    longest: Timed = field(default_factory=Timed)  # the request that took longest
+    closest: Timed = field(default_factory=Timed)  # the one that came closest to its bound
+    late: int = 0  # requests past their bound
+    bursts: list[str] = field(default_factory=list)  # loads per JIT burst, by model
+    early_zero_s: list[float | None] = field(default_factory=list)  # gauges after early leavers
+    unloads: list[str] = field(default_factory=list)  # unloads during a load, as they went
 
     def fail(self, what: str) -> None:
         self.outcomes["FAILED"] += 1
+        self.flag(what)
+
+    def flag(self, what: str) -> None:
+        """A failed check (the request itself is counted by its outcome)."""
         if len(self.failures) < 40:
             self.failures.append(what)
+
+    def timed(self, what: str, took_s: float, bound_s: float) -> None:
+        timed = Timed(took_s, bound_s, what)
+        if took_s > self.longest.took_s:
+            self.longest = timed
+        if took_s / bound_s > self.closest.took_s / self.closest.bound_s:
+            self.closest = timed
+        if took_s > bound_s:
+            self.late += 1
+            self.flag(f"{what}: took {took_s:.2f} s, past its bound of {bound_s:.2f} s")
 
 
 def _json(raw: bytes) -> Any:
@@ -385,6 +537,13 @@ def _json(raw: bytes) -> Any:
         return json.loads(raw)
     except ValueError:
         raise Malformed(f"not JSON: {raw[:200]!r}") from None
+
+
+def _json_or_none(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:  # pragma: no cover - the proxy answers JSON
+        return None
 
 
 def _openai_error(doc: Any) -> str | None:
@@ -490,13 +649,16 @@ async def check_stream(endpoint: Endpoint, response: httpx2.Response, leave_afte
 
 
 async def exchange(
-    http: httpx2.AsyncClient, endpoint: Endpoint, model: str, leave_after: int
+    http: httpx2.AsyncClient, endpoint: Endpoint, model: str, leave_after: int, request_id: str
 ) -> str:
     """One request; the outcome, or `Malformed`."""
+    body, headers = endpoint.body(model), {"x-request-id": request_id}
     try:
-        async with http.stream("POST", endpoint.path, json=endpoint.body(model)) as response:
-            if "x-request-id" not in response.headers:
+        async with http.stream("POST", endpoint.path, json=body, headers=headers) as response:
+            if (echoed := response.headers.get("x-request-id")) is None:
                 raise Malformed("no x-request-id")
+            if echoed != request_id:  # pragma: no cover - the proxy echoes the client's id
+                raise Malformed(f"x-request-id {echoed!r} for a request sent as {request_id!r}")
             if response.status_code != 200:
                 raw = await response.aread()
                 return check_error(endpoint, response.status_code, response.headers, raw)
@@ -507,31 +669,91 @@ async def exchange(
         raise Malformed(f"the connection failed: {exc!r}") from None
 
 
+def bound_s(forwards: int) -> float:
+    """How long a request may take, from the soak's settings, by how often LM Studio saw it.
+
+    The proxy's own answer comes within a queue wait (`queue_timeout`: the wait for the model,
+    a load's `load_timeout` within it, and any reading of LM Studio's state the request waits
+    for, which counts toward it). A forwarded request adds LM Studio's answer head
+    (`read_timeout`), then the answer itself: its tokens, or a stream cut by LM Studio's restart
+    after uvicorn's second of grace. A request LM Studio saw twice (its model unloaded behind
+    the proxy's back, JIT off) was asked again after a reading of LM Studio's state and a second
+    queue wait, each a queue timeout at most, and a second head. Slack covers the one event loop
+    that the clients, the proxy and LM Studio share. `DEADLINE_S` still caps them all.
+    """
+    bound = QUEUE_TIMEOUT_S + SLACK_S
+    if forwards:
+        bound += READ_TIMEOUT_S + REPLY_TOKENS * TOKEN_DELAY_S + 1.0
+    return bound + max(0, forwards - 1) * (2 * QUEUE_TIMEOUT_S + READ_TIMEOUT_S)
+
+
+def _no_forwards(request_id: str) -> int:
+    return 0
+
+
+async def ask(
+    http: httpx2.AsyncClient,
+    tally: Tally,
+    request_id: str,
+    endpoint: Endpoint,
+    model: str,
+    *,
+    leave_after: int = 0,
+    cancel_after_s: float = math.inf,
+    forwards: Callable[[str], int] = _no_forwards,
+) -> str | None:
+    """One request, judged: its outcome tallied (None if it failed), its time held against its
+    bound; `forwards(request_id)` says how often LM Studio saw it."""
+    what = f"{request_id} {endpoint.name} {model}"
+    outcome = "client cancelled"
+    started = anyio.current_time()
+    with anyio.move_on_after(DEADLINE_S) as deadline:
+        try:
+            with anyio.move_on_after(cancel_after_s):
+                outcome = await exchange(http, endpoint, model, leave_after, request_id)
+        except Malformed as exc:
+            forwards(request_id)
+            tally.fail(f"{what}: {exc}")
+            return None
+    took_s, seen = anyio.current_time() - started, forwards(request_id)
+    if deadline.cancelled_caught:
+        tally.fail(f"{what}: no answer within {DEADLINE_S:g} s")
+        return None
+    tally.outcomes[outcome] += 1
+    if outcome != "client cancelled":
+        tally.timed(f"{what}: {outcome}, LM Studio saw it {seen}x", took_s, bound_s(seen))
+    return outcome
+
+
 async def client(
-    http: httpx2.AsyncClient, rng: random.Random, tally: Tally, until: Callable[[], bool]
+    http: httpx2.AsyncClient,
+    rng: random.Random,
+    tally: Tally,
+    until: Callable[[], bool],
+    name: str = "client",
+    forwards: Callable[[str], int] = _no_forwards,
 ) -> None:
-    """Requests one after another: mostly read to the end, some left mid-stream or cancelled."""
-    while not until():
+    """Requests one after another: mostly read to the end, some left mid-stream or cancelled
+    (in the queue, during a load, or mid-answer). Request ids are `name-<n>`."""
+    for n in itertools.count():
+        if until():
+            return
         endpoint = rng.choice(ENDPOINTS)
         model = rng.choice(endpoint.models)
         mode = rng.choices(("full", "leave", "cancel"), (80, 10 if endpoint.stream else 0, 10))[0]
         tally.endpoints[endpoint.name] += 1
-        outcome = "client cancelled"
-        with anyio.move_on_after(DEADLINE_S) as deadline:
-            try:
-                if mode == "cancel":  # in the queue, during a load, or mid-answer
-                    with anyio.move_on_after(rng.uniform(0.01, 1.5)):
-                        outcome = await exchange(http, endpoint, model, 0)
-                else:
-                    leave_after = rng.randint(1, 3) if mode == "leave" else 0
-                    outcome = await exchange(http, endpoint, model, leave_after)
-            except Malformed as exc:
-                tally.fail(f"{endpoint.name} {model}: {exc}")
-                continue
-        if deadline.cancelled_caught:
-            tally.fail(f"{endpoint.name} {model}: no answer within {DEADLINE_S:g} s")
-        else:
-            tally.outcomes[outcome] += 1
+        leave_after = rng.randint(1, 3) if mode == "leave" else 0
+        cancel_after_s = rng.uniform(0.01, 1.5) if mode == "cancel" else math.inf
+        await ask(
+            http,
+            tally,
+            f"{name}-{n}",
+            endpoint,
+            model,
+            leave_after=leave_after,
+            cancel_after_s=cancel_after_s,
+            forwards=forwards,
+        )
         await anyio.sleep(rng.uniform(0, 0.03))
 
 
@@ -540,42 +762,76 @@ async def client(
 
 class Injector:
     """Random faults, each on its own, every 1.2 s on average, dealt from a shuffled deck (so
-    that every kind comes up, and in every order)."""
+    that every kind comes up, and in every order). A lasting fault clears itself; a fault that
+    sends requests of its own (through `http`, to the proxy) waits for them, each within its
+    deadline, or leaves a probe running in the injector's task group."""
 
-    FAULTS = ("fail_loads", "slow_loads", "cut_streams", "restart", "unload_behind", "load_behind")
+    FAULTS = (
+        "fail_loads",
+        "slow_loads",
+        "cut_streams",
+        "restart",
+        "unload_behind",
+        "load_behind",
+        "hang_listings",
+        "silent",
+        "jit_burst",
+        "leave_early",
+        "unload_during_load",
+    )
 
     def __init__(
-        self, emulator: WatchedEmulator, upstream: Upstream, rng: random.Random, tally: Tally
+        self,
+        emulator: WatchedEmulator,
+        upstream: Upstream,
+        rng: random.Random,
+        tally: Tally,
+        http: httpx2.AsyncClient,
     ) -> None:
         self.emulator = emulator
         self.upstream = upstream
         self.rng = rng
         self.tally = tally
+        self.http = http
         self._until: dict[str, float] = {}  # when a lasting fault ends
         self._deck: list[str] = []
         self._restarts = 0
+        self._serial = itertools.count()  # for the request ids of the faults' own requests
+        self._probes: TaskGroup | None = None
 
     async def run(self, until: Callable[[], bool]) -> None:
-        while not until():
-            await anyio.sleep(0.1)
-            self.emulator.calls.clear()  # its record of every call would only grow
-            now = anyio.current_time()
-            for knob in [k for k, end in self._until.items() if end <= now]:
-                self._revert(knob)
-            if self.rng.random() < 0.1 / 1.2:
-                if not self._deck:
-                    self._deck = self.rng.sample(self.FAULTS, len(self.FAULTS))
-                fault = self._deck.pop()
-                self.tally.faults[fault] += 1
-                await getattr(self, fault)()
-        self.calm()  # a restart ends before the loop goes on: LM Studio is up
+        async with anyio.create_task_group() as self._probes:
+            while not until():
+                await anyio.sleep(0.1)
+                self.emulator.calls.clear()  # its record of every call would only grow
+                now = anyio.current_time()
+                for knob in [k for k, end in self._until.items() if end <= now]:
+                    self._revert(knob)
+                if self.rng.random() < 0.1 / 1.2:
+                    if not self._deck:
+                        self._deck = self.rng.sample(self.FAULTS, len(self.FAULTS))
+                    fault = self._deck.pop()
+                    self.tally.faults[fault] += 1
+                    await getattr(self, fault)()
+            self.calm()  # a restart ends before the loop goes on: LM Studio is up
 
     def _revert(self, knob: str) -> None:
         del self._until[knob]
         if knob == "slow_loads":
             self.emulator.load_delay_s = LOAD_DELAY_S
-        else:
+        elif knob == "cut_streams":
             self.emulator.cut_streams_after = None
+        elif knob == "hang_listings":
+            self.emulator.hang_listings = False
+        else:
+            self.emulator.silent = False
+
+    async def _outlast(self, *knobs: str) -> None:
+        """Wait for these lasting faults to end (each within seconds), and end them."""
+        for knob in knobs:
+            if (end := self._until.get(knob)) is not None:
+                await anyio.sleep(max(0.0, end - anyio.current_time()))
+                self._revert(knob)
 
     def calm(self) -> None:
         """Every fault ends."""
@@ -583,6 +839,10 @@ class Injector:
         self.emulator.load_delay_s = LOAD_DELAY_S
         self.emulator.cut_streams_after = None
         self.emulator.fail_next_loads = 0
+        self.emulator.hang_listings = self.emulator.silent = False
+
+    def _request_id(self, fault: str) -> str:
+        return f"{fault}-{next(self._serial)}"
 
     async def fail_loads(self) -> None:
         self.emulator.fail_next_loads += self.rng.randint(1, 2)
@@ -620,6 +880,234 @@ class Injector:
         chosen = self.rng.choice(absent if absent and self.rng.random() < 0.7 else models)
         self.emulator.load_instance(chosen, jit=True)
 
+    # LM Studio hung
+
+    async def hang_listings(self) -> None:
+        """LM Studio's model listings hang while inference works; a probe waits on one."""
+        self.emulator.hang_listings = True
+        self._until["hang_listings"] = anyio.current_time() + self.rng.uniform(*HANG_S)
+        assert self._probes is not None
+        self._probes.start_soon(self._unknown_model)
+
+    async def silent(self) -> None:
+        """LM Studio accepts connections and answers nothing; a probe waits on a listing."""
+        self.emulator.silent = True
+        self._until["silent"] = anyio.current_time() + self.rng.uniform(*SILENT_S)
+        assert self._probes is not None
+        self._probes.start_soon(self._unknown_model)
+
+    async def _unknown_model(self) -> None:
+        """A request for a model LM Studio does not have: the proxy reads LM Studio's models
+        again before it answers 404 (or 503 if it cannot tell), and that reading hangs.
+
+        It asks once the proxy's limit of one such reading a second has passed: every reading
+        since the fault began hangs, so the last one that ended is older than that.
+        """
+        await anyio.sleep(UNKNOWN_REFRESH_S)
+        request_id = self._request_id("unknown")
+        what = f"{request_id} chat {UNKNOWN}"
+        headers = {"x-request-id": request_id}
+        started = anyio.current_time()
+        with anyio.move_on_after(DEADLINE_S) as deadline:
+            try:
+                response = await self.http.post(CHAT.path, json=CHAT.body(UNKNOWN), headers=headers)
+            except httpx2.TransportError as exc:  # pragma: no cover - a broken proxy
+                self.tally.fail(f"{what}: the connection failed: {exc!r}")
+                return
+        took_s = anyio.current_time() - started
+        if deadline.cancelled_caught:
+            self.tally.fail(f"{what}: no answer within {DEADLINE_S:g} s")
+            return
+        code = _openai_error(_json_or_none(response.content))
+        if response.status_code not in (404, 503) or code is None:  # pragma: no cover
+            self.tally.fail(f"{what}: {response.status_code} {response.text[:200]!r}")
+            return
+        outcome = f"{response.status_code} {code} (a model LM Studio does not have)"
+        self.tally.outcomes[outcome] += 1
+        self.tally.timed(f"{what}: {outcome}", took_s, bound_s(0))
+
+    # what the proxy makes LM Studio load
+
+    async def jit_burst(self) -> None:
+        """A model goes behind the proxy's back (or none is loaded), and a burst of requests
+        for it follows at once, with LM Studio's JIT loading on and stacking a copy per request:
+        LM Studio must load it once for them all (the proxy's load, or one request's)."""
+        await self._outlast("silent")  # LM Studio answers, and may load
+        loaded = sorted({i.key for i in self.emulator.instances.values() if i.key != PROBE})
+        key = self.rng.choice(loaded or [*TEXT_MODELS, NOMIC])
+        endpoint = EMBEDDINGS if key == NOMIC else CHAT
+        burst = f"burst-{next(self._serial)}"
+        emulator = self.emulator
+        jit, shares = emulator.jit, emulator.jit_shares_loads
+        emulator.jit, emulator.jit_shares_loads = True, False
+
+        def figures() -> tuple[int, ...]:
+            return emulator.load_count(key), emulator.jit_started[key], emulator.stacked[key]
+
+        before = figures()
+        during = ", ".join(sorted(self._until)) or "no lasting fault"
+        outcomes: Counter[str | None] = Counter()
+
+        async def request(request_id: str) -> None:
+            forwards = self.emulator.forwarded
+            outcomes[
+                await ask(self.http, self.tally, request_id, endpoint, key, forwards=forwards)
+            ] += 1
+
+        try:
+            for instance in [i.id for i in self.emulator.instances.values() if i.key == key]:
+                self.emulator.unload_instance(instance)
+            emulator.most_copies[key] = 0
+            async with anyio.create_task_group() as tg:
+                for n in range(BURST):
+                    tg.start_soon(request, f"{burst}.{n}")
+        finally:
+            self.emulator.jit, self.emulator.jit_shares_loads = jit, shares
+        # One load after another (the first failed, or the model went again) is no fault; two
+        # copies at once, or a load tried while another of the model ran (refused for memory or
+        # not), are.
+        loads, jit_loads, stacked = (now - was for now, was in zip(figures(), before, strict=True))
+        copies = emulator.most_copies[key]
+        answers = ", ".join(f"{n} {outcome}" for outcome, n in outcomes.items())
+        made = f"{loads} loads ({jit_loads} JIT), {copies} copies at most, {stacked} stacked"
+        self.tally.bursts.append(f"{key}: {made} ({answers})")
+        if copies > 1 or stacked:
+            self.tally.flag(
+                f"{burst} ({burst}.0-{BURST - 1}, during {during}): for {BURST} requests at "
+                f"once for {key} after it went behind the proxy's back, LM Studio made "
+                f"{made}; answers: {answers}"
+            )
+
+    # clients that leave
+
+    async def leave_early(self) -> None:
+        """Clients that leave before the first byte of their answer, streaming or not, while
+        the proxy loads their model or while LM Studio sits on its first token: within a second
+        of the last one leaving, no request for the model is counted in flight or queued."""
+        self.emulator.slow_first_token[PROBE] = SLOW_FIRST_TOKEN_S
+        ids = f"early-{next(self._serial)}"
+        try:
+            async with anyio.create_task_group() as tg:
+                for n, endpoint in enumerate((CHAT, STREAM, MESSAGE, MESSAGES_STREAM)):
+                    upstream = not endpoint.anthropic  # else wherever it is then
+                    leave_s = self.rng.uniform(0.02, 0.3 if upstream else 0.6)
+                    tg.start_soon(
+                        self._leave_before_first_byte, f"{ids}.{n}", endpoint, leave_s, upstream
+                    )
+            zero_s = await wait_until(partial(gauges_at_zero, self.http, PROBE), 1.0)
+            self.tally.early_zero_s.append(zero_s)
+            if zero_s is None:
+                left = await gauges_left(self.http, PROBE)
+                self.tally.flag(
+                    f"{ids} ({ids}.0-3): a second after the last of them left before the first "
+                    f"byte, the proxy still counted {', '.join(left)}"
+                )
+            # The next fault finds every request for the probe model over, LM Studio's too.
+            await wait_until(partial(gauges_at_zero, self.http, PROBE), READ_TIMEOUT_S + 1)
+        finally:
+            del self.emulator.slow_first_token[PROBE]
+
+    async def _leave_before_first_byte(
+        self, request_id: str, endpoint: Endpoint, leave_s: float, upstream: bool
+    ) -> None:
+        """Leave `leave_s` after asking, or after LM Studio has the request if `upstream`."""
+        body, headers = endpoint.body(PROBE), {"x-request-id": request_id}
+        outcome = "client left before the first byte"
+        async with anyio.create_task_group() as tg:
+
+            async def send() -> None:
+                nonlocal outcome
+                async with self.http.stream(
+                    "POST", endpoint.path, json=body, headers=headers
+                ) as response:
+                    outcome = f"{response.status_code} before the client left"  # proxy's error
+                    await response.aread()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(send)
+            if upstream:
+                with anyio.move_on_after(QUEUE_TIMEOUT_S + 1):  # then it is the proxy's 503
+                    forwards = self.emulator.forwards
+                    await self.emulator.wait_until(lambda: forwards[request_id] > 0, math.inf)
+            await anyio.sleep(leave_s)
+            tg.cancel_scope.cancel()
+        self.emulator.forwarded(request_id)
+        self.tally.outcomes[outcome] += 1
+
+    # an operator's calls
+
+    async def unload_during_load(self) -> None:
+        """An operator unloads the probe model while the proxy loads it: the unload answers
+        once the load has ended and the model is unloaded, within a few load times, and the
+        model stays unloaded (no client wants it)."""
+        await self._outlast("silent", "hang_listings")  # LM Studio answers, and may load
+        await wait_until(self._upstream_read, 2 * POLL_S + 1)  # and the proxy has read it again
+        delay_s, self.emulator.load_delay_s = self.emulator.load_delay_s, CARD_LOAD_S
+        try:
+            # The load waits its turn behind the clients' models, a queue timeout at most: if
+            # it never started, once more.
+            for attempt in (1, 2):
+                if await self._unload_during_load() or attempt == 2:
+                    return
+        finally:
+            self.emulator.load_delay_s = delay_s
+
+    async def _unload_during_load(self) -> bool:
+        """One attempt; False if the proxy did not get the model loading in time."""
+        if PROBE in self.emulator.view():  # an earlier fault's requests loaded it
+            await self._admin("unload")
+        load: list[tuple[int, str] | None] = []
+        unload: tuple[int, str] | None = None
+        async with anyio.create_task_group() as tg:
+
+            async def call_load() -> None:
+                load.append(await self._admin("load"))
+
+            tg.start_soon(call_load)
+            with anyio.move_on_after(QUEUE_TIMEOUT_S + 1) as waited:
+                await self.emulator.wait_until(self._probe_loading, math.inf)
+            if not waited.cancelled_caught:
+                await anyio.sleep(self.rng.uniform(0.2, 0.4))
+                during = self._probe_loading()
+                started = anyio.current_time()
+                unload = await self._admin("unload")
+                took_s = anyio.current_time() - started
+        if waited.cancelled_caught:  # the proxy could not load it then: nothing to judge
+            self.tally.unloads.append(f"not judged: the load answered {load[0]}")
+            return False
+        held = self.emulator.view().get(PROBE)  # once the load call has ended too
+        when = "during its load" if during else "right after its load"
+        answer = "no answer" if unload is None else f"{unload[0]} {unload[1]!r}"
+        status = "no answer" if unload is None else unload[0]
+        self.tally.unloads.append(
+            f"{status} in {took_s:.2f} s {when}, then {'loaded' if held else 'unloaded'}"
+        )
+        if unload is None or unload[0] != 200 or took_s > UNLOAD_BOUND_S or held:
+            self.tally.flag(
+                f"an unload of {PROBE} {when} answered {answer} in {took_s:.2f} s (bound "
+                f"{UNLOAD_BOUND_S:g} s); the load answered {load[0] if load else 'nothing'}, "
+                f"and LM Studio then held {held or 'none'}"
+            )
+        return True
+
+    async def _upstream_read(self) -> bool:
+        status = (await self.http.get("/api/v1/status")).json()
+        return bool(status["upstream"]["reachable"])
+
+    def _probe_loading(self) -> bool:
+        return any(call.model == PROBE for call in self.emulator.load_calls)
+
+    async def _admin(self, action: str) -> tuple[int, str] | None:
+        """The proxy's `POST /api/v1/models/<action>` of the probe model: status and message."""
+        with anyio.move_on_after(QUEUE_TIMEOUT_S + 2):
+            response = await self.http.post(f"/api/v1/models/{action}", json={"model_id": PROBE})
+            doc = _json_or_none(response.content)
+            message = doc.get("message") if isinstance(doc, dict) else None
+            if not isinstance(message, str):
+                message = _openai_error(doc) or response.text[:200]
+            return response.status_code, message
+        return None
+
 
 # --- measuring and settling ---------------------------------------------------------------------
 
@@ -650,8 +1138,10 @@ def rss_mib() -> float:
     return next((int(n.split()[1]) / 1024 for n in lines if n.startswith("VmRSS:")), 0.0)
 
 
-async def metric_samples(proxy: Proxy) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
-    text = (await proxy.http.get("/metrics")).text
+async def metric_samples(
+    http: httpx2.AsyncClient,
+) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    text = (await http.get("/metrics")).text
     samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -671,10 +1161,22 @@ async def leases_left(proxy: Proxy) -> list[str]:
     left += [
         f"model {r['id']} is {r['state']}" for r in rows if r["state"] not in ("ready", "absent")
     ]
-    samples = await metric_samples(proxy)
-    for gauge in ("lmswitch_in_flight_requests", "lmswitch_queued_requests"):
-        left += [f"{gauge}{dict(k)} = {v}" for k, v in samples.get(gauge, {}).items() if v]
-    return left
+    return left + await gauges_left(proxy.http)
+
+
+async def gauges_left(http: httpx2.AsyncClient, model: str | None = None) -> list[str]:
+    """The requests the proxy's gauges count in flight or queued (for `model`, or any)."""
+    samples = await metric_samples(http)
+    return [
+        f"{gauge}{dict(labels)} = {value:g}"
+        for gauge in GAUGES
+        for labels, value in samples.get(gauge, {}).items()
+        if value and model in (None, dict(labels).get("model"))
+    ]
+
+
+async def gauges_at_zero(http: httpx2.AsyncClient, model: str | None = None) -> bool:
+    return not await gauges_left(http, model)
 
 
 async def proxy_view(proxy: Proxy) -> dict[str, list[str]]:
@@ -788,6 +1290,10 @@ def counted(samples: dict[tuple[tuple[str, str], ...], float], label: str) -> st
     return listed(totals)
 
 
+def seconds(took_s: float | None) -> str:
+    return "not within 1 s" if took_s is None else f"{took_s:.2f} s"
+
+
 def listed(counts: Counter[str], empty: str = "none") -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or empty
 
@@ -800,6 +1306,7 @@ async def test_soak_under_faults_loses_nothing(
     minutes: float = request.config.getoption("--soak-minutes")
     seed = random.SystemRandom().randrange(2**32)
     emulator = WatchedEmulator(
+        catalog=CATALOG,
         memory_bytes=MEMORY_BYTES,
         load_delay_s=LOAD_DELAY_S,
         token_delay_s=TOKEN_DELAY_S,
@@ -816,7 +1323,6 @@ async def test_soak_under_faults_loses_nothing(
                 )  # every code path once, before measuring
                 fds_before, memory_before, rss_before = open_fds(), traced(), rss_mib()
                 rng = random.Random(seed)  # noqa: S311 - test traffic, not secrets
-                injector = Injector(emulator, upstream, rng, tally)
                 started = anyio.current_time()
                 end = started + minutes * 60
 
@@ -829,8 +1335,11 @@ async def test_soak_under_faults_loses_nothing(
                     anyio.create_task_group() as tg,
                 ):
                     for n in range(CLIENTS):
-                        tg.start_soon(client, http, random.Random(seed + n), tally, over)  # noqa: S311
-                    tg.start_soon(injector.run, over)
+                        rng_n = random.Random(seed + n)  # noqa: S311 - test traffic, not secrets
+                        tg.start_soon(client, http, rng_n, tally, over, f"c{n}", emulator.forwarded)
+                    tg.start_soon(Injector(emulator, upstream, rng, tally, http).run, over)
+                # The last client has left (the faults' own requests too).
+                zero_s = await wait_until(partial(gauges_at_zero, proxy.http), 1.0)
                 ran_s = anyio.current_time() - started
                 settled = await settle(proxy, emulator)
                 emulator.judge()
@@ -838,8 +1347,9 @@ async def test_soak_under_faults_loses_nothing(
                 settled.recovered += await answers_every_model(
                     proxy.url
                 )  # ...and the pool drops them
+                emulator.forwards.clear()  # forwards of requests whose clients had left
                 fds_after, memory_after, rss_after = open_fds(), traced(), rss_mib()
-                samples = await metric_samples(proxy)
+                samples = await metric_samples(proxy.http)
             await upstream.stop()
 
     requests = sum(tally.outcomes.values())
@@ -852,9 +1362,18 @@ async def test_soak_under_faults_loses_nothing(
             *(f"  {n:7d}  {outcome}" for outcome, n in sorted(tally.outcomes.items())),
             f"by endpoint: {listed(tally.endpoints)}",
             f"faults: {listed(tally.faults)}",
+            f"longest request: {tally.longest}; closest to its bound: {tally.closest}; "
+            f"{tally.late} past their bound",
+            f"JIT bursts of {BURST} requests, LM Studio's loads of the model each: "
+            f"{', '.join(tally.bursts) or 'none'}",
+            f"unloads during a load: {'; '.join(tally.unloads) or 'none'}",
+            f"in-flight gauges at 0 after the last client left: {seconds(zero_s)}; after clients "
+            f"left before the first byte: {', '.join(map(seconds, tally.early_zero_s)) or '-'}",
+            f"calls LM Studio never answered (their callers hung up): {emulator.unanswered}",
             f"loads: {emulator.rest_loads} by the proxy "
             f"({counted(samples.get('lmswitch_model_loads_total', {}), 'result')}), "
-            f"{emulator.jit_loads} JIT loads by LM Studio, at most {emulator.most_loading} at once",
+            f"{emulator.jit_loads} JIT loads by LM Studio; most loads at once: "
+            f"{emulator.most_loads_at_once}",
             "unloads by the proxy: "
             + counted(samples.get("lmswitch_model_unloads_total", {}), "reason"),
             f"not the proxy's doing: {listed(emulator.notes)}",
@@ -875,7 +1394,9 @@ async def test_soak_under_faults_loses_nothing(
     print(f"\n{summary}")  # noqa: T201 - the soak's report, shown with -s
 
     assert not tally.failures, summary
+    assert zero_s is not None, summary
     assert not emulator.findings, summary
+    assert emulator.most_loads_at_once <= 1, summary  # every load is the proxy's doing
     assert not logs.unhandled(), summary
     assert settled.quiet_s is not None, summary
     assert not settled.left, summary
@@ -902,7 +1423,7 @@ async def test_a_load_past_load_timeout_is_not_overlapped(then: str) -> None:
         assert second.status_code == 200  # after Qwen's load, which it waited for
         await emulator.wait_until(lambda: not emulator.loading, timeout=5)
     assert not emulator.findings  # no call while the given-up load ran, so no second copy
-    assert emulator.most_loading == 1  # nor another model loading beside it: memory overrun
+    assert emulator.most_loads_at_once == 1  # nor another model loading beside it: memory overrun
     assert emulator.rest_loads == (1 if then == QWEN else 2)  # Qwen's load was adopted
 
 
@@ -911,9 +1432,6 @@ def chat(model: str) -> dict[str, Any]:
 
 
 # --- the soak's judges, judged ------------------------------------------------------------------
-
-CHAT, STREAM, MESSAGES_STREAM = ENDPOINTS[0], ENDPOINTS[1], ENDPOINTS[6]
-EMBEDDINGS, MESSAGE = ENDPOINTS[4], ENDPOINTS[5]
 
 
 def _error(code: str | None, **extra: Any) -> bytes:
@@ -1060,3 +1578,29 @@ async def test_the_watched_emulator_sees_what_a_proxy_must_not_do() -> None:
         "a second instance: a race with a load behind the proxy's back": 1,
         "an unload right after a client left mid-stream": 1,
     }
+
+
+async def test_the_watched_emulator_sees_jit_loads_beside_others_and_counts_forwards() -> None:
+    """A JIT load beside a REST load is a finding; inference calls are counted by request id,
+    and the calls LM Studio never answers."""
+    emulator = WatchedEmulator(load_delay_s=0.2)
+    async with serve(emulator.app) as url, httpx2.AsyncClient(base_url=url, timeout=5) as http:
+        headers = {"x-request-id": "r1"}
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(partial(http.post, "/api/v1/models/load", json={"model": QWEN}))
+            await emulator.wait_until(lambda: emulator.loading)
+            tg.start_soon(
+                partial(http.post, "/v1/chat/completions", json=chat(LLAMA), headers=headers)
+            )
+        emulator.hang_listings = True
+        with anyio.move_on_after(0.2):
+            await http.get("/api/v1/models")
+        emulator.hang_listings = False
+        await http.get("/api/v1/models")
+    assert emulator.findings == [
+        f"a JIT load of {LLAMA} (request r1) ran beside the proxy's load of {QWEN}"
+    ]
+    assert emulator.most_loads_at_once == 2
+    assert emulator.forwarded("r1") == 1
+    assert emulator.forwarded("r1") == 0  # forgotten once read
+    assert emulator.unanswered == 1
