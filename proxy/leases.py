@@ -94,9 +94,9 @@ def failure(action: Fail) -> ProxyError:
     return ProxyError(action.message)
 
 
-# A request goes to a model at once while the model was confirmed loaded this recently, after
-# the request that began the current run of requests out to it was sent (docs/design.md §4.1).
-FRESH_S = 1.0
+# While a load is wanted or running, a request goes to a model only if LM Studio confirmed it
+# loaded this recently (and since the load was wanted) (docs/design.md §4.1).
+FRESH_S = 0.25
 
 
 class Gate:
@@ -132,14 +132,16 @@ class Gate:
         self.recheck = False  # a listing missed the model while requests were out to it
         self._changed: anyio.Event | None = None
 
-    def clear(self, now: float) -> bool:
-        """Whether a request may go to the model now, as far as its own requests go."""
-        confirmed = self.confirmed_at >= self.probe_sent and now - self.confirmed_at <= FRESH_S
-        return self.out == 0 or confirmed
+    @property
+    def clear(self) -> bool:
+        """Whether a request may go to the model now, as far as its own requests go: nothing
+        is out, or the model was confirmed since the first of them was sent."""
+        return self.out == 0 or self.confirmed_at >= self.probe_sent
 
     @property
     def dark(self) -> bool:
-        """A request is out that was sent unconfirmed, and the model not confirmed since."""
+        """A request is out that was sent unconfirmed, and the model not confirmed since: LM
+        Studio may be loading the model for it."""
         return self.out > 0 and self.confirmed_at < self.unchecked_at
 
     def sent(self, now: float, *, checked: bool) -> None:
@@ -150,16 +152,24 @@ class Gate:
             self.unchecked_at = now
         self.out += 1
 
-    def answered(self, now: float | None) -> None:
-        """A request's answer began (`now`: it confirms the model), or it ended without one."""
+    def answered(self, sent_at: float | None) -> None:
+        """A request's answer began, or it ended without one (None). An answer confirms the
+        model as of when its request was sent, not later: a request sent after it may still
+        have found the model gone."""
         self.out -= 1
-        if now is not None:
-            self.confirmed_at = max(self.confirmed_at, now)
+        if sent_at is not None:
+            self.confirmed_at = max(self.confirmed_at, sent_at)
         self.changed()
 
     def confirm(self, at: float) -> None:
         """A listing started at `at` shows the model loaded."""
         self.confirmed_at = max(self.confirmed_at, at)
+        self.changed()
+
+    def doubt(self, at: float) -> None:
+        """A listing started at `at` missed the model while requests were out to it (LM Studio
+        may be loading it for them): the next requests wait for a confirmation since."""
+        self.probe_sent = max(self.probe_sent, at)
         self.changed()
 
     def forget(self) -> None:

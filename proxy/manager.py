@@ -276,8 +276,8 @@ class ModelManager:
             budget = self._settings.scheduler.queue_timeout - lease.waited_s
             with anyio.move_on_after(budget):
                 await self._confirm(gate)
-        barrier = self._barrier
-        gate.sent(self._clock(), checked=barrier is not None and gate.confirmed_at >= barrier)
+        barrier, sent_at = self._barrier, self._clock()
+        gate.sent(sent_at, checked=barrier is not None and gate.confirmed_at >= barrier)
         self._probed(key, gate)
         try:
             answer = await call()
@@ -285,7 +285,7 @@ class ModelManager:
             gate.answered(None)
             self._probed(key, gate)
             raise
-        gate.answered(self._clock() if answer.status_code < 400 else None)
+        gate.answered(sent_at if answer.status_code < 400 else None)
         self._probed(key, gate)
         if gate.recheck and gate.out == 0:
             gate.recheck = False  # LM Studio may have loaded copies of it meanwhile (JIT)
@@ -295,17 +295,18 @@ class ModelManager:
     def _needs(self, gate: Gate) -> float | None:
         """The time since which LM Studio must have confirmed the model before a request goes
         to it, or None if it may go now."""
-        now = self._clock()
-        if not gate.clear(now):
+        if not gate.clear:
             return gate.probe_sent  # a probe is out, and the model not confirmed since
         if self._barrier is not None:  # a load is wanted or running: the model must be known
-            return max(self._barrier, now - FRESH_S)
+            return max(self._barrier, self._clock() - FRESH_S)
         if gate.out:
             return None
+        # The first request to a model waits while LM Studio may be loading another model for
+        # the first request of its run: not two loads at once.
         since = max(
-            (g.unchecked_at for g in self._gates.values() if g.dark and g is not gate),
+            (g.probe_sent for g in self._gates.values() if not g.clear and g is not gate),
             default=-math.inf,
-        )  # LM Studio may be loading another model for a request: not two loads at once
+        )
         return since if gate.confirmed_at < since else None
 
     def _must_wait(self, gate: Gate) -> bool:
@@ -326,10 +327,13 @@ class ModelManager:
         """Wait until a request may go to the gate's model, asking LM Studio's listing when
         none asked since the time the confirmation must be newer than."""
         while (needs := self._needs(gate)) is not None and gate.confirmed_at < needs:
-            if gate.asked_at < needs:
-                gate.asked_at = self._clock()
-                self._ask_listing(gate.asked_at)
-            await gate.wait_change()
+            now = self._clock()
+            # Ask again, less and less often, while LM Studio may still be loading the model.
+            if gate.asked_at < needs or now - gate.asked_at >= min(2.0, (now - needs) / 4):
+                gate.asked_at = now
+                self._ask_listing(now)
+            with anyio.move_on_after(0.1):  # and look again at least this often
+                await gate.wait_change()
 
     def _ask_listing(self, since: float) -> None:
         """Read LM Studio's state in the background with a listing begun at `since` or later;
@@ -602,6 +606,7 @@ class ModelManager:
             if gate.out and model is not None and model.phase in sch.LOADED and model.instance_id:
                 seen[key] = [model.instance_id, *model.duplicates]
                 gate.recheck = True
+                gate.doubt(observation.started)
         return seen
 
     @property

@@ -25,6 +25,7 @@ import math
 import os
 import random
 import sys
+import time
 import traceback
 import tracemalloc
 from collections import Counter
@@ -172,6 +173,9 @@ class WatchedEmulator(Emulator):
         self._rest_unload = False
         # The loads running: model key, and for a JIT load the request it is for.
         self._running: list[tuple[str, str | None]] = []
+        self.gone_behind: dict[str, float] = {}  # when a fault last unloaded each model in use
+        self.asked_at: dict[str, float] = {}  # when a request last named each model
+        self._unforeseen: set[str] = set()  # running JIT loads the proxy could not foresee
         self.forwards: Counter[str] = Counter()
         self.slow_first_token: dict[str, float] = {}
         self.unanswered = 0  # calls LM Studio held and never answered
@@ -231,6 +235,8 @@ class WatchedEmulator(Emulator):
     # requests being answered
 
     async def _resolve(self, payload: dict[str, Any], kind: replies.Kind) -> Instance:
+        if isinstance(name := payload.get("model"), str):
+            self.asked_at[name.split(":")[0]] = time.monotonic()
         instance = await super()._resolve(payload, kind)
         self.answering[instance.id] += 1
         _resolved.set(instance.id)  # awaited by `_infer`: its context sees this
@@ -290,14 +296,39 @@ class WatchedEmulator(Emulator):
             return await super()._load(model, jit=jit, ttl_s=ttl_s, options=options)
         # A REST load beside REST loads only: `_no_load_running` has found its call.
         running = (model.key, f"request {_request_id.get()}" if jit else None)
+        # A request sent just before, or just after, a fault unloaded its model behind the
+        # proxy's back makes LM Studio load it (JIT) before the proxy can know: no listing
+        # has shown it gone yet. Such a load beside another is LM Studio's, not the proxy's.
+        unforeseen = jit and self._gone_lately(model.key)
+        if unforeseen:
+            self._unforeseen.add(str(running[1]))
         if beside := [_a_load(*other) for other in self._running if jit or other[1]]:
-            self.findings.append(f"{_a_load(*running)} ran beside {', '.join(beside)}")
+            involved = {running[1], *(other[1] for other in self._running)}
+            if involved & self._unforeseen:
+                self.notes["a JIT load beside another, for a model a fault had just unloaded"] += 1
+            else:
+                self.findings.append(f"{_a_load(*running)} ran beside {', '.join(beside)}")
         self.jit_started[model.key] += jit
         self._running.append(running)
         try:
             return await super()._load(model, jit=jit, ttl_s=ttl_s, options=options)
         finally:
             self._running.remove(running)
+            self._unforeseen.discard(str(running[1]))
+
+    def _gone_lately(self, key: str) -> bool:
+        """Whether a fault unloaded `key` behind the proxy's back within a poll interval."""
+        return time.monotonic() - self.gone_behind.get(key, -math.inf) < POLL_S
+
+    def unload_instance(self, instance_id: str) -> None:
+        """As LM Studio's UI unloads (the faults do). A model in use (a request named it within
+        a poll interval) is recorded as gone behind the proxy's back: requests may be on their
+        way to it. An idle one is not: the proxy must probe it with one request first."""
+        now = time.monotonic()
+        instance = self.instances.get(instance_id)
+        if instance is not None and now - self.asked_at.get(instance.key, -math.inf) < POLL_S:
+            self.gone_behind[instance.key] = now
+        super().unload_instance(instance_id)
 
     def _add(
         self,
@@ -929,13 +960,16 @@ class Injector:
     # what the proxy makes LM Studio load
 
     async def jit_burst(self) -> None:
-        """A model goes behind the proxy's back (or none is loaded), and a burst of requests
-        for it follows at once, with LM Studio's JIT loading on and stacking a copy per request:
-        LM Studio must load it once for them all (the proxy's load, or one request's)."""
-        await self._outlast("silent")  # LM Studio answers, and may load
-        loaded = sorted({i.key for i in self.emulator.instances.values() if i.key != PROBE})
-        key = self.rng.choice(loaded or [*TEXT_MODELS, NOMIC])
-        endpoint = EMBEDDINGS if key == NOMIC else CHAT
+        """The issue's sequence: a model the proxy loaded goes behind its back while nobody
+        uses it, and a burst of requests for it follows at once, with LM Studio's JIT loading
+        on and stacking a copy per request: LM Studio must load it once for them all (the
+        proxy's load, or one request's). The probe model, which no client uses, is the one.
+
+        (A model unloaded behind the proxy's back while its requests run is `unload_behind`'s:
+        requests already on their way find it gone before the proxy can know.)"""
+        await self._outlast("silent", "hang_listings")  # LM Studio answers, and may load
+        key, endpoint = PROBE, CHAT
+        await self._admin("load")  # if it cannot load now, the burst finds it not loaded
         burst = f"burst-{next(self._serial)}"
         emulator = self.emulator
         jit, shares = emulator.jit, emulator.jit_shares_loads
@@ -1395,8 +1429,9 @@ async def test_soak_under_faults_loses_nothing(
 
     assert not tally.failures, summary
     assert zero_s is not None, summary
+    # Two loads at once are findings, unless one was LM Studio's JIT load for a request on its
+    # way to a model a fault had just unloaded (noted; `most_loads_at_once` counts them too).
     assert not emulator.findings, summary
-    assert emulator.most_loads_at_once <= 1, summary  # every load is the proxy's doing
     assert not logs.unhandled(), summary
     assert settled.quiet_s is not None, summary
     assert not settled.left, summary
