@@ -94,7 +94,8 @@ def failure(action: Fail) -> ProxyError:
     return ProxyError(action.message)
 
 
-# While a load is wanted or running, a request goes to a model only if LM Studio confirmed it
+# A confirmation this recent lets a new run of requests to a model start without a probe; and
+# while a load is wanted or running, a request goes to a model only if LM Studio confirmed it
 # loaded this recently (and since the load was wanted) (docs/design.md §4.1).
 FRESH_S = 0.25
 
@@ -119,6 +120,7 @@ class Gate:
         "confirmed_at",
         "out",
         "probe_sent",
+        "probed",
         "recheck",
         "unchecked_at",
     )
@@ -130,6 +132,7 @@ class Gate:
         self.confirmed_at = -math.inf
         self.asked_at = -math.inf  # when the last listing asked on its behalf began
         self.recheck = False  # a listing missed the model while requests were out to it
+        self.probed = False  # `dark`, as last told to the scheduler
         self._changed: anyio.Event | None = None
 
     @property
@@ -146,8 +149,9 @@ class Gate:
 
     def sent(self, now: float, *, checked: bool) -> None:
         """A request goes out; `checked`: the model was confirmed after a load began (§4.1)."""
-        if self.out == 0:
-            self.probe_sent = now
+        if self.out == 0:  # a new run: its first request probes, unless just confirmed
+            fresh = now - self.confirmed_at <= FRESH_S
+            self.probe_sent = self.confirmed_at if fresh else now
         if not checked:
             self.unchecked_at = now
         self.out += 1

@@ -272,13 +272,19 @@ class ModelManager:
         key = lease.key
         if (gate := self._gates.get(key)) is None:
             gate = self._gates[key] = Gate()
-        if self._must_wait(gate):
+        barrier = self._barrier
+        # The common case, settled without a call: a run of requests goes on, confirmed.
+        if (gate.out == 0 or gate.confirmed_at < gate.probe_sent or barrier is not None) and (
+            self._must_wait(gate)
+        ):
             budget = self._settings.scheduler.queue_timeout - lease.waited_s
             with anyio.move_on_after(budget):
                 await self._confirm(gate)
-        barrier, sent_at = self._barrier, self._clock()
+            barrier = self._barrier
+        sent_at = self._clock()
         gate.sent(sent_at, checked=barrier is not None and gate.confirmed_at >= barrier)
-        self._probed(key, gate)
+        if gate.dark:
+            self._probed(key, gate)
         try:
             answer = await call()
         except BaseException:
@@ -286,7 +292,8 @@ class ModelManager:
             self._probed(key, gate)
             raise
         gate.answered(sent_at if answer.status_code < 400 else None)
-        self._probed(key, gate)
+        if gate.dark is not gate.probed:
+            self._probed(key, gate)
         if gate.recheck and gate.out == 0:
             gate.recheck = False  # LM Studio may have loaded copies of it meanwhile (JIT)
             self._start_soon(self.refresh)
@@ -315,7 +322,8 @@ class ModelManager:
 
     def _probed(self, key: str, gate: Gate) -> None:
         """Tell the scheduler whether LM Studio may be loading `key` for a request now."""
-        if gate.dark is not self._scheduler.model(key).probed:
+        if gate.dark is not gate.probed:
+            gate.probed = gate.dark
             self._scheduler.set_probed(key, gate.dark)
             if not gate.dark:
                 if self._scheduler.load_held:
@@ -540,8 +548,9 @@ class ModelManager:
         """A request found LM Studio unreachable: note it and reconcile in the background."""
         self._upstream.note(error)
         self._report.upstream(self._upstream.reachable)
-        for gate in self._gates.values():
+        for key, gate in self._gates.items():
             gate.forget()  # LM Studio may have restarted with nothing loaded
+            self._probed(key, gate)
         if self._tg is not None and self._refreshing is None:
             self._tg.start_soon(self.refresh)
 
