@@ -160,13 +160,19 @@ async def test_slow_headers_that_complete_within_header_timeout_are_served() -> 
         assert status == 200
 
 
-async def test_a_slow_body_is_not_cut_by_header_timeout() -> None:
-    """Once the headers are in, the body may take longer than header_timeout."""
-    body = json.dumps({"model": QWEN, "messages": MESSAGES}).encode()
+def chat_request(*, stream: bool) -> tuple[bytes, bytes]:
+    """A chat request's head and body, as raw HTTP/1.1 bytes."""
+    body = json.dumps({"model": QWEN, "messages": MESSAGES, "stream": stream}).encode()
     head = (
         b"POST /v1/chat/completions HTTP/1.1\r\nhost: lmswitch\r\n"
         b"content-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body)
     )
+    return head, body
+
+
+async def test_a_slow_body_is_not_cut_by_header_timeout() -> None:
+    """Once the headers are in, the body may take longer than header_timeout."""
+    head, body = chat_request(stream=False)
     async with (
         serving(header_timeout=HEADER_TIMEOUT_S) as (port, _),
         await anyio.connect_tcp("127.0.0.1", port) as stream,
@@ -216,11 +222,7 @@ async def test_a_pipelined_partial_request_is_timed_from_the_end_of_the_response
 ):
     """Half a request sent behind one still being answered: the answer is not cut, and the bound
     starts when it ends."""
-    body = json.dumps({"model": QWEN, "messages": MESSAGES, "stream": True}).encode()
-    head = (
-        b"POST /v1/chat/completions HTTP/1.1\r\nhost: lmswitch\r\n"
-        b"content-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body)
-    )
+    head, body = chat_request(stream=True)
     async with (
         serving(header_timeout=HEADER_TIMEOUT_S) as (port, _),
         await anyio.connect_tcp("127.0.0.1", port) as stream,

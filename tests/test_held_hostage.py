@@ -28,6 +28,20 @@ async def chat(proxy: Proxy, model: str, **body: Any) -> tuple[httpx2.Response, 
     return response, time.perf_counter() - started
 
 
+async def burst(proxy: Proxy, model: str, n: int) -> list[httpx2.Response]:
+    """`n` chats for `model` at once (5 s at most), their answers."""
+    answers: list[httpx2.Response] = []
+
+    async def one() -> None:
+        answers.append((await chat(proxy, model))[0])
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            for _ in range(n):
+                tg.start_soon(one)
+    return answers
+
+
 async def reachable(proxy: Proxy) -> bool:
     return bool((await proxy.status())["upstream"]["reachable"])
 
@@ -122,15 +136,7 @@ async def test_a_burst_after_an_unload_behind_the_proxys_back_loads_once_with_ji
         emulator.unload_instance(QWEN)  # from LM Studio's UI, between two polls
         loads_before = emulator.load_count(QWEN)
 
-        answers: list[httpx2.Response] = []
-
-        async def one() -> None:
-            answers.append((await chat(proxy, QWEN))[0])
-
-        with anyio.fail_after(5):
-            async with anyio.create_task_group() as tg:
-                for _ in range(6):
-                    tg.start_soon(one)
+        answers = await burst(proxy, QWEN, 6)
         assert [r.status_code for r in answers] == [200] * 6
         assert emulator.load_count(QWEN) - loads_before == 1
         assert emulator.most_loads_at_once == 1
@@ -148,15 +154,7 @@ async def test_a_burst_after_a_restart_of_lm_studio_loads_once_with_jit() -> Non
         assert (await chat(proxy, QWEN))[0].status_code == 200
         await anyio.sleep(1.1)  # nothing confirms the model any more
         emulator.unload_instance(QWEN)  # as a restart leaves it
-        answers: list[httpx2.Response] = []
-
-        async def one() -> None:
-            answers.append((await chat(proxy, QWEN))[0])
-
-        with anyio.fail_after(5):
-            async with anyio.create_task_group() as tg:
-                for _ in range(6):
-                    tg.start_soon(one)
+        answers = await burst(proxy, QWEN, 6)
         assert [r.status_code for r in answers] == [200] * 6
         assert emulator.most_loads_at_once == 1
         assert list(emulator.instances) == [QWEN]
