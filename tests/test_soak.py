@@ -408,7 +408,18 @@ class WatchedEmulator(Emulator):
         instance_id = body.get("instance_id") if isinstance(body, dict) else None
         self._no_load_running("an unload", str(instance_id))
         if isinstance(instance_id, str) and self.answering[instance_id]:
-            self.findings.append(f"the proxy unloaded {instance_id} while it answered a request")
+            # The proxy frees a model the moment a client leaves and cancels its request (bug 3
+            # of issue 13); LM Studio sees that connection close a moment later and stops. A
+            # request still answered after that moment is one the proxy unloaded under.
+            for _ in range(20):
+                await anyio.sleep(0.005)
+                if not self.answering[instance_id]:
+                    self.notes["an unload right after a request's caller hung up"] += 1
+                    break
+            else:
+                self.findings.append(
+                    f"the proxy unloaded {instance_id} while it answered a request"
+                )
         if isinstance(instance_id, str) and self.streams.get(instance_id):
             self._unloaded_streaming.append((instance_id, frozenset(self.streams[instance_id])))
         self._rest_unload = True  # the handler does not await: `_unload` runs inside it
