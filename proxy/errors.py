@@ -165,6 +165,14 @@ class UpstreamUnavailableError(UpstreamError):
     default_code = "upstream_unavailable"
 
 
+class ModelGoneError(UpstreamError):
+    """LM Studio unloaded a leased model behind the proxy's back before its request was sent
+    (a request sent now would make LM Studio load it by JIT, beside the proxy's own loads)."""
+
+    status_code = 503
+    default_code = "model_not_loaded"
+
+
 class UpstreamTimeoutError(UpstreamError):
     status_code = 504
     default_code = "upstream_timeout"

@@ -118,6 +118,7 @@ class Gate:
         "_changed",
         "asked_at",
         "confirmed_at",
+        "model",
         "out",
         "probe_sent",
         "probed",
@@ -125,7 +126,8 @@ class Gate:
         "unchecked_at",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, model: str | None = None) -> None:
+        self.model = model
         self.out = 0
         self.probe_sent = -math.inf
         self.unchecked_at = -math.inf  # when the last request was sent unconfirmed

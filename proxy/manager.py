@@ -20,7 +20,7 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from proxy import names, scheduling as sch
 from proxy.config import Settings
-from proxy.errors import ProxyError, QueueTimeoutError, UpstreamTimeoutError
+from proxy.errors import ModelGoneError, ProxyError, QueueTimeoutError, UpstreamTimeoutError
 from proxy.events import EventBus
 from proxy.leases import FRESH_S, ClientGone, Gate, Lease, Pending, failure
 from proxy.metrics import Metrics
@@ -247,6 +247,12 @@ class ModelManager:
             self._metrics.queued.labels(key).inc()
             try:
                 await pending.wait(disconnected)
+            except BaseException:
+                if pending.event.is_set() and pending.error is None and takes_lease:
+                    # Granted as the wait was cancelled: nobody will hold it, so give it back.
+                    self._scheduler.release(key, self._clock())
+                    self._kick()
+                raise
             finally:
                 self._metrics.queued.labels(key).dec()
                 if not pending.event.is_set():  # client gone or cancelled: leave the queue
@@ -271,7 +277,7 @@ class ModelManager:
         """
         key = lease.key
         if (gate := self._gates.get(key)) is None:
-            gate = self._gates[key] = Gate()
+            gate = self._gates[key] = Gate(key)
         barrier = self._barrier
         # The common case, settled without a call: a run of requests goes on, confirmed.
         if (gate.out == 0 or gate.confirmed_at < gate.probe_sent or barrier is not None) and (
@@ -281,6 +287,12 @@ class ModelManager:
             with anyio.move_on_after(budget):
                 await self._confirm(gate)
             barrier = self._barrier
+        if not self._scheduler.is_loaded(key):
+            raise ModelGoneError(
+                f"LM Studio unloaded model {key!r} behind the proxy's back before the request "
+                "was sent",
+                retry_after_s=1,
+            )
         sent_at = self._clock()
         gate.sent(sent_at, checked=barrier is not None and gate.confirmed_at >= barrier)
         if gate.dark:
@@ -317,6 +329,8 @@ class ModelManager:
         return since if gate.confirmed_at < since else None
 
     def _must_wait(self, gate: Gate) -> bool:
+        if gate.model is not None and not self._scheduler.is_loaded(gate.model):
+            return False  # gone meanwhile: nothing to wait for (`send` says so)
         needs = self._needs(gate)
         return needs is not None and gate.confirmed_at < needs
 

@@ -22,7 +22,7 @@ from proxy.bodies import (
     watch_of,
     with_model,
 )
-from proxy.errors import BadRequestError, UpstreamUnavailableError
+from proxy.errors import BadRequestError, ModelGoneError, UpstreamUnavailableError
 from proxy.lmstudio import ModelNotLoadedError
 from proxy.manager import ModelView
 from proxy.metrics import UNKNOWN_MODEL
@@ -61,7 +61,7 @@ async def proxy_request(request: Request[State]) -> Response:
             send = partial(client.open_completion, path, body, headers)
             try:
                 upstream = await manager.send(lease, send)
-            except ModelNotLoadedError:
+            except (ModelNotLoadedError, ModelGoneError):
                 # Unloaded in LM Studio behind our back: see its real state, reload, ask again.
                 await held.aclose()
                 await manager.refresh()

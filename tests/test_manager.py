@@ -14,10 +14,11 @@ from starlette.types import Receive, Scope, Send
 
 from proxy.config import Settings
 from proxy.emulator import Emulator
-from proxy.errors import ModelLoadError
+from proxy.errors import ModelGoneError, ModelLoadError
 from proxy.events import Event, EventBus
 from proxy.manager import ModelManager
 from proxy.metrics import Metrics
+from proxy.scheduling import Phase
 from tests.helpers import LLAMA, MESSAGES, QWEN, ScriptedLMStudio, proxy_for, running, serve
 
 
@@ -205,3 +206,49 @@ async def test_a_refresh_feeds_lm_studios_own_changes_to_the_scheduler() -> None
         sample = metrics.registry.get_sample_value
         labels = {"model": LLAMA, "reason": "external"}
         assert sample("lmswitch_model_unloads_total", labels) == 1
+
+
+async def test_a_wait_cancelled_as_it_is_granted_gives_the_lease_back() -> None:
+    """A client that leaves cancels its request's wait from outside (issue 13, bug 3); if the
+    grant lands in the same moment, nobody holds that lease: the manager must release it."""
+    lmstudio = ScriptedLMStudio({QWEN: 4_000_000_000})
+    async with driving(lmstudio) as (manager, _, _):
+        waiting = anyio.CancelScope()
+        kick = manager._kick
+
+        def leave_then_kick() -> None:
+            model = manager._scheduler.models.get(QWEN)
+            if model is not None and model.phase is Phase.READY and manager._scheduler.waiters:
+                waiting.cancel()  # the client leaves just as the load it waits for is done
+            kick()
+
+        manager._kick = leave_then_kick  # type: ignore[method-assign]
+        with anyio.fail_after(5):
+            with waiting:
+                await manager.acquire(QWEN)
+            assert waiting.cancelled_caught
+            assert manager._scheduler.models[QWEN].leases == 0
+            assert manager.view(QWEN).in_flight == 0
+
+
+async def test_a_request_is_not_sent_to_a_model_gone_while_it_held_its_lease() -> None:
+    """A model found unloaded behind the proxy's back while a request holds a lease on it: the
+    request is not sent (LM Studio would load it by JIT, beside the proxy's own loads) but
+    answered `ModelGoneError`, which the route takes as "reload and ask again"."""
+    lmstudio = ScriptedLMStudio({QWEN: 4_000_000_000}, loaded={QWEN: [QWEN]})
+    async with driving(lmstudio) as (manager, _, _):
+        with anyio.fail_after(5):
+            lease = await manager.acquire(QWEN)
+            lmstudio.instances.clear()  # unloaded in LM Studio's UI
+            await manager.refresh()
+            sent: list[str] = []
+
+            async def call() -> Any:
+                sent.append("sent")
+                raise AssertionError("sent to a model that is gone")
+
+            with pytest.raises(ModelGoneError, match="behind the proxy's back"):
+                await manager.send(lease, call)
+            lease.release()
+        assert sent == []
+        assert not manager.view(QWEN).loaded
