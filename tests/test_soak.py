@@ -173,8 +173,8 @@ class WatchedEmulator(Emulator):
         self._rest_unload = False
         # The loads running: model key, and for a JIT load the request it is for.
         self._running: list[tuple[str, str | None]] = []
-        self.gone_behind: dict[str, float] = {}  # when a fault last unloaded each model in use
-        self.asked_at: dict[str, float] = {}  # when a request last named each model
+        self.gone_behind: dict[str, float] = {}  # when a fault last unloaded each model
+        self.listed_at = -math.inf  # when LM Studio last answered a listing
         self._unforeseen: set[str] = set()  # running JIT loads the proxy could not foresee
         self.forwards: Counter[str] = Counter()
         self.slow_first_token: dict[str, float] = {}
@@ -235,8 +235,6 @@ class WatchedEmulator(Emulator):
     # requests being answered
 
     async def _resolve(self, payload: dict[str, Any], kind: replies.Kind) -> Instance:
-        if isinstance(name := payload.get("model"), str):
-            self.asked_at[name.split(":")[0]] = time.monotonic()
         instance = await super()._resolve(payload, kind)
         self.answering[instance.id] += 1
         _resolved.set(instance.id)  # awaited by `_infer`: its context sees this
@@ -317,17 +315,17 @@ class WatchedEmulator(Emulator):
             self._unforeseen.discard(str(running[1]))
 
     def _gone_lately(self, key: str) -> bool:
-        """Whether a fault unloaded `key` behind the proxy's back within a poll interval."""
-        return time.monotonic() - self.gone_behind.get(key, -math.inf) < POLL_S
+        """Whether a fault unloaded `key` behind the proxy's back within a poll interval, or
+        since the last listing LM Studio answered (the proxy cannot have seen it gone)."""
+        gone = self.gone_behind.get(key, -math.inf)
+        return time.monotonic() - gone < POLL_S or gone > self.listed_at
 
     def unload_instance(self, instance_id: str) -> None:
-        """As LM Studio's UI unloads (the faults do). A model in use (a request named it within
-        a poll interval) is recorded as gone behind the proxy's back: requests may be on their
-        way to it. An idle one is not: the proxy must probe it with one request first."""
-        now = time.monotonic()
-        instance = self.instances.get(instance_id)
-        if instance is not None and now - self.asked_at.get(instance.key, -math.inf) < POLL_S:
-            self.gone_behind[instance.key] = now
+        """As LM Studio's UI unloads (the faults do): recorded as gone behind the proxy's back,
+        since requests may be on their way to it. (The JIT burst forgets it: its model is
+        idle, and the proxy must probe it with one request first.)"""
+        if (instance := self.instances.get(instance_id)) is not None:
+            self.gone_behind[instance.key] = time.monotonic()
         super().unload_instance(instance_id)
 
     def _add(
@@ -345,6 +343,7 @@ class WatchedEmulator(Emulator):
         return instance
 
     def _listed(self) -> None:
+        self.listed_at = time.monotonic()
         self._listings.append(frozenset(i.key for i in self.instances.values()))
         del self._listings[:-50]
 
@@ -430,8 +429,11 @@ class WatchedEmulator(Emulator):
             self._listings.clear()
 
     def _unload(self, instance_id: str, *, counted: bool) -> None:
-        if not self._rest_unload and self.busy(instance_id):
-            self.notes["an instance unloaded under a request (by LM Studio or a fault)"] += 1
+        if not self._rest_unload:  # LM Studio's own (auto-evict, TTL) or a fault's
+            if (instance := self.instances.get(instance_id)) is not None:
+                self.gone_behind[instance.key] = time.monotonic()
+            if self.busy(instance_id):
+                self.notes["an instance unloaded under a request (by LM Studio or a fault)"] += 1
         super()._unload(instance_id, counted=counted)
 
 
@@ -1002,6 +1004,7 @@ class Injector:
         try:
             for instance in [i.id for i in self.emulator.instances.values() if i.key == key]:
                 self.emulator.unload_instance(instance)
+            self.emulator.gone_behind.pop(key, None)  # idle: the proxy must see to it
             emulator.most_copies[key] = 0
             async with anyio.create_task_group() as tg:
                 for n in range(BURST):
