@@ -95,7 +95,6 @@ class ModelManager:
         self._tg: TaskGroup | None = None
         self._wakeup = anyio.Event()
         self._sleep_until = math.inf
-        self._change: anyio.Event | None = None
         self._refreshing: _Refresh | None = None  # the latest listing still running
         self._next_poll = math.inf
         self._epoch = 0  # bumped by every load and unload, to discard stale observations
@@ -295,8 +294,7 @@ class ModelManager:
             )
         sent_at = self._clock()
         gate.sent(sent_at, checked=barrier is not None and gate.confirmed_at >= barrier)
-        if gate.dark:
-            self._probed(key, gate)
+        self._probed(key, gate)
         try:
             answer = await call()
         except BaseException:
@@ -304,8 +302,7 @@ class ModelManager:
             self._probed(key, gate)
             raise
         gate.answered(sent_at if answer.status_code < 400 else None)
-        if gate.dark is not gate.probed:
-            self._probed(key, gate)
+        self._probed(key, gate)
         if gate.recheck and gate.out == 0:
             gate.recheck = False  # LM Studio may have loaded copies of it meanwhile (JIT)
             self._start_soon(self.refresh)
@@ -451,12 +448,6 @@ class ModelManager:
         self._report.model_event(key, "pinned" if pinned else "unpinned")
         self._kick()
 
-    def _changed(self) -> anyio.Event:
-        """An event set the next time the scheduler acts (for waiters on a model's state)."""
-        if self._change is None:
-            self._change = anyio.Event()
-        return self._change
-
     # -- carrying out decisions -------------------------------------------------------------
 
     def _kick(self) -> None:
@@ -483,9 +474,6 @@ class ModelManager:
             else:
                 self._report.vanished(action.model)
         self._raise_barrier()
-        if self._change is not None:
-            self._change.set()
-            self._change = None
         self._wake_if_sooner(now)
 
     def _wake_if_sooner(self, now: float) -> None:
