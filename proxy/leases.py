@@ -61,13 +61,19 @@ class Pending:
 class Lease:
     """A request's hold on a loaded model: while it is held the model is never unloaded."""
 
-    __slots__ = ("_release", "_released", "key", "waited_on_load", "waited_s")
+    __slots__ = ("_release", "_released", "arrived", "key", "waited_on_load", "waited_s")
 
     def __init__(
-        self, key: str, waited_s: float, on_load: bool, release: Callable[[str], None]
+        self,
+        key: str,
+        waited_s: float,
+        on_load: bool,
+        release: Callable[[str], None],
+        arrived: float,
     ) -> None:
         self._release = release
         self._released = False
+        self.arrived = arrived  # when the request first queued (on the manager's clock)
         self.key = key
         self.waited_s = waited_s
         self.waited_on_load = on_load

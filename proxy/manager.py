@@ -206,17 +206,23 @@ class ModelManager:
     # -- leases -----------------------------------------------------------------------------
 
     async def acquire(
-        self, key: str, *, disconnected: Callable[[], Awaitable[None]] | None = None
+        self,
+        key: str,
+        *,
+        disconnected: Callable[[], Awaitable[None]] | None = None,
+        since: float | None = None,
     ) -> Lease:
         """Wait until `key` is loaded and return a lease on it.
 
-        Raises the `ProxyError` the scheduler failed the request with, or `ClientGone` when
-        `disconnected` returns first; in both cases the request has left the queue and holds
-        no lease.
+        A request that acquires again (it is retried) passes `since`, its first lease's
+        `arrived`: its queue budget counts from then, not anew. Raises the `ProxyError` the
+        scheduler failed the request with, or `ClientGone` when `disconnected` returns first;
+        in both cases the request has left the queue and holds no lease.
         """
-        waited, loading = await self._enqueue(key, disconnected, takes_lease=True)
+        arrived = self._clock() if since is None else since
+        waited, loading = await self._enqueue(key, disconnected, takes_lease=True, arrived=arrived)
         self._metrics.in_flight.labels(key).inc()
-        return Lease(key, waited, loading, self._release)
+        return Lease(key, waited, loading, self._release, arrived)
 
     async def _enqueue(
         self,
@@ -224,12 +230,14 @@ class ModelManager:
         disconnected: Callable[[], Awaitable[None]] | None,
         *,
         takes_lease: bool,
+        arrived: float | None = None,
     ) -> tuple[float, bool]:
         """Queue for `key` until granted (with a lease when `takes_lease`) or failed.
 
-        Returns how long it waited and whether it waited on a load.
+        Returns how long it waited (since `arrived`, by default now) and whether it waited on
+        a load.
         """
-        arrived = self._clock()
+        arrived = self._clock() if arrived is None else arrived
         model = self._scheduler.models.get(key)
         if not self._upstream.current and (model is None or model.phase is not sch.Phase.READY):
             # The model must be loaded, and nothing is loaded on a state that was not read: try

@@ -65,7 +65,7 @@ async def proxy_request(request: Request[State]) -> Response:
                 # Unloaded in LM Studio behind our back: see its real state, reload, ask again.
                 await held.aclose()
                 await manager.refresh()
-                lease = await manager.acquire(key)
+                lease = await manager.acquire(key, since=lease.arrived)  # the same budget
                 held.callback(lease.release)
                 try:
                     upstream = await manager.send(lease, send)
