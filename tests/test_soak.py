@@ -46,6 +46,7 @@ from starlette.responses import Response
 from proxy.emulator import Emulator, replies
 from proxy.emulator.catalog import DEFAULT_CATALOG, CatalogModel, Instance
 from proxy.emulator.state import LoadFailedError
+from proxy.leases import FRESH_S
 from tests.helpers import LLAMA, MESSAGES, NOMIC, QWEN, Proxy, proxy_for, running, serve
 
 GEMMA = "google/gemma-3-4b"
@@ -983,6 +984,9 @@ class Injector:
         await self._outlast("silent", "hang_listings")  # LM Studio answers, and may load
         key, endpoint = PROBE, CHAT
         await self._admin("load")  # if it cannot load now, the burst finds it not loaded
+        # Idle: the proxy trusts an answer or a load for FRESH_S, and a model gone within that
+        # window is as unseeable as one gone under a request on its way (docs/design.md §4.1).
+        await anyio.sleep(FRESH_S + 0.05)
         burst = f"burst-{next(self._serial)}"
         emulator = self.emulator
         jit, shares = emulator.jit, emulator.jit_shares_loads
