@@ -41,6 +41,7 @@ class RequestRecord:
     endpoint: str
     model: str
     started: float  # time.perf_counter(): uvloop's own clock ticks in whole milliseconds
+    upstream: str | None = None  # the host the request was placed on, once it is
     status: int = 0
     queue_wait_s: float = 0.0
     waited_on_load: bool = False
@@ -67,6 +68,7 @@ class RequestRecord:
         }
         if not self.routed:
             return fields
+        fields["upstream"] = self.upstream or "-"
         fields["disconnected"] = self.disconnected
         if self.first_byte_s is not None:
             fields["first_byte_ms"] = round(self.first_byte_s * 1000, 1)
@@ -114,7 +116,12 @@ class RequestIdMiddleware:
                 record.status = message["status"]
                 headers = message.setdefault("headers", [])
                 if not any(name == b"x-request-id" for name, _ in headers):
-                    message["headers"] = [*headers, (b"x-request-id", raw_id)]
+                    headers = message["headers"] = [*headers, (b"x-request-id", raw_id)]
+                if record.upstream is not None:  # the host that answered, or failed to
+                    message["headers"] = [
+                        *headers,
+                        (b"x-lmswitch-upstream", record.upstream.encode()),
+                    ]
             elif message["type"] == "http.response.body":
                 record.bytes_out += len(message.get("body", b""))
             await send(message)

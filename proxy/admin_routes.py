@@ -47,7 +47,9 @@ def _status(request: Request[State]) -> dict[str, Any]:
     return {
         "version": __version__,
         "uptime_s": round(time.time() - state["started_at"], 3),
-        "upstream": {"url": settings.upstream.base_url, "reachable": view.reachable},
+        # The first host, as before the pool (`upstreams` has them all).
+        "upstream": {"url": view.hosts[0].url, "reachable": view.hosts[0].reachable},
+        "upstreams": [host.row() for host in view.hosts],
         "loaded": view.resident,
         "in_flight": view.in_flight,
         "queue": view.queue,
@@ -78,12 +80,17 @@ async def _model_request(request: Request[State], allowed: frozenset[str]) -> di
     model_id = payload.get("model_id")
     if not isinstance(model_id, str) or not model_id:
         raise BadRequestError("model_id (a model key) is required", param="model_id")
+    upstream = payload.get("upstream")
+    if upstream is not None:
+        if not isinstance(upstream, str):
+            raise BadRequestError("upstream must be a host's name", param="upstream")
+        request.state["manager"].host(upstream)  # a BadRequestError naming the hosts if none
     payload["key"] = (await request.state["manager"].resolve(model_id)).key
     return payload
 
 
 async def load_model(request: Request[State]) -> Response:
-    payload = await _model_request(request, frozenset({"model_id", "context_length"}))
+    payload = await _model_request(request, frozenset({"model_id", "context_length", "upstream"}))
     context_length = payload.get("context_length")
     if context_length is not None and (
         not isinstance(context_length, int)
@@ -93,15 +100,19 @@ async def load_model(request: Request[State]) -> Response:
         raise BadRequestError("context_length must be a positive integer", param="context_length")
     key = payload["key"]
     loaded = await request.state["manager"].load(
-        key, context_length=context_length, disconnected=disconnect_watcher(request.receive)
+        key,
+        upstream=payload.get("upstream"),
+        context_length=context_length,
+        disconnected=disconnect_watcher(request.receive),
     )
     message = f"Model {key} loaded successfully" if loaded else f"Model {key} is already loaded"
     return _envelope(message, key)
 
 
 async def unload_model(request: Request[State]) -> Response:
-    key = (await _model_request(request, frozenset({"model_id"})))["key"]
-    unloaded = await request.state["manager"].unload(key)
+    payload = await _model_request(request, frozenset({"model_id", "upstream"}))
+    key = payload["key"]
+    unloaded = await request.state["manager"].unload(key, upstream=payload.get("upstream"))
     message = f"Model {key} unloaded successfully" if unloaded else f"Model {key} is not loaded"
     return _envelope(message, key)
 

@@ -70,30 +70,33 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
         upstream = settings.upstream
-        token = upstream.api_token.get_secret_value() if upstream.api_token else None
-        async with (
-            create_http_client(
-                upstream.base_url,
-                connect_timeout_s=upstream.connect_timeout,
-                read_timeout_s=upstream.read_timeout,
-                transport=transport,
-            ) as http,
-            anyio.create_task_group() as tg,  # exits first: tasks stop before the pool closes
-        ):
-            client = LMStudioClient(
-                http,
-                api_token=token,
-                load_timeout_s=upstream.load_timeout,
-                list_timeout_s=upstream.connect_timeout,  # a listing is as quick as a connect
-            )
-            manager = ModelManager(client, settings, metrics, events=events)
+        async with contextlib.AsyncExitStack() as stack:
+            clients: dict[str, LMStudioClient] = {}
+            for host in settings.hosts():  # each host its own connection pool
+                http = await stack.enter_async_context(
+                    create_http_client(
+                        host.base_url,
+                        connect_timeout_s=upstream.connect_timeout,
+                        read_timeout_s=upstream.read_timeout,
+                        transport=transport,
+                    )
+                )
+                clients[host.name] = LMStudioClient(
+                    http,
+                    api_token=host.api_token,
+                    load_timeout_s=upstream.load_timeout,
+                    list_timeout_s=upstream.connect_timeout,  # a listing is as quick as a connect
+                )
+            # Exits first: tasks stop before the connection pools close.
+            tg = await stack.enter_async_context(anyio.create_task_group())
+            manager = ModelManager(clients, settings, metrics, events=events)
             await tg.start(manager.run)
             release_startup_garbage()
             try:
                 yield {
                     "settings": settings,
                     "manager": manager,
-                    "client": client,
+                    "clients": clients,
                     "metrics": metrics,
                     "events": events,
                     "started_at": time.time(),

@@ -61,7 +61,15 @@ class Pending:
 class Lease:
     """A request's hold on a loaded model: while it is held the model is never unloaded."""
 
-    __slots__ = ("_release", "_released", "arrived", "key", "waited_on_load", "waited_s")
+    __slots__ = (
+        "_release",
+        "_released",
+        "arrived",
+        "key",
+        "upstream",
+        "waited_on_load",
+        "waited_s",
+    )
 
     def __init__(
         self,
@@ -70,11 +78,13 @@ class Lease:
         on_load: bool,
         release: Callable[[str], None],
         arrived: float,
+        upstream: str,
     ) -> None:
         self._release = release
         self._released = False
         self.arrived = arrived  # when the request first queued (on the manager's clock)
         self.key = key
+        self.upstream = upstream  # the name of the host it holds the model on
         self.waited_s = waited_s
         self.waited_on_load = on_load
 

@@ -1,71 +1,49 @@
-"""ModelManager: the one driver of `proxy.scheduler`, and the one view of the models.
+"""ModelManager: the pool of LM Studio hosts behind one URL, and the one view of the models.
 
-It owns the scheduler's state, feeds it events (arrivals, releases, timer ticks, and the outcomes
-of the calls `proxy.reconciler` makes to LM Studio), carries out the actions it returns, and
-publishes what changed as metrics and events. It holds no scheduling rule of its own. Everyone
-else reads models through it: `resolve()` for names, `ModelView` rows and `StatusView` for state
-(docs/design.md §3.1).
+Each `proxy.host.Host` drives its own scheduler; the pool places every request (and operator's
+load) on a host by `proxy.placement.place`, places it again if that host goes down while it
+waits, and merges what the hosts know into one catalogue and one view. Everyone else reads models
+through it: `resolve()` for names, `ModelView` rows and `StatusView` for state (docs/design.md
+§3.1, §2.7).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import anyio
-from anyio.abc import TaskGroup, TaskStatus
+from anyio.abc import TaskStatus
 
-from proxy import names, scheduling as sch
+from proxy import names
 from proxy.config import Settings
-from proxy.errors import ModelGoneError, ProxyError, QueueTimeoutError, UpstreamTimeoutError
+from proxy.errors import BadRequestError, ProxyError, UpstreamUnavailableError
 from proxy.events import EventBus
-from proxy.leases import FRESH_S, ClientGone, Gate, Lease, Pending, failure
+from proxy.host import Answer, Host
+from proxy.leases import ClientGone, Lease
+from proxy.lmstudio import ModelInfo
 from proxy.metrics import Metrics
 from proxy.names import Resolved
-from proxy.reconciler import LMStudioCalls, LoadFailed, Observation, Reconciler
-from proxy.reporter import Reporter
-from proxy.scheduler import Scheduler
-from proxy.views import ModelView, StatusView, model_view, status_view
+from proxy.placement import Placement, place
+from proxy.reconciler import LMStudioCalls
+from proxy.scheduling import Model
+from proxy.views import ModelView, StatusView, merge_views, status_view
 
 __all__ = ["ClientGone", "Lease", "ModelManager", "ModelView", "Resolved", "StatusView"]
 
 logger = logging.getLogger("lmswitch.manager")
 
-# An unknown model name refreshes the catalogue at most this often (a model may have just been
-# downloaded), so that a client cannot make every bad request cost an upstream call.
-_CATALOG_REFRESH_S = 1.0
-# A listing asked for while another runs waits for that one if it began this recently; an older
-# one may be stuck (LM Studio lists in milliseconds), and a new listing starts beside it
-# (docs/design.md §3.3).
-_JOIN_S = 0.25
-# While LM Studio's listings fail, they are retried this often (not every poll interval).
-_RETRY_S = 1.0
-
-
-class _Answer(Protocol):
-    status_code: int
-
-
-_A = TypeVar("_A", bound=_Answer)
-
-
-class _Refresh:
-    __slots__ = ("done", "started")
-
-    def __init__(self, started: float) -> None:
-        self.started = started
-        self.done = anyio.Event()
+_A = TypeVar("_A", bound=Answer)
 
 
 class ModelManager:
-    """Routes requests to models and keeps LM Studio's loaded set within the policy."""
+    """Routes requests to models on the pool's hosts, each kept within its own policy."""
 
     def __init__(
         self,
-        client: LMStudioCalls,
+        clients: Mapping[str, LMStudioCalls],
         settings: Settings,
         metrics: Metrics,
         *,
@@ -74,134 +52,138 @@ class ModelManager:
     ) -> None:
         self.events = events if events is not None else EventBus()
         self._settings = settings
-        self._metrics = metrics
         self._clock = clock
-        models, sched = settings.models, settings.scheduler
-        self._scheduler = Scheduler(
-            sch.Policy(
-                max_loaded=models.max_loaded,
-                memory_budget=models.memory_budget,
-                swap_grace_s=sched.swap_grace,
-                idle_ttl_s=models.idle_ttl,
-                max_queue=sched.max_queue,
-                queue_timeout_s=sched.queue_timeout,
+        self.hosts = {
+            host.name: Host(
+                host, clients[host.name], settings, metrics, events=self.events, clock=clock
             )
-        )
-        for key in models.pinned:
-            self._scheduler.pin(key, True)
-        self._upstream = Reconciler(client, settings, clock=clock)
-        self._report = Reporter(metrics, self.events, is_loaded=self._scheduler.is_loaded)
-        self._pending: dict[int, Pending] = {}
-        self._tg: TaskGroup | None = None
-        self._wakeup = anyio.Event()
-        self._sleep_until = math.inf
-        self._refreshing: _Refresh | None = None  # the latest listing still running
-        self._next_poll = math.inf
-        self._epoch = 0  # bumped by every load and unload, to discard stale observations
-        self._gates: dict[str, Gate] = {}
-        self._barrier: float | None = None  # since when a load is wanted or running
-        self._listed_at = -math.inf  # when the latest listing began
-        self._unloaded: dict[str, anyio.Event] = {}  # operators' unloads waiting to be done
+            for host in settings.hosts()
+        }
+        for host in self.hosts.values():
+            for key in settings.models.pinned:
+                host.pin(key, True, report=False)
 
     # -- lifetime ---------------------------------------------------------------------------
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Reconcile with LM Studio, preload, then run the timer and poll loop until cancelled.
-
-        Loads and unloads run as tasks of this task group, so cancelling `run` stops them all.
-        """
+        """Run every host until cancelled; preload once they have all read their models."""
         async with anyio.create_task_group() as tg:
-            self._tg = tg
-            tg.start_soon(self._start_up)  # LM Studio may be slow or away: serve meanwhile
+            for host in self.hosts.values():
+                await tg.start(host.run)
             task_status.started()
-            self._next_poll = self._clock() + self._settings.upstream.poll_interval
-            while True:
-                self._wakeup = anyio.Event()
-                now = self._clock()
-                if now >= self._next_poll:
-                    if self._refreshing is None:  # the poll never starts beside a running listing
-                        tg.start_soon(self.refresh)
-                    self._next_poll = now + self._settings.upstream.poll_interval
-                wake = self._scheduler.next_wakeup(now)
-                self._sleep_until = min(wake if wake is not None else math.inf, self._next_poll)
-                with anyio.move_on_after(self._sleep_until - now):
-                    await self._wakeup.wait()
-                    continue  # woken by an event: the deadline may have moved
-                self._kick()  # a deadline passed
+            for host in self.hosts.values():
+                await host.started.wait()
+            self._preload()
 
-    async def _start_up(self) -> None:
-        await self.refresh()
+    def _preload(self) -> None:
         for key in self._settings.models.preload:
-            if key in self._upstream.catalog:
-                self._scheduler.arrive(key, self._clock(), takes_lease=False)
+            placement = self._place(key)
+            if placement is None:
+                logger.warning("preload: model %r is in no LM Studio's catalogue", key)
             else:
-                logger.warning("preload: model %r is not in LM Studio's catalogue", key)
-        self._kick()
+                self.hosts[placement.host].warm(key)
 
     # -- reading: names and views -----------------------------------------------------------
+
+    @property
+    def catalog(self) -> dict[str, ModelInfo]:
+        """Every host's catalogue in one (a model's entry from the first host that has it)."""
+        merged: dict[str, ModelInfo] = {}
+        for host in reversed(self.hosts.values()):
+            merged.update(host.catalog)
+        return merged
+
+    def _models(self) -> dict[str, Model]:
+        merged: dict[str, Model] = {}
+        for host in reversed(self.hosts.values()):
+            merged.update(host.models)
+        return merged
 
     async def resolve(self, name: object) -> Resolved:
         """A client's `model` as a model key and the name to send upstream (docs/design.md
         §3.4); `ModelNotFoundError`, or why LM Studio's models are unknown, if it names none."""
         name, target = names.requested(name, self._settings.models)
-        upstream, models = self._upstream, self._scheduler.models
-        key = names.find_key(target, upstream.catalog, models)
+        key = names.find_key(target, self.catalog, self._models())
         if key is None and await self._refresh_for_unknown():
-            key = names.find_key(target, upstream.catalog, models)
+            key = names.find_key(target, self.catalog, self._models())
         if key is None:
-            raise names.not_found(name, upstream.catalog)
+            raise names.not_found(name, self.catalog)
         return Resolved(key, target)
 
     async def _refresh_for_unknown(self) -> bool:
-        """Refresh the catalogue for an unknown name, at most once a second; True if it ran.
-
-        While LM Studio's listings fail, the name is looked up in the last catalogue read.
-        """
-        upstream = self._upstream
-        if upstream.catalog_known and (
-            not upstream.current or self._clock() - upstream.last_refresh < _CATALOG_REFRESH_S
-        ):
+        """Read the hosts' models again for an unknown name, each at most once a second and
+        not while its listings fail; True if any was read. With no host's models known, the
+        first host's reason is raised."""
+        stale = [host for host in self.hosts.values() if host.worth_reading()]
+        if not stale:
             return False
-        await self.refresh()
-        upstream.require_catalog()
+        await self._each(stale, Host.refresh)
+        self._require_catalog()
         return True
+
+    def _require_catalog(self) -> None:
+        if not any(host.catalog_known for host in self.hosts.values()):
+            next(iter(self.hosts.values())).require_catalog()
 
     async def routable(self) -> list[tuple[str, str]]:
         """Every name a client may use, with its model key: the catalogue, then aliases."""
-        if not self._upstream.catalog_known:
-            await self.refresh()
-            self._upstream.require_catalog()
-        return names.routable(self._upstream.catalog, self._settings.models.aliases)
+        if unknown := [host for host in self.hosts.values() if not host.catalog_known]:
+            await self._each(unknown, Host.refresh)
+            self._require_catalog()
+        return names.routable(self.catalog, self._settings.models.aliases)
 
     def view(self, key: str) -> ModelView:
-        return model_view(
-            self._scheduler, self._upstream.catalog, self._upstream.context_lengths, key
-        )
+        return merge_views([host.view(key) for host in self.hosts.values()])
 
     def views(self) -> list[ModelView]:
-        """Every model LM Studio has, and any other it holds loaded, by key."""
-        resident = {key for key, model in self._scheduler.models.items() if model.instances}
-        return [self.view(key) for key in sorted(set(self._upstream.catalog) | resident)]
+        """Every model a host has, and any other one holds loaded, by key."""
+        keys = set(self.catalog)
+        for host in self.hosts.values():
+            keys.update(key for key, model in host.models.items() if model.instances)
+        return [self.view(key) for key in sorted(keys)]
 
     def status(self) -> StatusView:
-        return status_view(self._scheduler, reachable=self._upstream.reachable)
+        return status_view([host.status() for host in self.hosts.values()])
 
     def readiness(self) -> str | None:
-        """None while LM Studio's models are known and its last call reached it; else why not
-        (for `/readyz`)."""
-        upstream = self._upstream
-        if upstream.catalog_known and upstream.reachable:
+        """None while some host's models are known and its last call reached it; else why the
+        first host is not ready (for `/readyz`)."""
+        reasons = [host.readiness() for host in self.hosts.values()]
+        if any(reason is None for reason in reasons):
             return None
-        if upstream.last_error is not None:
-            return upstream.last_error.message
-        if not upstream.catalog_known:
-            return "waiting for LM Studio"
-        return "LM Studio did not answer the last call to it"
+        return next(reason for reason in reasons if reason is not None)
+
+    @property
+    def reachable(self) -> bool:
+        """Whether some host answered the proxy's last call to it."""
+        return any(host.reachable for host in self.hosts.values())
 
     def model_type(self, key: str) -> str | None:
         """`key`'s type in LM Studio's catalogue ("llm" or "embedding"), None if not in it."""
-        info = self._upstream.catalog.get(key)
+        info = self.catalog.get(key)
         return info.type if info is not None else None
+
+    # -- placing requests ---------------------------------------------------------------------
+
+    def _place(self, key: str, avoid: Sequence[str] = ()) -> Placement | None:
+        """Where a request for `key` goes now (`proxy.placement`), not counting `avoid`."""
+        views = [host.place_view(key) for name, host in self.hosts.items() if name not in avoid]
+        return place(views, self._settings.models.replicas_of(key))
+
+    def _placement(self, key: str, avoid: Sequence[str] = ()) -> Host:
+        placement = self._place(key, avoid)
+        if placement is None:
+            # No host has it (any more): the first one's queue answers, as one host would.
+            return next(h for h in self.hosts.values() if h.name not in avoid)
+        if placement.replica is not None:
+            self.hosts[placement.replica].warm(key)
+        return self.hosts[placement.host]
+
+    def elsewhere(self, key: str, upstream: str) -> bool:
+        """Whether a host other than `upstream` that is up has `key`."""
+        return any(
+            host.up and key in host.catalog for name, host in self.hosts.items() if name != upstream
+        )
 
     # -- leases -----------------------------------------------------------------------------
 
@@ -212,423 +194,95 @@ class ModelManager:
         disconnected: Callable[[], Awaitable[None]] | None = None,
         since: float | None = None,
     ) -> Lease:
-        """Wait until `key` is loaded and return a lease on it.
+        """Wait until `key` is loaded on a host and return a lease on it there.
 
         A request that acquires again (it is retried) passes `since`, its first lease's
-        `arrived`: its queue budget counts from then, not anew. Raises the `ProxyError` the
-        scheduler failed the request with, or `ClientGone` when `disconnected` returns first;
-        in both cases the request has left the queue and holds no lease.
+        `arrived`: its queue budget counts from then, not anew. A request whose host went down
+        while it waited is placed again, with what is left of its budget. Raises the
+        `ProxyError` it failed with, or `ClientGone` when `disconnected` returns first; in both
+        cases the request has left every queue and holds no lease.
         """
         arrived = self._clock() if since is None else since
-        waited, loading = await self._enqueue(key, disconnected, takes_lease=True, arrived=arrived)
-        self._metrics.in_flight.labels(key).inc()
-        return Lease(key, waited, loading, self._release, arrived)
-
-    async def _enqueue(
-        self,
-        key: str,
-        disconnected: Callable[[], Awaitable[None]] | None,
-        *,
-        takes_lease: bool,
-        arrived: float | None = None,
-    ) -> tuple[float, bool]:
-        """Queue for `key` until granted (with a lease when `takes_lease`) or failed.
-
-        Returns how long it waited (since `arrived`, by default now) and whether it waited on
-        a load.
-        """
-        arrived = self._clock() if arrived is None else arrived
-        model = self._scheduler.models.get(key)
-        if not self._upstream.current and (model is None or model.phase is not sch.Phase.READY):
-            # The model must be loaded, and nothing is loaded on a state that was not read: try
-            # a listing first (its own deadline is shorter than the request's budget).
-            await self.refresh()
-        if takes_lease and self._scheduler.try_grant(key, arrived):
-            self._metrics.queue_wait.labels(key).observe(0.0)
-            return 0.0, False
-        waiter = self._scheduler.arrive(key, arrived, takes_lease=takes_lease)
-        pending = self._pending[waiter.id] = Pending()
-        loading = self._scheduler.models[key].phase is not sch.Phase.READY
-        self._kick()
-        if not pending.event.is_set():
-            self._metrics.queued.labels(key).inc()
+        avoid: list[str] = []
+        while True:
+            host = self._placement(key, avoid)
             try:
-                await pending.wait(disconnected)
-            except BaseException:
-                if pending.event.is_set() and pending.error is None and takes_lease:
-                    # Granted as the wait was cancelled: nobody will hold it, so give it back.
-                    self._scheduler.release(key, self._clock())
-                    self._kick()
-                raise
-            finally:
-                self._metrics.queued.labels(key).dec()
-                if not pending.event.is_set():  # client gone or cancelled: leave the queue
-                    self._pending.pop(waiter.id, None)
-                    self._scheduler.cancel(waiter.id)
-                    self._kick()
-        if pending.error is not None:
-            raise pending.error
-        waited = self._clock() - arrived
-        self._metrics.queue_wait.labels(key).observe(waited)
-        return waited, loading
+                return await host.acquire(key, disconnected=disconnected, since=arrived)
+            except UpstreamUnavailableError as exc:
+                host.upstream_failed(exc)
+                if host.up or not self.elsewhere(key, host.name):
+                    raise
+                avoid.append(host.name)  # it went down meanwhile: another host may serve
 
     async def send(self, lease: Lease, call: Callable[[], Awaitable[_A]]) -> _A:
-        """Make `call` (a request to LM Studio for the leased model) once it is clear to go.
-
-        LM Studio may load a model a request names that it does not hold (JIT). So (§4.1): a
-        model not confirmed loaded since the request out to it was sent takes no other; while
-        the proxy loads a model (or wants to), a request goes only to a model confirmed since;
-        and the first request to a model waits while a request LM Studio may be loading another
-        model for is out. Waits ask LM Studio's listing, and last at most what is left of the
-        request's queue budget. An answer that begins below 400 confirms the model loaded.
-        """
-        key = lease.key
-        if (gate := self._gates.get(key)) is None:
-            gate = self._gates[key] = Gate(key)
-        barrier = self._barrier
-        # The common case, settled without a call: a run of requests goes on, confirmed.
-        if (gate.out == 0 or gate.confirmed_at < gate.probe_sent or barrier is not None) and (
-            self._must_wait(gate)
-        ):
-            budget = self._settings.scheduler.queue_timeout - lease.waited_s
-            with anyio.move_on_after(budget):
-                await self._confirm(gate)
-            barrier = self._barrier
-        if not self._scheduler.is_loaded(key):
-            raise ModelGoneError(
-                f"LM Studio unloaded model {key!r} behind the proxy's back before the request "
-                "was sent",
-                retry_after_s=1,
-            )
-        sent_at = self._clock()
-        gate.sent(sent_at, checked=barrier is not None and gate.confirmed_at >= barrier)
-        self._probed(key, gate)
-        try:
-            answer = await call()
-        except BaseException:
-            gate.answered(None)
-            self._probed(key, gate)
-            raise
-        gate.answered(sent_at if answer.status_code < 400 else None)
-        self._probed(key, gate)
-        if gate.recheck and gate.out == 0:
-            gate.recheck = False  # LM Studio may have loaded copies of it meanwhile (JIT)
-            self._start_soon(self.refresh)
-        return answer
-
-    def _needs(self, gate: Gate) -> float | None:
-        """The time since which LM Studio must have confirmed the model before a request goes
-        to it, or None if it may go now."""
-        if not gate.clear:
-            return gate.probe_sent  # a probe is out, and the model not confirmed since
-        if self._barrier is not None:  # a load is wanted or running: the model must be known
-            return max(self._barrier, self._clock() - FRESH_S)
-        if gate.out:
-            return None
-        # The first request to a model waits while LM Studio may be loading another model for
-        # the first request of its run: not two loads at once.
-        since = max(
-            (g.probe_sent for g in self._gates.values() if not g.clear and g is not gate),
-            default=-math.inf,
-        )
-        return since if gate.confirmed_at < since else None
-
-    def _must_wait(self, gate: Gate) -> bool:
-        if gate.model is not None and not self._scheduler.is_loaded(gate.model):
-            return False  # gone meanwhile: nothing to wait for (`send` says so)
-        needs = self._needs(gate)
-        return needs is not None and gate.confirmed_at < needs
-
-    def _probed(self, key: str, gate: Gate) -> None:
-        """Tell the scheduler whether LM Studio may be loading `key` for a request now."""
-        if gate.dark is not gate.probed:
-            gate.probed = gate.dark
-            self._scheduler.set_probed(key, gate.dark)
-            if not gate.dark:
-                if self._scheduler.load_held:
-                    self._kick()  # the load held back for it may start
-                for other in self._gates.values():
-                    other.changed()  # requests that waited for it may go
-
-    async def _confirm(self, gate: Gate) -> None:
-        """Wait until a request may go to the gate's model, asking LM Studio's listing when
-        none asked since the time the confirmation must be newer than."""
-        while (needs := self._needs(gate)) is not None and gate.confirmed_at < needs:
-            now = self._clock()
-            # Ask again, less and less often, while LM Studio may still be loading the model.
-            if gate.asked_at < needs or now - gate.asked_at >= min(2.0, (now - needs) / 4):
-                gate.asked_at = now
-                self._ask_listing(now)
-            with anyio.move_on_after(0.1):  # and look again at least this often
-                await gate.wait_change()
-
-    def _ask_listing(self, since: float) -> None:
-        """Read LM Studio's state in the background with a listing begun at `since` or later;
-        every gate is told when it ends."""
-        self._start_soon(self._listing_for_gates, since)
-
-    async def _listing_for_gates(self, since: float) -> None:
-        try:
-            await self.refresh(begun_after=since)
-        finally:
-            for gate in self._gates.values():
-                gate.changed()
-
-    def _raise_barrier(self) -> None:
-        """While a load is wanted or running, requests go only to models confirmed since."""
-        wanted = self._scheduler.load_held or self._scheduler.loading
-        if wanted and self._barrier is None:
-            self._barrier = self._clock()
-        elif not wanted and self._barrier is not None:
-            self._barrier = None
-            for gate in self._gates.values():
-                gate.changed()
-        if self._scheduler.load_held and any(
-            gate.dark and gate.unchecked_at > self._listed_at for gate in self._gates.values()
-        ):
-            self._ask_listing(self._clock())  # did those requests make LM Studio load?
-
-    def _release(self, key: str) -> None:
-        self._metrics.in_flight.labels(key).dec()
-        now = self._clock()
-        self._scheduler.release(key, now)
-        if self._scheduler.release_settles(key):
-            self._wake_if_sooner(now)  # an idle TTL may now run out before the loop wakes
-        else:
-            self._kick()
+        """Make `call` (a request to the leased model's host) once it is clear to go (§4.1)."""
+        return await self.hosts[lease.upstream].send(lease, call)
 
     def set_idle_ttl(self, key: str, ttl_s: float) -> None:
         """A request's `ttl` sets its model's idle TTL from now on, as LM Studio's JIT does."""
-        self._scheduler.set_idle_ttl(key, ttl_s)
+        for host in self.hosts.values():
+            host.set_idle_ttl(key, ttl_s)
 
     # -- operators' requests ------------------------------------------------------------------
+
+    def host(self, upstream: str) -> Host:
+        """The host named `upstream`; `BadRequestError` naming the known ones if none is."""
+        if (host := self.hosts.get(upstream)) is None:
+            raise BadRequestError(
+                f"no upstream named {upstream!r}; the pool has {', '.join(self.hosts)}",
+                param="upstream",
+            )
+        return host
 
     async def load(
         self,
         key: str,
         *,
+        upstream: str | None = None,
         context_length: int | None = None,
         disconnected: Callable[[], Awaitable[None]] | None = None,
     ) -> bool:
-        """Load `key` by policy (evicting as a request would); False if it was loaded already.
+        """Load `key` by policy on `upstream`, or where placement puts it (evicting as a
+        request would); False if it was loaded there already."""
+        host = self.host(upstream) if upstream is not None else self._placement(key)
+        return await host.load(key, context_length=context_length, disconnected=disconnected)
 
-        A `context_length` other than the loaded instance's reloads the model with it.
-        """
-        if context_length is not None:
-            self._upstream.context_overrides[key] = context_length
-            loaded_with = self._upstream.context_lengths.get(key)
-            if self._scheduler.is_loaded(key) and loaded_with not in (None, context_length):
-                await self.unload(key)
-        was_loaded = self._scheduler.is_loaded(key)
-        await self._enqueue(key, disconnected, takes_lease=False)
-        return not was_loaded
+    async def unload(self, key: str, *, upstream: str | None = None) -> bool:
+        """Unload `key` on `upstream`, or on every host holding it, once their running
+        requests end; False if it was loaded on none of them."""
+        hosts = [self.host(upstream)] if upstream is not None else list(self.hosts.values())
+        done = [False] * len(hosts)
 
-    async def unload(self, key: str) -> bool:
-        """Unload `key` once its running requests end; False if it was not loaded.
+        async def unload(n: int) -> None:
+            done[n] = await hosts[n].unload(key)
 
-        Waits at most `scheduler.queue_timeout` for them (then `QueueTimeoutError`, and the
-        unload still happens when they end). Requests that arrive meanwhile queue, and load
-        it again afterwards.
-        """
-        model = self._scheduler.models.get(key)
-        if model is None or model.phase not in sch.RESIDENT:
-            return False
-        if (unloaded := self._unloaded.get(key)) is None:
-            unloaded = self._unloaded[key] = anyio.Event()
-        self._scheduler.request_unload(key)
-        self._kick()
-        timeout_s = self._settings.scheduler.queue_timeout
-        try:
-            with anyio.fail_after(timeout_s):
-                await unloaded.wait()
-        except TimeoutError:
-            raise QueueTimeoutError(
-                f"model {key!r} still has {model.leases} request(s) running after "
-                f"{timeout_s:g} s; it will be unloaded when they end",
-                code="unload_pending",
-                retry_after_s=5,
-            ) from None
-        return True
+        async with anyio.create_task_group() as tg:
+            for n in range(len(hosts)):
+                tg.start_soon(unload, n)
+        return any(done)
 
     def pin(self, key: str, pinned: bool) -> None:
-        """Pinned models are never evicted (runtime state, not written to the config)."""
-        self._scheduler.pin(key, pinned)
-        self._report.model_event(key, "pinned" if pinned else "unpinned")
-        self._kick()
-
-    # -- carrying out decisions -------------------------------------------------------------
-
-    def _kick(self) -> None:
-        """Ask the scheduler what to do now and do it. Synchronous: upstream calls are tasks."""
-        now = self._clock()
-        for action in self._scheduler.decide(now):
-            if isinstance(action, sch.Grant):
-                if (pending := self._pending.pop(action.waiter.id, None)) is not None:
-                    pending.event.set()
-            elif isinstance(action, sch.Fail):
-                if (pending := self._pending.pop(action.waiter.id, None)) is not None:
-                    pending.error = failure(action)
-                    pending.event.set()
-            elif isinstance(action, sch.Load):
-                self._report.loading(action.model)
-                self._start_soon(self._load, action.model)
-            elif isinstance(action, sch.Unload):
-                self._report.unloading(action.model, action.reason)
-                self._start_soon(self._unload, action)
-            elif isinstance(action, sch.Drain):
-                self._report.draining(action.model)
-            elif action.change == "adopted":
-                self._report.adopted(action.model)
-            else:
-                self._report.vanished(action.model)
-        self._raise_barrier()
-        self._wake_if_sooner(now)
-
-    def _wake_if_sooner(self, now: float) -> None:
-        """Wake the timer loop if the scheduler's next deadline is before its alarm."""
-        wake = self._scheduler.next_wakeup(now)
-        if wake is not None and wake < self._sleep_until:
-            self._wakeup.set()
-
-    def _start_soon(self, call: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
-        assert self._tg is not None, "ModelManager.run is not running"  # noqa: S101
-        self._tg.start_soon(call, *args)
-
-    # -- loads and unloads: the reconciler calls, their outcomes fed to the scheduler ----------
-
-    async def _load(self, key: str) -> None:
-        """Load `key` (the scheduler starts no other load or unload meanwhile).
-
-        LM Studio goes on with a load however long it takes, and another load meanwhile would
-        make a second copy or overrun its memory. So the call stays open: the requests waiting
-        get a 504 at `load_timeout`, while the model stays `loading` (no other load or unload
-        starts, new requests for it wait) until LM Studio answers, for twice that at most.
-        """
-        limit = self._settings.upstream.load_timeout
-        timer = anyio.CancelScope()
-        self._start_soon(self._fail_waiters_after, key, limit, timer)
-        try:
-            result = await self._upstream.load(key, timeout_s=2 * limit)
-        finally:
-            timer.cancel()
-        self._report.upstream(self._upstream.reachable)
-        if isinstance(result, LoadFailed):
-            self._scheduler.load_failed(key, result.error)
-            self._report.load_failed(key, result.error)
-        else:
-            self._scheduler.load_done(key, result.instance_id, self._clock())
-            self._report.loaded(key, result.instance_id, result.elapsed_s)
-        self._epoch += 1
-        self._kick()
-
-    async def _fail_waiters_after(self, key: str, limit: float, scope: anyio.CancelScope) -> None:
-        with scope:
-            await anyio.sleep(limit)
-            self._report.load_slow(key, limit)
-            error = UpstreamTimeoutError(
-                f"loading model {key!r} took longer than load_timeout ({limit:g} s); LM Studio "
-                "goes on with it, and a later request for the model waits for that load",
-                code="model_load_timeout",
-            )
-            self._scheduler.fail_waiters(key, error)
-            self._kick()
-
-    async def _unload(self, action: sch.Unload) -> None:
-        error = await self._upstream.unload(action.instance_id)
-        self._report.upstream(self._upstream.reachable)
-        if error is not None:
-            self._scheduler.unload_failed(action.model, self._clock())
-            self._report.unload_failed(action.model, error)
-        else:
-            self._scheduler.unload_done(action.model)
-            self._report.unloaded(action.model, action.reason)
-            if action.reason is sch.UnloadReason.ADMIN:
-                self._unload_answered(action.model)
-        self._epoch += 1
-        self._kick()
-
-    def _unload_answered(self, key: str) -> None:
-        """Answer the operators waiting for `key` to be unloaded (it is, or it vanished)."""
-        if (unloaded := self._unloaded.pop(key, None)) is not None:
-            unloaded.set()
+        """Pinned models are never evicted, on any host (runtime state, not written to the
+        config)."""
+        for n, host in enumerate(self.hosts.values()):
+            host.pin(key, pinned, report=n == 0)
 
     # -- staying true to LM Studio ------------------------------------------------------------
 
-    def upstream_failed(self, error: ProxyError) -> None:
-        """A request found LM Studio unreachable: note it and reconcile in the background."""
-        self._upstream.note(error)
-        self._report.upstream(self._upstream.reachable)
-        for key, gate in self._gates.items():
-            gate.forget()  # LM Studio may have restarted with nothing loaded
-            self._probed(key, gate)
-        if self._tg is not None and self._refreshing is None:
-            self._tg.start_soon(self.refresh)
+    def upstream_failed(self, upstream: str, error: ProxyError) -> None:
+        """A request found the host `upstream` unreachable: it is down until a listing reads
+        it again."""
+        self.hosts[upstream].upstream_failed(error)
 
-    async def refresh(self, *, begun_after: float = -math.inf) -> None:
-        """Reconcile with LM Studio's catalogue and loaded instances; never raises.
+    async def refresh(self, upstream: str | None = None) -> None:
+        """Read the models of the host `upstream`, or of every host; never raises."""
+        hosts = [self.hosts[upstream]] if upstream is not None else list(self.hosts.values())
+        await self._each(hosts, Host.refresh)
 
-        A caller that arrives while a listing that began less than `_JOIN_S` ago (and not
-        before `begun_after`) runs waits for that one; an older one may be stuck, so a new
-        listing starts beside it.
-        """
-        now = self._clock()
-        running = self._refreshing
-        if running is not None and begun_after <= running.started > now - _JOIN_S:
-            await running.done.wait()
-            return
-        self._refreshing = this = _Refresh(now)
-        self._listed_at = now
-        epoch = self._epoch
-        try:
-            observation = await self._upstream.observe()
-        finally:
-            if self._refreshing is this:
-                self._refreshing = None
-            this.done.set()
-        if observation is None:
-            return  # a listing started later was read first
-        self._report.upstream(self._upstream.reachable)
-        if isinstance(observation, ProxyError):
-            self._report.unreadable(observation)
-            self._scheduler.set_unreadable(observation.message)
-            self._next_poll = min(self._next_poll, self._clock() + _RETRY_S)
-            self._wakeup.set()
-            self._kick()
-            return
-        self._scheduler.set_unreadable(None)
-        self._scheduler.set_catalog(observation.sizes)
-        self._confirm_gates(observation)
-        if epoch == self._epoch:  # no load or unload finished meanwhile: the view is current
-            self._scheduler.observed(self._seen(observation), self._clock())
-            self._report.duplicates(self._scheduler.models)
-            for key, model in self._scheduler.models.items():
-                if model.phase is sch.Phase.ABSENT and key in self._unloaded:
-                    self._unload_answered(key)  # gone behind our back: unloaded all the same
-        self._report.catalog(observation.sizes)
-        self._kick()
-
-    def _confirm_gates(self, observation: Observation) -> None:
-        """Models the listing shows loaded are confirmed as of when it was asked for."""
-        for key, gate in self._gates.items():
-            if key in observation.instances:
-                gate.confirm(observation.started)
-                self._probed(key, gate)
-
-    def _seen(self, observation: Observation) -> Mapping[str, Sequence[str]]:
-        """The instances a listing shows, and those of models it misses while requests are out
-        to them (LM Studio may be loading them by JIT: they are looked at again afterwards)."""
-        seen: dict[str, Sequence[str]] = dict(observation.instances)
-        for key, gate in self._gates.items():
-            if key in seen:
-                continue
-            model = self._scheduler.models.get(key)
-            if gate.out and model is not None and model.phase in sch.LOADED and model.instance_id:
-                seen[key] = [model.instance_id, *model.duplicates]
-                gate.recheck = True
-                gate.doubt(observation.started)
-        return seen
-
-    @property
-    def reachable(self) -> bool:
-        """Whether LM Studio answered the proxy's last call."""
-        return self._upstream.reachable
+    @staticmethod
+    async def _each(
+        hosts: Sequence[Host], call: Callable[[Host], Coroutine[Any, Any, None]]
+    ) -> None:
+        async with anyio.create_task_group() as tg:
+            for host in hosts:
+                tg.start_soon(call, host)

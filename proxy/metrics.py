@@ -72,27 +72,27 @@ class Metrics:
         )
         self.loads = Counter(
             "lmswitch_model_loads",
-            "Model loads, by result (ok, failed, timeout).",
-            ["model", "result"],
+            "Model loads, by result (ok, failed, timeout) and host.",
+            ["model", "result", "upstream"],
             registry=r,
         )
         self.load_duration = Histogram(
             "lmswitch_model_load_duration_seconds",
-            "Seconds LM Studio took to load a model.",
-            ["model"],
+            "Seconds LM Studio took to load a model, by host.",
+            ["model", "upstream"],
             buckets=_LOAD_BUCKETS,
             registry=r,
         )
         self.unloads = Counter(
             "lmswitch_model_unloads",
-            "Model unloads, by reason (evicted, idle, admin, external).",
-            ["model", "reason"],
+            "Model unloads, by reason (evicted, idle, admin, external) and host.",
+            ["model", "reason", "upstream"],
             registry=r,
         )
         self.loaded = Gauge(
             "lmswitch_model_loaded",
-            "1 while the model is loaded in LM Studio, else 0.",
-            ["model"],
+            "1 while the model is loaded on the host, else 0.",
+            ["model", "upstream"],
             registry=r,
         )
         self.in_flight = Gauge(
@@ -118,7 +118,8 @@ class Metrics:
         )
         self.upstream_up = Gauge(
             "lmswitch_upstream_up",
-            "1 if LM Studio answered the proxy's last call, else 0.",
+            "1 if the host's LM Studio answered the proxy's last call, else 0.",
+            ["upstream"],
             registry=r,
         )
 

@@ -38,47 +38,56 @@ async def proxy_request(request: Request[State]) -> Response:
     Once the body is read, a client that disconnects cancels the request (`WatchForDisconnect`).
     """
     state = request.state
-    manager, settings, client = state["manager"], state["settings"], state["client"]
+    manager, settings, clients = state["manager"], state["settings"], state["clients"]
     path, headers = request.url.path, request.headers.raw
     record = record_of(request.scope)
     record.routed, record.model = True, UNKNOWN_MODEL
-    try:
-        body = await read_body(request, settings.server.max_body_bytes)
-        watch_of(request.scope).start()
-        payload = parse_object(body)
-        check_fields(payload)
-        resolved = await manager.resolve(payload.get("model"))
-        record.model = key = resolved.key
-        check_type(manager.model_type(key), key, path)
-        if payload.get("model") != resolved.upstream_name:
-            body = with_model(body, resolved.upstream_name)
-        ttl = payload.get("ttl")
-        if isinstance(ttl, int | float) and not isinstance(ttl, bool) and ttl > 0:
-            manager.set_idle_ttl(key, float(ttl))
-        async with AsyncExitStack() as held:
-            lease = await manager.acquire(key)
-            held.callback(lease.release)
-            send = partial(client.open_completion, path, body, headers)
+    body = await read_body(request, settings.server.max_body_bytes)
+    watch_of(request.scope).start()
+    payload = parse_object(body)
+    check_fields(payload)
+    resolved = await manager.resolve(payload.get("model"))
+    record.model = key = resolved.key
+    check_type(manager.model_type(key), key, path)
+    if payload.get("model") != resolved.upstream_name:
+        body = with_model(body, resolved.upstream_name)
+    ttl = payload.get("ttl")
+    if isinstance(ttl, int | float) and not isinstance(ttl, bool) and ttl > 0:
+        manager.set_idle_ttl(key, float(ttl))
+    async with AsyncExitStack() as held:
+        lease = await manager.acquire(key)
+        held.callback(lease.release)
+        gone = down = False
+        while True:
+            record.upstream = lease.upstream
+            send = partial(clients[lease.upstream].open_completion, path, body, headers)
             try:
                 upstream = await manager.send(lease, send)
-            except (ModelNotLoadedError, ModelGoneError):
-                # Unloaded in LM Studio behind our back: see its real state, reload, ask again.
-                await held.aclose()
-                await manager.refresh()
-                lease = await manager.acquire(key, since=lease.arrived)  # the same budget
-                held.callback(lease.release)
-                try:
-                    upstream = await manager.send(lease, send)
-                except ModelNotLoadedError as again:
-                    upstream = again.response  # LM Studio's own answer, relayed as it is
-            held.push_async_callback(upstream.aclose)
-            record.queue_wait_s, record.waited_on_load = lease.waited_s, lease.waited_on_load
-            return UpstreamStreamResponse(  # type: ignore[return-value] # an ASGI app
-                upstream, held.pop_all(), record
-            )
-    except UpstreamUnavailableError as exc:
-        manager.upstream_failed(exc)
-        raise
+                break
+            except (ModelNotLoadedError, ModelGoneError) as exc:
+                if gone:  # again: LM Studio's own answer is relayed as it is
+                    if isinstance(exc, ModelGoneError):
+                        raise
+                    upstream = exc.response
+                    break
+                # Unloaded in LM Studio behind our back: read its state, reload, ask again.
+                gone = True
+                await manager.refresh(lease.upstream)
+            except UpstreamUnavailableError as exc:
+                # Nothing was sent: the host is down, and another that has the model may
+                # answer (once).
+                manager.upstream_failed(lease.upstream, exc)
+                if down or not manager.elsewhere(key, lease.upstream):
+                    raise
+                down = True
+            await held.aclose()
+            lease = await manager.acquire(key, since=lease.arrived)  # the same budget
+            held.callback(lease.release)
+        held.push_async_callback(upstream.aclose)
+        record.queue_wait_s, record.waited_on_load = lease.waited_s, lease.waited_on_load
+        return UpstreamStreamResponse(  # type: ignore[return-value] # an ASGI app
+            upstream, held.pop_all(), record
+        )
 
 
 class WatchForDisconnect:
@@ -127,7 +136,8 @@ def check_type(model_type: str | None, key: str, path: str) -> None:
 
 
 def _model_object(request: Request[State], name: str, model: ModelView) -> dict[str, Any]:
-    """A model in OpenAI's shape, with the proxy's `loaded` and `state` (and `alias_of`)."""
+    """A model in OpenAI's shape, with the proxy's `loaded` and `state` (and `alias_of`), and
+    the hosts that have it."""
     return {
         "id": name,
         "object": "model",
@@ -137,6 +147,7 @@ def _model_object(request: Request[State], name: str, model: ModelView) -> dict[
         "state": model.state,
         "type": model.type,
         "alias_of": model.key if name != model.key else None,
+        "upstreams": list(model.available_on),  # the hosts that have it
     }
 
 

@@ -22,36 +22,45 @@ class Reporter:
     """The log lines, metrics and `model` events of the models' changes of state."""
 
     def __init__(
-        self, metrics: Metrics, events: EventBus, *, is_loaded: Callable[[str], bool]
+        self,
+        metrics: Metrics,
+        events: EventBus,
+        *,
+        upstream: str,
+        is_loaded: Callable[[str], bool],
     ) -> None:
         self._metrics = metrics
         self._events = events
+        self._upstream = upstream  # the host's name, from the configuration
         self._is_loaded = is_loaded  # the scheduler's, read when an event is published
         self._duplicates: dict[str, tuple[str, ...]] = {}  # as last reported
 
     def model_event(self, key: str, state: str, **extra: Any) -> None:
         """A `model` event; `loaded` is the model's state after the change."""
         loaded = self._is_loaded(key)
-        self._events.publish("model", {"model": key, "state": state, "loaded": loaded, **extra})
+        event = {"model": key, "upstream": self._upstream, "state": state, "loaded": loaded}
+        self._events.publish("model", {**event, **extra})
 
     def upstream(self, reachable: bool) -> None:
-        self._metrics.upstream_up.set(1 if reachable else 0)
+        self._metrics.upstream_up.labels(self._upstream).set(1 if reachable else 0)
 
     def loading(self, key: str) -> None:
-        logger.info("loading model %s", key)
+        logger.info("loading model %s on %s", key, self._upstream)
         self.model_event(key, "loading")
 
     def loaded(self, key: str, instance_id: str, elapsed_s: float) -> None:
-        self._metrics.loads.labels(key, "ok").inc()
-        self._metrics.load_duration.labels(key).observe(elapsed_s)
-        self._metrics.loaded.labels(key).set(1)
-        logger.info("loaded model %s as %s in %.2f s", key, instance_id, elapsed_s)
+        self._metrics.loads.labels(key, "ok", self._upstream).inc()
+        self._metrics.load_duration.labels(key, self._upstream).observe(elapsed_s)
+        self._metrics.loaded.labels(key, self._upstream).set(1)
+        logger.info(
+            "loaded model %s as %s on %s in %.2f s", key, instance_id, self._upstream, elapsed_s
+        )
         self.model_event(key, "loaded", instance_id=instance_id, load_s=round(elapsed_s, 3))
 
     def load_failed(self, key: str, error: ProxyError) -> None:
         outcome = "timeout" if error.status_code == 504 else "failed"
-        self._metrics.loads.labels(key, outcome).inc()
-        logger.warning("loading model %s failed: %s", key, error.message)
+        self._metrics.loads.labels(key, outcome, self._upstream).inc()
+        logger.warning("loading model %s on %s failed: %s", key, self._upstream, error.message)
         self.model_event(key, "failed", error=error.message, code=error.code)
 
     def load_slow(self, key: str, limit_s: float) -> None:
@@ -62,36 +71,36 @@ class Reporter:
         self.model_event(key, "draining")
 
     def unloading(self, key: str, reason: UnloadReason) -> None:
-        logger.info("unloading model %s (%s)", key, reason)
+        logger.info("unloading model %s on %s (%s)", key, self._upstream, reason)
         self.model_event(key, "unloading", reason=str(reason))
 
     def unloaded(self, key: str, reason: UnloadReason) -> None:
-        self._metrics.unloads.labels(key, reason).inc()
-        self._metrics.loaded.labels(key).set(0)
+        self._metrics.unloads.labels(key, reason, self._upstream).inc()
+        self._metrics.loaded.labels(key, self._upstream).set(0)
         self.model_event(key, "unloaded", reason=str(reason))
 
     def unload_failed(self, key: str, error: ProxyError) -> None:
-        logger.warning("unloading model %s failed: %s", key, error.message)
+        logger.warning("unloading model %s on %s failed: %s", key, self._upstream, error.message)
         self.model_event(key, "failed", error=error.message, code=error.code)
 
     def adopted(self, key: str) -> None:
-        logger.info("model %s was loaded outside the proxy; adopted", key)
-        self._metrics.loaded.labels(key).set(1)
+        logger.info("model %s was loaded on %s outside the proxy; adopted", key, self._upstream)
+        self._metrics.loaded.labels(key, self._upstream).set(1)
         self.model_event(key, "loaded", adopted=True)
 
     def vanished(self, key: str) -> None:
-        logger.info("model %s was unloaded outside the proxy", key)
-        self._metrics.loaded.labels(key).set(0)
-        self._metrics.unloads.labels(key, UnloadReason.EXTERNAL).inc()
+        logger.info("model %s was unloaded on %s outside the proxy", key, self._upstream)
+        self._metrics.loaded.labels(key, self._upstream).set(0)
+        self._metrics.unloads.labels(key, UnloadReason.EXTERNAL, self._upstream).inc()
         self.model_event(key, "unloaded", reason=str(UnloadReason.EXTERNAL))
 
     def unreadable(self, error: ProxyError) -> None:
-        logger.warning("cannot read LM Studio's models: %s", error.message)
+        logger.warning("cannot read LM Studio's models on %s: %s", self._upstream, error.message)
 
     def catalog(self, keys: Iterable[str]) -> None:
         """Every known model has its gauges, at their values (0 until used)."""
         for key in keys:
-            self._metrics.loaded.labels(key).set(1 if self._is_loaded(key) else 0)
+            self._metrics.loaded.labels(key, self._upstream).set(1 if self._is_loaded(key) else 0)
             self._metrics.in_flight.labels(key)
             self._metrics.queued.labels(key)
 

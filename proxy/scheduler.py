@@ -347,6 +347,23 @@ class Scheduler:
                 return victims
         return []  # cannot make room yet (models are loading or being unloaded): wait
 
+    def idle_victims(self, target: Model) -> list[Model] | None:
+        """The idle, unpinned models to unload (least recently used first) for `target` to
+        fit, evicting nobody's running or awaited model; [] if it fits now, None if that
+        cannot make room. For placement across hosts (`proxy.placement`)."""
+        if self.fits(target):
+            return []
+        idle = sorted(
+            (m for m in self._idle_ready() if not m.pinned and m is not target),
+            key=lambda m: m.last_used,
+        )
+        victims: list[Model] = []
+        for model in idle:
+            victims.append(model)
+            if self.fits(target, [v.key for v in victims]):
+                return victims
+        return None
+
     def _idle_ready(self) -> list[Model]:
         return [
             m

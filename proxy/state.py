@@ -14,7 +14,7 @@ from proxy.metrics import Metrics
 class State(TypedDict):
     settings: Settings
     manager: ModelManager
-    client: LMStudioClient
+    clients: dict[str, LMStudioClient]  # by host name
     metrics: Metrics
     events: EventBus
     started_at: float  # wall-clock seconds since the epoch

@@ -1,11 +1,12 @@
-"""ModelView and StatusView: the one read view of the models and the capacity, built by
-`ModelManager` for `/v1/models`, `/api/v1/models*`, `/api/v1/status`, the events and the page."""
+"""ModelView, HostStatus and StatusView: the one read view of the models and the capacity,
+built by each `Host` and merged over the pool by `ModelManager`, for `/v1/models`,
+`/api/v1/models*`, `/api/v1/status`, the events and the page."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from proxy.lmstudio import ModelInfo
@@ -33,6 +34,8 @@ class ModelView:
     duplicates: tuple[str, ...]
     context_length: int | None  # of the loaded instance
     max_context_length: int | None
+    upstreams: tuple[str, ...]  # the hosts holding it (loading, loaded or unloading)
+    available_on: tuple[str, ...]  # the hosts that have it downloaded
 
     def row(self) -> dict[str, Any]:
         """The JSON row of `/api/v1/models`, its `snapshot` event and the page."""
@@ -52,6 +55,41 @@ class ModelView:
             "duplicates": list(self.duplicates),
             "context_length": self.context_length,
             "max_context_length": self.max_context_length,
+            "upstreams": list(self.upstreams),
+            "available_on": list(self.available_on),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class HostStatus:
+    """One host of the pool: a row of `/api/v1/status`'s `upstreams`."""
+
+    name: str
+    url: str
+    up: bool
+    reachable: bool
+    loaded: list[str]  # models holding its memory, in its scheduler's order
+    instances: int
+    bytes_used: int
+    max_loaded: int
+    memory_budget: int | None
+    in_flight: int
+    queued: int
+    queue: dict[str, int]  # waiting requests per model, for models with any
+    duplicates: dict[str, list[str]]
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "url": self.url,
+            "up": self.up,
+            "loaded": self.loaded,
+            "instances": self.instances,
+            "bytes_used": self.bytes_used,
+            "max_loaded": self.max_loaded,
+            "memory_budget": self.memory_budget,
+            "in_flight": self.in_flight,
+            "queued": self.queued,
         }
 
 
@@ -59,6 +97,7 @@ class ModelView:
 class StatusView:
     """The proxy's state as a whole: what `/api/v1/status` reports beside its settings."""
 
+    hosts: list[HostStatus]
     reachable: bool
     resident: list[str]  # models holding LM Studio's memory, in the scheduler's order
     in_flight: int
@@ -78,8 +117,11 @@ def model_view(
     catalog: Mapping[str, ModelInfo],
     context_lengths: Mapping[str, int | None],
     key: str,
+    *,
+    upstream: str,
 ) -> ModelView:
-    """The view of `key`, from the scheduler's record and LM Studio's catalogue entry."""
+    """The view of `key` on the host `upstream`, from its scheduler's record and its LM
+    Studio's catalogue entry."""
     model = scheduler.models.get(key) or Model(key)
     info = catalog.get(key)
     return ModelView(
@@ -99,18 +141,82 @@ def model_view(
         duplicates=tuple(model.duplicates),
         context_length=context_lengths.get(key) if model.instances else None,
         max_context_length=info.max_context_length if info is not None else None,
+        upstreams=(upstream,) if model.phase in RESIDENT else (),
+        available_on=(upstream,) if info is not None else (),
     )
 
 
-def status_view(scheduler: Scheduler, *, reachable: bool) -> StatusView:
+# A model's phases from the most to the least telling: the host whose view a merged view
+# takes its state, instance and context length from.
+_SHOWN_FIRST = ("ready", "draining", "loading", "unloading", "absent")
+
+
+def merge_views(views: Sequence[ModelView]) -> ModelView:
+    """One model's views on every host (in configuration order) as one: the state of the
+    host where it is most nearly ready, the counts of all of them."""
+    first = min(views, key=lambda v: (_SHOWN_FIRST.index(v.state), not v.available_on))
+    if len(views) == 1:
+        return first
+    named = next((v for v in views if v.available_on), first)
+    used = [v.last_used_at for v in views if v.last_used_at is not None]
+    return replace(
+        first,
+        name=named.name,
+        type=named.type,
+        size_bytes=named.size_bytes or first.size_bytes,
+        max_context_length=named.max_context_length,
+        loaded=any(v.loaded for v in views),
+        resident=any(v.resident for v in views),
+        pinned=any(v.pinned for v in views),
+        in_flight=sum(v.in_flight for v in views),
+        queued=sum(v.queued for v in views),
+        last_used_at=max(used) if used else None,
+        upstreams=tuple(name for v in views for name in v.upstreams),
+        available_on=tuple(name for v in views for name in v.available_on),
+    )
+
+
+def host_status(
+    scheduler: Scheduler, name: str, url: str, *, up: bool, reachable: bool
+) -> HostStatus:
     models = scheduler.models
     count, used = scheduler.usage()
-    return StatusView(
+    policy = scheduler.policy
+    return HostStatus(
+        name=name,
+        url=url,
+        up=up,
         reachable=reachable,
-        resident=[key for key, model in models.items() if model.phase in RESIDENT],
-        in_flight=sum(model.leases for model in models.values()),
-        queue={key: n for key in models if (n := scheduler.queued(key))},
-        duplicates={key: list(m.duplicates) for key, m in models.items() if m.duplicates},
+        loaded=[key for key, model in models.items() if model.phase in RESIDENT],
         instances=count,
         bytes_used=used,
+        max_loaded=policy.max_loaded,
+        memory_budget=policy.memory_budget,
+        in_flight=sum(model.leases for model in models.values()),
+        queued=len(scheduler.waiters),
+        queue={key: n for key in models if (n := scheduler.queued(key))},
+        duplicates={key: list(m.duplicates) for key, m in models.items() if m.duplicates},
+    )
+
+
+def status_view(hosts: Sequence[HostStatus]) -> StatusView:
+    """The pool's status: its hosts', added up."""
+    resident: list[str] = []
+    queue: dict[str, int] = {}
+    duplicates: dict[str, list[str]] = {}
+    for host in hosts:
+        resident.extend(key for key in host.loaded if key not in resident)
+        for key, n in host.queue.items():
+            queue[key] = queue.get(key, 0) + n
+        for key, extra in host.duplicates.items():
+            duplicates.setdefault(key, []).extend(extra)
+    return StatusView(
+        hosts=list(hosts),
+        reachable=any(host.reachable for host in hosts),
+        resident=resident,
+        in_flight=sum(host.in_flight for host in hosts),
+        queue=queue,
+        duplicates=duplicates,
+        instances=sum(host.instances for host in hosts),
+        bytes_used=sum(host.bytes_used for host in hosts),
     )

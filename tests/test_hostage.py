@@ -279,7 +279,7 @@ async def test_readiness_says_why_while_lm_studio_is_unreachable() -> None:
     """A request that found LM Studio gone makes the manager unready at once, with a reason,
     and the read it starts makes it ready again once LM Studio answers."""
     lmstudio = ScriptedLMStudio({QWEN: 4_000_000_000, NOMIC: 100_000_000})
-    manager = ModelManager(lmstudio, Settings(), Metrics())
+    manager = ModelManager({"default": lmstudio}, Settings(), Metrics())
     async with anyio.create_task_group() as tg:
         await tg.start(manager.run)
         with anyio.fail_after(2):
@@ -287,7 +287,7 @@ async def test_readiness_says_why_while_lm_studio_is_unreachable() -> None:
                 await anyio.sleep(0.001)
         assert (manager.model_type(QWEN), manager.model_type(NOMIC)) == ("llm", "embedding")
         assert manager.model_type("not-downloaded") is None
-        manager.upstream_failed(UpstreamUnavailableError("gone", retry_after_s=5))
+        manager.upstream_failed("default", UpstreamUnavailableError("gone", retry_after_s=5))
         assert manager.readiness() == "LM Studio did not answer the last call to it"
         with anyio.fail_after(2):
             while manager.readiness() is not None:  # noqa: ASYNC110 - no event for it

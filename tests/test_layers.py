@@ -1,7 +1,7 @@
 """The package's layers (docs/design.md §1), read from the code's own imports.
 
 Each module of `proxy/` stands on a floor and imports only from floors below it; the scheduler is
-pure; only the manager drives it; the routes read views, never the scheduler; the reconciler
+pure; only each host drives its own; the routes read views, never the scheduler; the reconciler
 returns values and touches neither the scheduler nor the event bus; `serve` loads neither the
 emulator nor the bench.
 """
@@ -20,11 +20,12 @@ PACKAGE = Path(__file__).resolve().parent.parent / "proxy"
 
 # The floors, from the leaves up. A module imports only modules on lower floors.
 FLOORS: list[set[str]] = [
-    {"units", "errors", "events", "metrics", "scheduling", "transport"},
+    {"units", "errors", "events", "metrics", "scheduling", "placement", "transport"},
     {"config", "scheduler"},
     {"lmstudio"},
     {"reconciler"},
     {"views", "names", "leases", "reporter"},
+    {"host"},
     {"manager"},
     {"access", "auth", "bodies", "state"},
     {"streaming", "server"},
@@ -104,16 +105,17 @@ def test_the_reconciler_touches_neither_scheduler_nor_events() -> None:
     assert not used & {"scheduling", "scheduler", "events", "metrics", "manager"}
 
 
-def test_only_the_manager_and_its_pure_helpers_see_the_scheduler() -> None:
-    """The manager alone drives the scheduler; views and names only read what it passes them."""
+def test_only_the_hosts_and_their_pure_helpers_see_the_scheduler() -> None:
+    """Each host alone drives its scheduler; views and names only read what it passes them;
+    the pool places requests on hosts and never touches a scheduler."""
     users = {_module_name(p) for p in MODULES if "scheduler" in imports(p)}
-    assert users == {"manager", "views"}
+    assert users == {"host", "views"}
 
 
 def test_the_scheduler_is_pure() -> None:
     """No I/O, no async, no clock, no randomness: only its own vocabulary and the stdlib's data."""
     allowed = {"__future__", "collections", "collections.abc", "dataclasses", "enum", "proxy"}
-    for module in ("scheduling", "scheduler"):
+    for module in ("scheduling", "scheduler", "placement"):
         tree = ast.parse((PACKAGE / f"{module}.py").read_text(encoding="utf-8"))
         for node in ast.walk(tree):
             assert not isinstance(node, ast.AsyncFunctionDef | ast.Await), module

@@ -40,7 +40,8 @@ async def test_idle_ttl_unloads_an_idle_model() -> None:
         await emulator.wait_until(lambda: not emulator.instances, timeout=3)
         assert emulator.unload_count(QWEN) == 1
         metrics = (await proxy.http.get("/metrics")).text
-        assert f'lmswitch_model_unloads_total{{model="{QWEN}",reason="idle"}} 1.0' in metrics
+        idle = f'lmswitch_model_unloads_total{{model="{QWEN}",reason="idle",upstream="default"}} 1.0'
+        assert idle in metrics
 
 
 async def test_request_ttl_sets_the_models_idle_ttl() -> None:
@@ -127,7 +128,7 @@ async def driving(
 ) -> AsyncIterator[tuple[ModelManager, Metrics, MemoryObjectReceiveStream[Event]]]:
     """A running manager over `lmstudio`, its metrics, and a subscription to its events."""
     metrics, bus = Metrics(), EventBus()
-    manager = ModelManager(lmstudio, Settings(models=models), metrics, events=bus)
+    manager = ModelManager({"default": lmstudio}, Settings(models=models), metrics, events=bus)
     with bus.subscribe() as events:
         async with anyio.create_task_group() as tg:
             await tg.start(manager.run)
@@ -166,8 +167,9 @@ async def test_the_manager_feeds_a_load_to_the_scheduler_then_says_so() -> None:
         )
         assert model_events(events) == [(QWEN, "loading", False), (QWEN, "loaded", True)]
         sample = metrics.registry.get_sample_value
-        assert sample("lmswitch_model_loads_total", {"model": QWEN, "result": "ok"}) == 1
-        assert sample("lmswitch_model_loaded", {"model": QWEN}) == 1
+        ok = {"model": QWEN, "result": "ok", "upstream": "default"}
+        assert sample("lmswitch_model_loads_total", ok) == 1
+        assert sample("lmswitch_model_loaded", {"model": QWEN, "upstream": "default"}) == 1
         lease.release()
         lease.release()  # idempotent
         assert manager.view(QWEN).in_flight == 0
@@ -184,7 +186,8 @@ async def test_a_failed_load_fails_its_waiters_and_leaves_the_model_absent() -> 
         assert (manager.view(QWEN).state, manager.view(QWEN).loaded) == ("absent", False)
         assert model_events(events) == [(QWEN, "loading", False), (QWEN, "failed", False)]
         sample = metrics.registry.get_sample_value
-        assert sample("lmswitch_model_loads_total", {"model": QWEN, "result": "failed"}) == 1
+        failed = {"model": QWEN, "result": "failed", "upstream": "default"}
+        assert sample("lmswitch_model_loads_total", failed) == 1
         with anyio.fail_after(5):  # the next request may try again, and this time it loads
             (await manager.acquire(QWEN)).release()
         assert manager.view(QWEN).loaded
@@ -204,7 +207,7 @@ async def test_a_refresh_feeds_lm_studios_own_changes_to_the_scheduler() -> None
         assert manager.view(LLAMA).state == "absent"
         assert model_events(events) == [(LLAMA, "loaded", True), (LLAMA, "unloaded", False)]
         sample = metrics.registry.get_sample_value
-        labels = {"model": LLAMA, "reason": "external"}
+        labels = {"model": LLAMA, "reason": "external", "upstream": "default"}
         assert sample("lmswitch_model_unloads_total", labels) == 1
 
 
@@ -214,20 +217,21 @@ async def test_a_wait_cancelled_as_it_is_granted_gives_the_lease_back() -> None:
     lmstudio = ScriptedLMStudio({QWEN: 4_000_000_000})
     async with driving(lmstudio) as (manager, _, _):
         waiting = anyio.CancelScope()
-        kick = manager._kick
+        host = manager.hosts["default"]
+        kick = host._kick
 
         def leave_then_kick() -> None:
-            model = manager._scheduler.models.get(QWEN)
-            if model is not None and model.phase is Phase.READY and manager._scheduler.waiters:
+            model = host._scheduler.models.get(QWEN)
+            if model is not None and model.phase is Phase.READY and host._scheduler.waiters:
                 waiting.cancel()  # the client leaves just as the load it waits for is done
             kick()
 
-        manager._kick = leave_then_kick  # type: ignore[method-assign]
+        host._kick = leave_then_kick  # type: ignore[method-assign]
         with anyio.fail_after(5):
             with waiting:
                 await manager.acquire(QWEN)
             assert waiting.cancelled_caught
-            assert manager._scheduler.models[QWEN].leases == 0
+            assert host._scheduler.models[QWEN].leases == 0
             assert manager.view(QWEN).in_flight == 0
 
 

@@ -31,15 +31,15 @@ FROZEN: dict[str, tuple[str, frozenset[str]]] = {
     "lmswitch_request_duration_seconds": ("histogram", frozenset({"model", "endpoint"})),
     "lmswitch_time_to_first_byte_seconds": ("histogram", frozenset({"model", "endpoint"})),
     "lmswitch_queue_wait_seconds": ("histogram", frozenset({"model"})),
-    "lmswitch_model_loads_total": ("counter", frozenset({"model", "result"})),
-    "lmswitch_model_load_duration_seconds": ("histogram", frozenset({"model"})),
-    "lmswitch_model_unloads_total": ("counter", frozenset({"model", "reason"})),
-    "lmswitch_model_loaded": ("gauge", frozenset({"model"})),
+    "lmswitch_model_loads_total": ("counter", frozenset({"model", "result", "upstream"})),
+    "lmswitch_model_load_duration_seconds": ("histogram", frozenset({"model", "upstream"})),
+    "lmswitch_model_unloads_total": ("counter", frozenset({"model", "reason", "upstream"})),
+    "lmswitch_model_loaded": ("gauge", frozenset({"model", "upstream"})),
     "lmswitch_in_flight_requests": ("gauge", frozenset({"model"})),
     "lmswitch_queued_requests": ("gauge", frozenset({"model"})),
     "lmswitch_tokens_total": ("counter", frozenset({"model", "kind"})),
     "lmswitch_client_disconnects_total": ("counter", frozenset({"model"})),
-    "lmswitch_upstream_up": ("gauge", frozenset()),
+    "lmswitch_upstream_up": ("gauge", frozenset({"upstream"})),
 }
 HISTOGRAMS = [name for name, (kind, _) in FROZEN.items() if kind == "histogram"]
 
@@ -169,22 +169,24 @@ async def test_every_metric_has_the_values_a_known_sequence_implies() -> None:
         (QWEN,): 1,
         (LLAMA,): 2,
     }
+    # The host's name is the `upstream` label: one host, named `default`.
     assert metrics.series("lmswitch_model_loads_total") == {
-        (QWEN, "ok"): 1,
-        (LLAMA, "ok"): 1,
-        (GEMMA, "failed"): 1,
+        (QWEN, "ok", "default"): 1,
+        (LLAMA, "ok", "default"): 1,
+        (GEMMA, "failed", "default"): 1,
     }
     assert observed(metrics.series("lmswitch_model_load_duration_seconds_count")) == {
-        (QWEN,): 1,
-        (LLAMA,): 1,
+        (QWEN, "default"): 1,
+        (LLAMA, "default"): 1,
     }
     assert metrics.series("lmswitch_model_unloads_total") == {
-        (QWEN, "evicted"): 1,
-        (LLAMA, "evicted"): 1,
+        (QWEN, "evicted", "default"): 1,
+        (LLAMA, "evicted", "default"): 1,
     }
     # Every catalogue model has its gauges from the first look at LM Studio.
     every_model_at_zero = {(key,): 0 for key in emulator.catalog}
-    assert metrics.series("lmswitch_model_loaded") == every_model_at_zero
+    on_the_host = {(key, "default"): 0 for key in emulator.catalog}
+    assert metrics.series("lmswitch_model_loaded") == on_the_host
     assert metrics.series("lmswitch_in_flight_requests") == every_model_at_zero
     assert metrics.series("lmswitch_queued_requests") == every_model_at_zero
     assert metrics.series("lmswitch_tokens_total") == {
@@ -194,7 +196,7 @@ async def test_every_metric_has_the_values_a_known_sequence_implies() -> None:
         ("prompt", LLAMA): b_usage["prompt_tokens"],
     }
     assert metrics.series("lmswitch_client_disconnects_total") == {(LLAMA,): 1}
-    assert metrics.value("lmswitch_upstream_up") == 1
+    assert metrics.value("lmswitch_upstream_up", upstream="default") == 1
     for name in HISTOGRAMS:
         counts = metrics.series(f"{name}_count")
         infinite = {
@@ -298,8 +300,8 @@ async def test_two_apps_in_one_process_do_not_share_a_registry() -> None:
             first_metrics = await settled(one, lambda m: answered(m) == 1)
             second_metrics = await scrape(two)
     assert first_metrics.text != second_metrics.text
-    assert first_metrics.value("lmswitch_model_loaded", model=QWEN) == 1
-    assert first_metrics.series("lmswitch_model_loads_total") == {(QWEN, "ok"): 1}
+    assert first_metrics.value("lmswitch_model_loaded", model=QWEN, upstream="default") == 1
+    assert first_metrics.series("lmswitch_model_loads_total") == {(QWEN, "ok", "default"): 1}
     assert second_metrics.series("lmswitch_requests_total") == {}
     assert second_metrics.series("lmswitch_model_loads_total") == {}
     assert set(second_metrics.series("lmswitch_model_loaded").values()) == {0}
