@@ -25,7 +25,7 @@ from proxy.events import EventBus
 from proxy.leases import FRESH_S, Gate, Lease, Pending, failure
 from proxy.lmstudio import ModelInfo
 from proxy.metrics import Metrics
-from proxy.placement import HostView, Presence
+from proxy.placement import HostView
 from proxy.reconciler import LMStudioCalls, LoadFailed, Observation, Reconciler
 from proxy.reporter import Reporter
 from proxy.scheduler import Scheduler
@@ -196,37 +196,10 @@ class Host:
 
     def place_view(self, key: str) -> HostView:
         """This host as placement weighs it for `key` (`proxy.placement`)."""
-        scheduler = self._scheduler
-        model = scheduler.models.get(key) or sch.Model(key, self._catalog_size(key))
-        if model.phase is sch.Phase.READY:
-            presence = Presence.READY
-        elif model.phase is sch.Phase.LOADING or (
-            model.phase is sch.Phase.ABSENT and scheduler.queued(key)
-        ):
-            presence = Presence.LOADING
-        elif model.phase is sch.Phase.ABSENT:
-            presence = Presence.ABSENT
-        else:
-            presence = Presence.LEAVING
-        budget = scheduler.policy.memory_budget
-        room = (budget - scheduler.usage()[1] - model.size_bytes) if budget is not None else 2**62
-        idle = scheduler.idle_victims(model) if presence is Presence.ABSENT else None
-        return HostView(
-            name=self.name,
-            up=self.up,
-            has=key in self._upstream.catalog,
-            presence=presence,
-            in_flight=model.leases,
-            fits=presence is Presence.ABSENT and scheduler.fits(model),
-            room=room,
-            idle_victims_used=max((m.last_used for m in idle), default=0.0) if idle else None,
-            never=scheduler.never_fits(model) is not None,
-            waiting=len(scheduler.waiters),
-        )
-
-    def _catalog_size(self, key: str) -> int:
         info = self._upstream.catalog.get(key)
-        return info.size_bytes if info is not None else 0
+        return self._scheduler.place_view(
+            key, self.name, up=self.up, has=info is not None, size=info.size_bytes if info else 0
+        )
 
     def readiness(self) -> str | None:
         """None while LM Studio's models are known and its last call reached it; else why not

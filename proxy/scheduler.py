@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
+from proxy.placement import HostView, Presence
 from proxy.scheduling import (
     LOADED,
     RESIDENT,
@@ -346,6 +347,36 @@ class Scheduler:
             if self.fits(target, leaving + [v.key for v in victims]):
                 return victims
         return []  # cannot make room yet (models are loading or being unloaded): wait
+
+    def place_view(self, key: str, name: str, *, up: bool, has: bool, size: int) -> HostView:
+        """This scheduler's host as placement weighs it for `key` (`proxy.placement`): `name`,
+        whether it is `up`, whether it `has` the model, and the model's catalogue `size`."""
+        model = self.models.get(key) or Model(key, size)
+        if model.phase is Phase.READY:
+            presence = Presence.READY
+        elif model.phase is Phase.LOADING or (model.phase is Phase.ABSENT and self.queued(key)):
+            presence = Presence.LOADING  # loading, or queued for its load here
+        elif model.phase is Phase.ABSENT:
+            presence = Presence.ABSENT
+        else:
+            presence = Presence.LEAVING
+        budget = self.policy.memory_budget
+        room = budget - self.usage()[1] - model.size_bytes if budget is not None else 2**62
+        idle = self.idle_victims(model) if presence is Presence.ABSENT else None
+        return HostView(
+            name=name,
+            up=up,
+            has=has,
+            presence=presence,
+            in_flight=model.leases,
+            fits=presence is Presence.ABSENT and self.fits(model),
+            room=room,
+            idle_victims_used=max((m.last_used for m in idle), default=0.0)
+            if idle is not None
+            else None,
+            never=self.never_fits(model) is not None,
+            waiting=len(self.waiters),
+        )
 
     def idle_victims(self, target: Model) -> list[Model] | None:
         """The idle, unpinned models to unload (least recently used first) for `target` to

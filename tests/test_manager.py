@@ -40,7 +40,9 @@ async def test_idle_ttl_unloads_an_idle_model() -> None:
         await emulator.wait_until(lambda: not emulator.instances, timeout=3)
         assert emulator.unload_count(QWEN) == 1
         metrics = (await proxy.http.get("/metrics")).text
-        idle = f'lmswitch_model_unloads_total{{model="{QWEN}",reason="idle",upstream="default"}} 1.0'
+        idle = (
+            f'lmswitch_model_unloads_total{{model="{QWEN}",reason="idle",upstream="default"}} 1.0'
+        )
         assert idle in metrics
 
 
