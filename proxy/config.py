@@ -15,13 +15,13 @@ from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
     ValidationError,
-    field_validator,
 )
 from pydantic_core import ErrorDetails
 from pydantic_settings import (
@@ -111,10 +111,25 @@ class ServerSettings(_Section):
     )
 
 
+def _check_base_url(value: str) -> str:
+    url = value.strip().rstrip("/")
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # raises ValueError on a bad port
+    except ValueError as exc:
+        raise ValueError(f"invalid URL {value!r}: {exc}") from exc
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"invalid URL {value!r} (expected e.g. http://127.0.0.1:1234)")
+    return url
+
+
+_BaseUrl = Annotated[str, AfterValidator(_check_base_url)]
+
+
 class UpstreamSettings(_Section):
     """LM Studio's server and the deadlines for talking to it."""
 
-    base_url: str = Field(default="http://127.0.0.1:1234", description="LM Studio's server.")
+    base_url: _BaseUrl = Field(default="http://127.0.0.1:1234", description="LM Studio's server.")
     api_token: SecretStr | None = Field(
         default=None,
         description="LM Studio API token, sent as Bearer (never the client's key).",
@@ -133,19 +148,6 @@ class UpstreamSettings(_Section):
     poll_interval: Seconds = Field(
         default=10.0, description="Reconcile with LM Studio's real state this often."
     )
-
-    @field_validator("base_url", mode="after")
-    @classmethod
-    def _check_base_url(cls, value: str) -> str:
-        url = value.strip().rstrip("/")
-        try:
-            parts = urlsplit(url)
-            _ = parts.port  # raises ValueError on a bad port
-        except ValueError as exc:
-            raise ValueError(f"invalid URL {value!r}: {exc}") from exc
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"invalid URL {value!r} (expected e.g. http://127.0.0.1:1234)")
-        return url
 
 
 def _null_as_empty(value: object) -> object:
