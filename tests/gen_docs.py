@@ -199,7 +199,7 @@ class Setting:
     key: str  # dotted, e.g. models.memory_budget; `*` for a model key
     env: str | None  # None under load_options: set the whole mapping as JSON instead
     type: str
-    default: str
+    default: str | None  # None: required
     example: str
     description: str
 
@@ -269,36 +269,66 @@ def show_value(value: Any, unit: str | None) -> str:
     return str(value)
 
 
+def _section_of(field: FieldInfo) -> type[BaseModel] | None:
+    """The model of a section (`server`, `models`, ...), or None for a key of its own."""
+    model = field.annotation
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _item_of(field: FieldInfo) -> type[BaseModel] | None:
+    """The model of a list's items or a mapping's values (hosts, load options), or None."""
+    return next(
+        (
+            arg
+            for arg in get_args(field.annotation)
+            if isinstance(arg, type) and issubclass(arg, BaseModel)
+        ),
+        None,
+    )
+
+
+def _rows(key: str, field: FieldInfo, env: str | None) -> list[Setting]:
+    """`key`'s row, then, for a list or mapping of models, one per key of an item (`*`)."""
+    metadata = field.metadata
+    default = (
+        None
+        if field.is_required()
+        else show_value(field.get_default(call_default_factory=True), _unit(metadata))
+    )
+    example = EXAMPLES.get(key, default)
+    assert example is not None, f"add an example for {key}, which has no default"
+    row = Setting(
+        key=key,
+        env=env,
+        type=type_name(field.annotation, metadata) + _bounds(field),
+        default=default,
+        example=example,
+        description=field.description or "",
+    )
+    item = _item_of(field)
+    return [row] if item is None else [row, *_settings_of(item, f"{key}.*", None)]
+
+
 def _settings_of(model: type[BaseModel], prefix: str, env: str | None) -> list[Setting]:
-    rows = []
-    for name, field in model.model_fields.items():
-        key = f"{prefix}.{name}"
-        metadata = field.metadata
-        default = field.get_default(call_default_factory=True)
-        rows.append(
-            Setting(
-                key=key,
-                env=f"{env}__{name.upper()}" if env is not None else None,
-                type=type_name(field.annotation, metadata) + _bounds(field),
-                default=show_value(default, _unit(metadata)),
-                example=EXAMPLES.get(key, show_value(default, _unit(metadata))),
-                description=field.description or "",
-            )
+    return [
+        row
+        for name, field in model.model_fields.items()
+        for row in _rows(
+            f"{prefix}.{name}", field, None if env is None else f"{env}__{name.upper()}"
         )
-        if get_args(field.annotation)[1:] == (LoadOptions,):
-            rows.extend(_settings_of(LoadOptions, f"{key}.*", None))
-    return rows
+    ]
+
+
+def _top_level(name: str, field: FieldInfo) -> list[Setting]:
+    """The rows of a key of `Settings`: a section's keys, or the key itself (`upstreams`)."""
+    env = f"{ENV_PREFIX}{name.upper()}"
+    section = _section_of(field)
+    return _rows(name, field, env) if section is None else _settings_of(section, name, env)
 
 
 def settings_reference() -> list[Setting]:
     """Every key of `Settings`, section by section, in declaration order."""
-    rows = []
-    for name, field in Settings.model_fields.items():
-        section_model = field.annotation
-        assert isinstance(section_model, type)
-        assert issubclass(section_model, BaseModel)
-        rows.extend(_settings_of(section_model, name, f"{ENV_PREFIX}{name.upper()}"))
-    return rows
+    return [row for name, field in Settings.model_fields.items() for row in _top_level(name, field)]
 
 
 def _cell(text: str) -> str:
@@ -310,24 +340,23 @@ _DESIGN_POINTER = re.compile(r"\s*\((?:DESIGN(?:\.md)?|docs/design\.md) §[^)]*\
 
 
 def config_reference() -> str:
-    """The configuration reference's Markdown: one table per section."""
+    """The configuration reference's Markdown: one table per section (or list of hosts)."""
     parts = []
     for name, field in Settings.model_fields.items():
-        section_model = field.annotation
-        assert isinstance(section_model, type)
-        # The section's docstring, less its pointers into the design notes.
-        about = _DESIGN_POINTER.sub("", (section_model.__doc__ or "").strip())
+        model = _section_of(field) or _item_of(field)
+        assert model is not None
+        # The section's (or list item's) docstring, less its pointers into the design notes.
+        about = _DESIGN_POINTER.sub("", (model.__doc__ or "").strip())
         parts.append(
             f"**`{name}`**: {about}\n\n"
             "| key, environment variable | type | default | example | meaning |\n"
             "| --- | --- | --- | --- | --- |\n"
         )
-        for row in settings_reference():
-            if not row.key.startswith(f"{name}."):
-                continue
+        for row in _top_level(name, field):
             env = f"<br>`{row.env}`" if row.env else ""
+            default = "required" if row.default is None else f"`{row.default}`"
             parts[-1] += (
-                f"| `{row.key}`{env} | {_cell(row.type)} | `{row.default}` | "
+                f"| `{row.key}`{env} | {_cell(row.type)} | {default} | "
                 f"`{_cell(row.example)}` | {_cell(row.description)} |\n"
             )
     return "\n".join(parts)
