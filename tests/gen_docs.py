@@ -28,7 +28,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from pydantic import BaseModel, SecretStr
 from pydantic.fields import FieldInfo
 
-from proxy.config import ENV_PREFIX, LoadOptions, Settings
+from proxy.config import ENV_PREFIX, LoadOptions, Settings, UpstreamHost
 from proxy.metrics import Metrics
 from proxy.units import ByteSize, Seconds
 from tests import doc_capture
@@ -61,6 +61,13 @@ EXAMPLES: dict[str, str] = {
     "upstream.read_timeout": "30m",
     "upstream.load_timeout": "10m",
     "upstream.poll_interval": "30s",
+    "upstreams": '[{name: desk, base_url: "http://127.0.0.1:1234"}, '
+    '{name: gpu, base_url: "http://192.168.1.20:1234"}]',
+    "upstreams.*.name": "gpu",
+    "upstreams.*.base_url": "http://192.168.1.20:1234",
+    "upstreams.*.api_token": "sk-lm-AbCd1234:AbCdEfGhIj0123456789",
+    "upstreams.*.max_loaded": "2",
+    "upstreams.*.memory_budget": "20GiB",
     "auth.api_keys": "[sk-local-change-me]",
     "auth.admin_keys": "[admin-change-me]",
     "auth.allow_unauthenticated": "true",
@@ -84,6 +91,7 @@ EXAMPLES: dict[str, str] = {
     "logging.format": "json",
 }
 PER_MODEL = "models.load_options.*"  # `*` stands for a model key
+PER_HOST = "upstreams.*"  # `*` stands for a host's place in the list
 
 # A PromQL example per metric (the exposed name): the query and what it shows.
 PROMQL: dict[str, tuple[str, str]] = {
@@ -196,8 +204,8 @@ def replace_section(text: str, name: str, body: str) -> str:
 class Setting:
     """One configuration key, as the reference shows it."""
 
-    key: str  # dotted, e.g. models.memory_budget; `*` for a model key
-    env: str | None  # None under load_options: set the whole mapping as JSON instead
+    key: str  # dotted, e.g. models.memory_budget; `*` for a model key or a host's place
+    env: str | None  # None under load_options and upstreams: set the whole value as JSON instead
     type: str
     default: str | None  # None: required
     example: str
@@ -232,7 +240,14 @@ def type_name(annotation: Any, metadata: Sequence[Any] = ()) -> str:
     if origin is dict:
         value = "load options" if args[1] is LoadOptions else f"{type_name(args[1])}s"
         return f"mapping of names to {value}"
-    simple = {str: "string", int: "integer", bool: "boolean", float: "number", SecretStr: "secret"}
+    simple = {
+        str: "string",
+        int: "integer",
+        bool: "boolean",
+        float: "number",
+        SecretStr: "secret",
+        UpstreamHost: "host",
+    }
     return simple[annotation]
 
 
