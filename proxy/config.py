@@ -254,6 +254,16 @@ class ModelsSettings(_Section):
     load_options: Annotated[dict[str, LoadOptions], BeforeValidator(_null_as_empty_dict)] = Field(
         default_factory=dict, description="Per model key: LM Studio's load fields, each optional."
     )
+    replicas: Annotated[
+        dict[str, Annotated[int, Field(ge=1)]], BeforeValidator(_null_as_empty_dict)
+    ] = Field(
+        default_factory=dict,
+        description="Per model key: how many hosts may hold it loaded at once (default 1).",
+    )
+
+    def replicas_of(self, key: str) -> int:
+        """How many hosts may hold the model `key` loaded at once."""
+        return self.replicas.get(key, 1)
 
 
 class SchedulerSettings(_Section):

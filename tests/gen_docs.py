@@ -84,6 +84,7 @@ EXAMPLES: dict[str, str] = {
     "models.load_options.*.eval_batch_size": "512",
     "models.load_options.*.num_experts": "4",
     "models.load_options.*.offload_kv_cache_to_gpu": "true",
+    "models.replicas": "{qwen2.5-7b-instruct: 2}",
     "scheduler.max_queue": "64",
     "scheduler.queue_timeout": "2m",
     "scheduler.swap_grace": "30s",

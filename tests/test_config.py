@@ -62,6 +62,7 @@ def test_defaults_match_the_design() -> None:
     assert s.models.memory_budget is None
     assert s.models.idle_ttl is None
     assert s.models.load_options == {}
+    assert s.models.replicas == {}
     assert (s.scheduler.max_queue, s.scheduler.queue_timeout, s.scheduler.swap_grace) == (
         256,
         300,
@@ -341,6 +342,7 @@ def test_unknown_nested_key_is_an_error(tmp_path: Path) -> None:
             "upstreams.0.max_loaded: must be >= 0",
         ),
         ("upstreams: [{name: desk}]", "upstreams.0.base_url: field required"),
+        ("models: {replicas: {q: 0}}", "models.replicas.q: must be >= 1"),
     ],
 )
 def test_invalid_value_names_the_key(tmp_path: Path, text: str, message: str) -> None:
@@ -623,6 +625,12 @@ def test_two_names_for_one_url_are_allowed() -> None:
         ("a", "http://h:1234"),
         ("b", "http://h:1234"),
     ]
+
+
+def test_replicas_default_to_one(tmp_path: Path) -> None:
+    models = load_settings(write(tmp_path, "models:\n  replicas:\n    qwen: 2\n")).models
+    assert (models.replicas_of("qwen"), models.replicas_of("other")) == (2, 1)
+    assert load_settings(write(tmp_path, "models:\n  replicas:\n")).models.replicas == {}
 
 
 # --- describe_settings ------------------------------------------------------------------------
