@@ -8,6 +8,8 @@ Priority: init kwargs > `LMSWITCH_*` environment > YAML file > defaults. Every p
 from __future__ import annotations
 
 import os
+import re
+from dataclasses import dataclass
 from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -15,6 +17,7 @@ from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -23,7 +26,7 @@ from pydantic import (
     ValidationError,
     field_validator,
 )
-from pydantic_core import ErrorDetails
+from pydantic_core import ErrorDetails, InitErrorDetails
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -38,6 +41,7 @@ ENV_PREFIX = "LMSWITCH_"
 CONFIG_ENV_VAR = "LMSWITCH_CONFIG"
 DEFAULT_CONFIG_FILE = "config.yaml"
 MASK = "********"
+DEFAULT_HOST = "default"  # the name of the one host `upstream` stands for when no `upstreams`
 
 
 class ConfigError(Exception):
@@ -111,10 +115,25 @@ class ServerSettings(_Section):
     )
 
 
+def _check_base_url(value: str) -> str:
+    url = value.strip().rstrip("/")
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # raises ValueError on a bad port
+    except ValueError as exc:
+        raise ValueError(f"invalid URL {value!r}: {exc}") from exc
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"invalid URL {value!r} (expected e.g. http://127.0.0.1:1234)")
+    return url
+
+
+_BaseUrl = Annotated[str, AfterValidator(_check_base_url)]
+
+
 class UpstreamSettings(_Section):
     """LM Studio's server and the deadlines for talking to it."""
 
-    base_url: str = Field(default="http://127.0.0.1:1234", description="LM Studio's server.")
+    base_url: _BaseUrl = Field(default="http://127.0.0.1:1234", description="LM Studio's server.")
     api_token: SecretStr | None = Field(
         default=None,
         description="LM Studio API token, sent as Bearer (never the client's key).",
@@ -134,18 +153,50 @@ class UpstreamSettings(_Section):
         default=10.0, description="Reconcile with LM Studio's real state this often."
     )
 
-    @field_validator("base_url", mode="after")
+
+_HOST_NAME = re.compile(r"[a-z0-9_-]{1,32}")
+
+
+class UpstreamHost(_Section):
+    """One host of a pool of LM Studio servers, with its own token and capacity."""
+
+    name: str = Field(
+        description="The host's label in metrics, status, events and logs; unique, 1 to 32 of "
+        "a-z, 0-9, _ and -."
+    )
+    base_url: _BaseUrl = Field(description="The host's LM Studio server.")
+    api_token: SecretStr | None = Field(
+        default=None, description="The host's LM Studio API token, sent as Bearer."
+    )
+    max_loaded: int | None = Field(
+        default=None,
+        ge=0,
+        description="Models loaded at once on this host; 0: no count limit; null: "
+        "models.max_loaded.",
+    )
+    memory_budget: ByteSize | None = Field(
+        default=None,
+        description="The sizes of the models loaded on this host must fit under it; null: "
+        "models.memory_budget.",
+    )
+
+    @field_validator("name", mode="after")
     @classmethod
-    def _check_base_url(cls, value: str) -> str:
-        url = value.strip().rstrip("/")
-        try:
-            parts = urlsplit(url)
-            _ = parts.port  # raises ValueError on a bad port
-        except ValueError as exc:
-            raise ValueError(f"invalid URL {value!r}: {exc}") from exc
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"invalid URL {value!r} (expected e.g. http://127.0.0.1:1234)")
-        return url
+    def _check_name(cls, value: str) -> str:
+        if not _HOST_NAME.fullmatch(value):
+            raise ValueError(f"invalid name {value!r} (1 to 32 of a-z, 0-9, _ and -)")
+        return value
+
+
+@dataclass(frozen=True)
+class HostSettings:
+    """One host as the code that runs it sees it: the limits resolved, the token revealed."""
+
+    name: str
+    base_url: str
+    api_token: str | None
+    max_loaded: int
+    memory_budget: int | None
 
 
 def _null_as_empty(value: object) -> object:
@@ -203,6 +254,16 @@ class ModelsSettings(_Section):
     load_options: Annotated[dict[str, LoadOptions], BeforeValidator(_null_as_empty_dict)] = Field(
         default_factory=dict, description="Per model key: LM Studio's load fields, each optional."
     )
+    replicas: Annotated[
+        dict[str, Annotated[int, Field(ge=1)]], BeforeValidator(_null_as_empty_dict)
+    ] = Field(
+        default_factory=dict,
+        description="Per model key: how many hosts may hold it loaded at once (default 1).",
+    )
+
+    def replicas_of(self, key: str) -> int:
+        """How many hosts may hold the model `key` loaded at once."""
+        return self.replicas.get(key, 1)
 
     def replicas_of(self, key: str) -> int:  # TEMP
         return 1
@@ -286,6 +347,11 @@ class Settings(BaseSettings):
 
     server: ServerSettings = Field(default_factory=ServerSettings)
     upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
+    upstreams: Annotated[tuple[UpstreamHost, ...], BeforeValidator(_null_as_empty)] = Field(
+        default=(),
+        description="Several LM Studio hosts; when set, upstream.base_url and upstream.api_token "
+        "are not used (upstream's timeouts and poll_interval still apply to every host).",
+    )
     auth: AuthSettings = Field(default_factory=AuthSettings)
     models: ModelsSettings = Field(default_factory=ModelsSettings)
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
@@ -315,6 +381,53 @@ class Settings(BaseSettings):
         # No .env or secrets directory: the contract is config.yaml plus LMSWITCH_* variables.
         # The YAML source reads nothing unless a subclass sets `yaml_file` (see load_settings).
         return init_settings, env_settings, _YamlSource(settings_cls)
+
+    @field_validator("upstreams", mode="after")
+    @classmethod
+    def _check_unique_names(cls, hosts: tuple[UpstreamHost, ...]) -> tuple[UpstreamHost, ...]:
+        seen: set[str] = set()
+        duplicates: list[InitErrorDetails] = []
+        for index, host in enumerate(hosts):
+            if host.name in seen:
+                duplicates.append(
+                    InitErrorDetails(
+                        type="value_error",
+                        loc=(index, "name"),  # pydantic prefixes it with `upstreams`
+                        input=host.name,
+                        ctx={"error": f"duplicate name {host.name!r}"},
+                    )
+                )
+            seen.add(host.name)
+        if duplicates:
+            raise ValidationError.from_exception_data(cls.__name__, duplicates)
+        return hosts
+
+    def hosts(self) -> tuple[HostSettings, ...]:
+        """The LM Studio hosts: `upstreams`, or else `upstream` as one host named `default`;
+        a host's unset limits are the `models` ones."""
+        pool = self.upstreams or (
+            UpstreamHost(
+                name=DEFAULT_HOST,
+                base_url=self.upstream.base_url,
+                api_token=self.upstream.api_token,
+            ),
+        )
+        return tuple(
+            HostSettings(
+                name=host.name,
+                base_url=host.base_url,
+                api_token=_revealed(host.api_token),
+                max_loaded=self.models.max_loaded if host.max_loaded is None else host.max_loaded,
+                memory_budget=(
+                    self.models.memory_budget if host.memory_budget is None else host.memory_budget
+                ),
+            )
+            for host in pool
+        )
+
+
+def _revealed(secret: SecretStr | None) -> str | None:
+    return None if secret is None else secret.get_secret_value()
 
 
 # --- loading ----------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from pydantic import BaseModel, SecretStr
 from pydantic.fields import FieldInfo
 
-from proxy.config import ENV_PREFIX, LoadOptions, Settings
+from proxy.config import ENV_PREFIX, LoadOptions, Settings, UpstreamHost
 from proxy.metrics import Metrics
 from proxy.units import ByteSize, Seconds
 from tests import doc_capture
@@ -61,6 +61,13 @@ EXAMPLES: dict[str, str] = {
     "upstream.read_timeout": "30m",
     "upstream.load_timeout": "10m",
     "upstream.poll_interval": "30s",
+    "upstreams": '[{name: desk, base_url: "http://127.0.0.1:1234"}, '
+    '{name: gpu, base_url: "http://192.168.1.20:1234"}]',
+    "upstreams.*.name": "gpu",
+    "upstreams.*.base_url": "http://192.168.1.20:1234",
+    "upstreams.*.api_token": "sk-lm-AbCd1234:AbCdEfGhIj0123456789",
+    "upstreams.*.max_loaded": "2",
+    "upstreams.*.memory_budget": "20GiB",
     "auth.api_keys": "[sk-local-change-me]",
     "auth.admin_keys": "[admin-change-me]",
     "auth.allow_unauthenticated": "true",
@@ -77,6 +84,7 @@ EXAMPLES: dict[str, str] = {
     "models.load_options.*.eval_batch_size": "512",
     "models.load_options.*.num_experts": "4",
     "models.load_options.*.offload_kv_cache_to_gpu": "true",
+    "models.replicas": "{qwen2.5-7b-instruct: 2}",
     "scheduler.max_queue": "64",
     "scheduler.queue_timeout": "2m",
     "scheduler.swap_grace": "30s",
@@ -84,6 +92,7 @@ EXAMPLES: dict[str, str] = {
     "logging.format": "json",
 }
 PER_MODEL = "models.load_options.*"  # `*` stands for a model key
+PER_HOST = "upstreams.*"  # `*` stands for a host's place in the list
 
 # A PromQL example per metric (the exposed name): the query and what it shows.
 PROMQL: dict[str, tuple[str, str]] = {
@@ -196,10 +205,10 @@ def replace_section(text: str, name: str, body: str) -> str:
 class Setting:
     """One configuration key, as the reference shows it."""
 
-    key: str  # dotted, e.g. models.memory_budget; `*` for a model key
-    env: str | None  # None under load_options: set the whole mapping as JSON instead
+    key: str  # dotted, e.g. models.memory_budget; `*` for a model key or a host's place
+    env: str | None  # None under load_options and upstreams: set the whole value as JSON instead
     type: str
-    default: str
+    default: str | None  # None: required
     example: str
     description: str
 
@@ -232,7 +241,14 @@ def type_name(annotation: Any, metadata: Sequence[Any] = ()) -> str:
     if origin is dict:
         value = "load options" if args[1] is LoadOptions else f"{type_name(args[1])}s"
         return f"mapping of names to {value}"
-    simple = {str: "string", int: "integer", bool: "boolean", float: "number", SecretStr: "secret"}
+    simple = {
+        str: "string",
+        int: "integer",
+        bool: "boolean",
+        float: "number",
+        SecretStr: "secret",
+        UpstreamHost: "host",
+    }
     return simple[annotation]
 
 
@@ -269,36 +285,66 @@ def show_value(value: Any, unit: str | None) -> str:
     return str(value)
 
 
+def _section_of(field: FieldInfo) -> type[BaseModel] | None:
+    """The model of a section (`server`, `models`, ...), or None for a key of its own."""
+    model = field.annotation
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _item_of(field: FieldInfo) -> type[BaseModel] | None:
+    """The model of a list's items or a mapping's values (hosts, load options), or None."""
+    return next(
+        (
+            arg
+            for arg in get_args(field.annotation)
+            if isinstance(arg, type) and issubclass(arg, BaseModel)
+        ),
+        None,
+    )
+
+
+def _rows(key: str, field: FieldInfo, env: str | None) -> list[Setting]:
+    """`key`'s row, then, for a list or mapping of models, one per key of an item (`*`)."""
+    metadata = field.metadata
+    default = (
+        None
+        if field.is_required()
+        else show_value(field.get_default(call_default_factory=True), _unit(metadata))
+    )
+    example = EXAMPLES.get(key, default)
+    assert example is not None, f"add an example for {key}, which has no default"
+    row = Setting(
+        key=key,
+        env=env,
+        type=type_name(field.annotation, metadata) + _bounds(field),
+        default=default,
+        example=example,
+        description=field.description or "",
+    )
+    item = _item_of(field)
+    return [row] if item is None else [row, *_settings_of(item, f"{key}.*", None)]
+
+
 def _settings_of(model: type[BaseModel], prefix: str, env: str | None) -> list[Setting]:
-    rows = []
-    for name, field in model.model_fields.items():
-        key = f"{prefix}.{name}"
-        metadata = field.metadata
-        default = field.get_default(call_default_factory=True)
-        rows.append(
-            Setting(
-                key=key,
-                env=f"{env}__{name.upper()}" if env is not None else None,
-                type=type_name(field.annotation, metadata) + _bounds(field),
-                default=show_value(default, _unit(metadata)),
-                example=EXAMPLES.get(key, show_value(default, _unit(metadata))),
-                description=field.description or "",
-            )
+    return [
+        row
+        for name, field in model.model_fields.items()
+        for row in _rows(
+            f"{prefix}.{name}", field, None if env is None else f"{env}__{name.upper()}"
         )
-        if get_args(field.annotation)[1:] == (LoadOptions,):
-            rows.extend(_settings_of(LoadOptions, f"{key}.*", None))
-    return rows
+    ]
+
+
+def _top_level(name: str, field: FieldInfo) -> list[Setting]:
+    """The rows of a key of `Settings`: a section's keys, or the key itself (`upstreams`)."""
+    env = f"{ENV_PREFIX}{name.upper()}"
+    section = _section_of(field)
+    return _rows(name, field, env) if section is None else _settings_of(section, name, env)
 
 
 def settings_reference() -> list[Setting]:
     """Every key of `Settings`, section by section, in declaration order."""
-    rows = []
-    for name, field in Settings.model_fields.items():
-        section_model = field.annotation
-        assert isinstance(section_model, type)
-        assert issubclass(section_model, BaseModel)
-        rows.extend(_settings_of(section_model, name, f"{ENV_PREFIX}{name.upper()}"))
-    return rows
+    return [row for name, field in Settings.model_fields.items() for row in _top_level(name, field)]
 
 
 def _cell(text: str) -> str:
@@ -310,24 +356,23 @@ _DESIGN_POINTER = re.compile(r"\s*\((?:DESIGN(?:\.md)?|docs/design\.md) §[^)]*\
 
 
 def config_reference() -> str:
-    """The configuration reference's Markdown: one table per section."""
+    """The configuration reference's Markdown: one table per section (or list of hosts)."""
     parts = []
     for name, field in Settings.model_fields.items():
-        section_model = field.annotation
-        assert isinstance(section_model, type)
-        # The section's docstring, less its pointers into the design notes.
-        about = _DESIGN_POINTER.sub("", (section_model.__doc__ or "").strip())
+        model = _section_of(field) or _item_of(field)
+        assert model is not None
+        # The section's (or list item's) docstring, less its pointers into the design notes.
+        about = _DESIGN_POINTER.sub("", (model.__doc__ or "").strip())
         parts.append(
             f"**`{name}`**: {about}\n\n"
             "| key, environment variable | type | default | example | meaning |\n"
             "| --- | --- | --- | --- | --- |\n"
         )
-        for row in settings_reference():
-            if not row.key.startswith(f"{name}."):
-                continue
+        for row in _top_level(name, field):
             env = f"<br>`{row.env}`" if row.env else ""
+            default = "required" if row.default is None else f"`{row.default}`"
             parts[-1] += (
-                f"| `{row.key}`{env} | {_cell(row.type)} | `{row.default}` | "
+                f"| `{row.key}`{env} | {_cell(row.type)} | {default} | "
                 f"`{_cell(row.example)}` | {_cell(row.description)} |\n"
             )
     return "\n".join(parts)

@@ -160,6 +160,12 @@ def test_check_config_reads_lmswitch_config(
         pytest.param("server:\n  prot: 8000\n", "server.prot", id="unknown-key"),
         pytest.param("server:\n  drain_timeout: soon\n", "server.drain_timeout", id="duration"),
         pytest.param("scheduler:\n  max_queue: -1\n", "scheduler.max_queue", id="negative"),
+        pytest.param(
+            "upstreams:\n  - {name: desk, base_url: 'http://a:1234'}\n"
+            "  - {name: desk, base_url: 'http://b:1234'}\n",
+            "upstreams.1.name: duplicate name 'desk'",
+            id="duplicate-host",
+        ),
     ],
 )
 @pytest.mark.parametrize("command", ["check-config", "serve"])

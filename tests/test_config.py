@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from proxy.config import ConfigError, LoadOptions, Settings, describe_settings, load_settings
+from proxy.config import (
+    ConfigError,
+    HostSettings,
+    LoadOptions,
+    Settings,
+    UpstreamHost,
+    describe_settings,
+    load_settings,
+)
 from proxy.units import ByteSize, Seconds
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+GiB = 2**30
 
 seconds = TypeAdapter(Seconds)
 byte_size = TypeAdapter(ByteSize)
@@ -41,6 +51,7 @@ def test_defaults_match_the_design() -> None:
     assert (s.server.header_timeout, s.server.max_connections) == (30, 1000)
     assert s.upstream.base_url == "http://127.0.0.1:1234"
     assert s.upstream.api_token is None
+    assert s.upstreams == ()
     assert (s.upstream.connect_timeout, s.upstream.read_timeout) == (5, 600)
     assert (s.upstream.load_timeout, s.upstream.poll_interval) == (300, 10)
     assert s.auth.api_keys == s.auth.admin_keys == ()
@@ -51,6 +62,7 @@ def test_defaults_match_the_design() -> None:
     assert s.models.memory_budget is None
     assert s.models.idle_ttl is None
     assert s.models.load_options == {}
+    assert s.models.replicas == {}
     assert (s.scheduler.max_queue, s.scheduler.queue_timeout, s.scheduler.swap_grace) == (
         256,
         300,
@@ -76,8 +88,24 @@ def test_shipped_config_yaml_documents_every_key() -> None:
     assert set(data) == set(Settings.model_fields)
     for section, value in data.items():
         model = Settings.model_fields[section].annotation
-        assert model is not None
-        assert set(value) == set(model.model_fields), section
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            assert set(value) == set(model.model_fields), section
+    assert data["upstreams"] == []  # its keys are in the commented-out example
+
+
+def test_shipped_config_yaml_example_pool_is_valid_and_shows_every_host_key(
+    tmp_path: Path,
+) -> None:
+    text = (REPO_ROOT / "config.yaml").read_text(encoding="utf-8")
+    commented = text[text.index("# upstreams:\n") :].splitlines()
+    lines = [line.removeprefix("# ") for line in commented[: commented.index("")]]
+    example = "\n".join(lines) + "\n"
+    hosts = yaml.safe_load(example)["upstreams"]
+    assert set().union(*hosts) == set(UpstreamHost.model_fields)
+    assert [host.name for host in load_settings(write(tmp_path, example)).hosts()] == [
+        "desk",
+        "gpu",
+    ]
 
 
 def test_no_file_means_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -293,6 +321,28 @@ def test_unknown_nested_key_is_an_error(tmp_path: Path) -> None:
             "server: 5",
             "server: input should be a valid dictionary or instance of ServerSettings (got 5)",
         ),
+        (
+            "upstreams: [{name: Desk!, base_url: 'http://a:1234'}]",
+            "upstreams.0.name: invalid name 'Desk!' (1 to 32 of a-z, 0-9, _ and -)",
+        ),
+        (
+            f"upstreams: [{{name: {'a' * 33}, base_url: 'http://a:1234'}}]",
+            f"upstreams.0.name: invalid name '{'a' * 33}' (1 to 32 of a-z, 0-9, _ and -)",
+        ),
+        (
+            "upstreams: [{name: desk, base_url: 'ftp://x'}]",
+            "upstreams.0.base_url: invalid URL 'ftp://x' (expected e.g. http://127.0.0.1:1234)",
+        ),
+        (
+            "upstreams: [{name: desk, base_url: 'http://a:1234', foo: 1}]",
+            "upstreams.0.foo: unknown key",
+        ),
+        (
+            "upstreams: [{name: desk, base_url: 'http://a:1234', max_loaded: -1}]",
+            "upstreams.0.max_loaded: must be >= 0",
+        ),
+        ("upstreams: [{name: desk}]", "upstreams.0.base_url: field required"),
+        ("models: {replicas: {q: 0}}", "models.replicas.q: must be >= 1"),
     ],
 )
 def test_invalid_value_names_the_key(tmp_path: Path, text: str, message: str) -> None:
@@ -311,12 +361,18 @@ def test_every_problem_is_reported_one_per_line(tmp_path: Path) -> None:
 
 
 def test_invalid_secret_is_not_echoed(tmp_path: Path) -> None:
-    path = write(tmp_path, "upstream: {api_token: [hunter2]}\nauth: {api_keys: [[sk-hidden]]}\n")
+    path = write(
+        tmp_path,
+        "upstream: {api_token: [hunter2]}\nauth: {api_keys: [[sk-hidden]]}\n"
+        "upstreams: [{name: desk, base_url: 'http://a:1234', api_token: [lm-hidden]}]\n",
+    )
     message = config_error(path)
     assert "upstream.api_token" in message
     assert "auth.api_keys.0" in message
+    assert "upstreams.0.api_token" in message
     assert "hunter2" not in message
     assert "sk-hidden" not in message
+    assert "lm-hidden" not in message
 
 
 def test_yaml_syntax_error_is_a_config_error(tmp_path: Path) -> None:
@@ -457,6 +513,124 @@ def test_settings_without_load_settings_read_env_but_no_file(
     s = Settings()
     assert s.server.port == 8000
     assert s.logging.level == "warning"
+
+
+# --- a pool of hosts --------------------------------------------------------------------------
+
+
+def test_without_upstreams_upstream_is_one_host_named_default() -> None:
+    assert Settings().hosts() == (
+        HostSettings(
+            name="default",
+            base_url="http://127.0.0.1:1234",
+            api_token=None,
+            max_loaded=1,
+            memory_budget=None,
+        ),
+    )
+    s = load_settings(
+        upstream={"base_url": "http://10.0.0.5:1234/", "api_token": "tok"},
+        models={"max_loaded": 2, "memory_budget": "8GiB"},
+    )
+    assert s.hosts() == (HostSettings("default", "http://10.0.0.5:1234", "tok", 2, 8 * GiB),)
+
+
+TWO_HOSTS = """
+upstream: {base_url: "http://ignored:1234", read_timeout: 1m}
+upstreams:
+  - name: desk
+    base_url: http://127.0.0.1:1234/
+    max_loaded: 0
+    memory_budget: 8GiB
+  - name: gpu-box_2
+    base_url: http://192.168.1.20:1234
+    api_token: lm-token
+models: {max_loaded: 3, memory_budget: 20GiB}
+"""
+
+
+def test_upstreams_are_the_hosts_with_the_models_limits_as_fallback(tmp_path: Path) -> None:
+    s = load_settings(write(tmp_path, TWO_HOSTS))
+    assert s.hosts() == (
+        HostSettings("desk", "http://127.0.0.1:1234", None, 0, 8 * GiB),
+        HostSettings("gpu-box_2", "http://192.168.1.20:1234", "lm-token", 3, 20 * GiB),
+    )
+    assert s.upstream.read_timeout == 60  # every host's
+
+
+def test_upstreams_round_trip_through_describe_settings(tmp_path: Path) -> None:
+    s = load_settings(write(tmp_path, TWO_HOSTS.replace("api_token: lm-token", "")))
+    text = describe_settings(s)
+    assert yaml.safe_load(text)["upstreams"][0] == {
+        "name": "desk",
+        "base_url": "http://127.0.0.1:1234",
+        "api_token": None,
+        "max_loaded": 0,
+        "memory_budget": 8 * GiB,
+    }
+    assert load_settings(write(tmp_path, text, "described.yaml")) == s
+
+
+def test_describe_settings_masks_host_tokens(tmp_path: Path) -> None:
+    text = describe_settings(load_settings(write(tmp_path, TWO_HOSTS)))
+    assert "lm-token" not in text
+    assert yaml.safe_load(text)["upstreams"][1]["api_token"] == "********"
+
+
+def test_lmswitch_upstreams_takes_the_list_as_json(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hosts = [{"name": "env", "base_url": "http://10.0.0.7:1234", "memory_budget": "4GiB"}]
+    monkeypatch.setenv("LMSWITCH_UPSTREAMS", json.dumps(hosts))
+    s = load_settings(write(tmp_path, TWO_HOSTS))  # the variable replaces the file's list
+    assert s.hosts() == (HostSettings("env", "http://10.0.0.7:1234", None, 3, 4 * GiB),)
+    monkeypatch.setenv("LMSWITCH_UPSTREAMS", "null")
+    assert [host.name for host in load_settings().hosts()] == ["default"]
+
+
+def test_lmswitch_upstreams_that_is_not_json_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("LMSWITCH_UPSTREAMS", "name=desk,api_token=lm-plain")
+    message = config_error()
+    assert message.startswith("environment: ")
+    assert "lm-plain" not in message
+
+
+def test_duplicate_host_names_are_an_error_naming_each_repeat(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+upstreams:
+  - {name: desk, base_url: "http://a:1234"}
+  - {name: desk, base_url: "http://b:1234"}
+  - {name: gpu, base_url: "http://c:1234"}
+  - {name: desk, base_url: "http://d:1234"}
+""",
+    )
+    assert config_error(path).splitlines() == [
+        "upstreams.1.name: duplicate name 'desk'",
+        "upstreams.3.name: duplicate name 'desk'",
+    ]
+
+
+def test_two_names_for_one_url_are_allowed() -> None:
+    s = load_settings(
+        upstreams=[
+            {"name": "a", "base_url": "http://h:1234"},
+            {"name": "b", "base_url": "http://h:1234/"},
+        ]
+    )
+    assert [(host.name, host.base_url) for host in s.hosts()] == [
+        ("a", "http://h:1234"),
+        ("b", "http://h:1234"),
+    ]
+
+
+def test_replicas_default_to_one(tmp_path: Path) -> None:
+    models = load_settings(write(tmp_path, "models:\n  replicas:\n    qwen: 2\n")).models
+    assert (models.replicas_of("qwen"), models.replicas_of("other")) == (2, 1)
+    assert load_settings(write(tmp_path, "models:\n  replicas:\n")).models.replicas == {}
 
 
 # --- describe_settings ------------------------------------------------------------------------

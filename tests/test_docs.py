@@ -26,6 +26,8 @@ from proxy.emulator import Emulator
 from tests import doc_capture
 from tests.gen_docs import (
     DOCS,
+    EXAMPLES,
+    PER_HOST,
     PER_MODEL,
     PROMQL,
     REGENERATE,
@@ -91,7 +93,12 @@ def test_every_setting_is_described(setting: Setting) -> None:
 
 
 def _yaml_for(key: str, example: str) -> str:
-    """`key` (dotted; `*` a model key) set to the example text, as config.yaml would hold it."""
+    """`key` (dotted; `*` a model key or a host's place) set to the example text, as config.yaml
+    would hold it; a host's key in the first host of the `upstreams` example."""
+    if key.startswith(PER_HOST):
+        first, *_ = yaml.safe_load(EXAMPLES["upstreams"])
+        host = first | {key.removeprefix(f"{PER_HOST}."): yaml.safe_load(example)}
+        return yaml.safe_dump({"upstreams": [host]})
     *parents, leaf = key.replace("*", "some-model").split(".")
     lines = [f"{'  ' * depth}{name}:" for depth, name in enumerate(parents)]
     return "\n".join([*lines, f"{'  ' * len(parents)}{leaf}: {example}"]) + "\n"
@@ -112,8 +119,8 @@ def test_config_example_works_in_the_file_and_the_environment(
     config.write_text(_yaml_for(setting.key, setting.example))
     from_file = load_settings(config)
     assert from_file != Settings()
-    if setting.key.startswith(PER_MODEL):
-        assert setting.env is None  # set the whole mapping, as JSON, instead
+    if setting.key.startswith((PER_MODEL, PER_HOST)):
+        assert setting.env is None  # set the whole mapping or list, as JSON, instead
         return
     assert setting.env is not None
     monkeypatch.setenv(setting.env, _env_text(yaml.safe_load(setting.example)))
