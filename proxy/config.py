@@ -265,17 +265,6 @@ class ModelsSettings(_Section):
         """How many hosts may hold the model `key` loaded at once."""
         return self.replicas.get(key, 1)
 
-    def replicas_of(self, key: str) -> int:  # TEMP
-        return 1
-
-
-class HostSettings(BaseModel):  # TEMP until the config branch lands
-    name: str
-    base_url: str
-    api_token: str | None
-    max_loaded: int
-    memory_budget: int | None
-
 
 class SchedulerSettings(_Section):
     """Queueing limits and fair swapping (docs/design.md §2.4)."""
@@ -356,18 +345,6 @@ class Settings(BaseSettings):
     models: ModelsSettings = Field(default_factory=ModelsSettings)
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
-
-    def hosts(self) -> tuple[HostSettings, ...]:  # TEMP
-        token = self.upstream.api_token.get_secret_value() if self.upstream.api_token else None
-        return (
-            HostSettings(
-                name="default",
-                base_url=self.upstream.base_url,
-                api_token=token,
-                max_loaded=self.models.max_loaded,
-                memory_budget=self.models.memory_budget,
-            ),
-        )
 
     @classmethod
     def settings_customise_sources(
