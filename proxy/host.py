@@ -197,8 +197,10 @@ class Host:
     def place_view(self, key: str) -> HostView:
         """This host as placement weighs it for `key` (`proxy.placement`)."""
         info = self._upstream.catalog.get(key)
+        model = self._scheduler.models.get(key)
+        has = info is not None or (model is not None and model.instances > 0)  # or holds it
         return self._scheduler.place_view(
-            key, self.name, up=self.up, has=info is not None, size=info.size_bytes if info else 0
+            key, self.name, up=self.up, has=has, size=info.size_bytes if info else 0
         )
 
     def readiness(self) -> str | None:

@@ -19,7 +19,12 @@ from anyio.abc import TaskStatus
 
 from proxy import names
 from proxy.config import Settings
-from proxy.errors import BadRequestError, ProxyError, UpstreamUnavailableError
+from proxy.errors import (
+    BadRequestError,
+    ModelNotFoundError,
+    ProxyError,
+    UpstreamUnavailableError,
+)
 from proxy.events import EventBus
 from proxy.host import Answer, Host
 from proxy.leases import ClientGone, Lease
@@ -173,8 +178,10 @@ class ModelManager:
     def _placement(self, key: str, avoid: Sequence[str] = ()) -> Host:
         placement = self._place(key, avoid)
         if placement is None:
-            # No host has it (any more): the first one's queue answers, as one host would.
-            return next(h for h in self.hosts.values() if h.name not in avoid)
+            # No host that is up has it, nor holds it ready: the queue of one that has it
+            # (down: it says why) or else of the first answers, as one host would.
+            hosts = [h for h in self.hosts.values() if h.name not in avoid]
+            return next((h for h in hosts if key in h.catalog), hosts[0])
         if placement.replica is not None:
             self.hosts[placement.replica].warm(key)
         return self.hosts[placement.host]
@@ -193,8 +200,10 @@ class ModelManager:
         *,
         disconnected: Callable[[], Awaitable[None]] | None = None,
         since: float | None = None,
+        placed: Callable[[str], None] | None = None,
     ) -> Lease:
-        """Wait until `key` is loaded on a host and return a lease on it there.
+        """Wait until `key` is loaded on a host and return a lease on it there; `placed` hears
+        the name of each host the request is placed on.
 
         A request that acquires again (it is retried) passes `since`, its first lease's
         `arrived`: its queue budget counts from then, not anew. A request whose host went down
@@ -206,6 +215,8 @@ class ModelManager:
         avoid: list[str] = []
         while True:
             host = self._placement(key, avoid)
+            if placed is not None:
+                placed(host.name)
             try:
                 return await host.acquire(key, disconnected=disconnected, since=arrived)
             except UpstreamUnavailableError as exc:
@@ -244,7 +255,12 @@ class ModelManager:
     ) -> bool:
         """Load `key` by policy on `upstream`, or where placement puts it (evicting as a
         request would); False if it was loaded there already."""
-        host = self.host(upstream) if upstream is not None else self._placement(key)
+        if upstream is None:
+            host = self._placement(key)
+        elif key not in (host := self.host(upstream)).catalog:
+            raise ModelNotFoundError(
+                f"upstream {upstream!r} does not have model {key!r}", param="upstream"
+            )
         return await host.load(key, context_length=context_length, disconnected=disconnected)
 
     async def unload(self, key: str, *, upstream: str | None = None) -> bool:
