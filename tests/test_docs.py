@@ -396,3 +396,13 @@ def test_relative_links_lead_to_files_and_headings_that_exist(path: Path) -> Non
     """Every relative link in the README and docs/ names a file in the repository, and one of
     its headings when it names an anchor."""
     assert broken_links(path, path.read_text(encoding="utf-8")) == []
+
+
+def test_every_yaml_block_of_the_readme_is_a_valid_config(tmp_path: Path) -> None:
+    """A user copies the README's configuration examples as they are: each must load."""
+    blocks = re.findall(r"```yaml\n(.*?)```", readme(), re.DOTALL)
+    assert len(blocks) >= 2  # the minimal config and the pool's
+    for n, block in enumerate(blocks):
+        config = tmp_path / f"example-{n}.yaml"
+        config.write_text(block, encoding="utf-8")
+        load_settings(config)
