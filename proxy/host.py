@@ -163,14 +163,14 @@ class Host:
     def catalog_known(self) -> bool:
         return self._upstream.catalog_known
 
-    def worth_reading(self) -> bool:
-        """An unknown name is worth a listing here: its models were never read, or were read
-        fine more than `_CATALOG_REFRESH_S` ago (while its listings fail, they are not asked
-        for again on a client's say-so)."""
+    def worth_reading(self, *, alone: bool) -> bool:
+        """An unknown name is worth a listing here: its models were read fine more than
+        `_CATALOG_REFRESH_S` ago, or were never read (while its listings fail, only when no
+        other host's models are known, `alone`: else its probes see to it)."""
         upstream = self._upstream
-        return not upstream.catalog_known or (
-            upstream.current and self._clock() - upstream.last_refresh >= _CATALOG_REFRESH_S
-        )
+        if not upstream.catalog_known:
+            return alone or upstream.last_error is None
+        return upstream.current and self._clock() - upstream.last_refresh >= _CATALOG_REFRESH_S
 
     def require_catalog(self) -> None:
         self._upstream.require_catalog()

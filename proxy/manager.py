@@ -117,9 +117,10 @@ class ModelManager:
 
     async def _refresh_for_unknown(self) -> bool:
         """Read the hosts' models again for an unknown name, each at most once a second and
-        not while its listings fail; True if any was read. With no host's models known, the
-        first host's reason is raised."""
-        stale = [host for host in self.hosts.values() if host.worth_reading()]
+        not while its listings fail (unless no host's models are known); True if any was read.
+        With no host's models known, the first host's reason is raised."""
+        alone = not any(host.catalog_known for host in self.hosts.values())
+        stale = [host for host in self.hosts.values() if host.worth_reading(alone=alone)]
         if not stale:
             return False
         await self._each(stale, Host.refresh)
@@ -132,8 +133,8 @@ class ModelManager:
 
     async def routable(self) -> list[tuple[str, str]]:
         """Every name a client may use, with its model key: the catalogue, then aliases."""
-        if unknown := [host for host in self.hosts.values() if not host.catalog_known]:
-            await self._each(unknown, Host.refresh)
+        if not any(host.catalog_known for host in self.hosts.values()):
+            await self._each(list(self.hosts.values()), Host.refresh)
             self._require_catalog()
         return names.routable(self.catalog, self._settings.models.aliases)
 
