@@ -163,8 +163,8 @@ def fits_table(hosts: Sequence[DemoHost], sizes: Mapping[str, int]) -> str:
     header = "".join(f"{host.name:<{width}}" for host, width in zip(hosts, columns, strict=True))
     lines += [
         "",
-        "Which model fits where (yes: downloaded there, fits in its memory; no: downloaded,",
-        "too big; -: not downloaded there):",
+        "Which model fits where (yes: downloaded there and fits in its memory alone;",
+        "no: downloaded there but too big; -: not downloaded there):",
         f"  {'model':<{model_width}}  {'size':>8}  {header}".rstrip(),
     ]
     for model, size in sizes.items():
