@@ -19,7 +19,7 @@ import uvicorn
 from proxy import __version__
 from proxy.app import create_app
 from proxy.config import ConfigError, Settings, describe_settings, load_settings
-from proxy.demo import CannotListenError, run_demo
+from proxy.demo import MAX_DEMO_HOSTS, CannotListenError, run_demo
 from proxy.events import EventBus
 from proxy.server import Server, configure_logging, uvicorn_config
 
@@ -33,6 +33,13 @@ def _port(text: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{port} is not a port (0 to 65535)")
     return port
+
+
+def _demo_hosts(text: str) -> int:
+    hosts = int(text)  # argparse turns the ValueError into a usage error
+    if not 1 <= hosts <= MAX_DEMO_HOSTS:
+        raise argparse.ArgumentTypeError(f"{hosts} is out of range (1 to {MAX_DEMO_HOSTS})")
+    return hosts
 
 
 def _concurrencies(text: str) -> tuple[int, ...]:
@@ -60,6 +67,13 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the proxy and the LM Studio emulator, together")
     demo.add_argument("--port", type=_port, default=8000, help="the proxy's port (default 8000)")
     demo.add_argument("--load-delay", type=float, default=2.0, metavar="S")
+    demo.add_argument(
+        "--hosts",
+        type=_demo_hosts,
+        default=1,
+        metavar="N",
+        help=f"N emulated LM Studio hosts of different sizes (1 to {MAX_DEMO_HOSTS}; default 1)",
+    )
 
     emulator = commands.add_parser("emulator", help="the LM Studio emulator alone")
     emulator.add_argument("--host", default="127.0.0.1")
@@ -185,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "check-config":
             print(describe_settings(load_settings(args.path)), end="")  # noqa: T201 - its output
         elif args.command == "demo":
-            anyio.run(partial(run_demo, args.port, args.load_delay))
+            anyio.run(partial(run_demo, args.port, args.load_delay, hosts=args.hosts))
         elif args.command == "bench":
             from proxy.bench import runner  # not imported by `serve`
 

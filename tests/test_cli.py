@@ -30,12 +30,24 @@ from proxy import __version__
 from proxy.access import AccessLine
 from proxy.cli import EXIT_CANNOT_LISTEN, EXIT_USAGE, build_emulator_server, build_server, main
 from proxy.config import MASK, ConfigError
-from proxy.demo import Demo, run_demo, wait_until_ready
+from proxy.demo import (
+    DEMO_HOSTS,
+    GIB,
+    MAX_DEMO_HOSTS,
+    Demo,
+    DemoHost,
+    fits_table,
+    run_demo,
+    wait_until_ready,
+)
 from proxy.server import Server, _JsonFormatter, free_port, handling_signals
 from tests.helpers import serve
 
 QWEN = "qwen2.5-7b-instruct"
 LLAMA = "llama-3.2-1b-instruct"
+QWEN_14B = "qwen2.5-14b-instruct"  # on both hosts of `demo --hosts 2`, fits only the desk's memory
+GEMMA = "google/gemma-3-4b"  # only on the laptop
+GPT_OSS = "openai/gpt-oss-20b"  # only on the desk
 MESSAGES: list[Any] = [{"role": "user", "content": "Hi"}]
 CHAT = {"model": "gpt-4o-mini", "messages": MESSAGES}
 ROOT = Path(__file__).resolve().parent.parent
@@ -199,6 +211,17 @@ def test_bad_port_is_a_usage_error(
         main([command, "--port", port])
     assert exc_info.value.code == EXIT_USAGE
     assert "--port" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("hosts", ["0", "-1", str(MAX_DEMO_HOSTS + 1), "two"])
+def test_bad_demo_hosts_is_a_usage_error(capsys: pytest.CaptureFixture[str], hosts: str) -> None:
+    with pytest.raises(SystemExit) as exc_info:
+        main(["demo", "--hosts", hosts])
+    assert exc_info.value.code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "argument --hosts" in err
+    if hosts != "two":
+        assert f"{hosts} is out of range (1 to {MAX_DEMO_HOSTS})" in err
 
 
 # --- serve ------------------------------------------------------------------------------------
@@ -425,6 +448,90 @@ async def test_demo_swaps_models(capsys: pytest.CaptureFixture[str]) -> None:
     assert LLAMA in demo.models
 
 
+def fits_rows(out: str) -> dict[str, dict[str, str]]:
+    """The "which model fits where" table of a demo's greeting: per model, per host, its cell."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:2] == ["model", "size"])
+    hosts = lines[start].split()[2:]
+    rows: dict[str, dict[str, str]] = {}
+    for line in lines[start + 1 :]:
+        if not line.strip():
+            break
+        model, _size, _unit, *cells = line.split()
+        rows[model] = dict(zip(hosts, cells, strict=True))
+    return rows
+
+
+async def test_demo_with_hosts_places_models(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--hosts 2`: two emulators of different sizes and catalogues, one proxy placing on them."""
+    async with anyio.create_task_group() as tg:
+        demo: Demo = await tg.start(partial(run_demo, 0, 0.05, hosts=2))
+        try:
+            async with httpx2.AsyncClient(base_url=demo.proxy_url, timeout=10) as http:
+                answered: dict[str, str] = {}
+
+                async def ask(model: str) -> None:
+                    body = {"model": model, "messages": MESSAGES}
+                    response = await http.post("/v1/chat/completions", json=body)
+                    assert response.status_code == 200
+                    answered[model] = response.headers["x-lmswitch-upstream"]
+
+                with anyio.fail_after(10):
+                    async with anyio.create_task_group() as asking:  # at once: replies are slow
+                        for model in (GPT_OSS, GEMMA, QWEN_14B):
+                            asking.start_soon(ask, model)
+                    rows = {row["name"]: row for row in (await status(http))["upstreams"]}
+        finally:
+            demo.stop()
+    assert [(h.name, h.memory_bytes) for h in demo.hosts] == [
+        ("desk", 24 * GIB),
+        ("laptop", 8 * GIB),
+    ]
+    # Each to the one host that has it; qwen2.5-14b to the one of its two it fits.
+    assert answered == {GPT_OSS: "desk", GEMMA: "laptop", QWEN_14B: "desk"}
+    assert rows["desk"]["url"] == demo.hosts[0].url
+    assert rows["desk"]["memory_budget"] == 24 * GIB
+    assert rows["laptop"]["memory_budget"] == 8 * GIB
+    assert set(rows["desk"]["loaded"]) == {GPT_OSS, QWEN_14B}
+    assert rows["laptop"]["loaded"] == [GEMMA]
+    out = capsys.readouterr().out
+    assert "in front of 2 LM Studio emulators" in out
+    assert all(f"  {h.name:<6}  {h.url}" in out for h in demo.hosts)
+    assert fits_rows(out) == {
+        model: {
+            "desk": "-" if model == GEMMA else "yes",
+            "laptop": "-" if model == GPT_OSS else "no" if model == QWEN_14B else "yes",
+        }
+        for model in demo.models
+    }
+    assert f'"model": "{GPT_OSS}"' in out  # asked of the one host that has it
+    assert f'"model": "{GEMMA}"' in out
+    assert "Press Ctrl+C to stop." in out
+
+
+def test_fits_table_fits_80_columns() -> None:
+    """Every host the demo can run, every model on each: the table stays within 80 columns."""
+    sizes = {"text-embedding-nomic-embed-text-v1.5": 84_106_624, GPT_OSS: 12_109_566_560}
+    url = "http://127.0.0.1:65535"
+    hosts = [
+        DemoHost(spec.name, url, spec.memory_gib and spec.memory_gib * GIB, tuple(sizes))
+        for spec in DEMO_HOSTS
+    ]
+    table = fits_table(hosts, sizes)
+    assert max(len(line) for line in table.splitlines()) <= 80
+    assert fits_rows(table)[GPT_OSS] == {
+        "desk": "yes",
+        "laptop": "no",
+        "tower": "yes",
+        "mini": "yes",
+    }
+
+
+async def test_demo_refuses_a_bad_number_of_hosts() -> None:
+    with pytest.raises(ValueError, match="hosts must be 1 to"):
+        await run_demo(0, hosts=MAX_DEMO_HOSTS + 1)
+
+
 async def test_demo_greets_even_if_not_ready(capsys: pytest.CaptureFixture[str]) -> None:
     async with anyio.create_task_group() as tg:
         demo: Demo = await tg.start(partial(run_demo, 0, 0, ready_timeout_s=0))
@@ -500,6 +607,43 @@ async def test_demo_process(tmp_path: Path) -> None:
         assert response.status_code == 200
         assert response.json()["model"] == QWEN  # gpt-4o-mini is an alias
         process.send_signal(signal.SIGINT)
+        with anyio.fail_after(10):
+            code = await process.wait()
+    assert code == 0, (tmp_path / "stderr.txt").read_text()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no SIGINT/SIGTERM to one child on Windows")
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+async def test_demo_hosts_process(tmp_path: Path, signum: signal.Signals) -> None:
+    """`lmswitch demo --hosts 2` prints which model fits where, places a model on the one host
+    that has it, and exits 0 on Ctrl+C or SIGTERM."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    args = ["demo", "--hosts", "2", "--port", str(port), "--load-delay", "0"]
+    async with child(args, tmp_path / "stderr.txt") as process:
+        assert process.stdout is not None
+        with anyio.fail_after(15):
+            greeting = await BufferedByteReceiveStream(process.stdout).receive_until(
+                b"Press Ctrl+C to stop.", max_bytes=2**16
+            )
+        out = greeting.decode()
+        assert f"the proxy at {base}/v1, in front of 2 LM Studio emulators" in out
+        hosts = [line.split() for line in out.splitlines() if "GiB" in line and "://" in line]
+        assert [(h[0], h[2:]) for h in hosts] == [("desk", ["24", "GiB"]), ("laptop", ["8", "GiB"])]
+        rows = fits_rows(out)
+        assert rows[QWEN_14B] == {"desk": "yes", "laptop": "no"}  # fits only the bigger host
+        assert rows[GEMMA] == {"desk": "-", "laptop": "yes"}
+        async with httpx2.AsyncClient(base_url=base, timeout=10) as http:
+            with anyio.fail_after(10):
+                chat = {"model": GEMMA, "messages": MESSAGES}
+                response = await http.post("/v1/chat/completions", json=chat)
+                upstreams = (await status(http))["upstreams"]
+        assert response.status_code == 200
+        assert response.json()["model"] == GEMMA
+        assert response.headers["x-lmswitch-upstream"] == "laptop"
+        assert [row["name"] for row in upstreams] == ["desk", "laptop"]
+        assert all(row["up"] for row in upstreams)
+        process.send_signal(signum)
         with anyio.fail_after(10):
             code = await process.wait()
     assert code == 0, (tmp_path / "stderr.txt").read_text()
