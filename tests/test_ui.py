@@ -2,7 +2,8 @@
 
 Debian's `chromium` package is used as it is (Playwright's own browser builds are never
 downloaded); the tests skip when /usr/bin/chromium is missing. Each test runs the emulator and
-the proxy over loopback and looks at the page the way a person would: by roles and labels.
+the proxy over loopback and looks at the page the way a person would: by roles and labels. The
+pool's tests run two emulators, `desk` and `mac`, behind one proxy.
 """
 
 from __future__ import annotations
@@ -13,14 +14,25 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
-from playwright.async_api import ConsoleMessage, Error, Locator, Page, async_playwright, expect
+from anyio.abc import TaskStatus
+from playwright.async_api import (
+    ConsoleMessage,
+    Error,
+    Locator,
+    Page,
+    Request,
+    async_playwright,
+    expect,
+)
+from starlette.types import ASGIApp
 
 from proxy.app import create_app
 from proxy.emulator import Emulator
-from tests.helpers import LLAMA, QWEN, Proxy, running, serve, settings_for
+from tests.helpers import LLAMA, MESSAGES, QWEN, Proxy, proxy_for, running, serve, settings_for
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -52,6 +64,12 @@ class Browser:
     proxy_url: str
     errors: list[str] = field(default_factory=list)
     requests: list[str] = field(default_factory=list)
+    loads: list[Any] = field(default_factory=list)  # the bodies the page posted to load models
+
+    def on_request(self, request: Request) -> None:
+        self.requests.append(request.url)
+        if request.method == "POST" and request.url.endswith("/api/v1/models/load"):
+            self.loads.append(request.post_data_json)
 
     def on_console(self, message: ConsoleMessage) -> None:
         if message.type == "error":
@@ -85,6 +103,13 @@ class Browser:
     def state_of(self, model: str) -> Locator:
         return self.row(model).locator(".badge")
 
+    def host(self, name: str) -> Locator:
+        """A host's card in the hosts section."""
+        return self.page.locator(f'#hosts li[data-host="{name}"]')
+
+    def memory_bar(self, name: str) -> Locator:
+        return self.page.get_by_role("meter", name=f"Memory used on {name} against its budget")
+
     async def horizontal_overflow(self) -> int:
         overflow = await self.page.evaluate(
             "document.documentElement.scrollWidth - document.documentElement.clientWidth"
@@ -109,7 +134,7 @@ async def browse(
             seen = Browser(page, proxy if isinstance(proxy, str) else proxy.url)
             page.on("console", seen.on_console)
             page.on("pageerror", seen.on_page_error)
-            page.on("request", lambda request: seen.requests.append(request.url))
+            page.on("request", seen.on_request)
             yield seen
         finally:
             await browser.close()
@@ -148,6 +173,12 @@ async def test_page_loads_lists_models_and_uses_only_the_proxy() -> None:
         await expect(ui.row(QWEN).locator("td").nth(1)).to_have_text("4.68 GB")
         await expect(ui.state_of(QWEN)).to_have_text("not loaded")
         await expect(page.get_by_role("switch", name=f"Pin {QWEN}")).not_to_be_checked()
+        # One host: its line in the hosts section, and no pool controls anywhere.
+        await expect(page.locator("#hosts li")).to_have_count(1)
+        await expect(page.get_by_role("heading", name="Host", exact=True)).to_be_visible()
+        await expect(ui.host("default")).to_contain_text("up")
+        await expect(ui.host("default").locator(".memory-text")).to_have_text("0 GB of 21.5 GB")
+        await expect(page.get_by_role("combobox")).to_have_count(1)  # the model picker alone
         assert ui.errors == []
         outside = [url for url in ui.requests if not url.startswith((proxy.url, "data:"))]
         assert outside == []
@@ -395,3 +426,192 @@ async def test_live_updates_reconnect_when_the_stream_ends() -> None:
                 await expect(ui.page.locator("#loaded")).to_have_text(QWEN)
                 await expect(ui.state_of(QWEN)).to_have_text("loaded")
             assert ui.unexpected_errors(refused=True) == []
+
+
+async def test_one_host_page_has_no_pool_controls() -> None:
+    """With one host: no host picker, no host tags, and no bar against a budget there is not."""
+    emulator = Emulator()
+    async with running(emulator) as proxy, browse(proxy) as ui:
+        await ui.open()
+        page = ui.page
+        await expect(page.locator("#live")).to_have_text("connected")
+        host = ui.host("default")
+        await expect(host.locator(".memory-text")).to_have_text("0 GB used, no budget")
+        await expect(ui.memory_bar("default")).to_be_hidden()
+        await expect(host.locator(".models")).to_have_text("none loaded")
+        reply = await proxy.http.post(
+            "/v1/chat/completions", json={"model": QWEN, "messages": MESSAGES}
+        )
+        assert reply.status_code == 200, reply.text
+        await expect(host.locator(".models .tag")).to_have_text([QWEN])
+        await expect(host.locator(".memory-text")).to_have_text("4.68 GB used, no budget")
+        await expect(ui.state_of(QWEN)).to_have_text("loaded")
+        request = page.locator("#requests li").first
+        await expect(request).to_contain_text(QWEN)
+        await expect(request).to_contain_text("200")
+        await expect(request.locator(".answered")).to_be_hidden()  # only one host could answer
+        await expect(page.get_by_role("combobox")).to_have_count(1)
+        await expect(ui.row(QWEN).locator(".holders")).to_be_hidden()
+        await expect(page.locator("#upstream")).to_have_text("LM Studio reachable")
+        assert ui.errors == []
+
+
+# --- a pool of two hosts ---------------------------------------------------------------------
+
+DESK_BUDGET = "20GiB"  # 21.5 GB
+MAC_BUDGET = "8GiB"  # 8.59 GB
+
+
+async def _serve_until(
+    app: ASGIApp, stop: anyio.Event, *, task_status: TaskStatus[str] = anyio.TASK_STATUS_IGNORED
+) -> None:
+    """Serve `app` in a task of its own until `stop` is set: a host a test can take down."""
+    async with serve(app) as url:
+        task_status.started(url)
+        await stop.wait()
+
+
+@dataclass
+class Pool:
+    proxy: Proxy
+    desk: Emulator
+    mac: Emulator
+    stop_mac: anyio.Event
+
+
+@asynccontextmanager
+async def pool() -> AsyncIterator[Pool]:
+    """Two emulated LM Studio hosts of different memory behind one proxy, which looks at them
+    every 0.2 s; `stop_mac` takes the `mac` host down."""
+    desk = Emulator(memory_bytes=32_000_000_000)
+    mac = Emulator(memory_bytes=9_000_000_000)
+    stop_mac = anyio.Event()
+    async with serve(desk.app) as desk_url, anyio.create_task_group() as tg:
+        mac_url = await tg.start(_serve_until, mac.app, stop_mac)
+        upstreams = [
+            {"name": "desk", "base_url": desk_url, "memory_budget": DESK_BUDGET, "max_loaded": 2},
+            {"name": "mac", "base_url": mac_url, "memory_budget": MAC_BUDGET},
+        ]
+        try:
+            async with proxy_for(
+                desk_url, upstream={"poll_interval": "0.2s"}, upstreams=upstreams
+            ) as proxy:
+                await proxy.wait_ready()
+                yield Pool(proxy, desk, mac, stop_mac)
+        finally:
+            stop_mac.set()
+
+
+def hosts_of(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {row["name"]: row for row in status["upstreams"]}
+
+
+async def test_pool_page_shows_each_host_with_its_memory_and_models(tmp_path: Path) -> None:
+    async with pool() as hosts, browse(hosts.proxy) as ui:
+        proxy = hosts.proxy
+        await ui.open()
+        page = ui.page
+        await expect(page.locator("#live")).to_have_text("connected")
+        await expect(page.get_by_role("heading", name="Hosts", exact=True)).to_be_visible()
+        await expect(page.locator("#hosts li")).to_have_count(2)
+        await expect(page.locator("#upstream-label")).to_have_text("Hosts")
+        await expect(page.locator("#upstream")).to_have_text("2 of 2 up")
+        await expect(page.locator("#memory")).to_have_text("0 GB of 30.1 GB")
+        status = hosts_of(await proxy.status())
+        for name, budget in (("desk", "21.5 GB"), ("mac", "8.59 GB")):
+            card = ui.host(name)
+            await expect(card.get_by_role("heading", name=name)).to_be_visible()
+            await expect(card.locator(".pill")).to_have_text("up")
+            await expect(card.locator(".host-url")).to_have_text(status[name]["url"])
+            await expect(card.locator(".memory-text")).to_have_text(f"0 GB of {budget}")
+            await expect(ui.memory_bar(name)).to_be_visible()
+            await expect(ui.memory_bar(name)).to_have_js_property("value", 0)
+            await expect(card.locator(".models")).to_have_text("none loaded")
+        await expect(ui.host("desk").locator(".instances")).to_have_text("0 of 2")
+        await expect(ui.host("mac").locator(".instances")).to_have_text("0 of 1")
+
+        # A request for a model: the host that answered lists it, and its bar grows.
+        reply = await proxy.http.post(
+            "/v1/chat/completions", json={"model": QWEN, "messages": MESSAGES}
+        )
+        assert reply.status_code == 200, reply.text
+        answered = reply.headers["x-lmswitch-upstream"]
+        other = "mac" if answered == "desk" else "desk"
+        status = hosts_of(await proxy.status())
+        assert status[answered]["loaded"] == [QWEN]
+        used = status[answered]["bytes_used"]
+        assert used > 0
+        card = ui.host(answered)
+        await expect(card.locator(".models .tag")).to_have_text([QWEN])
+        await expect(ui.memory_bar(answered)).to_have_js_property("value", used)
+        await expect(card.locator(".memory-text")).to_contain_text("4.68 GB of")
+        await expect(card.locator(".instances")).to_contain_text("1 of")
+        await expect(ui.host(other).locator(".models")).to_have_text("none loaded")
+        await expect(ui.memory_bar(other)).to_have_js_property("value", 0)
+        # The model's row names the host holding it; the request names the host that answered.
+        await expect(ui.row(QWEN).locator(".holders .tag")).to_have_text([answered])
+        await expect(ui.state_of(QWEN)).to_have_text("loaded")
+        request = page.locator("#requests li").first
+        await expect(request).to_contain_text(QWEN)
+        await expect(request).to_have_attribute("data-upstream", answered)
+        await expect(request.locator(".answered")).to_have_text(f"answered by {answered}")
+
+        await page.screenshot(path=tmp_path / "pool-1280.png", full_page=True)
+        await page.set_viewport_size({"width": 400, "height": 800})
+        await expect(ui.memory_bar(answered)).to_be_visible()
+        assert await ui.horizontal_overflow() <= 0
+        await page.screenshot(path=tmp_path / "pool-400.png", full_page=True)
+        assert ui.errors == []
+
+
+async def test_pool_load_picker_loads_on_the_chosen_host() -> None:
+    async with pool() as hosts, browse(hosts.proxy) as ui:
+        proxy = hosts.proxy
+        await ui.open()
+        page = ui.page
+        picker = page.get_by_role("combobox", name=f"Host to load {LLAMA} on")
+        await expect(picker).to_have_value("")  # auto
+        await expect(picker.locator("option")).to_have_text(["auto", "desk", "mac"])
+        await picker.select_option("mac")
+        await page.get_by_role("button", name=f"Load {LLAMA}", exact=True).click()
+        await expect(page.locator("#message")).to_contain_text(f"Switched to {LLAMA} on mac")
+        status = hosts_of(await proxy.status())
+        assert status["mac"]["loaded"] == [LLAMA]
+        assert status["desk"]["loaded"] == []
+        assert (hosts.mac.load_count(LLAMA), hosts.desk.load_count(LLAMA)) == (1, 0)
+        assert ui.loads == [{"model_id": LLAMA, "upstream": "mac"}]
+        await expect(ui.row(LLAMA).locator(".holders .tag")).to_have_text(["mac"])
+        await expect(ui.host("mac").locator(".models .tag")).to_have_text([LLAMA])
+        # The host holding it cannot be chosen again; the other one can, for a second copy.
+        await expect(picker.locator("option")).to_have_text(["auto", "desk", "mac (has it)"])
+        await expect(picker.locator('option[value="mac"]')).to_be_disabled()
+        await expect(picker).to_have_value("")  # back to auto
+
+        # Auto sends no host: the proxy places the model as a request would.
+        await page.get_by_role("button", name=f"Load {QWEN}", exact=True).click()
+        await expect(page.locator("#message")).to_contain_text(f"Switched to {QWEN} (loaded")
+        assert ui.loads[1] == {"model_id": QWEN}
+        status = hosts_of(await proxy.status())
+        placed = [name for name, row in status.items() if QWEN in row["loaded"]]
+        assert len(placed) == 1
+        await expect(ui.row(QWEN).locator(".holders .tag")).to_have_text(placed)
+        assert ui.errors == []
+
+
+async def test_pool_host_that_goes_down_is_shown_down() -> None:
+    async with pool() as hosts, browse(hosts.proxy) as ui:
+        await ui.open()
+        page = ui.page
+        await expect(page.locator("#upstream")).to_have_text("2 of 2 up")
+        await expect(ui.host("mac").locator(".pill")).to_have_text("up")
+        hosts.stop_mac.set()  # mac's LM Studio goes away; nothing else happens meanwhile
+        # The proxy notices at its next look (0.2 s), the page at its next read (3 s at most).
+        await expect(ui.host("mac").locator(".pill")).to_have_text("down", timeout=8_000)
+        await expect(ui.host("mac")).to_have_attribute("data-up", "false")
+        await expect(ui.host("desk").locator(".pill")).to_have_text("up")
+        await expect(page.locator("#upstream")).to_have_text("1 of 2 up")
+        picker = page.get_by_role("combobox", name=f"Host to load {QWEN} on")
+        await expect(picker.locator('option[value="mac"]')).to_have_text("mac (down)")
+        await expect(picker.locator('option[value="mac"]')).to_be_disabled()
+        assert (await hosts.proxy.status())["upstreams"][1]["up"] is False
+        assert ui.errors == []

@@ -1,4 +1,5 @@
-// lmswitch web page: status, model switching, live events and a streaming chat box.
+// lmswitch web page: status, the pool's hosts, model switching, live events, the latest
+// requests and a streaming chat box.
 // Plain browser JavaScript, no build step, no external resources. Every piece of text that comes
 // from the server is inserted with textContent (never innerHTML).
 "use strict";
@@ -8,6 +9,7 @@
 
   const el = {
     upstream: $("upstream"),
+    upstreamLabel: $("upstream-label"),
     loaded: $("loaded"),
     memory: $("memory"),
     meter: $("memory-meter"),
@@ -23,6 +25,11 @@
     progressTime: $("progress-time"),
     message: $("message"),
     tbody: $("models-body"),
+    hostsCard: $("hosts-card"),
+    hostsHeading: $("hosts-heading"),
+    hosts: $("hosts"),
+    requestsCard: $("requests-card"),
+    requests: $("requests"),
     chatModel: $("chat-model"),
     chatLog: $("chat-log"),
     chatForm: $("chat-form"),
@@ -261,14 +268,27 @@
     pickerTouched: false,
   };
   const rows = new Map(); // model id -> the row's elements
+  const hostCards = new Map(); // host name -> the card's elements
   const chat = { messages: [], controller: null };
 
   function render() {
+    document.body.classList.toggle("pool", isPool());
     renderStatus();
+    renderHosts();
     renderTable();
     renderPicker();
     renderChatModel();
   }
+
+  // The hosts of the pool (`upstreams` of the status), in the configuration's order.
+  function hostRows() {
+    const list = state.status && state.status.upstreams;
+    return Array.isArray(list) ? list.filter((h) => h && typeof h.name === "string") : [];
+  }
+
+  // More than one host: the page names hosts on models and requests and offers a host to load
+  // on; with one, it looks as it did before the pool.
+  const isPool = () => hostRows().length > 1;
 
   function setText(node, text) {
     if (node.textContent !== text) node.textContent = text;
@@ -285,7 +305,14 @@
 
   function renderStatus() {
     const status = state.status;
-    if (status && status.upstream) {
+    const hosts = hostRows();
+    setText(el.upstreamLabel, hosts.length > 1 ? "Hosts" : "Upstream");
+    if (hosts.length > 1) {
+      const up = hosts.filter((h) => h.up === true).length;
+      const tone = up === hosts.length ? "ok" : up ? "warn" : "bad";
+      setPill(el.upstream, up ? `${up} of ${hosts.length} up` : "all down", tone);
+      el.upstream.title = hosts.map((h) => `${h.name}: ${h.up ? "up" : "down"}`).join(", ");
+    } else if (status && status.upstream) {
       const reachable = Boolean(status.upstream.reachable);
       setPill(
         el.upstream,
@@ -319,17 +346,19 @@
       });
     }
     const capacity = status && status.capacity;
-    if (capacity) {
-      const used = Number(capacity.bytes_used) || 0;
-      const budget = capacity.memory_budget;
+    if (hosts.length || capacity) {
+      // The pool's memory: every host's, against the sum of their budgets if all have one.
+      const budgeted = hosts.every((h) => Number(h.memory_budget) > 0);
+      const used = hosts.length
+        ? hosts.reduce((sum, h) => sum + (Number(h.bytes_used) || 0), 0)
+        : Number(capacity.bytes_used) || 0;
+      let budget = capacity ? capacity.memory_budget : null;
+      if (hosts.length) {
+        budget = budgeted ? hosts.reduce((sum, h) => sum + Number(h.memory_budget), 0) : null;
+      }
       if (typeof budget === "number" && budget > 0) {
         setText(el.memory, `${formatBytes(used)} of ${formatBytes(budget)}`);
-        el.meter.hidden = false;
-        el.meter.max = budget;
-        el.meter.low = budget * 0.75;
-        el.meter.high = budget * 0.9;
-        el.meter.optimum = 0;
-        el.meter.value = Math.min(used, budget);
+        showMeter(el.meter, used, budget);
       } else {
         setText(el.memory, `${formatBytes(used)} (no budget)`);
         el.meter.hidden = true;
@@ -340,6 +369,137 @@
       const waiting = Object.values(queue).reduce((sum, n) => sum + (Number(n) || 0), 0);
       const running = Number(status.in_flight) || 0;
       setText(el.queue, `${waiting} waiting · ${running} running`);
+    }
+  }
+
+  function showMeter(meter, used, budget) {
+    meter.hidden = false;
+    meter.max = budget;
+    meter.low = budget * 0.75;
+    meter.high = budget * 0.9;
+    meter.optimum = 0;
+    meter.value = Math.min(used, budget);
+  }
+
+  // Tags naming models or hosts, rebuilt only when the names change.
+  function setTags(node, names, empty) {
+    const summary = names.join("\n");
+    if (node.dataset.summary === summary && node.firstChild) return;
+    node.dataset.summary = summary;
+    node.replaceChildren();
+    if (!names.length) {
+      const none = document.createElement("span");
+      none.className = "none";
+      none.textContent = empty;
+      node.append(none);
+      return;
+    }
+    names.forEach((name, index) => {
+      if (index) {
+        const comma = document.createElement("span");
+        comma.className = "visually-hidden";
+        comma.textContent = ", ";
+        node.append(comma);
+      }
+      const tag = document.createElement("span");
+      tag.className = "tag";
+      tag.textContent = name;
+      node.append(tag);
+    });
+  }
+
+  function hostStat(list, label, className) {
+    const item = document.createElement("div");
+    item.className = `host-stat host-${className}`;
+    const dt = document.createElement("dt");
+    dt.textContent = label;
+    const dd = document.createElement("dd");
+    dd.className = className;
+    item.append(dt, dd);
+    list.append(item);
+    return dd;
+  }
+
+  function createHostCard(name) {
+    const li = document.createElement("li");
+    li.className = "host";
+    li.dataset.host = name;
+    const head = document.createElement("div");
+    head.className = "host-head";
+    const title = document.createElement("h3");
+    title.className = "host-name";
+    title.textContent = name;
+    const pill = document.createElement("span");
+    pill.className = "pill";
+    const url = document.createElement("span");
+    url.className = "host-url model-id";
+    head.append(title, pill, url);
+
+    const stats = document.createElement("dl");
+    stats.className = "host-stats";
+    const memory = hostStat(stats, "Memory", "memory");
+    const meter = document.createElement("meter");
+    meter.min = 0;
+    meter.max = 1;
+    meter.value = 0;
+    meter.setAttribute("aria-label", `Memory used on ${name} against its budget`);
+    const memoryText = document.createElement("span");
+    memoryText.className = "memory-text";
+    memory.append(meter, memoryText);
+    const instances = hostStat(stats, "Instances", "instances");
+    const inFlight = hostStat(stats, "In flight", "in-flight");
+    const queued = hostStat(stats, "Queued", "queued");
+    const models = hostStat(stats, "Models", "models");
+    models.classList.add("tags");
+    li.append(head, stats);
+    const card = { li, pill, url, meter, memoryText, instances, inFlight, queued, models };
+    hostCards.set(name, card);
+    return card;
+  }
+
+  function renderHosts() {
+    const hosts = hostRows();
+    el.hostsCard.hidden = !hosts.length;
+    setText(el.hostsHeading, hosts.length === 1 ? "Host" : "Hosts");
+    el.hosts.dataset.count = String(hosts.length);
+    const seen = new Set();
+    let previous = null;
+    for (const host of hosts) {
+      const name = host.name;
+      seen.add(name);
+      const card = hostCards.get(name) || createHostCard(name);
+      card.li.dataset.up = String(host.up === true);
+      setPill(card.pill, host.up ? "up" : "down", host.up ? "ok" : "bad");
+      setText(card.url, String(host.url || ""));
+      const used = Number(host.bytes_used) || 0;
+      const budget = host.memory_budget;
+      if (typeof budget === "number" && budget > 0) {
+        setText(card.memoryText, `${formatBytes(used)} of ${formatBytes(budget)}`);
+        showMeter(card.meter, used, budget);
+      } else {
+        // No budget, no bar: a bar against nothing would say "full" or "empty" wrongly.
+        setText(card.memoryText, `${formatBytes(used)} used, no budget`);
+        card.meter.hidden = true;
+      }
+      const count = Number(host.instances) || 0;
+      const most = Number(host.max_loaded) || 0;
+      setText(card.instances, most ? `${count} of ${most}` : `${count} (no limit)`);
+      setText(card.inFlight, String(Number(host.in_flight) || 0));
+      setText(card.queued, String(Number(host.queued) || 0));
+      const loaded = Array.isArray(host.loaded) ? host.loaded.map(String) : [];
+      setTags(card.models, loaded, "none loaded");
+      const expected = previous ? previous.nextSibling : el.hosts.firstChild;
+      if (expected !== card.li) {
+        if (previous) previous.after(card.li);
+        else el.hosts.prepend(card.li);
+      }
+      previous = card.li;
+    }
+    for (const [name, card] of hostCards) {
+      if (!seen.has(name)) {
+        card.li.remove();
+        hostCards.delete(name);
+      }
     }
   }
 
@@ -381,7 +541,16 @@
     badge.className = "badge";
     const reason = document.createElement("span");
     reason.className = "reason";
-    stateCell.append(badge, reason);
+    // In a pool, the hosts holding the model (loading, loaded or unloading there).
+    const holders = document.createElement("span");
+    holders.className = "holders pool-only";
+    const holdersLabel = document.createElement("span");
+    holdersLabel.className = "visually-hidden";
+    holdersLabel.textContent = " on ";
+    const holderTags = document.createElement("span");
+    holderTags.className = "tags";
+    holders.append(holdersLabel, holderTags);
+    stateCell.append(badge, holders, reason);
 
     const size = cell(tr, "Size", "num");
     const lastUse = cell(tr, "Last use", "last-use");
@@ -399,11 +568,34 @@
     pinCell.append(pin);
 
     const actions = cell(tr, "Actions", "actions");
-    const load = actionButton("Load", `Load ${id}`, () => loadModel(id));
+    // In a pool, where Load loads: "auto" lets the proxy place it, as a request would.
+    const host = document.createElement("select");
+    host.className = "host-choice pool-only";
+    host.setAttribute("aria-label", `Host to load ${id} on`);
+    host.title = "The host Load loads it on (auto: where the proxy places it)";
+    host.addEventListener("change", () => renderTable());
+    const load = actionButton("Load", `Load ${id}`, () => loadModel(id, host.value || null));
     const unload = actionButton("Unload", `Unload ${id}`, () => unloadModel(id));
-    actions.append(load, unload);
+    const buttons = document.createElement("span");
+    buttons.className = "buttons";
+    buttons.append(load, unload);
+    actions.append(host, buttons);
 
-    const row = { tr, name, key, badge, reason, size, time, inFlight, pin, load, unload };
+    const row = {
+      tr,
+      name,
+      key,
+      badge,
+      holderTags,
+      reason,
+      size,
+      time,
+      inFlight,
+      pin,
+      host,
+      load,
+      unload,
+    };
     rows.set(id, row);
     return row;
   }
@@ -423,6 +615,8 @@
       row.badge.dataset.state = phase || "unknown";
       setText(row.reason, phase === "failed" ? state.errors.get(id) : "");
       row.reason.hidden = phase !== "failed";
+      const holders = Array.isArray(model.upstreams) ? model.upstreams.map(String) : [];
+      setTags(row.holderTags, holders, "");
       setText(row.size, formatBytes(model.size_bytes));
       if (typeof model.last_used_at === "number") {
         const when = new Date(model.last_used_at * 1000);
@@ -441,7 +635,11 @@
       // A toggle the user just made wins over a snapshot taken before the server applied it.
       if (!row.pin.dataset.pending) row.pin.checked = Boolean(model.pinned);
       const busy = Boolean(state.busy);
-      row.load.setAttribute("aria-disabled", String(busy || model.state !== "absent"));
+      const target = renderHostChoice(row.host, model, holders);
+      // Auto loads where placement puts it (nothing to do once loaded); a chosen host is one
+      // that does not hold it yet.
+      const idle = target ? false : model.state !== "absent";
+      row.load.setAttribute("aria-disabled", String(busy || idle));
       row.unload.setAttribute("aria-disabled", String(busy || model.state === "absent"));
       // Keep the catalogue's order without moving rows already in place (one may have focus).
       const expected = previous ? previous.nextSibling : el.tbody.firstChild;
@@ -459,6 +657,40 @@
     }
     const empty = el.tbody.querySelector("tr.empty");
     if (state.models.length && empty) empty.remove();
+  }
+
+  // The options of a row's host picker: auto, then each host, those that cannot take the model
+  // (down, without it downloaded, or holding it already) disabled with the reason. Returns the
+  // host chosen, or "" for auto.
+  function renderHostChoice(select, model, holders) {
+    const hosts = isPool() ? hostRows() : [];
+    const available = Array.isArray(model.available_on) ? model.available_on.map(String) : null;
+    const choices = [{ value: "", text: "auto", disabled: false }];
+    for (const host of hosts) {
+      const name = String(host.name);
+      let why = "";
+      if (host.up !== true) why = "down";
+      else if (holders.includes(name)) why = "has it";
+      else if (available && !available.includes(name)) why = "not downloaded";
+      choices.push({ value: name, text: why ? `${name} (${why})` : name, disabled: Boolean(why) });
+    }
+    const summary = choices.map((c) => `${c.value}:${c.text}`).join("\n");
+    if (select.dataset.summary !== summary) {
+      const current = select.value;
+      select.dataset.summary = summary;
+      select.replaceChildren(
+        ...choices.map((choice) => {
+          const option = document.createElement("option");
+          option.value = choice.value;
+          option.textContent = choice.text;
+          option.disabled = choice.disabled;
+          return option;
+        }),
+      );
+      const still = choices.find((c) => c.value === current && !c.disabled);
+      select.value = still ? current : "";
+    }
+    return select.value;
   }
 
   function refreshTimes() {
@@ -597,16 +829,16 @@
     }
   }
 
-  function loadModel(id) {
+  // Loads `id` where the proxy places it, or on the host named `upstream`.
+  function loadModel(id, upstream = null) {
     return runBusy("load", id, async () => {
       state.errors.delete(id);
       render();
       say("", "info");
-      const started = startProgress(`Loading ${id}…`);
-      const response = await request("/api/v1/models/load", {
-        method: "POST",
-        json: { model_id: id },
-      });
+      const where = upstream ? ` on ${upstream}` : "";
+      const started = startProgress(`Loading ${id}${where}…`);
+      const json = upstream ? { model_id: id, upstream } : { model_id: id };
+      const response = await request("/api/v1/models/load", { method: "POST", json });
       const seconds = ((performance.now() - started) / 1000).toFixed(1);
       if (response.ok) {
         const body = await response.json().catch(() => ({}));
@@ -618,14 +850,14 @@
         }
         say(
           already
-            ? `Switched to ${id} (it was already loaded).`
-            : `Switched to ${id} (loaded in ${seconds} s).`,
+            ? `Switched to ${id}${where} (it was already loaded).`
+            : `Switched to ${id}${where} (loaded in ${seconds} s).`,
           "ok",
         );
       } else {
         const reason = await errorMessage(response);
         if (response.status !== 401) state.errors.set(id, reason);
-        say(`Could not switch to ${id}: ${reason}`, "error");
+        say(`Could not switch to ${id}${where}: ${reason}`, "error");
         render();
       }
     });
@@ -709,11 +941,34 @@
     render();
   }
 
+  // A host going down or coming back is no event: in a pool, the status is read again every
+  // few seconds while the page is connected and in view (one host: events alone, as before).
+  const HOST_POLL_MS = 3000;
+
+  async function pollHosts() {
+    if (!live.connected || document.hidden || !isPool() || refreshTimer !== null) return;
+    const seq = refreshSeq;
+    const response = await request("/api/v1/status");
+    if (!response.ok) return;
+    const body = await response.json();
+    if (seq !== refreshSeq) return; // a refresh started meanwhile: its answer is newer
+    state.status = body;
+    render();
+  }
+
   // --- live events ----------------------------------------------------------------------------
 
-  const live = { source: null, controller: null, attempt: 0, timer: null, generation: 0 };
+  const live = {
+    source: null,
+    controller: null,
+    attempt: 0,
+    timer: null,
+    generation: 0,
+    connected: false,
+  };
 
   function stopLive() {
+    live.connected = false;
     clearTimeout(live.timer);
     live.timer = null;
     if (live.source) live.source.close();
@@ -742,6 +997,7 @@
     if (!payload || typeof payload !== "object") return;
     if (type === "snapshot") {
       live.attempt = 0;
+      live.connected = true;
       setPill(el.live, "connected", "ok");
       if (Array.isArray(payload.models)) state.models = payload.models;
       if (payload.status) state.status = payload.status;
@@ -749,12 +1005,40 @@
     } else if (type === "model") {
       applyModelEvent(payload);
     } else if (type === "request") {
+      addRequest(payload);
       scheduleRefresh(500);
     }
   }
 
+  // Whether the host of a `model` event holds the model after it, by the event's state.
+  const HOLDS = new Map([
+    ["loading", true],
+    ["loaded", true],
+    ["draining", true],
+    ["unloading", true],
+    ["unloaded", false],
+    ["failed", false],
+  ]);
+
   function applyModelEvent(event) {
     const row = state.models.find((m) => m.id === event.model);
+    const host = typeof event.upstream === "string" ? event.upstream : null;
+    if (row && host && Array.isArray(row.upstreams) && HOLDS.has(event.state)) {
+      // One host's event: the row (all hosts at once) follows it only where no other host
+      // holds the model; the refresh that follows brings the rest.
+      const others = row.upstreams.filter((name) => name !== host);
+      const holds = HOLDS.get(event.state);
+      if (holds && !row.upstreams.includes(host)) row.upstreams = [...row.upstreams, host];
+      if (!holds) row.upstreams = others;
+      if (others.length) {
+        if (event.state === "failed" && typeof event.error === "string") {
+          state.errors.set(event.model, event.error);
+        }
+        render();
+        scheduleRefresh();
+        return;
+      }
+    }
     if (event.state === "failed") {
       if (typeof event.error === "string") state.errors.set(event.model, event.error);
       if (row) row.state = "absent";
@@ -766,6 +1050,50 @@
     }
     render();
     scheduleRefresh();
+  }
+
+  // --- recent requests (from `request` events) ------------------------------------------------
+
+  const REQUESTS_KEPT = 10;
+
+  function part(className, text) {
+    const node = document.createElement("span");
+    node.className = className;
+    node.textContent = text;
+    return node;
+  }
+
+  function addRequest(event) {
+    const item = document.createElement("li");
+    item.className = "request";
+    const now = new Date();
+    const time = document.createElement("time");
+    time.dateTime = now.toISOString();
+    time.textContent = now.toLocaleTimeString();
+    const status = Number(event.status) || 0;
+    const code = part("code", String(status || "?"));
+    code.dataset.tone = status >= 500 ? "bad" : status >= 400 ? "warn" : "ok";
+    const duration = Number(event.duration_ms);
+    item.append(
+      time,
+      part("model-id", String(event.model || "-")),
+      part("endpoint", String(event.endpoint || "")),
+      code,
+      part("duration", Number.isFinite(duration) ? `${Math.round(duration)} ms` : ""),
+    );
+    // The host that answered; "-" when none did (refused or failed before reaching one).
+    const upstream = typeof event.upstream === "string" ? event.upstream : "-";
+    const host = part("answered pool-only", "");
+    if (upstream !== "-") {
+      host.append(part("visually-hidden", "answered by "), part("tag", upstream));
+    } else {
+      host.textContent = "no host answered";
+    }
+    item.dataset.upstream = upstream;
+    item.append(host);
+    el.requests.prepend(item);
+    while (el.requests.children.length > REQUESTS_KEPT) el.requests.lastChild.remove();
+    el.requestsCard.hidden = false;
   }
 
   async function connect() {
@@ -856,7 +1184,7 @@
     item.append(label, body);
     el.chatLog.append(item);
     el.chatLog.scrollTop = el.chatLog.scrollHeight;
-    return { item, body };
+    return { item, label, body };
   }
 
   function setChatBusy(busy) {
@@ -906,6 +1234,8 @@
       if (!response.ok || !response.body) {
         failed = await errorMessage(response);
       } else {
+        const host = response.headers.get("x-lmswitch-upstream");
+        if (host && host !== "-" && isPool()) reply.label.textContent = `${id} on ${host}`;
         chatNote(`${id} is replying…`);
         await readSse(response.body, (type, data) => {
           if (data === "[DONE]") return;
@@ -1005,5 +1335,10 @@
     if (event.persisted) connect(); // back from the back/forward cache
   });
   setInterval(refreshTimes, 15000);
+  setInterval(() => {
+    pollHosts().catch(() => {
+      // connection trouble shows in the live-updates state; nothing to add here
+    });
+  }, HOST_POLL_MS);
   connect();
 })();
