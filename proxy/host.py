@@ -525,7 +525,7 @@ class Host:
             result = await self._upstream.load(key, timeout_s=2 * limit)
         finally:
             timer.cancel()
-        self._report.upstream(self._upstream.reachable)
+        self._report.upstream(self.up)
         if isinstance(result, LoadFailed):
             self._scheduler.load_failed(key, result.error)
             self._report.load_failed(key, result.error)
@@ -549,7 +549,7 @@ class Host:
 
     async def _unload(self, action: sch.Unload) -> None:
         error = await self._upstream.unload(action.instance_id)
-        self._report.upstream(self._upstream.reachable)
+        self._report.upstream(self.up)
         if error is not None:
             self._scheduler.unload_failed(action.model, self._clock())
             self._report.unload_failed(action.model, error)
@@ -571,7 +571,7 @@ class Host:
     def upstream_failed(self, error: ProxyError) -> None:
         """A request found LM Studio unreachable: note it and reconcile in the background."""
         self._upstream.note(error)
-        self._report.upstream(self._upstream.reachable)
+        self._report.upstream(self.up)
         for key, gate in self._gates.items():
             gate.forget()  # LM Studio may have restarted with nothing loaded
             self._probed(key, gate)
@@ -601,7 +601,7 @@ class Host:
             this.done.set()
         if observation is None:
             return  # a listing started later was read first
-        self._report.upstream(self._upstream.reachable)
+        self._report.upstream(self.up)
         if isinstance(observation, ProxyError):
             self._report.unreadable(observation)
             self._scheduler.set_unreadable(observation.message)

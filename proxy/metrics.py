@@ -118,7 +118,7 @@ class Metrics:
         )
         self.upstream_up = Gauge(
             "lmswitch_upstream_up",
-            "1 if the host's LM Studio answered the proxy's last call, else 0.",
+            "1 while the host is up (its models were read and its last call answered), else 0.",
             ["upstream"],
             registry=r,
         )

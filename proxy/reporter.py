@@ -34,6 +34,7 @@ class Reporter:
         self._upstream = upstream  # the host's name, from the configuration
         self._is_loaded = is_loaded  # the scheduler's, read when an event is published
         self._duplicates: dict[str, tuple[str, ...]] = {}  # as last reported
+        self._up: bool | None = None  # the host, as last reported
 
     def model_event(self, key: str, state: str, **extra: Any) -> None:
         """A `model` event; `loaded` is the model's state after the change."""
@@ -41,8 +42,13 @@ class Reporter:
         event = {"model": key, "upstream": self._upstream, "state": state, "loaded": loaded}
         self._events.publish("model", {**event, **extra})
 
-    def upstream(self, reachable: bool) -> None:
-        self._metrics.upstream_up.labels(self._upstream).set(1 if reachable else 0)
+    def upstream(self, up: bool) -> None:
+        """The host is up (its models read, its last call answered) or down: the gauge, and an
+        `upstream` event when that changes."""
+        self._metrics.upstream_up.labels(self._upstream).set(1 if up else 0)
+        if up is not self._up:
+            self._up = up
+            self._events.publish("upstream", {"upstream": self._upstream, "up": up})
 
     def loading(self, key: str) -> None:
         logger.info("loading model %s on %s", key, self._upstream)

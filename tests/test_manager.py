@@ -14,7 +14,7 @@ from starlette.types import Receive, Scope, Send
 
 from proxy.config import Settings
 from proxy.emulator import Emulator
-from proxy.errors import ModelGoneError, ModelLoadError
+from proxy.errors import ModelGoneError, ModelLoadError, UpstreamError
 from proxy.events import Event, EventBus
 from proxy.manager import ModelManager
 from proxy.metrics import Metrics
@@ -258,3 +258,27 @@ async def test_a_request_is_not_sent_to_a_model_gone_while_it_held_its_lease() -
             lease.release()
         assert sent == []
         assert not manager.view(QWEN).loaded
+
+
+async def test_a_host_going_down_and_up_is_an_upstream_event_and_a_gauge() -> None:
+    """A failed listing marks the host down at once (event and `lmswitch_upstream_up` 0); the
+    next listing that is read brings it up again. Only changes are published."""
+    lmstudio = ScriptedLMStudio({QWEN: 4_000_000_000})
+    async with driving(lmstudio) as (manager, metrics, events):
+        sample = metrics.registry.get_sample_value
+        assert sample("lmswitch_upstream_up", {"upstream": "default"}) == 1
+        lmstudio.fail["catalog"].append(UpstreamError("LM Studio answered 500"))
+        await manager.refresh()
+        assert sample("lmswitch_upstream_up", {"upstream": "default"}) == 0
+        await manager.refresh()  # read again: up
+        await manager.refresh()  # no change: no event
+        ups = []
+        while True:
+            try:
+                kind, event = events.receive_nowait()
+            except anyio.WouldBlock:
+                break
+            if kind == "upstream":
+                ups.append((event["upstream"], event["up"]))
+        assert ups == [("default", True), ("default", False), ("default", True)]  # start: up
+        assert sample("lmswitch_upstream_up", {"upstream": "default"}) == 1

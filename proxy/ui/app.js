@@ -941,21 +941,6 @@
     render();
   }
 
-  // A host going down or coming back is no event: in a pool, the status is read again every
-  // few seconds while the page is connected and in view (one host: events alone, as before).
-  const HOST_POLL_MS = 3000;
-
-  async function pollHosts() {
-    if (!live.connected || document.hidden || !isPool() || refreshTimer !== null) return;
-    const seq = refreshSeq;
-    const response = await request("/api/v1/status");
-    if (!response.ok) return;
-    const body = await response.json();
-    if (seq !== refreshSeq) return; // a refresh started meanwhile: its answer is newer
-    state.status = body;
-    render();
-  }
-
   // --- live events ----------------------------------------------------------------------------
 
   const live = {
@@ -1007,6 +992,8 @@
     } else if (type === "request") {
       addRequest(payload);
       scheduleRefresh(500);
+    } else if (type === "upstream") {
+      scheduleRefresh(0); // a host went down or came back: read the status again
     }
   }
 
@@ -1139,7 +1126,7 @@
   function streamWithEventSource(generation) {
     const source = new EventSource("/api/v1/events");
     live.source = source;
-    for (const type of ["snapshot", "model", "request"]) {
+    for (const type of ["snapshot", "model", "request", "upstream"]) {
       source.addEventListener(type, (event) => onEvent(type, event.data));
     }
     source.onerror = () => {
@@ -1335,10 +1322,5 @@
     if (event.persisted) connect(); // back from the back/forward cache
   });
   setInterval(refreshTimes, 15000);
-  setInterval(() => {
-    pollHosts().catch(() => {
-      // connection trouble shows in the live-updates state; nothing to add here
-    });
-  }, HOST_POLL_MS);
   connect();
 })();
