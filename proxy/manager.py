@@ -193,12 +193,14 @@ class ModelManager:
         *,
         disconnected: Callable[[], Awaitable[None]] | None = None,
         since: float | None = None,
+        placed: Callable[[str], None] | None = None,
     ) -> Lease:
         """Wait until `key` is loaded on a host and return a lease on it there.
 
         A request that acquires again (it is retried) passes `since`, its first lease's
         `arrived`: its queue budget counts from then, not anew. A request whose host went down
-        while it waited is placed again, with what is left of its budget. Raises the
+        while it waited is placed again, with what is left of its budget. `placed` is told the
+        host's name each time the request is placed, before it waits there. Raises the
         `ProxyError` it failed with, or `ClientGone` when `disconnected` returns first; in both
         cases the request has left every queue and holds no lease.
         """
@@ -206,6 +208,8 @@ class ModelManager:
         avoid: list[str] = []
         while True:
             host = self._placement(key, avoid)
+            if placed is not None:
+                placed(host.name)
             try:
                 return await host.acquire(key, disconnected=disconnected, since=arrived)
             except UpstreamUnavailableError as exc:

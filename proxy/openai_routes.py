@@ -54,8 +54,12 @@ async def proxy_request(request: Request[State]) -> Response:
     ttl = payload.get("ttl")
     if isinstance(ttl, int | float) and not isinstance(ttl, bool) and ttl > 0:
         manager.set_idle_ttl(key, float(ttl))
+
+    def placed(upstream: str) -> None:  # an error while it waits there names that host too
+        record.upstream = upstream
+
     async with AsyncExitStack() as held:
-        lease = await manager.acquire(key)
+        lease = await manager.acquire(key, placed=placed)
         held.callback(lease.release)
         gone = down = False
         while True:
@@ -81,7 +85,7 @@ async def proxy_request(request: Request[State]) -> Response:
                     raise
                 down = True
             await held.aclose()
-            lease = await manager.acquire(key, since=lease.arrived)  # the same budget
+            lease = await manager.acquire(key, since=lease.arrived, placed=placed)  # same budget
             held.callback(lease.release)
         held.push_async_callback(upstream.aclose)
         record.queue_wait_s, record.waited_on_load = lease.waited_s, lease.waited_on_load

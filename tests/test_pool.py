@@ -303,6 +303,7 @@ async def test_a_host_stopped_under_load_fails_over_and_comes_back() -> None:
                 answer = await proxy.http.post(CHAT, json=chat(GEMMA))
             assert answer.status_code == 503
             assert answer.json()["error"]["code"] == "upstream_unavailable"
+            assert answer.headers[UPSTREAM] == "a"  # where it was placed, and failed
 
             a.token_delay_s = 0.0
             await host_a.start()  # on the same port
@@ -363,8 +364,8 @@ async def read_events(proxy: Proxy, into: list[dict[str, Any]], ready: anyio.Eve
 async def test_routed_answers_events_and_access_lines_name_the_host(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Every routed answer names its host in `x-lmswitch-upstream`; so do the `model` events
-    and the access lines."""
+    """Every routed answer names its host in `x-lmswitch-upstream`, a 503 for a load that
+    failed on a host included; so do the `model` events and the access lines."""
     caplog.set_level(logging.INFO, logger="lmswitch.access")
     a, b = Emulator(catalog_without(GEMMA)), Emulator()
     async with pool({"a": a, "b": b}) as proxy:
@@ -398,9 +399,10 @@ async def test_routed_answers_events_and_access_lines_name_the_host(
     assert hosts["after a failed load"] == "b"
     assert hosts["embeddings"] == "b"  # where it fits, evicting nothing
     assert (a.load_count(NOMIC), b.load_count(NOMIC)) == (0, 1)
-    # A load that failed on b: 503.
+    # A load that failed on b: 503, from b.
     assert failed.status_code == 503
     assert failed.json()["error"]["code"] == "model_load_failed"
+    assert failed.headers[UPSTREAM] == "b"
     # `model` events say on which host.
     seen = {(e["model"], e["state"], e["upstream"]) for e in events}
     assert {(QWEN, "loading", "a"), (QWEN, "loaded", "a")} <= seen
@@ -411,6 +413,7 @@ async def test_routed_answers_events_and_access_lines_name_the_host(
     routed = [line for line in lines if " endpoint=/v1/" in line]
     assert len(routed) == 5
     assert sum(" upstream=a " in line for line in routed) == 2
+    assert next(line for line in routed if " status=503 " in line).count(" upstream=b ") == 1
 
 
 async def test_status_and_listings_show_every_host() -> None:
