@@ -1,9 +1,10 @@
 """The shared test helpers: running proxy, emulator, ports.
 
 `serve` runs an ASGI app on a loopback port; `running` puts the emulator and the proxy behind
-real sockets; `proxy_process` runs `lmswitch serve` as a child process; `ScriptedLMStudio` stands
-in for LM Studio's client with no sockets at all; `readme` and `readme_block` read README.md.
-Ports for servers started later come from `proxy.server.free_port`.
+real sockets, and `pool_for` the proxy in front of a pool of hosts; `proxy_process` runs
+`lmswitch serve` as a child process; `ScriptedLMStudio` stands in for LM Studio's client with no
+sockets at all; `readme` and `readme_block` read README.md. Ports for servers started later come
+from `proxy.server.free_port`.
 """
 
 from __future__ import annotations
@@ -198,9 +199,28 @@ def settings_for(upstream_url: str, **sections: Any) -> Settings:
     return Settings(upstream=upstream, **sections)
 
 
+def pool_settings(urls: Mapping[str, str], **sections: Any) -> Settings:
+    """A pool of LM Studio hosts (`upstreams`), by name and URL, in this order."""
+    upstreams = [{"name": name, "base_url": url} for name, url in urls.items()]
+    return Settings(upstreams=upstreams, **sections)
+
+
 @asynccontextmanager
 async def proxy_for(upstream_url: str, **sections: Any) -> AsyncIterator[Proxy]:
-    app = create_app(settings_for(upstream_url, **sections))
+    async with _proxy(settings_for(upstream_url, **sections)) as proxy:
+        yield proxy
+
+
+@asynccontextmanager
+async def pool_for(urls: Mapping[str, str], **sections: Any) -> AsyncIterator[Proxy]:
+    """The proxy in front of a pool of hosts (`upstreams`: name -> URL, in this order)."""
+    async with _proxy(pool_settings(urls, **sections)) as proxy:
+        yield proxy
+
+
+@asynccontextmanager
+async def _proxy(settings: Settings) -> AsyncIterator[Proxy]:
+    app = create_app(settings)
     async with (
         serve(app) as url,
         httpx2.AsyncClient(base_url=url, timeout=10) as http,
