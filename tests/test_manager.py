@@ -282,3 +282,52 @@ async def test_a_host_going_down_and_up_is_an_upstream_event_and_a_gauge() -> No
                 ups.append((event["upstream"], event["up"]))
         assert ups == [("default", True), ("default", False), ("default", True)]  # start: up
         assert sample("lmswitch_upstream_up", {"upstream": "default"}) == 1
+
+
+async def test_a_request_queued_on_a_host_that_goes_down_is_placed_again() -> None:
+    """Both hosts full with a busy model, a request for a third model queues on the first; when
+    that host's listing fails it is down: the request leaves its queue and waits on the other
+    host instead, with its first budget, and is served there once that host's model is free."""
+    sizes = {QWEN: 4_000_000_000, LLAMA: 1_000_000_000, "third": 2_000_000_000}
+    a, b = ScriptedLMStudio(sizes), ScriptedLMStudio(sizes)
+    settings = Settings(
+        upstreams=[
+            {"name": "a", "base_url": "http://a.invalid"},
+            {"name": "b", "base_url": "http://b.invalid"},
+        ],
+        models={"max_loaded": 1},
+        scheduler={"swap_grace": 0.2},
+    )
+    manager = ModelManager({"a": a, "b": b}, settings, Metrics())
+    async with anyio.create_task_group() as tg:
+        await tg.start(manager.run)
+        with anyio.fail_after(5):
+            while not all(host.up for host in manager.hosts.values()):  # noqa: ASYNC110
+                await anyio.sleep(0.001)
+            on_a = await manager.acquire(QWEN)
+            on_b = await manager.acquire(LLAMA)
+            assert (on_a.upstream, on_b.upstream) == ("a", "b")
+            hosts: list[str] = []
+            async with anyio.create_task_group() as waiting:
+                leases = []
+
+                async def third() -> None:
+                    leases.append(await manager.acquire("third", placed=hosts.append))
+
+                waiting.start_soon(third)
+                while not manager.hosts["a"].status().queued:  # noqa: ASYNC110
+                    await anyio.sleep(0.001)
+                a.fail["catalog"].append(UpstreamError("LM Studio answered 500"))
+                await manager.refresh("a")  # a is down: "third" leaves its queue there
+                while not manager.hosts["b"].status().queued:  # noqa: ASYNC110
+                    await anyio.sleep(0.001)
+                assert manager.hosts["a"].status().queued == 0
+                on_b.release()  # b's model is free: b swaps to "third"
+            assert hosts == ["a", "b"]
+            [lease] = leases
+            assert lease.upstream == "b"
+            assert [call.target for call in b.calls if call.name == "load"] == [LLAMA, "third"]
+            assert not [call for call in a.calls if call.target == "third"]
+            lease.release()
+            on_a.release()
+        tg.cancel_scope.cancel()
