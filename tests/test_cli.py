@@ -586,6 +586,16 @@ async def test_serve_process_exits_0_on_sigterm(tmp_path: Path) -> None:
     assert code == 0, (tmp_path / "stderr.txt").read_text()
 
 
+async def greeting_of(process: Process) -> str:
+    """What the demo prints before it waits for Ctrl+C (within a deadline)."""
+    assert process.stdout is not None
+    with anyio.fail_after(15):
+        greeting = await BufferedByteReceiveStream(process.stdout).receive_until(
+            b"Press Ctrl+C to stop.", max_bytes=2**16
+        )
+    return greeting.decode()
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="Ctrl+C cannot target one child on Windows")
 async def test_demo_process(tmp_path: Path) -> None:
     """`lmswitch demo` greets, answers through the proxy, and exits 0 on Ctrl+C."""
@@ -593,12 +603,7 @@ async def test_demo_process(tmp_path: Path) -> None:
     base = f"http://127.0.0.1:{port}"
     args = ["demo", "--port", str(port), "--load-delay", "0"]
     async with child(args, tmp_path / "stderr.txt") as process:
-        assert process.stdout is not None
-        with anyio.fail_after(15):
-            greeting = await BufferedByteReceiveStream(process.stdout).receive_until(
-                b"Press Ctrl+C to stop.", max_bytes=2**16
-            )
-        out = greeting.decode()
+        out = await greeting_of(process)
         assert f"the proxy at {base}/v1" in out
         assert "LM Studio emulator at http://127.0.0.1:" in out
         assert f"curl {base}/v1/chat/completions" in out
@@ -621,12 +626,7 @@ async def test_demo_hosts_process(tmp_path: Path, signum: signal.Signals) -> Non
     base = f"http://127.0.0.1:{port}"
     args = ["demo", "--hosts", "2", "--port", str(port), "--load-delay", "0"]
     async with child(args, tmp_path / "stderr.txt") as process:
-        assert process.stdout is not None
-        with anyio.fail_after(15):
-            greeting = await BufferedByteReceiveStream(process.stdout).receive_until(
-                b"Press Ctrl+C to stop.", max_bytes=2**16
-            )
-        out = greeting.decode()
+        out = await greeting_of(process)
         assert f"the proxy at {base}/v1, in front of 2 LM Studio emulators" in out
         hosts = [line.split() for line in out.splitlines() if "GiB" in line and "://" in line]
         assert [(h[0], h[2:]) for h in hosts] == [("desk", ["24", "GiB"]), ("laptop", ["8", "GiB"])]
