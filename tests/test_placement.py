@@ -134,6 +134,18 @@ def test_ready_on_a_host_that_is_down_is_the_fallback() -> None:
     assert place(hosts) == Placement("b", Where.DOWN)
 
 
+def test_a_model_only_on_hosts_that_are_down_goes_to_one_of_them() -> None:
+    """No host that is up has the model, nor has any that is down it ready: the request still
+    goes to a down host that has it, one loading it first, else the first in order (there its
+    scheduler says that the host cannot be read, as a lone host's would). None would send it to
+    the pool's first host, which may be up without the model, and load it there (the pool's
+    state machine found this)."""
+    hosts = [view("a", has=False, fits=True), view("b", up=False), view("c", LEAVING, up=False)]
+    assert place(hosts) == Placement("b", Where.DOWN)
+    hosts += [view("d", LOADING, up=False, waiting=2), view("e", LOADING, up=False, waiting=1)]
+    assert place(hosts) == Placement("e", Where.DOWN)
+
+
 def test_no_host_has_it() -> None:
     assert place([view("a", READY, has=False), view("b", has=False, fits=True)]) is None
     assert place([]) is None
