@@ -29,7 +29,8 @@ class Where(enum.StrEnum):
     FITS = "fits"  # 3. it fits there without evicting anything: loaded there
     EVICT = "evict"  # 3. evicting idle, unpinned models there makes room: loaded there
     QUEUE = "queue"  # 4. it waits there, under that host's fair-swapping rules
-    DOWN = "down"  # no host that is up has it: ready on a host that is down, tried all the same
+    DOWN = "down"  # no host that is up has it: a host that is down and has it (ready there, or
+    # loading, by preference), tried all the same
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,14 +66,21 @@ def place(hosts: Sequence[HostView], replicas: int = 1) -> Placement | None:
     fits without evicting (most room left), then where evicting idle models makes room (whose
     victims were used least recently); (4) else the host where it will fit soonest. A ready model
     all of whose hosts are busy loads another replica where it fits without evicting, while its
-    request goes to a ready one.
+    request goes to a ready one. With no host that is up having it, a host that is down and has
+    it: where it is ready, else loading, else the first.
     """
     usable = [h for h in hosts if h.up and h.has]
     if not usable:
-        # Nothing up has it: a host that is down may still answer for a model loaded there
-        # (its listings fail, its requests may not).
-        down = [h for h in hosts if h.has and h.presence is Presence.READY]
-        return Placement(min(down, key=_load).name, Where.DOWN) if down else None
+        # Nothing up has it: a host that is down may still answer for a model loaded there (its
+        # listings fail, its requests may not) or being loaded; else one that has it says why
+        # nothing can be loaded there, as a lone host would (None would send the request to a
+        # host without the model).
+        down = [h for h in hosts if h.has]
+        if ready := [h for h in down if h.presence is Presence.READY]:
+            return Placement(min(ready, key=_load).name, Where.DOWN)
+        if loading := [h for h in down if h.presence is Presence.LOADING]:
+            return Placement(min(loading, key=_queue).name, Where.DOWN)
+        return Placement(down[0].name, Where.DOWN) if down else None
     holders = [h for h in usable if h.presence is not Presence.ABSENT]
     ready = [h for h in usable if h.presence is Presence.READY]
     if ready:
