@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping, Sequence
 from typing import Any, TypeVar
 
 import anyio
@@ -187,10 +187,12 @@ class ModelManager:
             self.hosts[placement.replica].warm(key)
         return self.hosts[placement.host]
 
-    def elsewhere(self, key: str, upstream: str) -> bool:
-        """Whether a host other than `upstream` that is up has `key`."""
+    def elsewhere(self, key: str, avoid: Collection[str]) -> bool:
+        """Whether a host not in `avoid` that is up has `key`."""
         return any(
-            host.up and key in host.catalog for name, host in self.hosts.items() if name != upstream
+            host.up and key in host.catalog
+            for name, host in self.hosts.items()
+            if name not in avoid
         )
 
     # -- leases -----------------------------------------------------------------------------
@@ -222,9 +224,9 @@ class ModelManager:
                 return await host.acquire(key, disconnected=disconnected, since=arrived)
             except UpstreamUnavailableError as exc:
                 host.upstream_failed(exc)
-                if host.up or not self.elsewhere(key, host.name):
-                    raise
                 avoid.append(host.name)  # it went down meanwhile: another host may serve
+                if host.up or not self.elsewhere(key, avoid):
+                    raise
 
     async def send(self, lease: Lease, call: Callable[[], Awaitable[_A]]) -> _A:
         """Make `call` (a request to the leased model's host) once it is clear to go (§4.1)."""

@@ -80,7 +80,7 @@ async def proxy_request(request: Request[State]) -> Response:
                 # Nothing was sent: the host is down, and another that has the model may
                 # answer (once).
                 manager.upstream_failed(lease.upstream, exc)
-                if down or not manager.elsewhere(key, lease.upstream):
+                if down or not manager.elsewhere(key, [lease.upstream]):
                     raise
                 down = True
             await held.aclose()

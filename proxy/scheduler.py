@@ -361,7 +361,8 @@ class Scheduler:
         else:
             presence = Presence.LEAVING
         budget = self.policy.memory_budget
-        room = budget - self.usage()[1] - model.size_bytes if budget is not None else 2**62
+        # Without a budget, room is what is not used of a nominal one: the emptier host wins.
+        room = (budget if budget is not None else 2**62) - self.usage()[1] - model.size_bytes
         idle = self.idle_victims(model) if presence is Presence.ABSENT else None
         return HostView(
             name=name,

@@ -373,3 +373,18 @@ def test_pinned_models_are_not_victims() -> None:
     s.pin("b", True)
     c = s.place_view("c", "h", up=True, has=True, size=8 * GiB)
     assert (c.idle_victims_used, c.never) == (None, True)  # pins fill both slots
+
+
+def test_without_a_budget_the_emptier_host_has_more_room() -> None:
+    """Hosts with no memory budget and slots to spare: a cold model goes to the one holding
+    less, so that two cold models load on two hosts at once rather than one after the other on
+    the first (the helper's finding: room was a constant, and ties went to the first host)."""
+    busy, empty = make(max_loaded=2), make(max_loaded=2)
+    busy.arrive("a", 0.0)
+    assert busy.decide(0.0) == [sch.Load("a")]  # a is loading there: it holds memory
+    views = [
+        scheduler.place_view("b", name, up=True, has=True, size=4 * GiB)
+        for name, scheduler in (("h0", busy), ("h1", empty))
+    ]
+    assert views[0].room < views[1].room
+    assert place(views) == Placement("h1", Where.FITS)
