@@ -172,6 +172,11 @@ class Host:
             return alone or upstream.last_error is None
         return upstream.current and self._clock() - upstream.last_refresh >= _CATALOG_REFRESH_S
 
+    def ready(self, key: str) -> bool:
+        """`key` is loaded here and taking new requests."""
+        model = self._scheduler.models.get(key)
+        return model is not None and model.phase is sch.Phase.READY
+
     def require_catalog(self) -> None:
         self._upstream.require_catalog()
 

@@ -67,6 +67,10 @@ class ModelManager:
         for host in self.hosts.values():
             for key in settings.models.pinned:
                 host.pin(key, True, report=False)
+        # A pool of one host places everything there, and reads its catalogue as it is.
+        self._only = next(iter(self.hosts.values())) if len(self.hosts) == 1 else None
+        self._merged: Mapping[str, ModelInfo] = {}
+        self._merged_from: tuple[int, ...] = ()
 
     # -- lifetime ---------------------------------------------------------------------------
 
@@ -91,14 +95,22 @@ class ModelManager:
     # -- reading: names and views -----------------------------------------------------------
 
     @property
-    def catalog(self) -> dict[str, ModelInfo]:
+    def catalog(self) -> Mapping[str, ModelInfo]:
         """Every host's catalogue in one (a model's entry from the first host that has it)."""
-        merged: dict[str, ModelInfo] = {}
-        for host in reversed(self.hosts.values()):
-            merged.update(host.catalog)
-        return merged
+        if self._only is not None:
+            return self._only.catalog
+        # Each listing that is read makes a new catalogue: merge again only then.
+        read = tuple(id(host.catalog) for host in self.hosts.values())
+        if read != self._merged_from:
+            merged: dict[str, ModelInfo] = {}
+            for host in reversed(self.hosts.values()):
+                merged.update(host.catalog)
+            self._merged, self._merged_from = merged, read
+        return self._merged
 
-    def _models(self) -> dict[str, Model]:
+    def _models(self) -> Mapping[str, Model]:
+        if self._only is not None:
+            return self._only.models
         merged: dict[str, Model] = {}
         for host in reversed(self.hosts.values()):
             merged.update(host.models)
@@ -177,6 +189,13 @@ class ModelManager:
         return place(views, self._settings.models.replicas_of(key))
 
     def _placement(self, key: str, avoid: Sequence[str] = ()) -> Host:
+        if self._only is not None:
+            return self._only
+        if not avoid and self._settings.models.replicas_of(key) == 1:
+            # The common case, as `place` would decide it: ready on one host that is up.
+            ready = [host for host in self.hosts.values() if host.up and host.ready(key)]
+            if len(ready) == 1:
+                return ready[0]
         placement = self._place(key, avoid)
         if placement is None:
             # No host that is up has it, nor holds it ready: the queue of one that has it
