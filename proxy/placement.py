@@ -29,7 +29,8 @@ class Where(enum.StrEnum):
     FITS = "fits"  # 3. it fits there without evicting anything: loaded there
     EVICT = "evict"  # 3. evicting idle, unpinned models there makes room: loaded there
     QUEUE = "queue"  # 4. it waits there, under that host's fair-swapping rules
-    DOWN = "down"  # no host that is up has it: ready on a host that is down, tried all the same
+    DOWN = "down"  # no host that is up has it: on a host that is down that has it (ready
+    # there, tried all the same; else it answers that it is down)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,9 +71,10 @@ def place(hosts: Sequence[HostView], replicas: int = 1) -> Placement | None:
     usable = [h for h in hosts if h.up and h.has]
     if not usable:
         # Nothing up has it: a host that is down may still answer for a model loaded there
-        # (its listings fail, its requests may not).
-        down = [h for h in hosts if h.has and h.presence is Presence.READY]
-        return Placement(min(down, key=_load).name, Where.DOWN) if down else None
+        # (its listings fail, its requests may not); else one that has it says it is down.
+        down = [h for h in hosts if h.has]
+        ready = [h for h in down if h.presence is Presence.READY]
+        return Placement(min(ready or down, key=_load).name, Where.DOWN) if down else None
     holders = [h for h in usable if h.presence is not Presence.ABSENT]
     ready = [h for h in usable if h.presence is Presence.READY]
     if ready:
