@@ -1018,12 +1018,12 @@ class Injector:
         503 upstream_unavailable). Once back, the proxy sees it up within a poll, and it answers
         a request again within seconds: a client's, or else one for the model only it has."""
         away_s = self.rng.uniform(*AWAY_S)
+        await host.stop()  # uvicorn's second of grace for open responses, then cut
+        for instance_id in list(host.emulator.instances):
+            host.emulator.unload_instance(instance_id)
+        self.calm(host)
         self.tally.meanwhile = meanwhile = Counter[str]()
         try:
-            await host.stop()  # uvicorn's second of grace for open responses, then cut
-            for instance_id in list(host.emulator.instances):
-                host.emulator.unload_instance(instance_id)
-            self.calm(host)
             await anyio.sleep(away_s)
             await host.start()
         finally:
@@ -1600,7 +1600,7 @@ async def test_soak_under_faults_loses_nothing(
             f"JIT bursts of {BURST} requests, LM Studio's loads of the model each: "
             f"{', '.join(tally.bursts) or 'none'}",
             f"unloads during a load: {'; '.join(tally.unloads) or 'none'}",
-            "hosts away and back: " + ("none" if not tally.aways else ""),
+            f"hosts away and back: {len(tally.aways) or 'none'}",
             *(f"  {away}" for away in tally.aways),
             f"in-flight gauges at 0 after the last client left: {seconds(zero_s)}; after clients "
             f"left before the first byte: {', '.join(map(seconds, tally.early_zero_s)) or '-'}",
