@@ -596,7 +596,7 @@ class Tally:
     aways: list[str] = field(default_factory=list)  # hosts gone and back, as it went
     # Answers by the host that gave them (`x-lmswitch-upstream`): "a 200", "b error", "none
     # error" (the proxy's own, before any host); when each host last answered 200; while a
-    # host is away, the answers that came meanwhile, the same way.
+    # host is away, the outcomes of the requests that ended meanwhile, by host.
     by_host: Counter[str] = field(default_factory=Counter)
     answered_at: dict[str, float] = field(default_factory=dict)
     meanwhile: Counter[str] | None = None
@@ -614,8 +614,6 @@ class Tally:
         """An answer's status and the host it names."""
         answer = f"{upstream or 'none'} {'200' if status == 200 else 'error'}"
         self.by_host[answer] += 1
-        if self.meanwhile is not None:
-            self.meanwhile[answer] += 1
         if status == 200 and upstream is not None:
             self.answered_at[upstream] = anyio.current_time()
 
@@ -753,8 +751,9 @@ async def exchange(
     leave_after: int,
     request_id: str,
     tally: Tally,
-) -> str:
-    """One request; the outcome, or `Malformed`. Its status and host go to `tally.answered`."""
+) -> tuple[str, str | None]:
+    """One request; the outcome and the host that answered (None if the proxy did, before
+    any host), or `Malformed`. Its status and host go to `tally.answered` as they come."""
     body, headers = endpoint.body(model), {"x-request-id": request_id}
     try:
         async with http.stream("POST", endpoint.path, json=body, headers=headers) as response:
@@ -762,13 +761,14 @@ async def exchange(
                 raise Malformed("no x-request-id")
             if echoed != request_id:  # pragma: no cover - the proxy echoes the client's id
                 raise Malformed(f"x-request-id {echoed!r} for a request sent as {request_id!r}")
-            tally.answered(response.status_code, response.headers.get("x-lmswitch-upstream"))
+            upstream = response.headers.get("x-lmswitch-upstream")
+            tally.answered(response.status_code, upstream)
             if response.status_code != 200:
                 raw = await response.aread()
-                return check_error(endpoint, response.status_code, response.headers, raw)
+                return check_error(endpoint, response.status_code, response.headers, raw), upstream
             if endpoint.stream:
-                return await check_stream(endpoint, response, leave_after)
-            return check_answer(endpoint, _json(await response.aread()))
+                return await check_stream(endpoint, response, leave_after), upstream
+            return check_answer(endpoint, _json(await response.aread())), upstream
     except httpx2.TransportError as exc:
         raise Malformed(f"the connection failed: {exc!r}") from None
 
@@ -809,12 +809,14 @@ async def ask(
     """One request, judged: its outcome tallied (None if it failed), its time held against its
     bound; `forwards(request_id)` says how often LM Studio saw it."""
     what = f"{request_id} {endpoint.name} {model}"
-    outcome = "client cancelled"
+    outcome, upstream = "client cancelled", None
     started = anyio.current_time()
     with anyio.move_on_after(DEADLINE_S) as deadline:
         try:
             with anyio.move_on_after(cancel_after_s):
-                outcome = await exchange(http, endpoint, model, leave_after, request_id, tally)
+                outcome, upstream = await exchange(
+                    http, endpoint, model, leave_after, request_id, tally
+                )
         except Malformed as exc:
             forwards(request_id)
             tally.fail(f"{what}: {exc}")
@@ -824,6 +826,8 @@ async def ask(
         tally.fail(f"{what}: no answer within {DEADLINE_S:g} s")
         return None
     tally.outcomes[outcome] += 1
+    if tally.meanwhile is not None:
+        tally.meanwhile[f"{upstream or 'none'}: {outcome}"] += 1
     if outcome != "client cancelled":
         tally.timed(f"{what}: {outcome}, LM Studio saw it {seen}x", took_s, bound_s(seen))
     return outcome
@@ -1018,6 +1022,7 @@ class Injector:
         503 upstream_unavailable). Once back, the proxy sees it up within a poll, and it answers
         a request again within seconds: a client's, or else one for the model only it has."""
         away_s = self.rng.uniform(*AWAY_S)
+        during = self._during()
         await host.stop()  # uvicorn's second of grace for open responses, then cut
         for instance_id in list(host.emulator.instances):
             host.emulator.unload_instance(instance_id)
@@ -1052,12 +1057,12 @@ class Injector:
         answers = listed(meanwhile)
         work = "no answer" if took_s is None else f"answered {how} {took_s:.2f} s after"
         self.tally.aways.append(
-            f"{host.name} away {away_s:.1f} s (meanwhile: {answers}); up {seconds(up_s)} after "
-            f"it came back, {work}"
+            f"{host.name} away {away_s:.1f} s during {during}; up {seconds(up_s)} after it came "
+            f"back, {work}; meanwhile: {answers}"
         )
         if up_s is None or took_s is None:
             self.tally.flag(
-                f"host {host.name}, back after {away_s:.1f} s away (during {self._during()}): up "
+                f"host {host.name}, back after {away_s:.1f} s away (during {during}): up "
                 f"{seconds(up_s)} after (bound {UP_BOUND_S:g} s), {work}"
             )
 
