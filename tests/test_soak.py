@@ -1129,12 +1129,23 @@ class Injector:
         requests already on their way find it gone before the proxy can know.)"""
         await self._outlast(host, "silent", "hang_listings")  # LM Studio answers, and may load
         key, endpoint = PROBE, CHAT
-        await self._admin("load")  # if it cannot load now, the burst finds it not loaded
-        # Idle: the proxy trusts an answer or a load for FRESH_S, and a model gone within that
-        # window is as unseeable as one gone under a request on its way (docs/design.md §4.1).
-        await anyio.sleep(FRESH_S + 0.05)
-        burst = f"burst-{next(self._serial)}"
         emulator = host.emulator
+        await self._admin("load")  # if it cannot load now, the burst finds it not loaded
+        # Idle: the proxy trusts a confirmation of the model for FRESH_S (its load, an answer,
+        # or a listing that showed it, as of when the listing began), and a model gone within
+        # that window is as unseeable as one gone under a request on its way (docs/design.md
+        # §4.1). So it goes once that long has passed since the load and since the last listing
+        # LM Studio answered (on a quiet host one poll in two came within it), with nothing
+        # awaited between that check and the unload.
+        await anyio.sleep(FRESH_S + 0.05)
+        with anyio.move_on_after(2 * POLL_S + 1) as listed:
+            # Time passing, not an event: sleep until then, and again if LM Studio listed.
+            while (left_s := emulator.listed_at + FRESH_S + 0.05 - time.monotonic()) >= 0:  # noqa: ASYNC110
+                await anyio.sleep(left_s + 0.01)
+        if listed.cancelled_caught:  # pragma: no cover - the proxy lists once a poll at rest
+            self.tally.bursts.append(f"{key}: not judged, the proxy listed it without a pause")
+            return
+        burst = f"burst-{next(self._serial)}"
         jit, shares = emulator.jit, emulator.jit_shares_loads
         emulator.jit, emulator.jit_shares_loads = True, False
 
