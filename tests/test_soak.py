@@ -1,13 +1,15 @@
-"""A soak under faults: many clients, models and endpoints while LM Studio misbehaves.
+"""A soak under faults: many clients, models and endpoints while a pool of two LM Studio hosts
+misbehaves.
 
 Nothing may be lost: every request ends with a complete answer or a well-formed error before its
 deadline and within its own bound (`bound_s`), leases and gauges return to zero (the in-flight
-gauges within a second of the last client leaving), the proxy never makes LM Studio unload an
-instance that is answering, run two loads at once (its own, or JIT loads its forwarded requests
-cause; a burst for a model gone behind its back loads it once) or load a model it had seen
-loaded, an operator's unload during a load answers once the model is unloaded, its view of the
-loaded models matches LM Studio's within a poll interval once the faults stop, and file
-descriptors and memory come back to where they were.
+gauges within a second of the last client leaving), the proxy never makes an LM Studio unload an
+instance that is answering, run two loads at once on one host (its own, or JIT loads its
+forwarded requests cause; a burst for a model gone behind its back loads it once; loads on
+different hosts may run at once) or load a model it had seen loaded, an operator's unload during
+a load answers once the model is unloaded, its view of the loaded models matches the hosts'
+within a poll interval once the faults stop, a host that went away takes work again within
+seconds of coming back, and file descriptors and memory come back to where they were.
 
 About a minute by default; `uv run pytest -s tests/test_soak.py --soak-minutes 10` runs longer.
 The summary is printed (shown with `-s`) and written to `soak-summary.txt` in the test's tmp_path.
@@ -57,9 +59,34 @@ CATALOG = (
     *DEFAULT_CATALOG,
     CatalogModel(PROBE, "llm", "soak", "Probe 135M", "llama", "Q8_0", 8, 145_000_000, "135M", 8192),
 )
-# Llama fits beside Gemma or Qwen, and the small embedding model beside any one; Gemma and Qwen
-# never fit together. The proxy's budget is LM Studio's memory, so its own loads always fit.
-MEMORY_BYTES = 6_000_000_000
+
+
+@dataclass(frozen=True)
+class HostPlan:
+    """One LM Studio host of the soak's pool."""
+
+    name: str
+    only: str  # the one model no other host has
+    memory_bytes: int  # its LM Studio's memory, and the proxy's budget for it
+    max_loaded: int
+
+    def catalog(self) -> tuple[CatalogModel, ...]:
+        """Every model but those only the other hosts have."""
+        theirs = {plan.only for plan in HOSTS if plan is not self}
+        return tuple(model for model in CATALOG if model.key not in theirs)
+
+    def upstream(self, url: str) -> dict[str, Any]:
+        """Its entry in the proxy's `upstreams`."""
+        limits = {"memory_budget": self.memory_bytes, "max_loaded": self.max_loaded}
+        return {"name": self.name, "base_url": url, **limits}
+
+
+# The pool: most models on both hosts. Host a has the probe model, and holds two models in 6 GB
+# (Llama fits beside Qwen, the small embedding model beside any one); host b has Gemma, and
+# holds one model at a time in 5 GB. Three places for the clients' four models: the hosts keep
+# swapping, and placement has real choices. Each host's budget is its LM Studio's memory, so
+# the proxy's own loads always fit.
+HOSTS = (HostPlan("a", PROBE, 6_000_000_000, 2), HostPlan("b", GEMMA, 5_000_000_000, 1))
 CLIENTS = 24
 REPLY_TOKENS = 12
 TOKEN_DELAY_S = 0.02
@@ -76,7 +103,6 @@ SECTIONS: dict[str, Any] = {
         "read_timeout": READ_TIMEOUT_S,
         "connect_timeout": 1.0,
     },
-    "models": {"max_loaded": 2, "memory_budget": MEMORY_BYTES},
     "scheduler": {"queue_timeout": QUEUE_TIMEOUT_S, "swap_grace": 0.5},
 }
 # The longest a request may take: two queue waits (a model unloaded behind the proxy's back is
@@ -96,6 +122,11 @@ UNLOAD_BOUND_S = 3 * CARD_LOAD_S  # a few load times, well under the queue timeo
 GAUGES = ("lmswitch_in_flight_requests", "lmswitch_queued_requests")
 # uvicorn closes idle keep-alive connections after 5 s; the proxy's pool expires its own after 4.
 KEEPALIVE_EXPIRY_S = 5.5
+AWAY_S = (1.0, 3.0)  # a host gone (its server stopped) this long, then back with nothing loaded
+# A host back is up again within a poll (its listings are retried every poll interval while it
+# is away), and the listing itself.
+UP_BOUND_S = POLL_S + 1.0
+NATURAL_S = 2.0  # how long a host back waits for the clients' requests before one is sent to it
 
 
 # --- an emulator that watches what the proxy makes LM Studio do --------------------------------
@@ -146,6 +177,7 @@ class WatchedEmulator(Emulator):
     `findings` are the proxy's faults: a REST unload of an instance that is streaming an answer
     to a client still reading it (`judge` decides once the streams have ended); a load or unload
     call while a load runs (also one the proxy stopped waiting for: LM Studio goes on with it);
+    a load of a model this LM Studio does not have (another host of the pool may);
     a load running beside another where either is a JIT load (every load in the soak is the
     proxy's, or its forwarded request's); a second instance of a model loaded while its first
     load still ran; a REST load of a model that every listing since the proxy's last call showed
@@ -375,6 +407,8 @@ class WatchedEmulator(Emulator):
             return await super()._load_endpoint(request, body)
         self.rest_loads += 1
         self._no_load_running("a load", key)
+        if key not in self.catalog:  # the proxy has read which models this LM Studio has
+            self.findings.append(f"the proxy asked to load {key}, which this LM Studio lacks")
         before = {i.id for i in self.instances.values() if i.key == key}
         before |= {i for i, model in self._loading.items() if model.key == key}
         after_abandoned = any(c.abandoned and c.model == key for c in self.load_calls)
@@ -438,14 +472,17 @@ class WatchedEmulator(Emulator):
         super()._unload(instance_id, counted=counted)
 
 
-# --- the upstream server, stopped and started at will -------------------------------------------
+# --- the hosts: upstream servers, stopped and started at will ----------------------------------
 
 
 class Upstream:
-    """The emulator served on one port, which a fault stops and starts again."""
+    """One host of the pool: its emulator served on one port, which a fault stops and starts
+    again; `only` is the model no other host has."""
 
-    def __init__(self, emulator: Emulator, tg: TaskGroup) -> None:
-        self._emulator = emulator
+    def __init__(self, name: str, emulator: WatchedEmulator, only: str, tg: TaskGroup) -> None:
+        self.name = name
+        self.emulator = emulator
+        self.only = only
         self._tg = tg
         self.port = 0  # a free one the first time, then the same
         self._stop: anyio.Event | None = None
@@ -475,7 +512,7 @@ class Upstream:
         self, stop: anyio.Event, stopped: anyio.Event, *, task_status: TaskStatus[None]
     ) -> None:
         try:
-            async with serve(self._emulator.app, port=self.port) as url:
+            async with serve(self.emulator.app, port=self.port) as url:
                 self.port = int(url.rsplit(":", 1)[1])
                 task_status.started()
                 await stop.wait()
@@ -556,6 +593,13 @@ class Tally:
     bursts: list[str] = field(default_factory=list)  # loads per JIT burst, by model
     early_zero_s: list[float | None] = field(default_factory=list)  # gauges after early leavers
     unloads: list[str] = field(default_factory=list)  # unloads during a load, as they went
+    aways: list[str] = field(default_factory=list)  # hosts gone and back, as it went
+    # Answers by the host that gave them (`x-lmswitch-upstream`): "a 200", "b error", "none
+    # error" (the proxy's own, before any host); when each host last answered 200; while a
+    # host is away, the outcomes of the requests that ended meanwhile, by host.
+    by_host: Counter[str] = field(default_factory=Counter)
+    answered_at: dict[str, float] = field(default_factory=dict)
+    meanwhile: Counter[str] | None = None
 
     def fail(self, what: str) -> None:
         self.outcomes["FAILED"] += 1
@@ -565,6 +609,13 @@ class Tally:
         """A failed check (the request itself is counted by its outcome)."""
         if len(self.failures) < 40:
             self.failures.append(what)
+
+    def answered(self, status: int, upstream: str | None) -> None:
+        """An answer's status and the host it names."""
+        answer = f"{upstream or 'none'} {'200' if status == 200 else 'error'}"
+        self.by_host[answer] += 1
+        if status == 200 and upstream is not None:
+            self.answered_at[upstream] = anyio.current_time()
 
     def timed(self, what: str, took_s: float, bound_s: float) -> None:
         timed = Timed(took_s, bound_s, what)
@@ -694,9 +745,15 @@ async def check_stream(endpoint: Endpoint, response: httpx2.Response, leave_afte
 
 
 async def exchange(
-    http: httpx2.AsyncClient, endpoint: Endpoint, model: str, leave_after: int, request_id: str
-) -> str:
-    """One request; the outcome, or `Malformed`."""
+    http: httpx2.AsyncClient,
+    endpoint: Endpoint,
+    model: str,
+    leave_after: int,
+    request_id: str,
+    tally: Tally,
+) -> tuple[str, str | None]:
+    """One request; the outcome and the host that answered (None if the proxy did, before
+    any host), or `Malformed`. Its status and host go to `tally.answered` as they come."""
     body, headers = endpoint.body(model), {"x-request-id": request_id}
     try:
         async with http.stream("POST", endpoint.path, json=body, headers=headers) as response:
@@ -704,12 +761,14 @@ async def exchange(
                 raise Malformed("no x-request-id")
             if echoed != request_id:  # pragma: no cover - the proxy echoes the client's id
                 raise Malformed(f"x-request-id {echoed!r} for a request sent as {request_id!r}")
+            upstream = response.headers.get("x-lmswitch-upstream")
+            tally.answered(response.status_code, upstream)
             if response.status_code != 200:
                 raw = await response.aread()
-                return check_error(endpoint, response.status_code, response.headers, raw)
+                return check_error(endpoint, response.status_code, response.headers, raw), upstream
             if endpoint.stream:
-                return await check_stream(endpoint, response, leave_after)
-            return check_answer(endpoint, _json(await response.aread()))
+                return await check_stream(endpoint, response, leave_after), upstream
+            return check_answer(endpoint, _json(await response.aread())), upstream
     except httpx2.TransportError as exc:
         raise Malformed(f"the connection failed: {exc!r}") from None
 
@@ -750,12 +809,14 @@ async def ask(
     """One request, judged: its outcome tallied (None if it failed), its time held against its
     bound; `forwards(request_id)` says how often LM Studio saw it."""
     what = f"{request_id} {endpoint.name} {model}"
-    outcome = "client cancelled"
+    outcome, upstream = "client cancelled", None
     started = anyio.current_time()
     with anyio.move_on_after(DEADLINE_S) as deadline:
         try:
             with anyio.move_on_after(cancel_after_s):
-                outcome = await exchange(http, endpoint, model, leave_after, request_id)
+                outcome, upstream = await exchange(
+                    http, endpoint, model, leave_after, request_id, tally
+                )
         except Malformed as exc:
             forwards(request_id)
             tally.fail(f"{what}: {exc}")
@@ -765,6 +826,8 @@ async def ask(
         tally.fail(f"{what}: no answer within {DEADLINE_S:g} s")
         return None
     tally.outcomes[outcome] += 1
+    if tally.meanwhile is not None:
+        tally.meanwhile[f"{upstream or 'none'}: {outcome}"] += 1
     if outcome != "client cancelled":
         tally.timed(f"{what}: {outcome}, LM Studio saw it {seen}x", took_s, bound_s(seen))
     return outcome
@@ -807,15 +870,18 @@ async def client(
 
 class Injector:
     """Random faults, each on its own, every 1.2 s on average, dealt from a shuffled deck (so
-    that every kind comes up, and in every order). A lasting fault clears itself; a fault that
-    sends requests of its own (through `http`, to the proxy) waits for them, each within its
-    deadline, or leaves a probe running in the injector's task group."""
+    that every kind comes up, and in every order), each on one host of the pool: one picked at
+    random, or for the cards that judge the probe model's requests, the host that has it. A
+    lasting fault clears itself; a fault that sends requests of its own (through `http`, to the
+    proxy) waits for them, each within its deadline, or leaves a probe running in the
+    injector's task group."""
 
     FAULTS = (
         "fail_loads",
         "slow_loads",
         "cut_streams",
         "restart",
+        "host_away",
         "unload_behind",
         "load_behind",
         "hang_listings",
@@ -824,126 +890,205 @@ class Injector:
         "leave_early",
         "unload_during_load",
     )
+    # The cards about the probe model's requests act on its host.
+    ON_PROBE_HOST = frozenset({"jit_burst", "leave_early", "unload_during_load"})
 
     def __init__(
         self,
-        emulator: WatchedEmulator,
-        upstream: Upstream,
+        hosts: tuple[Upstream, ...],
         rng: random.Random,
         tally: Tally,
         http: httpx2.AsyncClient,
     ) -> None:
-        self.emulator = emulator
-        self.upstream = upstream
+        self.hosts = hosts
+        self.probe_host = next(host for host in hosts if host.only == PROBE)
         self.rng = rng
         self.tally = tally
         self.http = http
-        self._until: dict[str, float] = {}  # when a lasting fault ends
+        self._until: dict[tuple[str, Upstream], float] = {}  # when a lasting fault ends
         self._deck: list[str] = []
         self._restarts = 0
         self._serial = itertools.count()  # for the request ids of the faults' own requests
         self._probes: TaskGroup | None = None
 
+    def forwarded(self, request_id: str) -> int:
+        """How often the hosts' LM Studios received the request, forgetting it."""
+        return sum(host.emulator.forwarded(request_id) for host in self.hosts)
+
     async def run(self, until: Callable[[], bool]) -> None:
         async with anyio.create_task_group() as self._probes:
             while not until():
                 await anyio.sleep(0.1)
-                self.emulator.calls.clear()  # its record of every call would only grow
+                for host in self.hosts:
+                    host.emulator.calls.clear()  # its record of every call would only grow
                 now = anyio.current_time()
                 for knob in [k for k, end in self._until.items() if end <= now]:
-                    self._revert(knob)
+                    self._revert(*knob)
                 if self.rng.random() < 0.1 / 1.2:
                     if not self._deck:
                         self._deck = self.rng.sample(self.FAULTS, len(self.FAULTS))
                     fault = self._deck.pop()
-                    self.tally.faults[fault] += 1
-                    await getattr(self, fault)()
-            self.calm()  # a restart ends before the loop goes on: LM Studio is up
+                    on_probe_host = fault in self.ON_PROBE_HOST
+                    host = self.probe_host if on_probe_host else self.rng.choice(self.hosts)
+                    self.tally.faults[f"{fault}@{host.name}"] += 1
+                    await getattr(self, fault)(host)
+            for host in self.hosts:
+                self.calm(host)  # a restart ends before the loop goes on: every host is up
 
-    def _revert(self, knob: str) -> None:
-        del self._until[knob]
+    def _revert(self, knob: str, host: Upstream) -> None:
+        del self._until[knob, host]
+        emulator = host.emulator
         if knob == "slow_loads":
-            self.emulator.load_delay_s = LOAD_DELAY_S
+            emulator.load_delay_s = LOAD_DELAY_S
         elif knob == "cut_streams":
-            self.emulator.cut_streams_after = None
+            emulator.cut_streams_after = None
         elif knob == "hang_listings":
-            self.emulator.hang_listings = False
+            emulator.hang_listings = False
         else:
-            self.emulator.silent = False
+            emulator.silent = False
 
-    async def _outlast(self, *knobs: str) -> None:
-        """Wait for these lasting faults to end (each within seconds), and end them."""
+    def _last(self, knob: str, host: Upstream, low_s: float, high_s: float) -> None:
+        """A lasting fault on `host` ends in `low_s` to `high_s` from now."""
+        self._until[knob, host] = anyio.current_time() + self.rng.uniform(low_s, high_s)
+
+    async def _outlast(self, host: Upstream, *knobs: str) -> None:
+        """Wait for these lasting faults on `host` to end (each within seconds), and end them."""
         for knob in knobs:
-            if (end := self._until.get(knob)) is not None:
+            if (end := self._until.get((knob, host))) is not None:
                 await anyio.sleep(max(0.0, end - anyio.current_time()))
-                self._revert(knob)
+                self._revert(knob, host)
 
-    def calm(self) -> None:
-        """Every fault ends."""
-        self._until.clear()
-        self.emulator.load_delay_s = LOAD_DELAY_S
-        self.emulator.cut_streams_after = None
-        self.emulator.fail_next_loads = 0
-        self.emulator.hang_listings = self.emulator.silent = False
+    def calm(self, host: Upstream) -> None:
+        """Every fault on `host` ends."""
+        for knob in [knob for knob in self._until if knob[1] is host]:
+            del self._until[knob]
+        emulator = host.emulator
+        emulator.load_delay_s = LOAD_DELAY_S
+        emulator.cut_streams_after = None
+        emulator.fail_next_loads = 0
+        emulator.hang_listings = emulator.silent = False
+
+    def _during(self) -> str:
+        """The lasting faults now, for a flag."""
+        return ", ".join(sorted(f"{k}@{h.name}" for k, h in self._until)) or "no lasting fault"
 
     def _request_id(self, fault: str) -> str:
         return f"{fault}-{next(self._serial)}"
 
-    async def fail_loads(self) -> None:
-        self.emulator.fail_next_loads += self.rng.randint(1, 2)
+    async def fail_loads(self, host: Upstream) -> None:
+        host.emulator.fail_next_loads += self.rng.randint(1, 2)
 
-    async def slow_loads(self) -> None:
-        self.emulator.load_delay_s = SLOW_LOAD_S
-        self._until["slow_loads"] = anyio.current_time() + self.rng.uniform(1, 3)
+    async def slow_loads(self, host: Upstream) -> None:
+        host.emulator.load_delay_s = SLOW_LOAD_S
+        self._last("slow_loads", host, 1, 3)
 
-    async def cut_streams(self) -> None:
-        self.emulator.cut_streams_after = self.rng.randint(0, 4)
-        self._until["cut_streams"] = anyio.current_time() + self.rng.uniform(0.5, 2)
+    async def cut_streams(self, host: Upstream) -> None:
+        host.emulator.cut_streams_after = self.rng.randint(0, 4)
+        self._last("cut_streams", host, 0.5, 2)
 
-    async def restart(self) -> None:
+    async def restart(self, host: Upstream) -> None:
         """LM Studio goes away for a while. Every other time it comes back with nothing loaded
         (restarted, not just unreachable), and either way with JIT loading on or off."""
-        await self.upstream.stop()
+        await host.stop()
         self._restarts += 1
         if self._restarts % 2:
             self.tally.faults["restart: nothing loaded"] += 1
-            for instance_id in list(self.emulator.instances):
-                self.emulator.unload_instance(instance_id)
-        self.emulator.jit = self.rng.random() < 0.7
+            for instance_id in list(host.emulator.instances):
+                host.emulator.unload_instance(instance_id)
+        host.emulator.jit = self.rng.random() < 0.7
         await anyio.sleep(self.rng.uniform(0.1, 1.0))
-        await self.upstream.start()
+        await host.start()
 
-    async def unload_behind(self) -> None:
-        loaded = list(self.emulator.instances)
+    async def unload_behind(self, host: Upstream) -> None:
+        loaded = list(host.emulator.instances)
         for instance_id in self.rng.sample(loaded, min(1, len(loaded))):
-            self.emulator.unload_instance(instance_id)
+            host.emulator.unload_instance(instance_id)
 
-    async def load_behind(self) -> None:
+    async def load_behind(self, host: Upstream) -> None:
         """Mostly a model that is not loaded (clients will soon ask for it), else another copy."""
-        models = [*TEXT_MODELS, NOMIC]
-        absent = [m for m in models if m not in self.emulator.view()]
+        emulator = host.emulator
+        models = [m for m in (*TEXT_MODELS, NOMIC) if m in emulator.catalog]
+        absent = [m for m in models if m not in emulator.view()]
         chosen = self.rng.choice(absent if absent and self.rng.random() < 0.7 else models)
-        self.emulator.load_instance(chosen, jit=True)
+        emulator.load_instance(chosen, jit=True)
+
+    # a host gone, and back
+
+    async def host_away(self, host: Upstream) -> None:
+        """A host goes away for 1-3 s (its server stops: connections refused, running streams
+        broken off) and comes back on its port with nothing loaded and none of its faults, as a
+        restarted LM Studio. Meanwhile requests are answered within their bounds as ever (by
+        the other host for the models it has; one for a model only the host away has may get
+        503 upstream_unavailable). Once back, the proxy sees it up within a poll, and it answers
+        a request again within seconds: a client's, or else one for the model only it has."""
+        away_s = self.rng.uniform(*AWAY_S)
+        during = self._during()
+        await host.stop()  # uvicorn's second of grace for open responses, then cut
+        for instance_id in list(host.emulator.instances):
+            host.emulator.unload_instance(instance_id)
+        self.calm(host)
+        self.tally.meanwhile = meanwhile = Counter[str]()
+        try:
+            await anyio.sleep(away_s)
+            await host.start()
+        finally:
+            self.tally.meanwhile = None
+        back = anyio.current_time()
+        up_s = await wait_until(partial(self._host_up, host), UP_BOUND_S)
+
+        def answered_s() -> float | None:
+            at = self.tally.answered_at.get(host.name, -math.inf)
+            return at - back if at > back else None
+
+        async def answered() -> bool:
+            return answered_s() is not None
+
+        how = "a client's request"
+        if await wait_until(answered, NATURAL_S) is None:
+            how = f"a request for {host.only}"
+            for _ in range(2):  # the first may wait out the queue behind its other models
+                request_id = self._request_id(f"back-{host.name}")
+                await ask(
+                    self.http, self.tally, request_id, CHAT, host.only, forwards=self.forwarded
+                )
+                if await answered():
+                    break
+        took_s = answered_s()
+        answers = listed(meanwhile)
+        work = "no answer" if took_s is None else f"answered {how} {took_s:.2f} s after"
+        self.tally.aways.append(
+            f"{host.name} away {away_s:.1f} s during {during}; up {seconds(up_s)} after it came "
+            f"back, {work}; meanwhile: {answers}"
+        )
+        if up_s is None or took_s is None:
+            self.tally.flag(
+                f"host {host.name}, back after {away_s:.1f} s away (during {during}): up "
+                f"{seconds(up_s)} after (bound {UP_BOUND_S:g} s), {work}"
+            )
+
+    async def _host_up(self, host: Upstream) -> bool:
+        status = (await self.http.get("/api/v1/status")).json()
+        return any(row["name"] == host.name and row["up"] for row in status["upstreams"])
 
     # LM Studio hung
 
-    async def hang_listings(self) -> None:
+    async def hang_listings(self, host: Upstream) -> None:
         """LM Studio's model listings hang while inference works; a probe waits on one."""
-        self.emulator.hang_listings = True
-        self._until["hang_listings"] = anyio.current_time() + self.rng.uniform(*HANG_S)
+        host.emulator.hang_listings = True
+        self._last("hang_listings", host, *HANG_S)
         assert self._probes is not None
         self._probes.start_soon(self._unknown_model)
 
-    async def silent(self) -> None:
+    async def silent(self, host: Upstream) -> None:
         """LM Studio accepts connections and answers nothing; a probe waits on a listing."""
-        self.emulator.silent = True
-        self._until["silent"] = anyio.current_time() + self.rng.uniform(*SILENT_S)
+        host.emulator.silent = True
+        self._last("silent", host, *SILENT_S)
         assert self._probes is not None
         self._probes.start_soon(self._unknown_model)
 
     async def _unknown_model(self) -> None:
-        """A request for a model LM Studio does not have: the proxy reads LM Studio's models
-        again before it answers 404 (or 503 if it cannot tell), and that reading hangs.
+        """A request for a model no LM Studio has: the proxy reads the hosts' models again
+        before it answers 404 (or 503 if it cannot tell), and the hung host's reading hangs.
 
         It asks once the proxy's limit of one such reading a second has passed: every reading
         since the fault began hangs, so the last one that ended is older than that.
@@ -973,22 +1118,34 @@ class Injector:
 
     # what the proxy makes LM Studio load
 
-    async def jit_burst(self) -> None:
+    async def jit_burst(self, host: Upstream) -> None:
         """The issue's sequence: a model the proxy loaded goes behind its back while nobody
         uses it, and a burst of requests for it follows at once, with LM Studio's JIT loading
         on and stacking a copy per request: LM Studio must load it once for them all (the
-        proxy's load, or one request's). The probe model, which no client uses, is the one.
+        proxy's load, or one request's). The probe model, which no client uses and only one
+        host has, is the one.
 
         (A model unloaded behind the proxy's back while its requests run is `unload_behind`'s:
         requests already on their way find it gone before the proxy can know.)"""
-        await self._outlast("silent", "hang_listings")  # LM Studio answers, and may load
+        await self._outlast(host, "silent", "hang_listings")  # LM Studio answers, and may load
         key, endpoint = PROBE, CHAT
+        emulator = host.emulator
         await self._admin("load")  # if it cannot load now, the burst finds it not loaded
-        # Idle: the proxy trusts an answer or a load for FRESH_S, and a model gone within that
-        # window is as unseeable as one gone under a request on its way (docs/design.md §4.1).
+        # Idle: the proxy trusts a confirmation of the model for FRESH_S (its load, an answer,
+        # or a listing that showed it, as of when the listing began), and a model gone within
+        # that window is as unseeable as one gone under a request on its way (docs/design.md
+        # §4.1). So it goes once that long has passed since the load and since the last listing
+        # LM Studio answered (on a quiet host one poll in two came within it), with nothing
+        # awaited between that check and the unload.
         await anyio.sleep(FRESH_S + 0.05)
+        with anyio.move_on_after(2 * POLL_S + 1) as listed:
+            # Time passing, not an event: sleep until then, and again if LM Studio listed.
+            while (left_s := emulator.listed_at + FRESH_S + 0.05 - time.monotonic()) >= 0:  # noqa: ASYNC110
+                await anyio.sleep(left_s + 0.01)
+        if listed.cancelled_caught:  # pragma: no cover - the proxy lists once a poll at rest
+            self.tally.bursts.append(f"{key}: not judged, the proxy listed it without a pause")
+            return
         burst = f"burst-{next(self._serial)}"
-        emulator = self.emulator
         jit, shares = emulator.jit, emulator.jit_shares_loads
         emulator.jit, emulator.jit_shares_loads = True, False
 
@@ -996,25 +1153,25 @@ class Injector:
             return emulator.load_count(key), emulator.jit_started[key], emulator.stacked[key]
 
         before = figures()
-        during = ", ".join(sorted(self._until)) or "no lasting fault"
+        during = self._during()
         outcomes: Counter[str | None] = Counter()
 
         async def request(request_id: str) -> None:
-            forwards = self.emulator.forwarded
+            forwards = self.forwarded
             outcomes[
                 await ask(self.http, self.tally, request_id, endpoint, key, forwards=forwards)
             ] += 1
 
         try:
-            for instance in [i.id for i in self.emulator.instances.values() if i.key == key]:
-                self.emulator.unload_instance(instance)
-            self.emulator.gone_behind.pop(key, None)  # idle: the proxy must see to it
+            for instance in [i.id for i in emulator.instances.values() if i.key == key]:
+                emulator.unload_instance(instance)
+            emulator.gone_behind.pop(key, None)  # idle: the proxy must see to it
             emulator.most_copies[key] = 0
             async with anyio.create_task_group() as tg:
                 for n in range(BURST):
                     tg.start_soon(request, f"{burst}.{n}")
         finally:
-            self.emulator.jit, self.emulator.jit_shares_loads = jit, shares
+            emulator.jit, emulator.jit_shares_loads = jit, shares
         # One load after another (the first failed, or the model went again) is no fault; two
         # copies at once, or a load tried while another of the model ran (refused for memory or
         # not), are.
@@ -1026,17 +1183,17 @@ class Injector:
         if copies > 1 or stacked:
             self.tally.flag(
                 f"{burst} ({burst}.0-{BURST - 1}, during {during}): for {BURST} requests at "
-                f"once for {key} after it went behind the proxy's back, LM Studio made "
-                f"{made}; answers: {answers}"
+                f"once for {key} after it went behind the proxy's back, LM Studio {host.name} "
+                f"made {made}; answers: {answers}"
             )
 
     # clients that leave
 
-    async def leave_early(self) -> None:
+    async def leave_early(self, host: Upstream) -> None:
         """Clients that leave before the first byte of their answer, streaming or not, while
         the proxy loads their model or while LM Studio sits on its first token: within a second
         of the last one leaving, no request for the model is counted in flight or queued."""
-        self.emulator.slow_first_token[PROBE] = SLOW_FIRST_TOKEN_S
+        host.emulator.slow_first_token[PROBE] = SLOW_FIRST_TOKEN_S
         ids = f"early-{next(self._serial)}"
         try:
             async with anyio.create_task_group() as tg:
@@ -1044,7 +1201,12 @@ class Injector:
                     upstream = not endpoint.anthropic  # else wherever it is then
                     leave_s = self.rng.uniform(0.02, 0.3 if upstream else 0.6)
                     tg.start_soon(
-                        self._leave_before_first_byte, f"{ids}.{n}", endpoint, leave_s, upstream
+                        self._leave_before_first_byte,
+                        host,
+                        f"{ids}.{n}",
+                        endpoint,
+                        leave_s,
+                        upstream,
                     )
             zero_s = await wait_until(partial(gauges_at_zero, self.http, PROBE), 1.0)
             self.tally.early_zero_s.append(zero_s)
@@ -1057,10 +1219,10 @@ class Injector:
             # The next fault finds every request for the probe model over, LM Studio's too.
             await wait_until(partial(gauges_at_zero, self.http, PROBE), READ_TIMEOUT_S + 1)
         finally:
-            del self.emulator.slow_first_token[PROBE]
+            del host.emulator.slow_first_token[PROBE]
 
     async def _leave_before_first_byte(
-        self, request_id: str, endpoint: Endpoint, leave_s: float, upstream: bool
+        self, host: Upstream, request_id: str, endpoint: Endpoint, leave_s: float, upstream: bool
     ) -> None:
         """Leave `leave_s` after asking, or after LM Studio has the request if `upstream`."""
         body, headers = endpoint.body(PROBE), {"x-request-id": request_id}
@@ -1079,37 +1241,42 @@ class Injector:
             tg.start_soon(send)
             if upstream:
                 with anyio.move_on_after(QUEUE_TIMEOUT_S + 1):  # then it is the proxy's 503
-                    forwards = self.emulator.forwards
-                    await self.emulator.wait_until(lambda: forwards[request_id] > 0, math.inf)
+                    forwards = host.emulator.forwards
+                    await host.emulator.wait_until(lambda: forwards[request_id] > 0, math.inf)
             await anyio.sleep(leave_s)
             tg.cancel_scope.cancel()
-        self.emulator.forwarded(request_id)
+        self.forwarded(request_id)
         self.tally.outcomes[outcome] += 1
 
     # an operator's calls
 
-    async def unload_during_load(self) -> None:
+    async def unload_during_load(self, host: Upstream) -> None:
         """An operator unloads the probe model while the proxy loads it: the unload answers
         once the load has ended and the model is unloaded, within a few load times, and the
         model stays unloaded (no client wants it)."""
-        await self._outlast("silent", "hang_listings")  # LM Studio answers, and may load
-        await wait_until(self._upstream_read, 2 * POLL_S + 1)  # and the proxy has read it again
-        delay_s, self.emulator.load_delay_s = self.emulator.load_delay_s, CARD_LOAD_S
+        await self._outlast(host, "silent", "hang_listings")  # LM Studio answers, and may load
+        await wait_until(partial(self._host_up, host), 2 * POLL_S + 1)  # the proxy read it again
+        emulator = host.emulator
+        delay_s, emulator.load_delay_s = emulator.load_delay_s, CARD_LOAD_S
         try:
             # The load waits its turn behind the clients' models, a queue timeout at most: if
             # it never started, once more.
             for attempt in (1, 2):
-                if await self._unload_during_load() or attempt == 2:
+                if await self._unload_during_load(emulator) or attempt == 2:
                     return
         finally:
-            self.emulator.load_delay_s = delay_s
+            emulator.load_delay_s = delay_s
 
-    async def _unload_during_load(self) -> bool:
+    async def _unload_during_load(self, emulator: WatchedEmulator) -> bool:
         """One attempt; False if the proxy did not get the model loading in time."""
-        if PROBE in self.emulator.view():  # an earlier fault's requests loaded it
+        if PROBE in emulator.view():  # an earlier fault's requests loaded it
             await self._admin("unload")
         load: list[tuple[int, str] | None] = []
         unload: tuple[int, str] | None = None
+
+        def probe_loading() -> bool:
+            return any(call.model == PROBE for call in emulator.load_calls)
+
         async with anyio.create_task_group() as tg:
 
             async def call_load() -> None:
@@ -1117,17 +1284,17 @@ class Injector:
 
             tg.start_soon(call_load)
             with anyio.move_on_after(QUEUE_TIMEOUT_S + 1) as waited:
-                await self.emulator.wait_until(self._probe_loading, math.inf)
+                await emulator.wait_until(probe_loading, math.inf)
             if not waited.cancelled_caught:
                 await anyio.sleep(self.rng.uniform(0.2, 0.4))
-                during = self._probe_loading()
+                during = probe_loading()
                 started = anyio.current_time()
                 unload = await self._admin("unload")
                 took_s = anyio.current_time() - started
         if waited.cancelled_caught:  # the proxy could not load it then: nothing to judge
             self.tally.unloads.append(f"not judged: the load answered {load[0]}")
             return False
-        held = self.emulator.view().get(PROBE)  # once the load call has ended too
+        held = emulator.view().get(PROBE)  # once the load call has ended too
         when = "during its load" if during else "right after its load"
         answer = "no answer" if unload is None else f"{unload[0]} {unload[1]!r}"
         status = "no answer" if unload is None else unload[0]
@@ -1141,13 +1308,6 @@ class Injector:
                 f"and LM Studio then held {held or 'none'}"
             )
         return True
-
-    async def _upstream_read(self) -> bool:
-        status = (await self.http.get("/api/v1/status")).json()
-        return bool(status["upstream"]["reachable"])
-
-    def _probe_loading(self) -> bool:
-        return any(call.model == PROBE for call in self.emulator.load_calls)
 
     async def _admin(self, action: str) -> tuple[int, str] | None:
         """The proxy's `POST /api/v1/models/<action>` of the probe model: status and message."""
@@ -1231,14 +1391,32 @@ async def gauges_at_zero(http: httpx2.AsyncClient, model: str | None = None) -> 
     return not await gauges_left(http, model)
 
 
-async def proxy_view(proxy: Proxy) -> dict[str, list[str]]:
-    """Loaded instance ids by model key, as the proxy sees them."""
+# A model as the pool holds it: the hosts holding it, and the loaded instance ids of the first
+# of them (the proxy's merged row shows the host where the model is most nearly ready, the first
+# in configuration order among equals).
+Held = dict[str, list[str]]
+
+
+async def proxy_view(proxy: Proxy) -> dict[str, Held]:
+    """The loaded models by key, as the proxy sees them."""
     rows = (await proxy.http.get("/api/v1/models")).json()
     return {
-        r["id"]: sorted([r["instance_id"], *r["duplicates"]])
+        r["id"]: {
+            "hosts": sorted(r["upstreams"]),
+            "instances": sorted([r["instance_id"], *r["duplicates"]]),
+        }
         for r in rows
         if r["state"] != "absent"
     }
+
+
+def pool_view(hosts: tuple[Upstream, ...]) -> dict[str, Held]:
+    """The loaded models by key, as the hosts' LM Studios hold them."""
+    view: dict[str, Held] = {}
+    for host in hosts:  # in configuration order
+        for key, instances in host.emulator.view().items():
+            view.setdefault(key, {"hosts": [], "instances": instances})["hosts"].append(host.name)
+    return view
 
 
 async def wait_until(check: Callable[[], Awaitable[bool]], timeout_s: float) -> float | None:
@@ -1312,33 +1490,34 @@ class Settled:
     quiet_s: float | None  # until LM Studio had no load running
     zero_s: float | None  # until no lease, waiter or gauge was left
     left: list[str]  # what was left then
-    converged_s: float | None  # until the proxy's view matched LM Studio's
-    views: tuple[dict[str, list[str]], dict[str, list[str]]]  # the proxy's, LM Studio's
+    converged_s: float | None  # until the proxy's view matched the hosts'
+    views: tuple[dict[str, Held], dict[str, Held]]  # the proxy's, the hosts'
     recovered: list[str]  # requests that failed afterwards
 
 
-async def settle(proxy: Proxy, emulator: WatchedEmulator) -> Settled:
+async def settle(proxy: Proxy, hosts: tuple[Upstream, ...]) -> Settled:
     async def quiet() -> bool:
-        return not emulator.loading
+        return not any(host.emulator.loading for host in hosts)
 
     async def back_to_zero() -> bool:
         return not await leases_left(proxy)
 
     async def views_match() -> bool:
-        return await proxy_view(proxy) == emulator.view()
+        return await proxy_view(proxy) == pool_view(hosts)
 
     quiet_s = await wait_until(quiet, SLOW_LOAD_S + 2)  # a load the proxy gave up on, ending
     zero_s = await wait_until(back_to_zero, READ_TIMEOUT_S + 2)
     left = await leases_left(proxy)
     converged_s = await wait_until(views_match, POLL_S + 1)  # one poll, and the poll itself
-    views = (await proxy_view(proxy), emulator.view())
+    views = (await proxy_view(proxy), pool_view(hosts))
     return Settled(quiet_s, zero_s, left, converged_s, views, await answers_every_model(proxy.url))
 
 
-def counted(samples: dict[tuple[tuple[str, str], ...], float], label: str) -> str:
+def counted(samples: dict[tuple[tuple[str, str], ...], float], *labels: str) -> str:
+    """The samples' values summed by the values of `labels`."""
     totals: Counter[str] = Counter()
-    for labels, value in samples.items():
-        totals[dict(labels)[label]] += int(value)
+    for sample, value in samples.items():
+        totals[" ".join(dict(sample)[label] for label in labels)] += int(value)
     return listed(totals)
 
 
@@ -1357,19 +1536,28 @@ async def test_soak_under_faults_loses_nothing(
     """Clients, models and faults for --soak-minutes: every request answered, nothing leaks."""
     minutes: float = request.config.getoption("--soak-minutes")
     seed = random.SystemRandom().randrange(2**32)
-    emulator = WatchedEmulator(
-        catalog=CATALOG,
-        memory_bytes=MEMORY_BYTES,
-        load_delay_s=LOAD_DELAY_S,
-        token_delay_s=TOKEN_DELAY_S,
-        reply_tokens=REPLY_TOKENS,
-    )
     tally = Tally()
     with counted_logs() as logs:
         async with tracing(), anyio.create_task_group() as servers:
-            upstream = Upstream(emulator, servers)
-            await upstream.start()
-            async with proxy_for(upstream.url, **SECTIONS) as proxy:
+            hosts = tuple(
+                Upstream(
+                    plan.name,
+                    WatchedEmulator(
+                        catalog=plan.catalog(),
+                        memory_bytes=plan.memory_bytes,
+                        load_delay_s=LOAD_DELAY_S,
+                        token_delay_s=TOKEN_DELAY_S,
+                        reply_tokens=REPLY_TOKENS,
+                    ),
+                    plan.only,
+                    servers,
+                )
+                for plan in HOSTS
+            )
+            for host in hosts:
+                await host.start()
+            upstreams = [plan.upstream(h.url) for plan, h in zip(HOSTS, hosts, strict=True)]
+            async with proxy_for(hosts[0].url, upstreams=upstreams, **SECTIONS) as proxy:
                 warm = await answers_every_model(
                     proxy.url
                 )  # every code path once, before measuring
@@ -1386,52 +1574,67 @@ async def test_soak_under_faults_loses_nothing(
                     httpx2.AsyncClient(base_url=proxy.url, timeout=None, limits=limits) as http,
                     anyio.create_task_group() as tg,
                 ):
+                    injector = Injector(hosts, rng, tally, http)
                     for n in range(CLIENTS):
                         rng_n = random.Random(seed + n)  # noqa: S311 - test traffic, not secrets
-                        tg.start_soon(client, http, rng_n, tally, over, f"c{n}", emulator.forwarded)
-                    tg.start_soon(Injector(emulator, upstream, rng, tally, http).run, over)
+                        tg.start_soon(client, http, rng_n, tally, over, f"c{n}", injector.forwarded)
+                    tg.start_soon(injector.run, over)
                 # The last client has left (the faults' own requests too).
                 zero_s = await wait_until(partial(gauges_at_zero, proxy.http), 1.0)
                 ran_s = anyio.current_time() - started
-                settled = await settle(proxy, emulator)
-                emulator.judge()
+                settled = await settle(proxy, hosts)
+                for host in hosts:
+                    host.emulator.judge()
                 await anyio.sleep(KEEPALIVE_EXPIRY_S)  # idle connections expire on both sides...
                 settled.recovered += await answers_every_model(
                     proxy.url
                 )  # ...and the pool drops them
-                emulator.forwards.clear()  # forwards of requests whose clients had left
+                for host in hosts:
+                    host.emulator.forwards.clear()  # forwards of requests whose clients had left
                 fds_after, memory_after, rss_after = open_fds(), traced(), rss_mib()
                 samples = await metric_samples(proxy.http)
-            await upstream.stop()
+            for host in hosts:
+                await host.stop()
 
     requests = sum(tally.outcomes.values())
     grown = memory_after.compare_to(memory_before, "lineno")
     growth_mib = sum(stat.size_diff for stat in grown) / 2**20
+    findings = [f"{host.name}: {finding}" for host in hosts for finding in host.emulator.findings]
+    notes = sum((host.emulator.notes for host in hosts), Counter[str]())
+    loads = samples.get("lmswitch_model_loads_total", {})
     summary = "\n".join(
         [
-            f"soak: {ran_s:.0f} s of load and faults, {CLIENTS} clients, seed {seed}",
+            f"soak: {ran_s:.0f} s of load and faults, {CLIENTS} clients, {len(hosts)} hosts, "
+            f"seed {seed}",
             f"requests: {requests} ({requests / ran_s:.0f}/s)",
             *(f"  {n:7d}  {outcome}" for outcome, n in sorted(tally.outcomes.items())),
             f"by endpoint: {listed(tally.endpoints)}",
+            f"answers by host (x-lmswitch-upstream): {listed(tally.by_host)}",
             f"faults: {listed(tally.faults)}",
             f"longest request: {tally.longest}; closest to its bound: {tally.closest}; "
             f"{tally.late} past their bound",
             f"JIT bursts of {BURST} requests, LM Studio's loads of the model each: "
             f"{', '.join(tally.bursts) or 'none'}",
             f"unloads during a load: {'; '.join(tally.unloads) or 'none'}",
+            f"hosts away and back: {len(tally.aways) or 'none'}",
+            *(f"  {away}" for away in tally.aways),
             f"in-flight gauges at 0 after the last client left: {seconds(zero_s)}; after clients "
             f"left before the first byte: {', '.join(map(seconds, tally.early_zero_s)) or '-'}",
-            f"calls LM Studio never answered (their callers hung up): {emulator.unanswered}",
-            f"loads: {emulator.rest_loads} by the proxy "
-            f"({counted(samples.get('lmswitch_model_loads_total', {}), 'result')}), "
-            f"{emulator.jit_loads} JIT loads by LM Studio; most loads at once: "
-            f"{emulator.most_loads_at_once}",
+            "calls LM Studio never answered (their callers hung up): "
+            + ", ".join(f"{host.name} {host.emulator.unanswered}" for host in hosts),
+            f"loads by the proxy: {counted(loads, 'upstream', 'result')}",
+            *(
+                f"  {host.name}: LM Studio saw {host.emulator.rest_loads} by the proxy, "
+                f"{host.emulator.jit_loads} JIT; most loads at once: "
+                f"{host.emulator.most_loads_at_once}"
+                for host in hosts
+            ),
             "unloads by the proxy: "
-            + counted(samples.get("lmswitch_model_unloads_total", {}), "reason"),
-            f"not the proxy's doing: {listed(emulator.notes)}",
-            f"proxy's faults seen by LM Studio: {len(emulator.findings)}",
+            + counted(samples.get("lmswitch_model_unloads_total", {}), "upstream", "reason"),
+            f"not the proxy's doing: {listed(notes)}",
+            f"proxy's faults seen by LM Studio: {len(findings)}",
             f"log records: {listed(logs.counts)}",
-            *(f"  {finding}" for finding in emulator.findings[:20]),
+            *(f"  {finding}" for finding in findings[:20]),
             f"after the faults: LM Studio quiet in {settled.quiet_s} s, leases back to zero in "
             f"{settled.zero_s} s, views matched in {settled.converged_s} s",
             f"open fds {fds_before} -> {fds_after}; RSS {rss_before:.0f} -> {rss_after:.0f} MiB; "
@@ -1447,9 +1650,10 @@ async def test_soak_under_faults_loses_nothing(
 
     assert not tally.failures, summary
     assert zero_s is not None, summary
-    # Two loads at once are findings, unless one was LM Studio's JIT load for a request on its
-    # way to a model a fault had just unloaded (noted; `most_loads_at_once` counts them too).
-    assert not emulator.findings, summary
+    # Two loads at once on a host are findings, unless one was LM Studio's JIT load for a
+    # request on its way to a model a fault had just unloaded (noted; `most_loads_at_once`
+    # counts them too). Loads on different hosts may run at once.
+    assert not findings, summary
     assert not logs.unhandled(), summary
     assert settled.quiet_s is not None, summary
     assert not settled.left, summary
@@ -1458,7 +1662,7 @@ async def test_soak_under_faults_loses_nothing(
     assert tally.outcomes["200 complete"] > requests / 4, summary
     assert fds_after - fds_before <= 12, summary  # pooled connections, give or take
     assert growth_mib < 4 + minutes, summary
-    # Coarse: the process also holds the emulator, the clients and tracemalloc's own records,
+    # Coarse: the process also holds the emulators, the clients and tracemalloc's own records,
     # and the allocator keeps freed arenas; the traced growth above is the precise check.
     assert rss_after - rss_before < 32, summary
 
