@@ -70,7 +70,7 @@ class ModelManager:
         # A pool of one host places everything there, and reads its catalogue as it is.
         self._only = next(iter(self.hosts.values())) if len(self.hosts) == 1 else None
         self._merged: Mapping[str, ModelInfo] = {}
-        self._merged_from: tuple[int, ...] = ()
+        self._merged_from: tuple[Mapping[str, ModelInfo], ...] = ()
 
     # -- lifetime ---------------------------------------------------------------------------
 
@@ -99,9 +99,12 @@ class ModelManager:
         """Every host's catalogue in one (a model's entry from the first host that has it)."""
         if self._only is not None:
             return self._only.catalog
-        # Each listing that is read makes a new catalogue: merge again only then.
-        read = tuple(id(host.catalog) for host in self.hosts.values())
-        if read != self._merged_from:
+        # Each listing that is read makes a new catalogue: merge again only then (the ones
+        # merged are held, so that a new one is never taken for them).
+        read = tuple(host.catalog for host in self.hosts.values())
+        if any(new is not old for new, old in zip(read, self._merged_from, strict=False)) or (
+            len(read) != len(self._merged_from)
+        ):
             merged: dict[str, ModelInfo] = {}
             for host in reversed(self.hosts.values()):
                 merged.update(host.catalog)
