@@ -9,9 +9,18 @@ through it: `resolve()` for names, `ModelView` rows and `StatusView` for state (
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping, Sequence
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Collection,
+    Coroutine,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from typing import Any, TypeVar
 
 import anyio
@@ -69,8 +78,10 @@ class ModelManager:
                 host.pin(key, True, report=False)
         # A pool of one host places everything there, and reads its catalogue as it is.
         self._only = next(iter(self.hosts.values())) if len(self.hosts) == 1 else None
+        # The hosts' catalogues merged, and the catalogues they were merged from (held, so
+        # that a new one is never taken for one of them): all empty until listings are read.
         self._merged: Mapping[str, ModelInfo] = {}
-        self._merged_from: tuple[Mapping[str, ModelInfo], ...] = ()
+        self._merged_from = tuple(host.catalog for host in self.hosts.values())
 
     # -- lifetime ---------------------------------------------------------------------------
 
@@ -99,33 +110,30 @@ class ModelManager:
         """Every host's catalogue in one (a model's entry from the first host that has it)."""
         if self._only is not None:
             return self._only.catalog
-        # Each listing that is read makes a new catalogue: merge again only then (the ones
-        # merged are held, so that a new one is never taken for them).
+        # Each listing that is read makes a new catalogue: merge again only then.
         read = tuple(host.catalog for host in self.hosts.values())
-        if any(new is not old for new, old in zip(read, self._merged_from, strict=False)) or (
-            len(read) != len(self._merged_from)
-        ):
+        if any(new is not old for new, old in zip(read, self._merged_from, strict=True)):
             merged: dict[str, ModelInfo] = {}
-            for host in reversed(self.hosts.values()):
-                merged.update(host.catalog)
+            for catalog in reversed(read):
+                merged.update(catalog)
             self._merged, self._merged_from = merged, read
         return self._merged
 
-    def _models(self) -> Mapping[str, Model]:
-        if self._only is not None:
-            return self._only.models
-        merged: dict[str, Model] = {}
-        for host in reversed(self.hosts.values()):
-            merged.update(host.models)
-        return merged
+    def _loaded(self) -> Iterator[Model]:
+        """Every host's model records, looked at only for a name no catalogue has."""
+        return itertools.chain.from_iterable(host.models.values() for host in self.hosts.values())
+
+    def _known(self) -> bool:
+        """Some host's models have been read."""
+        return any(host.catalog_known for host in self.hosts.values())
 
     async def resolve(self, name: object) -> Resolved:
         """A client's `model` as a model key and the name to send upstream (docs/design.md
         §3.4); `ModelNotFoundError`, or why LM Studio's models are unknown, if it names none."""
         name, target = names.requested(name, self._settings.models)
-        key = names.find_key(target, self.catalog, self._models())
+        key = names.find_key(target, self.catalog, self._loaded())
         if key is None and await self._refresh_for_unknown():
-            key = names.find_key(target, self.catalog, self._models())
+            key = names.find_key(target, self.catalog, self._loaded())
         if key is None:
             raise names.not_found(name, self.catalog)
         return Resolved(key, target)
@@ -134,7 +142,7 @@ class ModelManager:
         """Read the hosts' models again for an unknown name, each at most once a second and
         not while its listings fail (unless no host's models are known); True if any was read.
         With no host's models known, the first host's reason is raised."""
-        alone = not any(host.catalog_known for host in self.hosts.values())
+        alone = not self._known()
         stale = [host for host in self.hosts.values() if host.worth_reading(alone=alone)]
         if not stale:
             return False
@@ -143,12 +151,12 @@ class ModelManager:
         return True
 
     def _require_catalog(self) -> None:
-        if not any(host.catalog_known for host in self.hosts.values()):
+        if not self._known():
             next(iter(self.hosts.values())).require_catalog()
 
     async def routable(self) -> list[tuple[str, str]]:
         """Every name a client may use, with its model key: the catalogue, then aliases."""
-        if not any(host.catalog_known for host in self.hosts.values()):
+        if not self._known():
             await self._each(list(self.hosts.values()), Host.refresh)
             self._require_catalog()
         return names.routable(self.catalog, self._settings.models.aliases)
@@ -200,11 +208,8 @@ class ModelManager:
             if len(ready) == 1:
                 return ready[0]
         placement = self._place(key, avoid)
-        if placement is None:
-            # No host that is up has it, nor holds it ready: the queue of one that has it
-            # (down: it says why) or else of the first answers, as one host would.
-            hosts = [h for h in self.hosts.values() if h.name not in avoid]
-            return next((h for h in hosts if key in h.catalog), hosts[0])
+        if placement is None:  # no host has it: the first one's queue answers, as one host's
+            return next(h for h in self.hosts.values() if h.name not in avoid)
         if placement.replica is not None:
             self.hosts[placement.replica].warm(key)
         return self.hosts[placement.host]
@@ -246,8 +251,8 @@ class ModelManager:
                 return await host.acquire(key, disconnected=disconnected, since=arrived)
             except UpstreamUnavailableError as exc:
                 host.upstream_failed(exc)
-                avoid.append(host.name)  # it went down meanwhile: another host may serve
-                if host.up or not self.elsewhere(key, avoid):
+                avoid.append(host.name)  # it is down now: another host may serve
+                if not self.elsewhere(key, avoid):
                     raise
 
     async def send(self, lease: Lease, call: Callable[[], Awaitable[_A]]) -> _A:

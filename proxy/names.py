@@ -38,11 +38,12 @@ def requested(name: object, models: ModelsSettings) -> tuple[str, str]:
     return name, models.aliases.get(name, name)
 
 
-def find_key(target: str, catalog: Iterable[str], loaded: Mapping[str, Model]) -> str | None:
-    """A model key, then a loaded instance id (`key:2`), that `target` names; else None."""
+def find_key(target: str, catalog: Iterable[str], loaded: Iterable[Model]) -> str | None:
+    """A model key, then a loaded instance id (`key:2`) of the models in `loaded`, that
+    `target` names; else None."""
     if target in catalog:
         return target
-    for model in loaded.values():
+    for model in loaded:
         if target == model.instance_id or target in model.duplicates:
             return model.key
     return None

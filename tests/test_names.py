@@ -30,11 +30,11 @@ def test_find_key_knows_keys_then_loaded_instance_ids() -> None:
     loaded = {
         QWEN: Model(QWEN, phase=Phase.READY, instance_id=f"{QWEN}:2", duplicates=[f"{QWEN}:3"])
     }
-    assert find_key(QWEN, CATALOG, loaded) == QWEN
-    assert find_key(f"{QWEN}:2", CATALOG, loaded) == QWEN  # the proxy's instance
-    assert find_key(f"{QWEN}:3", CATALOG, loaded) == QWEN  # a duplicate
-    assert find_key(f"{LLAMA}:2", CATALOG, loaded) is None
-    assert find_key("gpt-4o", CATALOG, loaded) is None
+    assert find_key(QWEN, CATALOG, loaded.values()) == QWEN
+    assert find_key(f"{QWEN}:2", CATALOG, loaded.values()) == QWEN  # the proxy's instance
+    assert find_key(f"{QWEN}:3", CATALOG, loaded.values()) == QWEN  # a duplicate
+    assert find_key(f"{LLAMA}:2", CATALOG, loaded.values()) is None
+    assert find_key("gpt-4o", CATALOG, loaded.values()) is None
 
 
 def test_not_found_names_a_few_known_models_and_cuts_a_long_name() -> None:
