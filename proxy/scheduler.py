@@ -341,12 +341,20 @@ class Scheduler:
             ),
             key=lambda m: (m.leases > 0, m.last_used),
         )
+        # None: cannot make room yet (models are loading or being unloaded): wait.
+        return self._room_made(target, candidates, leaving) or []
+
+    def _room_made(
+        self, target: Model, candidates: Iterable[Model], leaving: Sequence[str] = ()
+    ) -> list[Model] | None:
+        """The first of `candidates`, as few as can be, whose unloading (beside the models
+        `leaving`) lets `target` fit; None if all of them are not enough."""
         victims: list[Model] = []
         for model in candidates:
             victims.append(model)
-            if self.fits(target, leaving + [v.key for v in victims]):
+            if self.fits(target, [*leaving, *(v.key for v in victims)]):
                 return victims
-        return []  # cannot make room yet (models are loading or being unloaded): wait
+        return None
 
     def place_view(self, key: str, name: str, *, up: bool, has: bool, size: int) -> HostView:
         """This scheduler's host as placement weighs it for `key` (`proxy.placement`): `name`,
@@ -389,12 +397,7 @@ class Scheduler:
             (m for m in self._idle_ready() if not m.pinned and m is not target),
             key=lambda m: m.last_used,
         )
-        victims: list[Model] = []
-        for model in idle:
-            victims.append(model)
-            if self.fits(target, [v.key for v in victims]):
-                return victims
-        return None
+        return self._room_made(target, idle)
 
     def _idle_ready(self) -> list[Model]:
         return [
