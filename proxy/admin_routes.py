@@ -53,6 +53,7 @@ def _status(request: Request[State]) -> dict[str, Any]:
         "loaded": view.resident,
         "in_flight": view.in_flight,
         "queue": view.queue,
+        "waiting": view.waiting,
         "duplicates": view.duplicates,
         "capacity": {
             "max_loaded": settings.models.max_loaded,

@@ -266,6 +266,10 @@ class ModelsSettings(_Section):
         return self.replicas.get(key, 1)
 
 
+def _lower(value: object) -> object:
+    return value.lower() if isinstance(value, str) else value
+
+
 class SchedulerSettings(_Section):
     """Queueing limits and fair swapping (docs/design.md §2.4)."""
 
@@ -282,10 +286,18 @@ class SchedulerSettings(_Section):
         description="How long requests waiting for another model let the loaded model keep "
         "taking new requests before it is drained.",
     )
-
-
-def _lower(value: object) -> object:
-    return value.lower() if isinstance(value, str) else value
+    loading_feedback: Annotated[
+        Literal["off", "comments", "reasoning"], BeforeValidator(_lower)
+    ] = Field(
+        default="comments",
+        description="A streaming request still waiting for its model gets its answer started "
+        "and a line of progress every 2 s: off; comments (SSE comments, Anthropic's pings on "
+        "/v1/messages); or reasoning (reasoning_content chunks on /v1/chat/completions).",
+    )
+    loading_feedback_after: Seconds = Field(
+        default=1.0,
+        description="How long a streaming request waits before its feedback starts.",
+    )
 
 
 class LoggingSettings(_Section):

@@ -13,6 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from functools import partial
 from typing import Any, Protocol, TypeVar
 
 import anyio
@@ -22,8 +23,9 @@ from proxy import scheduling as sch
 from proxy.config import HostSettings, Settings
 from proxy.errors import ModelGoneError, ProxyError, QueueTimeoutError, UpstreamTimeoutError
 from proxy.events import EventBus
-from proxy.leases import FRESH_S, Gate, Lease, Pending, failure
+from proxy.leases import FRESH_S, Gate, Lease, Pending, Progress, Ticket, failure
 from proxy.lmstudio import ModelInfo
+from proxy.loadtimes import LoadTimes
 from proxy.metrics import Metrics
 from proxy.placement import HostView
 from proxy.reconciler import LMStudioCalls, LoadFailed, Observation, Reconciler
@@ -108,6 +110,8 @@ class Host:
         self._listed_at = -math.inf  # when the latest listing began
         self._unloaded: dict[str, anyio.Event] = {}  # operators' unloads waiting to be done
         self._retry_s = _RETRY_S  # after the next failed listing
+        self._load_times = LoadTimes()  # this proxy's loads here, for their expected times
+        self._loading_since: dict[str, float] = {}  # the load running, when it began
         self.started = anyio.Event()  # its first listing ended, read or not
 
     # -- lifetime ---------------------------------------------------------------------------
@@ -186,18 +190,92 @@ class Host:
         return self._upstream.current and self._upstream.reachable
 
     def view(self, key: str) -> ModelView:
+        since = self._loading_since.get(key)
         return model_view(
             self._scheduler,
             self._upstream.catalog,
             self._upstream.context_lengths,
             key,
             upstream=self.name,
+            expected_load_s=self.expected_load_s(key),
+            loading_s=None if since is None else self._clock() - since,
         )
 
     def status(self) -> HostStatus:
         return host_status(
-            self._scheduler, self.name, self.url, up=self.up, reachable=self.reachable
+            self._scheduler,
+            self.name,
+            self.url,
+            up=self.up,
+            reachable=self.reachable,
+            waiting=self._queue_rows(),
         )
+
+    def expected_load_s(self, key: str) -> float | None:
+        """How long a load of `key` here should take (`proxy.loadtimes`), None if unknown."""
+        info = self._upstream.catalog.get(key)
+        model = self._scheduler.models.get(key)
+        size = info.size_bytes if info is not None else model.size_bytes if model else 0
+        return self._load_times.expected(key, size)
+
+    def _queue_rows(self) -> list[dict[str, Any]]:
+        """The models requests wait for here, in the order they are to be served, with how
+        many wait, how many wait ahead of them, and the load's expected and elapsed time."""
+        now, ahead, rows = self._clock(), 0, []
+        oldest: dict[str, float] = {}
+        for waiter in self._scheduler.waiters.values():  # in arrival order
+            oldest.setdefault(waiter.model, waiter.arrived)
+        for position, (key, waiting) in enumerate(self._scheduler.queue(), start=1):
+            since = self._loading_since.get(key)
+            expected = self.expected_load_s(key)
+            rows.append(
+                {
+                    "model": key,
+                    "upstream": self.name,
+                    "position": position,
+                    "state": str(self._scheduler.models[key].phase),
+                    "waiting": waiting,
+                    "ahead": ahead,
+                    "waited_s": round(now - oldest[key], 3) if key in oldest else None,
+                    "loading_s": None if since is None else round(now - since, 3),
+                    "expected_load_s": None if expected is None else round(expected, 3),
+                }
+            )
+            ahead += waiting
+        return rows
+
+    def _progress(self, waiter: sch.Waiter) -> Progress:
+        """Where `waiter` stands: how long it waited, how many wait ahead of it, and the wait
+        expected in all (the loads ahead of its model's, and its model's; None if any of them
+        has no expected time)."""
+        now, key = self._clock(), waiter.model
+        ahead = 0
+        left: float | None = 0.0
+        for model, waiting in self._scheduler.queue():
+            if model == key:
+                break
+            ahead += waiting
+            left = _plus(left, self._load_left(model, now))
+        left = _plus(left, self._load_left(key, now))
+        waited = now - waiter.arrived
+        return Progress(
+            model=key,
+            upstream=self.name,
+            waited_s=waited,
+            loading=key in self._loading_since,
+            expected_s=None if left is None else waited + left,
+            ahead=ahead,
+        )
+
+    def _load_left(self, key: str, now: float) -> float | None:
+        """What is left of a load of `key` (all of it if it has not begun); None if unknown."""
+        if self.ready(key):
+            return 0.0
+        expected = self.expected_load_s(key)
+        if expected is None:
+            return None
+        since = self._loading_since.get(key)
+        return expected if since is None else max(0.0, expected - (now - since))
 
     def place_view(self, key: str) -> HostView:
         """This host as placement weighs it for `key` (`proxy.placement`)."""
@@ -222,22 +300,38 @@ class Host:
 
     # -- leases -----------------------------------------------------------------------------
 
+    def try_acquire(self, key: str, arrived: float | None = None) -> Lease | None:
+        """The fast path of `acquire`: a lease at once if `key` is ready and nothing waits
+        here, else None (and nothing changed)."""
+        arrived = self._clock() if arrived is None else arrived
+        if not self._scheduler.try_grant(key, arrived):
+            return None
+        self._metrics.queue_wait.labels(key).observe(0.0)
+        self._metrics.in_flight.labels(key).inc()
+        return Lease(key, 0.0, False, self._release, arrived, self.name)
+
     async def acquire(
         self,
         key: str,
         *,
         disconnected: Callable[[], Awaitable[None]] | None = None,
         since: float | None = None,
+        ticket: Ticket | None = None,
     ) -> Lease:
         """Wait until `key` is loaded and return a lease on it.
 
         A request that acquires again (it is retried) passes `since`, its first lease's
-        `arrived`: its queue budget counts from then, not anew. Raises the `ProxyError` the
-        scheduler failed the request with, or `ClientGone` when `disconnected` returns first;
-        in both cases the request has left the queue and holds no lease.
+        `arrived`: its queue budget counts from then, not anew. Its `ticket`, if any, reads its
+        progress while it is queued. Raises the `ProxyError` the scheduler failed the request
+        with, or `ClientGone` when `disconnected` returns first; in both cases the request has
+        left the queue and holds no lease.
         """
         arrived = self._clock() if since is None else since
-        waited, loading = await self._enqueue(key, disconnected, takes_lease=True, arrived=arrived)
+        if (lease := self.try_acquire(key, arrived)) is not None:
+            return lease
+        waited, loading = await self._enqueue(
+            key, disconnected, takes_lease=True, arrived=arrived, ticket=ticket
+        )
         self._metrics.in_flight.labels(key).inc()
         return Lease(key, waited, loading, self._release, arrived, self.name)
 
@@ -248,6 +342,7 @@ class Host:
         *,
         takes_lease: bool,
         arrived: float | None = None,
+        ticket: Ticket | None = None,
     ) -> tuple[float, bool]:
         """Queue for `key` until granted (with a lease when `takes_lease`) or failed.
 
@@ -260,15 +355,14 @@ class Host:
             # The model must be loaded, and nothing is loaded on a state that was not read: try
             # a listing first (its own deadline is shorter than the request's budget).
             await self.refresh()
-        if takes_lease and self._scheduler.try_grant(key, arrived):
-            self._metrics.queue_wait.labels(key).observe(0.0)
-            return 0.0, False
         waiter = self._scheduler.arrive(key, arrived, takes_lease=takes_lease)
         pending = self._pending[waiter.id] = Pending()
         loading = self._scheduler.models[key].phase is not sch.Phase.READY
         self._kick()
         if not pending.event.is_set():
             self._metrics.queued.labels(key).inc()
+            if ticket is not None:
+                ticket.progress = partial(self._progress, waiter)
             try:
                 await pending.wait(disconnected)
             except BaseException:
@@ -278,6 +372,8 @@ class Host:
                     self._kick()
                 raise
             finally:
+                if ticket is not None:
+                    ticket.progress = None
                 self._metrics.queued.labels(key).dec()
                 if not pending.event.is_set():  # client gone or cancelled: leave the queue
                     self._pending.pop(waiter.id, None)
@@ -489,7 +585,8 @@ class Host:
                     pending.error = failure(action)
                     pending.event.set()
             elif isinstance(action, sch.Load):
-                self._report.loading(action.model)
+                self._loading_since[action.model] = now
+                self._report.loading(action.model, self.expected_load_s(action.model))
                 self._start_soon(self._load, action.model)
             elif isinstance(action, sch.Unload):
                 self._report.unloading(action.model, action.reason)
@@ -530,12 +627,14 @@ class Host:
             result = await self._upstream.load(key, timeout_s=2 * limit)
         finally:
             timer.cancel()
+            self._loading_since.pop(key, None)
         self._report.upstream(self.up)
         if isinstance(result, LoadFailed):
             self._scheduler.load_failed(key, result.error)
             self._report.load_failed(key, result.error)
         else:
             self._scheduler.load_done(key, result.instance_id, self._clock())
+            self._load_times.record(key, result.elapsed_s, self._scheduler.models[key].size_bytes)
             self._report.loaded(key, result.instance_id, result.elapsed_s)
         self._epoch += 1
         self._kick()
@@ -655,3 +754,8 @@ class Host:
     def reachable(self) -> bool:
         """Whether LM Studio answered the proxy's last call."""
         return self._upstream.reachable
+
+
+def _plus(a: float | None, b: float | None) -> float | None:
+    """A sum of estimates, unknown if either is."""
+    return None if a is None or b is None else a + b

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import anyio
 
@@ -56,6 +57,28 @@ class Pending:
             tg.cancel_scope.cancel()
         if gone and not self.event.is_set():
             raise ClientGone
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """Where a waiting request stands, for the feedback it gets (docs/design.md §4.7)."""
+
+    model: str
+    upstream: str | None  # the host it waits on, once it is placed
+    waited_s: float
+    loading: bool  # its model is loading now (else it waits its turn, or a confirmation)
+    expected_s: float | None  # the whole wait expected, what it waited included; None: unknown
+    ahead: int  # requests waiting for models to be served before its own
+
+
+class Ticket:
+    """A request's place in a host's queue, read by its feedback while it waits: the host sets
+    `progress` while the request is queued there, and clears it when it leaves."""
+
+    __slots__ = ("progress",)
+
+    def __init__(self) -> None:
+        self.progress: Callable[[], Progress] | None = None
 
 
 class Lease:

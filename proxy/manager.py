@@ -36,7 +36,7 @@ from proxy.errors import (
 )
 from proxy.events import EventBus
 from proxy.host import Answer, Host
-from proxy.leases import ClientGone, Lease
+from proxy.leases import ClientGone, Lease, Ticket
 from proxy.lmstudio import ModelInfo
 from proxy.metrics import Metrics
 from proxy.names import Resolved
@@ -199,14 +199,20 @@ class ModelManager:
         views = [host.place_view(key) for name, host in self.hosts.items() if name not in avoid]
         return place(views, self._settings.models.replicas_of(key))
 
-    def _placement(self, key: str, avoid: Sequence[str] = ()) -> Host:
+    def _ready_host(self, key: str) -> Host | None:
+        """The common case, as `place` would decide it: the pool's one host, or the one host
+        that is up where `key` is ready (and only one may hold it); else None."""
         if self._only is not None:
             return self._only
-        if not avoid and self._settings.models.replicas_of(key) == 1:
-            # The common case, as `place` would decide it: ready on one host that is up.
+        if self._settings.models.replicas_of(key) == 1:
             ready = [host for host in self.hosts.values() if host.up and host.ready(key)]
             if len(ready) == 1:
                 return ready[0]
+        return None
+
+    def _placement(self, key: str, avoid: Sequence[str] = ()) -> Host:
+        if not avoid and (host := self._ready_host(key)) is not None:
+            return host
         placement = self._place(key, avoid)
         if placement is None:  # no host has it: the first one's queue answers, as one host's
             return next(h for h in self.hosts.values() if h.name not in avoid)
@@ -224,6 +230,12 @@ class ModelManager:
 
     # -- leases -----------------------------------------------------------------------------
 
+    def try_acquire(self, key: str) -> Lease | None:
+        """The fast path of `acquire`: a lease at once where `key` is ready and nothing waits,
+        else None (nothing changed, and `acquire` places the request)."""
+        host = self._ready_host(key)
+        return host.try_acquire(key) if host is not None else None
+
     async def acquire(
         self,
         key: str,
@@ -231,13 +243,15 @@ class ModelManager:
         disconnected: Callable[[], Awaitable[None]] | None = None,
         since: float | None = None,
         placed: Callable[[str], None] | None = None,
+        ticket: Ticket | None = None,
     ) -> Lease:
         """Wait until `key` is loaded on a host and return a lease on it there; `placed` hears
         the name of each host the request is placed on.
 
         A request that acquires again (it is retried) passes `since`, its first lease's
         `arrived`: its queue budget counts from then, not anew. A request whose host went down
-        while it waited is placed again, with what is left of its budget. Raises the
+        while it waited is placed again, with what is left of its budget. Its `ticket`, if
+        any, reads its progress while it is queued (`Host.acquire`). Raises the
         `ProxyError` it failed with, or `ClientGone` when `disconnected` returns first; in both
         cases the request has left every queue and holds no lease.
         """
@@ -248,7 +262,9 @@ class ModelManager:
             if placed is not None:
                 placed(host.name)
             try:
-                return await host.acquire(key, disconnected=disconnected, since=arrived)
+                return await host.acquire(
+                    key, disconnected=disconnected, since=arrived, ticket=ticket
+                )
             except UpstreamUnavailableError as exc:
                 host.upstream_failed(exc)
                 avoid.append(host.name)  # it is down now: another host may serve

@@ -50,9 +50,14 @@ class Reporter:
             self._up = up
             self._events.publish("upstream", {"upstream": self._upstream, "up": up})
 
-    def loading(self, key: str) -> None:
-        logger.info("loading model %s on %s", key, self._upstream)
-        self.model_event(key, "loading")
+    def loading(self, key: str, expected_s: float | None) -> None:
+        """A load begins; `expected_s`, how long it should take (None if unknown)."""
+        if expected_s is None:
+            logger.info("loading model %s on %s", key, self._upstream)
+        else:
+            logger.info("loading model %s on %s (about %.1f s)", key, self._upstream, expected_s)
+        expected = None if expected_s is None else round(expected_s, 3)
+        self.model_event(key, "loading", expected_load_s=expected)
 
     def loaded(self, key: str, instance_id: str, elapsed_s: float) -> None:
         self._metrics.loads.labels(key, "ok", self._upstream).inc()

@@ -219,6 +219,15 @@ class Scheduler:
     def queued(self, key: str) -> int:
         return sum(1 for w in self.waiters.values() if w.model == key)
 
+    def queue(self) -> list[tuple[str, int]]:
+        """The models requests wait for and how many wait for each, in the order they are to
+        be served: the model loading, then the others by their oldest request's arrival (the
+        fairness rule, §2.4)."""
+        order = {m.key: 0 for m in self.models.values() if m.phase is Phase.LOADING}
+        for waiter in self.waiters.values():  # in arrival order
+            order[waiter.model] = order.get(waiter.model, 0) + waiter.takes_lease
+        return list(order.items())
+
     def fits(self, target: Model, exclude: Iterable[str] = ()) -> bool:
         count, size = self.usage(exclude)
         policy = self.policy

@@ -11,7 +11,7 @@ from typing import Any
 
 from proxy.lmstudio import ModelInfo
 from proxy.scheduler import Scheduler
-from proxy.scheduling import LOADED, RESIDENT, Model
+from proxy.scheduling import LOADED, RESIDENT, Model, Phase
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +36,8 @@ class ModelView:
     max_context_length: int | None
     upstreams: tuple[str, ...]  # the hosts holding it (loading, loaded or unloading)
     available_on: tuple[str, ...]  # the hosts that have it downloaded
+    expected_load_s: float | None  # how long a load of it should take (`proxy.loadtimes`)
+    loading_s: float | None  # how long its load has been running, while it loads
 
     def row(self) -> dict[str, Any]:
         """The JSON row of `/api/v1/models`, its `snapshot` event and the page."""
@@ -57,6 +59,8 @@ class ModelView:
             "max_context_length": self.max_context_length,
             "upstreams": list(self.upstreams),
             "available_on": list(self.available_on),
+            "expected_load_s": _rounded(self.expected_load_s),
+            "loading_s": _rounded(self.loading_s),
         }
 
 
@@ -77,6 +81,7 @@ class HostStatus:
     queued: int
     queue: dict[str, int]  # waiting requests per model, for models with any
     duplicates: dict[str, list[str]]
+    waiting: list[dict[str, Any]]  # the models waited for, in the order they are to be served
 
     def row(self) -> dict[str, Any]:
         return {
@@ -105,6 +110,11 @@ class StatusView:
     duplicates: dict[str, list[str]]  # extra instances per model, for models with any
     instances: int
     bytes_used: int
+    waiting: list[dict[str, Any]]  # each host's `waiting`, one after the other
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 3)
 
 
 def _wall(monotonic_s: float) -> float:
@@ -119,6 +129,8 @@ def model_view(
     key: str,
     *,
     upstream: str,
+    expected_load_s: float | None = None,
+    loading_s: float | None = None,
 ) -> ModelView:
     """The view of `key` on the host `upstream`, from its scheduler's record and its LM
     Studio's catalogue entry."""
@@ -143,6 +155,8 @@ def model_view(
         max_context_length=info.max_context_length if info is not None else None,
         upstreams=(upstream,) if model.phase in RESIDENT else (),
         available_on=(upstream,) if info is not None else (),
+        expected_load_s=expected_load_s,
+        loading_s=loading_s if model.phase is Phase.LOADING else None,
     )
 
 
@@ -158,6 +172,7 @@ def merge_views(views: Sequence[ModelView]) -> ModelView:
     if len(views) == 1:
         return first
     named = next((v for v in views if v.available_on), first)
+    estimates = [v.expected_load_s for v in views if v.expected_load_s is not None]
     used = [v.last_used_at for v in views if v.last_used_at is not None]
     return replace(
         first,
@@ -173,11 +188,21 @@ def merge_views(views: Sequence[ModelView]) -> ModelView:
         last_used_at=max(used) if used else None,
         upstreams=tuple(name for v in views for name in v.upstreams),
         available_on=tuple(name for v in views for name in v.available_on),
+        # The host it is shown from, else the quickest host that has an estimate.
+        expected_load_s=first.expected_load_s
+        if first.expected_load_s is not None
+        else min(estimates, default=None),
     )
 
 
 def host_status(
-    scheduler: Scheduler, name: str, url: str, *, up: bool, reachable: bool
+    scheduler: Scheduler,
+    name: str,
+    url: str,
+    *,
+    up: bool,
+    reachable: bool,
+    waiting: list[dict[str, Any]],
 ) -> HostStatus:
     models = scheduler.models
     count, used = scheduler.usage()
@@ -196,6 +221,7 @@ def host_status(
         queued=len(scheduler.waiters),
         queue={key: n for key in models if (n := scheduler.queued(key))},
         duplicates={key: list(m.duplicates) for key, m in models.items() if m.duplicates},
+        waiting=waiting,
     )
 
 
@@ -219,4 +245,5 @@ def status_view(hosts: Sequence[HostStatus]) -> StatusView:
         duplicates=duplicates,
         instances=sum(host.instances for host in hosts),
         bytes_used=sum(host.bytes_used for host in hosts),
+        waiting=[row for host in hosts for row in host.waiting],
     )
