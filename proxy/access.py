@@ -52,6 +52,7 @@ class RequestRecord:
     upstream_failed: bool = False
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    feedback: int = 0  # lines of progress sent while it waited (`proxy.feedback`)
     routed: bool = True
 
     def fields(self) -> dict[str, Any]:
@@ -74,6 +75,8 @@ class RequestRecord:
             fields["first_byte_ms"] = round(self.first_byte_s * 1000, 1)
         if self.upstream_failed:
             fields["upstream_failed"] = True
+        if self.feedback:
+            fields["feedback"] = self.feedback
         return fields
 
 

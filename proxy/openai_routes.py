@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from contextlib import AsyncExitStack
 from functools import partial
 from typing import Any
@@ -12,7 +13,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from proxy.access import record_of
+from proxy.access import RequestRecord, record_of
 from proxy.bodies import (
     WATCH_SCOPE_KEY,
     ClientWatch,
@@ -23,8 +24,10 @@ from proxy.bodies import (
     with_model,
 )
 from proxy.errors import BadRequestError, ModelGoneError, UpstreamUnavailableError
-from proxy.lmstudio import ModelNotLoadedError
-from proxy.manager import ModelView
+from proxy.feedback import FeedbackResponse
+from proxy.leases import Lease, Ticket
+from proxy.lmstudio import LMStudioClient, ModelNotLoadedError, UpstreamResponse
+from proxy.manager import ModelManager, ModelView
 from proxy.metrics import UNKNOWN_MODEL
 from proxy.state import State
 from proxy.streaming import UpstreamStreamResponse
@@ -36,6 +39,8 @@ async def proxy_request(request: Request[State]) -> Response:
     Everything the answer holds (the model's lease, LM Studio's response) is entered on one
     exit stack: released by it if anything fails, else handed to the response that streams.
     Once the body is read, a client that disconnects cancels the request (`WatchForDisconnect`).
+    A streaming request whose model is not ready at once may get lines of progress while it
+    waits (`FeedbackResponse`).
     """
     state = request.state
     manager, settings, clients = state["manager"], state["settings"], state["clients"]
@@ -54,16 +59,69 @@ async def proxy_request(request: Request[State]) -> Response:
     ttl = payload.get("ttl")
     if isinstance(ttl, int | float) and not isinstance(ttl, bool) and ttl > 0:
         manager.set_idle_ttl(key, float(ttl))
-
-    def placed(upstream: str) -> None:
-        record.upstream = upstream  # the answer names its host, even an error from its queue
+    call = _Call(manager, clients, key, (path, body, headers), record)
 
     async with AsyncExitStack() as held:
-        lease = await manager.acquire(key, placed=placed)
+        mode = settings.scheduler.loading_feedback
+        if mode != "off" and payload.get("stream") is True:
+            lease = manager.try_acquire(key)
+            if lease is None:  # it must wait: with feedback if that takes long
+                ticket, owned = Ticket(), AsyncExitStack()
+                return FeedbackResponse(  # type: ignore[return-value] # an ASGI app
+                    partial(call.answer, owned, ticket=ticket),
+                    owned,
+                    record,
+                    ticket=ticket,
+                    mode=mode,
+                    after_s=settings.scheduler.loading_feedback_after,
+                    model_name=str(payload.get("model")),
+                    pool=len(clients) > 1,
+                )
+            upstream = await call.answer(held, lease=lease)
+        else:
+            upstream = await call.answer(held)
+        return UpstreamStreamResponse(  # type: ignore[return-value] # an ASGI app
+            upstream, held.pop_all(), record
+        )
+
+
+class _Call:
+    """One request's way to its answer: the lease on its model (waited for), the call to LM
+    Studio through the gate, and its retries."""
+
+    __slots__ = ("_clients", "_key", "_manager", "_record", "_request")
+
+    def __init__(
+        self,
+        manager: ModelManager,
+        clients: Mapping[str, LMStudioClient],
+        key: str,
+        request: tuple[str, bytes, Sequence[tuple[bytes, bytes]]],
+        record: RequestRecord,
+    ) -> None:
+        self._manager = manager
+        self._clients = clients
+        self._key = key
+        self._request = request  # the path, body and headers to send LM Studio
+        self._record = record
+
+    def _placed(self, upstream: str) -> None:
+        self._record.upstream = upstream  # the answer names its host, even an error from its queue
+
+    async def answer(
+        self, held: AsyncExitStack, *, lease: Lease | None = None, ticket: Ticket | None = None
+    ) -> UpstreamResponse:
+        """LM Studio's answer, once the model is leased (`lease`, or waited for) and the call
+        clear to go; the lease and the answer are entered on `held`."""
+        manager, key, record = self._manager, self._key, self._record
+        if lease is None:
+            lease = await manager.acquire(key, placed=self._placed, ticket=ticket)
+        else:
+            record.upstream = lease.upstream
         held.callback(lease.release)
         gone = down = False
         while True:
-            send = partial(clients[lease.upstream].open_completion, path, body, headers)
+            send = partial(self._clients[lease.upstream].open_completion, *self._request)
             try:
                 upstream = await manager.send(lease, send)
                 break
@@ -83,21 +141,22 @@ async def proxy_request(request: Request[State]) -> Response:
                 if down or not manager.elsewhere(key, [lease.upstream]):
                     raise
                 down = True
-            await held.aclose()
-            lease = await manager.acquire(key, since=lease.arrived, placed=placed)  # same budget
+            lease.release()
+            lease = await manager.acquire(  # the same budget
+                key, since=lease.arrived, placed=self._placed, ticket=ticket
+            )
             held.callback(lease.release)
         held.push_async_callback(upstream.aclose)
         record.queue_wait_s, record.waited_on_load = lease.waited_s, lease.waited_on_load
-        return UpstreamStreamResponse(  # type: ignore[return-value] # an ASGI app
-            upstream, held.pop_all(), record
-        )
+        return upstream
 
 
 class WatchForDisconnect:
     """Route middleware: the route and its response inside a `ClientWatch`. Once the route has
     read the body, a client that disconnects cancels the rest at once, whatever it awaits (the
     queue, LM Studio's answer, the relay), which closes the upstream request and releases the
-    lease. Its record says so, and a request gone before its response started is a 499."""
+    lease. Its record says so, and a request gone before its response started, or while only
+    lines of progress were sent (`FeedbackResponse`), is a 499."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -114,9 +173,12 @@ class WatchForDisconnect:
             scope[WATCH_SCOPE_KEY] = watch
             await self.app(scope, receive, watching_send)
         if watch.gone:
-            record_of(scope).disconnected = True
+            record = record_of(scope)
+            record.disconnected = True
             if not watch.started:  # nginx's "client closed request": nobody reads it
                 await Response(status_code=499)(scope, receive, send)
+            elif record.feedback and record.first_byte_s is None:
+                record.status = 499  # gone while it waited: only lines of progress were sent
 
 
 # What each route needs of its model, by the catalogue's `type`; the others need an "llm".

@@ -15,7 +15,7 @@ import anyio
 from starlette.types import Receive, Scope, Send
 
 from proxy.access import RequestRecord
-from proxy.errors import UpstreamError, is_anthropic_path
+from proxy.errors import ProxyError, UpstreamError, is_anthropic_path
 from proxy.lmstudio import UpstreamResponse
 
 logger = logging.getLogger("lmswitch.streaming")
@@ -87,8 +87,8 @@ class UsageScanner:
             self.completion = completion
 
 
-def sse_error_event(error: UpstreamError, path: str) -> bytes:
-    """The last event of a stream whose upstream broke off, in the client's API's shape."""
+def sse_error_event(error: ProxyError, path: str) -> bytes:
+    """The last event of a stream that broke off, in the client's API's shape."""
     if is_anthropic_path(path):
         return b"event: error\ndata: " + json.dumps(error.anthropic_body()).encode() + b"\n\n"
     return b"data: " + json.dumps(error.body()).encode() + b"\n\n"
@@ -109,10 +109,10 @@ class UpstreamStreamResponse:
         self._upstream = upstream
         self._held = held
         self._record = record
-        self._sse = upstream.content_type.startswith("text/event-stream")
+        self.sse = upstream.content_type.startswith("text/event-stream")
         # The request's own id replaces LM Studio's (`RequestIdMiddleware` adds it).
         headers = [(n, v) for n, v in upstream.headers if n != b"x-request-id"]
-        if self._sse:
+        if self.sse:
             headers.append((b"x-accel-buffering", b"no"))
         self._headers = headers
 
@@ -125,14 +125,15 @@ class UpstreamStreamResponse:
                     "headers": self._headers,
                 }
             )
-            await self._relay(send, scope["path"])
+            await self.relay(send, scope["path"])
         finally:
             with anyio.CancelScope(shield=True):
                 await self._held.aclose()  # the upstream response, then the lease
 
-    async def _relay(self, send: Send, path: str) -> None:
+    async def relay(self, send: Send, path: str) -> None:
+        """LM Studio's body, chunk for chunk, then the end of the response (its start is sent)."""
         record = self._record
-        usage = UsageScanner(self._sse)
+        usage = UsageScanner(self.sse)
         tail = b""  # the stream's last bytes, to see that an OpenAI stream ended with [DONE]
         try:
             async for chunk in self._upstream.aiter_raw():
@@ -141,7 +142,7 @@ class UpstreamStreamResponse:
                 usage.feed(chunk)
                 tail = (tail + chunk)[-32:]
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            if self._sse and path in _DONE_PATHS and b"[DONE]" not in tail:
+            if self.sse and path in _DONE_PATHS and b"[DONE]" not in tail:
                 raise UpstreamError(  # noqa: TRY301 - the same handling as a broken stream
                     "LM Studio ended the stream without [DONE]: the answer may be incomplete",
                     code="upstream_incomplete",
@@ -149,7 +150,7 @@ class UpstreamStreamResponse:
         except UpstreamError as exc:
             record.upstream_failed = True
             logger.warning("request %s: upstream broke off: %s", record.request_id, exc.message)
-            if not self._sse:
+            if not self.sse:
                 raise  # a truncated JSON body must not look complete: abort the connection
             await send(
                 {

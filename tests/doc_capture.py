@@ -34,7 +34,8 @@ _SHOWN_METRICS = ("lmswitch_model_loads_total", "lmswitch_model_loaded", "lmswit
 
 # Values that differ on every run: generated ids, clocks and timings.
 _VOLATILE_KEYS = (
-    "created|created_at|uptime_s|last_used_at|duration_ms|queue_wait_ms|first_byte_ms|load_s"
+    "created|created_at|uptime_s|last_used_at|duration_ms|queue_wait_ms|first_byte_ms|load_s|"
+    "expected_load_s|loading_s|waited_s"
 )
 _MASKS = (
     (re.compile(r'("(?:' + _VOLATILE_KEYS + r')": ?)[-0-9.e]+'), r"\1…"),

@@ -29,6 +29,7 @@ FLOORS: list[set[str]] = [
     {"manager"},
     {"access", "auth", "bodies", "state"},
     {"streaming", "server"},
+    {"feedback"},
     {"openai_routes", "admin_routes"},
     {"app"},
     {"demo"},
