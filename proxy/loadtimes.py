@@ -1,7 +1,7 @@
 """LoadTimes: how long a load of each model is expected to take, from this proxy's own loads.
 
 Pure, like `proxy.scheduler`: each `Host` records the loads it made and asks for estimates, which
-its views, events and waiting requests show (docs/design.md §2.8). A model's expected load time
+its views, events and waiting requests show (docs/design.md §3.6). A model's expected load time
 is the median of its last `KEPT` loads; a model never loaded here is estimated from its size
 and the load speed seen for the others (the median of their speeds); else it is unknown.
 """

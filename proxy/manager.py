@@ -4,7 +4,7 @@ Each `proxy.host.Host` drives its own scheduler; the pool places every request (
 load) on a host by `proxy.placement.place`, places it again if that host goes down while it
 waits, and merges what the hosts know into one catalogue and one view. Everyone else reads models
 through it: `resolve()` for names, `ModelView` rows and `StatusView` for state (docs/design.md
-§3.1, §2.7).
+§3.1, §3.5).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Placement: which host of the pool a request for a model goes to (docs/design.md §2.7).
+"""Placement: which host of the pool a request for a model goes to (docs/design.md §3.5).
 
 Pure, like `proxy.scheduler`: the pool (`proxy.manager`) takes a `HostView` of every host for the
 model, asks `place`, and queues the request on the host it names, whose own scheduler does the
