@@ -416,8 +416,8 @@ def test_every_section_of_the_design_the_code_cites_exists() -> None:
     for path in sorted((ROOT / "proxy").rglob("*.py")):
         text = path.read_text(encoding="utf-8")
         for run in re.findall(r"docs/design\.md((?:[,\s]+(?:and\s+)?§\d+(?:\.\d+)?)+)", text):
-            for section in re.findall(r"§(\d+(?:\.\d+)?)", run):
-                cited.setdefault(section, set()).add(path.name)
+            for number in re.findall(r"§(\d+(?:\.\d+)?)", run):
+                cited.setdefault(number, set()).add(path.name)
     assert len(cited) >= 10  # the pattern finds the citations
-    missing = {section: files for section, files in cited.items() if section not in headings}
+    missing = {number: names for number, names in cited.items() if number not in headings}
     assert not missing, missing

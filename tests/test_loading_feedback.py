@@ -92,6 +92,17 @@ def counted(metrics_text: str, status: int, model: str = QWEN) -> float:
     return 0.0
 
 
+async def sdk_stream_error(proxy: Proxy) -> openai.APIError:
+    """The error the openai SDK raises while it reads a chat stream."""
+    stream = await proxy.sdk.chat.completions.create(
+        model=QWEN, messages=MESSAGES, stream=True, timeout=30
+    )
+    with pytest.raises(openai.APIError) as caught:
+        async for _chunk in stream:
+            pass
+    return caught.value
+
+
 def access_fields(caplog: pytest.LogCaptureFixture) -> list[dict[str, str]]:
     lines = [r.getMessage() for r in caplog.records if r.name == "lmswitch.access"]
     return [dict(pair.split("=", 1) for pair in line.split(" ")) for line in lines]
@@ -179,14 +190,9 @@ async def test_a_load_that_fails_after_feedback_began_is_an_error_not_a_200(
     emulator = Emulator(load_delay_s=1.5)
     emulator.fail_next_loads = 1
     async with feedback_proxy(emulator) as (proxy, _):
-        stream = await proxy.sdk.chat.completions.create(
-            model=QWEN, messages=MESSAGES, stream=True, timeout=30
-        )
-        with pytest.raises(openai.APIError) as caught:
-            async for _chunk in stream:
-                pass
+        caught = await sdk_stream_error(proxy)
         metrics = (await proxy.http.get("/metrics")).text
-    assert f"LM Studio failed to load model {QWEN!r}" in caught.value.message
+    assert f"LM Studio failed to load model {QWEN!r}" in caught.message
     (line,) = [f for f in access_fields(caplog) if f.get("endpoint") == "/v1/chat/completions"]
     assert line["status"] == "503"
     assert int(line["feedback"]) >= 1
@@ -201,18 +207,13 @@ async def test_a_queue_timeout_after_feedback_began_is_an_error_not_a_200(
     emulator = Emulator(load_delay_s=5.0)
     async with feedback_proxy(emulator, scheduler={"queue_timeout": 2.0}) as (proxy, _):
         response = await raw_stream(proxy, "/v1/chat/completions", CHAT)
-        stream = await proxy.sdk.chat.completions.create(
-            model=QWEN, messages=MESSAGES, stream=True, timeout=30
-        )
-        with pytest.raises(openai.APIError) as caught:
-            async for _chunk in stream:
-                pass
+        caught = await sdk_stream_error(proxy)
         metrics = (await proxy.http.get("/metrics")).text
     comments, rest = split_feedback(response.content)
     assert comments
     error = json.loads(rest.removeprefix(b"data: "))["error"]
     assert error["message"] == f"timed out after 2 s waiting for model {QWEN!r}"
-    assert caught.value.message == error["message"]
+    assert caught.message == error["message"]
     statuses = [
         f["status"] for f in access_fields(caplog) if f.get("endpoint") == "/v1/chat/completions"
     ]
