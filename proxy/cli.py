@@ -79,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     emulator.add_argument("--host", default="127.0.0.1")
     emulator.add_argument("--port", type=_port, default=1234)
     emulator.add_argument("--load-delay", type=float, default=1.0, metavar="S")
+    emulator.add_argument(
+        "--load-speed", type=float, default=None, metavar="GB/s", help="loads also take size / this"
+    )
     emulator.add_argument("--memory", type=float, default=None, metavar="GiB")
     emulator.add_argument("--token-delay", type=float, default=0.02, metavar="S")
     emulator.add_argument("--no-jit", action="store_true", help="turn JIT loading off")
@@ -165,6 +168,7 @@ def _emulator_server(args: argparse.Namespace) -> Server:
     memory = None if args.memory is None else int(args.memory * 2**30)
     emulator = Emulator(
         load_delay_s=args.load_delay,
+        load_bytes_per_s=None if args.load_speed is None else args.load_speed * 1e9,
         memory_bytes=memory,
         token_delay_s=args.token_delay,
         reply_tokens=args.reply_tokens,

@@ -28,6 +28,9 @@ DEMO_ALIASES = {
 }
 DEMO_READY_TIMEOUT_S = 10.0
 GIB = 2**30
+# The demo's emulated disks: a load also takes the model's size over this (4 GB/s), so larger
+# models load longer and the page's expected load times differ by model.
+DEMO_LOAD_BYTES_PER_S = 4e9
 
 logger = logging.getLogger("lmswitch.cli")  # the name its records had before the demo left cli.py
 
@@ -265,6 +268,7 @@ async def run_demo(
         Emulator(
             [model for model in DEFAULT_CATALOG if model.key not in spec.lacks],
             load_delay_s=load_delay_s,
+            load_bytes_per_s=DEMO_LOAD_BYTES_PER_S,
             memory_bytes=None if spec.memory_gib is None else spec.memory_gib * GIB,
             token_delay_s=0.05,
             reply_tokens=24,

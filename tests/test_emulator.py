@@ -340,6 +340,21 @@ async def test_memory_counts_a_load_still_in_progress(running: Running) -> None:
         await emulator.wait_until(lambda: QWEN in emulator.instances)
 
 
+async def test_a_load_speed_makes_larger_models_load_longer(running: Running) -> None:
+    """With `load_bytes_per_s`, a load takes `load_delay_s` plus the model's size over it, as
+    LM Studio's reads of larger files take longer; the answer's load_time_seconds says so."""
+    emulator = Emulator(load_delay_s=0.05)
+    size = emulator.catalog[QWEN].size_bytes
+    emulator.load_bytes_per_s = size / 0.4  # Qwen 7B in 0.4 s, the 1B Llama in a fraction
+    async with running(emulator) as client:
+        qwen = (await client.post("/api/v1/models/load", json={"model": QWEN})).json()
+        llama = (await client.post("/api/v1/models/load", json={"model": LLAMA})).json()
+    assert qwen["load_time_seconds"] == pytest.approx(0.45, abs=0.1)
+    small = 0.05 + emulator.catalog[LLAMA].size_bytes / emulator.load_bytes_per_s
+    assert llama["load_time_seconds"] == pytest.approx(small, abs=0.1)
+    assert llama["load_time_seconds"] < qwen["load_time_seconds"]
+
+
 async def test_fail_next_loads_fails_that_many_loads(running: Running) -> None:
     """fail_next_loads makes the next N loads fail with a generic 500, then loads work again."""
     emulator = Emulator()

@@ -92,6 +92,7 @@ class Emulator(EmulatorState):
         catalog: Iterable[CatalogModel] = DEFAULT_CATALOG,
         *,
         load_delay_s: float = 0.0,
+        load_bytes_per_s: float | None = None,
         memory_bytes: int | None = None,
         jit: bool = True,
         auto_evict: bool = True,
@@ -102,6 +103,7 @@ class Emulator(EmulatorState):
         super().__init__(
             catalog,
             load_delay_s=load_delay_s,
+            load_bytes_per_s=load_bytes_per_s,
             memory_bytes=memory_bytes,
             jit=jit,
             auto_evict=auto_evict,

@@ -35,12 +35,14 @@ class EmulatorState:
         catalog: Iterable[CatalogModel],
         *,
         load_delay_s: float,
+        load_bytes_per_s: float | None,
         memory_bytes: int | None,
         jit: bool,
         auto_evict: bool,
     ) -> None:
         self.catalog: dict[str, CatalogModel] = {model.key: model for model in catalog}
         self.load_delay_s = load_delay_s
+        self.load_bytes_per_s = load_bytes_per_s  # if set, a load also takes size / this
         self.memory_bytes = memory_bytes
         self.jit = jit
         self.auto_evict = auto_evict
@@ -148,10 +150,16 @@ class EmulatorState:
         if loaded + loading + model.size_bytes > self.memory_bytes:
             raise LoadFailedError(replies.guardrail_message(model))
 
+    def load_time_s(self, model: CatalogModel) -> float:
+        """How long a load of `model` takes: LM Studio reads the model's file from disk."""
+        speed = self.load_bytes_per_s
+        return self.load_delay_s + (model.size_bytes / speed if speed else 0.0)
+
     async def _load(
         self, model: CatalogModel, *, jit: bool, ttl_s: float | None, options: dict[str, Any]
     ) -> Instance:
-        """Reserve an id, take `load_delay_s`, then list the instance.
+        """Reserve an id, take `load_delay_s` (plus the model's size over `load_bytes_per_s`,
+        if set), then list the instance.
 
         The delay is shielded: a client that goes away does not stop a load LM Studio would
         finish. The instance counts toward memory from the start but is listed only at the end.
@@ -167,7 +175,7 @@ class EmulatorState:
         self._notify()
         try:
             with anyio.CancelScope(shield=True):
-                await anyio.sleep(self.load_delay_s)
+                await anyio.sleep(self.load_time_s(model))
         finally:
             # A load dies with its server: uvicorn's shutdown cancels handlers with asyncio's
             # own `Task.cancel`, which the shield does not hold off.
