@@ -18,6 +18,8 @@ import pytest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proxy.emulator import Emulator
+from proxy.feedback import describe
+from proxy.leases import Progress
 from tests.helpers import LLAMA, MESSAGES, QWEN, Proxy, proxy_for, serve
 
 CHAT = {"model": QWEN, "messages": MESSAGES, "stream": True}
@@ -345,3 +347,20 @@ async def test_loading_events_and_rows_carry_the_expected_time() -> None:
     assert row["state"] == "loading"
     assert 0 <= row["loading_s"] < 0.8
     assert row["expected_load_s"] == event["expected_load_s"]
+
+
+def test_a_line_of_progress_says_what_it_waits_for() -> None:
+    def line(loading: bool = True, ahead: int = 0, expected_s: float | None = 30.2) -> str:
+        return describe(Progress(QWEN, "desk", 5.7, loading, expected_s, ahead), pool=False)
+
+    assert line() == (
+        f"lmswitch: loading model {QWEN}: 5 s waited, about 31 s expected in all, 0 requests ahead"
+    )
+    assert line(loading=False, ahead=1, expected_s=None) == (
+        f"lmswitch: waiting for its turn to load model {QWEN}: 5 s waited, no estimate yet, "
+        "1 request ahead"
+    )
+    assert line(loading=False).startswith(f"lmswitch: waiting for model {QWEN}: ")
+    pooled = describe(Progress(QWEN, "desk", 1.0, True, None, 3), pool=True)
+    assert pooled.startswith(f"lmswitch: loading model {QWEN} on desk: 1 s waited")
+    assert pooled.endswith("3 requests ahead")
