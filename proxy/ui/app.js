@@ -844,8 +844,8 @@
 
   function addLoad(key, load) {
     progress.loads.set(key, load);
-    const expected = load.expected ? `: about ${formatExpected(load.expected)}` : "";
-    announce(`${loadTitle(load)}${expected}.`);
+    const about = load.expected ? `, expected to take about ${formatExpected(load.expected)}` : "";
+    announce(`${loadTitle(load)}${about}.`);
   }
 
   // The loads of the status just read (its `waiting` rows of models loading), asked for at
