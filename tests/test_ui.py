@@ -8,9 +8,10 @@ pool's tests run two emulators, `desk` and `mac`, behind one proxy.
 
 from __future__ import annotations
 
+import re
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,6 +147,19 @@ async def load(proxy: Proxy, model: str, **headers: str) -> None:
         "/api/v1/models/load", json={"model_id": model}, headers=headers
     )
     assert response.status_code == 200, response.text
+
+
+async def unload(proxy: Proxy, model: str) -> None:
+    response = await proxy.http.post("/api/v1/models/unload", json={"model_id": model})
+    assert response.status_code == 200, response.text
+
+
+async def chat(proxy: Proxy, model: str) -> None:
+    """A streaming chat request, as a client that waits for its model would send it."""
+    body = {"model": model, "messages": MESSAGES, "stream": True}
+    response = await proxy.http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    assert response.text.rstrip().endswith("data: [DONE]")
 
 
 async def switch_to(ui: Browser, model: str) -> None:
@@ -456,6 +470,142 @@ async def test_one_host_page_has_no_pool_controls() -> None:
         assert ui.errors == []
 
 
+# --- loads in progress ------------------------------------------------------------------------
+
+HEADER_BOXES = """[...document.querySelectorAll('.statusbar .stat')].map((stat) => {
+    const box = stat.getBoundingClientRect();
+    return [stat.querySelector('dt').textContent, Math.round(box.x), Math.round(box.y)];
+})"""
+
+
+# The first load line's bar, how full it is (value / max; -1 when indeterminate), and its time
+# text; null when there is no line.
+BAR_FRACTION = """(() => {
+    const bar = document.querySelector('#loads li progress');
+    if (bar === null) return null;
+    return bar.hasAttribute('value') ? bar.value / bar.max : -1;
+})()"""
+LOAD_TIME = "document.querySelector('#loads li .load-time')?.textContent ?? null"
+
+
+async def watch(
+    page: Page, script: str, done: Callable[[list[Any]], bool], seconds: float
+) -> list[Any]:
+    """The values of `script`, read every 20 ms (each at once, so a line that goes between two
+    reads is never waited for) until `done(values)`, or for `seconds` at most."""
+    values: list[Any] = []
+    with anyio.move_on_after(seconds):
+        while True:
+            values.append(await page.evaluate(script))
+            if done(values):
+                break
+            await anyio.sleep(0.02)
+    return values
+
+
+async def test_a_load_with_an_expected_time_shows_the_time_left() -> None:
+    """Three loads teach the proxy how long one takes; the fourth, another client's, shows a bar
+    filling up to that time and the time left, and goes once the model is loaded. The header
+    keeps its place meanwhile."""
+    emulator = Emulator(load_delay_s=1.0)
+    async with running(emulator) as proxy, browse(proxy) as ui:
+        for _ in range(3):
+            await load(proxy, QWEN)
+            await unload(proxy, QWEN)
+        rows = {row["id"]: row for row in (await proxy.http.get("/api/v1/models")).json()}
+        assert rows[QWEN]["expected_load_s"] == pytest.approx(1.0, abs=0.5)
+        await ui.open()
+        page = ui.page
+        await expect(page.locator("#live")).to_have_text("connected")
+        idle = await page.evaluate(HEADER_BOXES)
+        bar = page.get_by_role("progressbar", name=f"Loading {QWEN}")
+        line = page.locator("#loads li")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(load, proxy, QWEN)
+            await expect(bar).to_be_visible()
+            await expect(line.locator(".load-time")).to_have_text(re.compile(r"^about \d s left$"))
+            assert await page.evaluate(HEADER_BOXES) == idle
+            max_s = await bar.evaluate("(bar) => bar.max")
+            assert max_s == pytest.approx(rows[QWEN]["expected_load_s"], abs=0.01)
+            fractions = await watch(page, BAR_FRACTION, lambda seen: 0 < (seen[-1] or 0) < 1, 2)
+            assert 0 < (fractions[-1] or 0) < 1, fractions
+        await expect(bar).to_be_hidden()
+        await expect(page.locator("#progress")).to_be_hidden()
+        await expect(ui.state_of(QWEN)).to_have_text("loaded")
+        assert emulator.load_count(QWEN) == 4
+        assert ui.errors == []
+
+
+async def test_a_load_past_its_expected_time_says_it_takes_longer_than_usual() -> None:
+    emulator = Emulator(load_delay_s=0.5)
+    async with running(emulator) as proxy, browse(proxy) as ui:
+        await load(proxy, QWEN)
+        await unload(proxy, QWEN)
+        await ui.open()
+        page = ui.page
+        await expect(page.locator("#live")).to_have_text("connected")
+        emulator.load_delay_s = 3.0  # six times what the proxy learned
+        bar = page.get_by_role("progressbar", name=f"Loading {QWEN}")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(load, proxy, QWEN)
+
+            def late(seen: list[Any]) -> bool:
+                return str(seen[-1]).startswith("taking longer")
+
+            times = [t for t in await watch(page, LOAD_TIME, late, 2) if t is not None]
+            assert times, "no load line"
+            assert re.fullmatch(r"about \d s left", times[0]), times
+            assert re.fullmatch(r"taking longer than usual \(\d+\.\d s so far\)", times[-1]), times
+            await expect(bar).to_have_js_property("position", -1)  # indeterminate now
+            await expect(page.locator("#loads-status")).to_have_text(
+                f"Loading {QWEN} is taking longer than usual."
+            )
+        await expect(bar).to_be_hidden()
+        assert ui.errors == []
+
+
+async def test_a_load_shows_how_many_requests_wait_for_it() -> None:
+    """Requests waiting for a loading model are counted live: the second one arrives with no
+    event of its own."""
+    emulator = Emulator(load_delay_s=2.5)
+    async with running(emulator) as proxy, browse(proxy) as ui:
+        await ui.open()
+        page = ui.page
+        await expect(page.locator("#live")).to_have_text("connected")
+        waiting = page.locator("#loads li .load-waiting")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(chat, proxy, QWEN)
+            await expect(waiting).to_have_text("1 request waiting")
+            tg.start_soon(chat, proxy, QWEN)
+            await expect(waiting).to_have_text("2 requests waiting")
+            await expect(page.locator("#queue")).to_have_text("2 waiting · 0 running")
+        await expect(page.locator("#progress")).to_be_hidden()
+        assert emulator.load_count(QWEN) == 1
+        assert ui.errors == []
+
+
+async def test_a_first_load_shows_the_time_it_has_taken() -> None:
+    """Nothing learned yet: an indeterminate bar and the running time, no time left."""
+    emulator = Emulator(load_delay_s=1.5)
+    async with running(emulator) as proxy, browse(proxy) as ui:
+        await ui.open()
+        page = ui.page
+        await expect(page.locator("#live")).to_have_text("connected")
+        bar = page.get_by_role("progressbar", name=f"Loading {QWEN}")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(load, proxy, QWEN)
+            await expect(bar).to_be_visible()
+            await expect(bar).to_have_js_property("position", -1)
+            times = await watch(page, LOAD_TIME, lambda seen: seen[-1] is None, 3)
+        assert times.pop() is None, times  # gone once loaded
+        assert all(re.fullmatch(r"\d\.\d s", text) for text in times), times
+        seconds = [float(text.split()[0]) for text in times]
+        assert seconds == sorted(seconds)
+        assert seconds[-1] - seconds[0] >= 0.5, times  # a running time, seen running
+        await expect(bar).to_be_hidden()
+        assert ui.errors == []
+
+
 # --- a pool of two hosts ---------------------------------------------------------------------
 
 DESK_BUDGET = "20GiB"  # 21.5 GB
@@ -614,4 +764,25 @@ async def test_pool_host_that_goes_down_is_shown_down() -> None:
         await expect(picker.locator('option[value="mac"]')).to_have_text("mac (down)")
         await expect(picker.locator('option[value="mac"]')).to_be_disabled()
         assert (await hosts.proxy.status())["upstreams"][1]["up"] is False
+        assert ui.errors == []
+
+
+async def test_pool_load_progress_names_the_host() -> None:
+    async with pool() as hosts, browse(hosts.proxy) as ui:
+        await ui.open()
+        page = ui.page
+        await expect(page.locator("#upstream")).to_have_text("2 of 2 up")
+        hosts.mac.load_delay_s = 1.0
+
+        async def load_on_mac() -> None:
+            body = {"model_id": LLAMA, "upstream": "mac"}
+            response = await hosts.proxy.http.post("/api/v1/models/load", json=body)
+            assert response.status_code == 200, response.text
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(load_on_mac)
+            bar = page.get_by_role("progressbar", name=f"Loading {LLAMA} on mac", exact=True)
+            await expect(bar).to_be_visible()
+        await expect(bar).to_be_hidden()
+        assert hosts.mac.load_count(LLAMA) == 1
         assert ui.errors == []

@@ -20,9 +20,8 @@
     picker: $("model-picker"),
     switchButton: $("switch-button"),
     progress: $("progress"),
-    progressBar: $("switch-progress"),
-    progressLabel: $("progress-label"),
-    progressTime: $("progress-time"),
+    loads: $("loads"),
+    loadsStatus: $("loads-status"),
     message: $("message"),
     tbody: $("models-body"),
     hostsCard: $("hosts-card"),
@@ -278,6 +277,7 @@
     renderTable();
     renderPicker();
     renderChatModel();
+    renderLoads();
   }
 
   // The hosts of the pool (`upstreams` of the status), in the configuration's order.
@@ -779,35 +779,274 @@
     el.message.dataset.tone = tone || "info";
   }
 
+  // --- loads in progress ----------------------------------------------------------------------
+  //
+  // Every load the proxy runs, whoever started it (a request, another tab, the API, this page),
+  // from `model` events and the status' `waiting` rows, which also say how many requests wait
+  // for it. A load's running time is counted here from the moment the page learned it (its
+  // `loading_s`, or 0 at its `loading` event): the server's and the browser's clocks are never
+  // compared.
+
+  const TICK_MS = 200; // bars and times move this often
+  // No event says that a request began or stopped waiting: while a load runs, the status is
+  // read again this often for the count.
+  const POLL_MS = 1000;
+  // A load ends with any of these events on its host.
+  const ENDS_LOAD = new Set(["loaded", "failed", "unloading", "unloaded"]);
+
+  const progress = {
+    loads: new Map(), // loadKey -> {model, upstream, expected, base, at, stamp, waiting, late}
+    ended: new Map(), // loadKey -> when an event ended that load (performance.now())
+    items: new Map(), // loadKey, or "own" -> the elements of its line
+    own: null, // the page's own load or unload: {text, model, upstream, started, claimed}
+    ids: 0,
+    ticker: null,
+    poll: null,
+  };
+
+  const loadKey = (model, upstream) => `${upstream || ""}\n${model}`;
+
+  function seconds(value) {
+    return typeof value === "number" && Number.isFinite(value) && value >= 0 ? value : null;
+  }
+
+  // How long `load` has been running, by the page's own count.
+  const elapsedOf = (load, now) => load.base + (now - load.at) / 1000;
+
+  function formatElapsed(value) {
+    if (value < 60) return `${value.toFixed(1)} s`;
+    const minutes = Math.floor(value / 60);
+    return `${minutes} min ${Math.floor(value - minutes * 60)} s`;
+  }
+
+  function formatLeft(value) {
+    if (value >= 90) return `about ${Math.round(value / 60)} min left`;
+    return `about ${Math.max(1, Math.ceil(value))} s left`;
+  }
+
+  function formatExpected(value) {
+    return value >= 90 ? `${Math.round(value / 60)} min` : `${Math.max(1, Math.round(value))} s`;
+  }
+
+  function waitingText(count) {
+    if (!count) return "";
+    return count === 1 ? "1 request waiting" : `${count} requests waiting`;
+  }
+
+  function loadTitle(load) {
+    const where = isPool() && load.upstream ? ` on ${load.upstream}` : "";
+    return `Loading ${load.model}${where}`;
+  }
+
+  function announce(text) {
+    setText(el.loadsStatus, text);
+  }
+
+  function addLoad(key, load) {
+    progress.loads.set(key, load);
+    const about = load.expected ? `, expected to take about ${formatExpected(load.expected)}` : "";
+    announce(`${loadTitle(load)}${about}.`);
+  }
+
+  // The loads of the status just read (its `waiting` rows of models loading), asked for at
+  // `since`: a load that an event began or ended after that stays as the event left it.
+  function syncLoads(since) {
+    const rows = state.status && state.status.waiting;
+    if (!Array.isArray(rows)) return;
+    const now = performance.now();
+    const seen = new Set();
+    for (const row of rows) {
+      if (!row || row.state !== "loading" || typeof row.model !== "string") continue;
+      const upstream = typeof row.upstream === "string" ? row.upstream : null;
+      const key = loadKey(row.model, upstream);
+      if ((progress.ended.get(key) ?? -Infinity) > since) continue;
+      seen.add(key);
+      const reported = seconds(row.loading_s) ?? 0;
+      const expected = seconds(row.expected_load_s);
+      const waiting = Number(row.waiting) || 0;
+      const load = progress.loads.get(key);
+      if (!load) {
+        addLoad(key, {
+          model: row.model,
+          upstream,
+          expected,
+          base: reported,
+          at: now,
+          stamp: now,
+          waiting,
+          late: false,
+        });
+        continue;
+      }
+      // Catch up with the proxy's count; never step back by the time its answer took.
+      const local = elapsedOf(load, now);
+      if (reported > local || local - reported > 2) {
+        load.base = reported;
+        load.at = now;
+      }
+      load.expected = expected;
+      load.waiting = waiting;
+    }
+    for (const [key, load] of progress.loads) {
+      if (!seen.has(key) && load.stamp <= since) progress.loads.delete(key);
+    }
+    for (const [key, when] of progress.ended) {
+      if (when <= since) progress.ended.delete(key);
+    }
+  }
+
+  // A `model` event: a load begins, or ends, on its host.
+  function loadEvent(event) {
+    if (typeof event.model !== "string") return;
+    const upstream = typeof event.upstream === "string" ? event.upstream : null;
+    const key = loadKey(event.model, upstream);
+    const now = performance.now();
+    if (event.state === "loading") {
+      progress.ended.delete(key);
+      const known = progress.loads.get(key);
+      if (known) {
+        known.stamp = now;
+        known.expected = seconds(event.expected_load_s);
+        return;
+      }
+      addLoad(key, {
+        model: event.model,
+        upstream,
+        expected: seconds(event.expected_load_s),
+        base: 0,
+        at: now,
+        stamp: now,
+        waiting: 0,
+        late: false,
+      });
+    } else if (ENDS_LOAD.has(event.state)) {
+      progress.ended.set(key, now);
+      progress.loads.delete(key);
+    }
+  }
+
+  // What a load's line shows now: with an expected time, a bar filling up to it and the time
+  // left; past it, or without one, an indeterminate bar and the time it has taken.
+  function loadView(load, now) {
+    const elapsed = elapsedOf(load, now);
+    const expected = load.expected;
+    const view = { title: loadTitle(load), waiting: load.waiting };
+    if (expected === null) return { ...view, phase: "unknown", time: formatElapsed(elapsed) };
+    if (elapsed < expected) {
+      const time = formatLeft(expected - elapsed);
+      return { ...view, phase: "estimate", value: elapsed, max: expected, time };
+    }
+    if (!load.late) {
+      load.late = true;
+      announce(`${view.title} is taking longer than usual.`);
+    }
+    const time = `taking longer than usual (${formatElapsed(elapsed)} so far)`;
+    return { ...view, phase: "late", time };
+  }
+
+  function createLoadItem() {
+    const li = document.createElement("li");
+    li.className = "load";
+    const id = ++progress.ids;
+    const label = document.createElement("span");
+    label.className = "load-label";
+    label.id = `load-label-${id}`;
+    const bar = document.createElement("progress");
+    bar.setAttribute("aria-labelledby", label.id);
+    bar.setAttribute("aria-describedby", `load-time-${id} load-waiting-${id}`);
+    const time = document.createElement("span");
+    time.className = "load-time";
+    time.id = `load-time-${id}`;
+    const waiting = document.createElement("span");
+    waiting.className = "load-waiting";
+    waiting.id = `load-waiting-${id}`;
+    const head = document.createElement("span");
+    head.className = "load-head";
+    head.append(label, waiting);
+    li.append(head, bar, time);
+    return { li, label, bar, time, waiting };
+  }
+
+  function renderLoads() {
+    const now = performance.now();
+    const own = progress.own;
+    const lines = [];
+    if (own && own.model && !own.claimed) {
+      own.claimed = [...progress.loads.values()].some(
+        (load) => load.model === own.model && (!own.upstream || load.upstream === own.upstream),
+      );
+    }
+    if (own && !own.claimed) {
+      const time = formatElapsed((now - own.started) / 1000);
+      lines.push(["own", { title: own.text, phase: "unknown", time, waiting: 0 }]);
+    }
+    for (const [key, load] of progress.loads) lines.push([key, loadView(load, now)]);
+
+    let previous = null;
+    const seen = new Set();
+    for (const [key, view] of lines) {
+      seen.add(key);
+      let item = progress.items.get(key);
+      if (!item) {
+        item = createLoadItem();
+        progress.items.set(key, item);
+      }
+      setText(item.label, view.title);
+      item.li.dataset.phase = view.phase;
+      if (view.phase === "estimate") {
+        item.bar.max = view.max;
+        item.bar.value = view.value;
+      } else if (item.bar.hasAttribute("value")) {
+        item.bar.removeAttribute("value"); // indeterminate
+      }
+      setText(item.time, view.time);
+      setText(item.waiting, waitingText(view.waiting));
+      item.waiting.hidden = !view.waiting;
+      const expected = previous ? previous.nextSibling : el.loads.firstChild;
+      if (expected !== item.li) {
+        if (previous) previous.after(item.li);
+        else el.loads.prepend(item.li);
+      }
+      previous = item.li;
+    }
+    for (const [key, item] of progress.items) {
+      if (!seen.has(key)) {
+        item.li.remove();
+        progress.items.delete(key);
+      }
+    }
+    el.progress.hidden = !lines.length;
+    if (lines.length && progress.ticker === null) {
+      progress.ticker = setInterval(renderLoads, TICK_MS);
+    } else if (!lines.length && progress.ticker !== null) {
+      clearInterval(progress.ticker);
+      progress.ticker = null;
+    }
+    if (progress.loads.size && progress.poll === null) {
+      progress.poll = setTimeout(() => {
+        progress.poll = null;
+        if (progress.loads.size) scheduleRefresh(0);
+      }, POLL_MS);
+    }
+  }
+
   // --- actions --------------------------------------------------------------------------------
 
-  let progressTimer = null;
-
-  // The label is a status region (announced once); the running time is for the eyes only.
-  function startProgress(text) {
+  // The page's own load or unload, shown as a line of the loads until the proxy's load of that
+  // model shows instead (an unload, or a load waiting its turn, has no load of the proxy's).
+  function startProgress(text, model = null, upstream = null) {
     const started = performance.now();
-    const tick = () => {
-      const seconds = (performance.now() - started) / 1000;
-      el.progressTime.textContent = `${seconds.toFixed(1)} s`;
-    };
-    el.progressLabel.textContent = text;
-    tick();
-    el.progressBar.hidden = false;
-    el.progress.classList.add("active");
+    progress.own = { text, model, upstream, started, claimed: false };
     el.switchButton.setAttribute("aria-disabled", "true");
-    clearInterval(progressTimer);
-    progressTimer = setInterval(tick, 200);
+    announce(`${text}.`);
+    renderLoads();
     return started;
   }
 
   function stopProgress() {
-    clearInterval(progressTimer);
-    progressTimer = null;
-    el.progressBar.hidden = true;
-    el.progress.classList.remove("active");
-    el.progressLabel.textContent = "";
-    el.progressTime.textContent = "";
+    progress.own = null;
     el.switchButton.setAttribute("aria-disabled", "false");
+    renderLoads();
   }
 
   async function runBusy(action, id, work) {
@@ -836,7 +1075,7 @@
       render();
       say("", "info");
       const where = upstream ? ` on ${upstream}` : "";
-      const started = startProgress(`Loading ${id}${where}…`);
+      const started = startProgress(`Loading ${id}${where}`, id, upstream);
       const json = upstream ? { model_id: id, upstream } : { model_id: id };
       const response = await request("/api/v1/models/load", { method: "POST", json });
       const seconds = ((performance.now() - started) / 1000).toFixed(1);
@@ -866,7 +1105,7 @@
   function unloadModel(id) {
     return runBusy("unload", id, async () => {
       say("", "info");
-      startProgress(`Unloading ${id} once its running requests finish…`);
+      startProgress(`Unloading ${id} once its running requests finish`);
       const response = await request("/api/v1/models/unload", {
         method: "POST",
         json: { model_id: id },
@@ -929,6 +1168,7 @@
 
   async function refresh() {
     const seq = ++refreshSeq;
+    const since = performance.now();
     const [models, status] = await Promise.all([
       request("/api/v1/models"),
       request("/api/v1/status"),
@@ -937,7 +1177,10 @@
     const statusBody = status.ok ? await status.json() : null;
     if (seq !== refreshSeq) return;
     if (Array.isArray(modelRows)) state.models = modelRows;
-    if (statusBody) state.status = statusBody;
+    if (statusBody) {
+      state.status = statusBody;
+      syncLoads(since);
+    }
     render();
   }
 
@@ -985,7 +1228,10 @@
       live.connected = true;
       setPill(el.live, "connected", "ok");
       if (Array.isArray(payload.models)) state.models = payload.models;
-      if (payload.status) state.status = payload.status;
+      if (payload.status) {
+        state.status = payload.status;
+        syncLoads(performance.now()); // the snapshot comes before every event that follows
+      }
       render();
     } else if (type === "model") {
       applyModelEvent(payload);
@@ -1008,6 +1254,7 @@
   ]);
 
   function applyModelEvent(event) {
+    loadEvent(event);
     const row = state.models.find((m) => m.id === event.model);
     const host = typeof event.upstream === "string" ? event.upstream : null;
     if (row && host && Array.isArray(row.upstreams) && HOLDS.has(event.state)) {
@@ -1088,6 +1335,7 @@
     const generation = ++live.generation;
     setPill(el.live, "connecting…", "muted");
     let response;
+    const since = performance.now();
     try {
       response = await request("/api/v1/status");
     } catch {
@@ -1117,7 +1365,9 @@
       return;
     }
     state.status = await response.json();
+    syncLoads(since);
     renderStatus();
+    renderLoads();
     const key = getKey("admin");
     if (key) streamWithFetch(generation, key);
     else streamWithEventSource(generation);
