@@ -7,21 +7,25 @@ address, and run in a process of its own, as a user would run it.
 from __future__ import annotations
 
 import os
-import re
 import shutil
+import signal
 import sys
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import anyio
+import httpx2
 import pytest
+from anyio.streams.buffered import BufferedByteReceiveStream
 
 from proxy.emulator import Emulator
+from proxy.server import free_port
 from tests.doc_capture import SETTINGS, SHOWN_URL
-from tests.helpers import Proxy, readme, readme_block, running
+from tests.helpers import MESSAGES, Proxy, readme_block, running
 
 REPLY = "Hello from the LM Studio emulator, a deterministic reply made of plain words that streams"
 TOKENS = len(REPLY.split())  # the emulator's reply length (reply_tokens)
+CHAT = {"model": "qwen2.5-7b-instruct", "messages": MESSAGES}
 
 
 @pytest.fixture
@@ -71,8 +75,54 @@ async def test_openai_base_url_alone_points_the_sdk_at_the_proxy(proxy: Proxy) -
 
 
 async def test_readme_sdk_example_alternates_two_models(proxy: Proxy) -> None:
-    """The first example in the README ("Point the openai SDK at it") streams from both."""
-    match = re.search(r"## Point the openai SDK at it\n.*?```python\n(.*?)```", readme(), re.DOTALL)
-    assert match is not None
-    output = await run([sys.executable, "-c", match[1]], proxy)
+    """The first example of "Client examples" streams from two models in turn."""
+    output = await run([sys.executable, "-c", readme_block("python-alternate")], proxy)
     assert output == f"{REPLY}\n{REPLY}\n"
+
+
+async def test_anthropic_example_prints_the_reply(proxy: Proxy) -> None:
+    """The anthropic SDK, its base URL without `/v1`, gets LM Studio's `/v1/messages` answer."""
+    output = await run([sys.executable, "-c", readme_block("anthropic")], proxy)
+    assert output == f"{REPLY}\n"
+
+
+# The import names of the development group's packages (pyproject.toml), none of them needed by
+# the README's demo command, `uv run --no-dev lmswitch demo`.
+_DEV_ONLY = [
+    *("openai", "anthropic", "pytest", "_pytest", "pytest_timeout", "coverage", "asgi_lifespan"),
+    *("mypy", "ruff", "hypothesis", "playwright", "dockerfile_parse"),
+]
+_WITHOUT_DEV = """
+import sys
+
+class NoDevPackages:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {blocked!r}:
+            raise ModuleNotFoundError(f"{{name}} is a development package")
+        return None
+
+sys.meta_path.insert(0, NoDevPackages())
+from proxy.cli import main
+sys.exit(main(["demo", "--port", "{port}", "--load-delay", "0"]))
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Ctrl+C cannot target one child on Windows")
+async def test_the_demo_runs_without_the_development_packages() -> None:
+    """`uv run --no-dev lmswitch demo` installs the runtime dependencies only: the demo must
+    greet and answer with every development package unimportable."""
+    port = free_port()
+    script = _WITHOUT_DEV.format(blocked=set(_DEV_ONLY), port=port)
+    async with await anyio.open_process([sys.executable, "-c", script], env=clean_env()) as process:
+        assert process.stdout is not None
+        with anyio.fail_after(15):
+            greeting = await BufferedByteReceiveStream(process.stdout).receive_until(
+                b"Press Ctrl+C to stop.", max_bytes=2**16
+            )
+        assert b"lmswitch demo: the proxy at" in greeting
+        async with httpx2.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+            response = await http.post("/v1/chat/completions", json=CHAT)
+        assert response.status_code == 200
+        process.send_signal(signal.SIGINT)
+        with anyio.fail_after(10):
+            assert await process.wait() == 0
