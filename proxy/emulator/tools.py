@@ -71,8 +71,11 @@ def pick(kind: str, body: Mapping[str, Any]) -> ToolCall | None:
         if not mentioned:
             return None
         name, schema = mentioned[0]
-    arguments = json.dumps(example(schema), separators=(",", ":"), ensure_ascii=False)
-    return ToolCall(call_id(), name, arguments)
+    value = example(schema)
+    arguments = value if isinstance(value, dict) else {}  # arguments are an object, always
+    return ToolCall(
+        call_id(), name, json.dumps(arguments, separators=(",", ":"), ensure_ascii=False)
+    )
 
 
 def call_id() -> str:
