@@ -9,6 +9,7 @@ import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import partial
+from typing import Any
 
 import anyio
 import httpx2
@@ -18,7 +19,7 @@ from anyio.abc import TaskStatus
 from starlette.applications import Starlette
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from proxy.emulator import Emulator
+from proxy.emulator import Emulator, tools
 from tests.helpers import serve
 
 QWEN = "qwen2.5-7b-instruct"
@@ -615,6 +616,443 @@ async def test_messages_api_bodies_and_event_framing(running: Running) -> None:
     assert payloads[5]["usage"] == {"output_tokens": 2}
     assert counted.json() == {"input_tokens": 4}
     assert unknown.status_code == 400
+
+
+# --- tool calls ------------------------------------------------------------------------------
+
+WEATHER_TOOL = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}},
+    "required": ["city", "unit"],
+}
+CHAT_TOOLS = [
+    {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}},
+    {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER_TOOL}},
+]
+RESPONSE_TOOLS = [
+    {"type": "mcp", "server_label": "exa", "server_url": "https://mcp.exa.ai/mcp"},
+    {"type": "function", "name": "get_time", "parameters": {}},
+    {"type": "function", "name": "get_weather", "parameters": WEATHER_TOOL},
+]
+ANTHROPIC_TOOLS = [
+    {"type": "web_search_20250305", "name": "web_search"},
+    {"name": "get_time", "input_schema": {"type": "object"}},
+    {"name": "get_weather", "input_schema": WEATHER_TOOL},
+]
+ASK = [{"role": "user", "content": "What is the weather?"}]
+
+
+@pytest.mark.parametrize(
+    ("kind", "request_body", "called"),
+    [
+        # OpenAI chat: required, a named function, auto by name, auto without, none, a result.
+        ("chat", {"messages": ASK, "tools": CHAT_TOOLS, "tool_choice": "required"}, "get_time"),
+        (
+            "chat",
+            {
+                "messages": ASK,
+                "tools": CHAT_TOOLS,
+                "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+            },
+            "get_weather",
+        ),
+        (
+            "chat",
+            {
+                "messages": ASK,
+                "tools": CHAT_TOOLS,
+                "tool_choice": {"type": "function", "function": {"name": "not_offered"}},
+            },
+            "get_time",
+        ),
+        (
+            "chat",
+            {"messages": [{"role": "user", "content": "Call GET_WEATHER"}], "tools": CHAT_TOOLS},
+            "get_weather",
+        ),
+        (
+            "chat",
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "text", "text": "run get_weather"}]},
+                    {"role": "assistant", "content": "It is sunny."},
+                    {"role": "user", "content": "and now get_time please"},
+                ],
+                "tools": CHAT_TOOLS,
+            },
+            "get_time",
+        ),
+        ("chat", {"messages": ASK, "tools": CHAT_TOOLS}, None),
+        (
+            "chat",
+            {"messages": [{"role": "system", "content": "get_time"}], "tools": CHAT_TOOLS},
+            None,
+        ),
+        ("chat", {"messages": ASK, "tools": CHAT_TOOLS, "tool_choice": "none"}, None),
+        ("chat", {"messages": ASK, "tool_choice": "required"}, None),
+        ("chat", {"messages": ASK, "tools": [], "tool_choice": "required"}, None),
+        (
+            "chat",
+            {
+                "messages": [*ASK, {"role": "tool", "tool_call_id": "1", "content": "sunny"}],
+                "tools": CHAT_TOOLS,
+                "tool_choice": "required",
+            },
+            None,
+        ),
+        # Responses: function tools only; the named form has a flat name.
+        (
+            "response",
+            {"input": "hi", "tools": RESPONSE_TOOLS, "tool_choice": "required"},
+            "get_time",
+        ),
+        (
+            "response",
+            {
+                "input": "hi",
+                "tools": RESPONSE_TOOLS,
+                "tool_choice": {"type": "function", "name": "get_weather"},
+            },
+            "get_weather",
+        ),
+        ("response", {"input": "use get_weather", "tools": RESPONSE_TOOLS}, "get_weather"),
+        (
+            "response",
+            {
+                "input": [
+                    {"role": "user", "content": [{"type": "input_text", "text": "get_time"}]}
+                ],
+                "tools": RESPONSE_TOOLS,
+            },
+            "get_time",
+        ),
+        (
+            "response",
+            {
+                "input": [
+                    {"role": "user", "content": "get_time"},
+                    {
+                        "type": "function_call",
+                        "call_id": "1",
+                        "name": "get_time",
+                        "arguments": "{}",
+                    },
+                    {"type": "function_call_output", "call_id": "1", "output": "noon"},
+                ],
+                "tools": RESPONSE_TOOLS,
+            },
+            None,
+        ),
+        # Anthropic: any, a named tool, none; server tools are not the model's to call.
+        (
+            "message",
+            {"messages": ASK, "tools": ANTHROPIC_TOOLS, "tool_choice": {"type": "any"}},
+            "get_time",
+        ),
+        (
+            "message",
+            {
+                "messages": ASK,
+                "tools": ANTHROPIC_TOOLS,
+                "tool_choice": {"type": "tool", "name": "get_weather"},
+            },
+            "get_weather",
+        ),
+        (
+            "message",
+            {"messages": ASK, "tools": ANTHROPIC_TOOLS, "tool_choice": {"type": "none"}},
+            None,
+        ),
+        (
+            "message",
+            {"messages": ASK, "tools": ANTHROPIC_TOOLS[:1], "tool_choice": {"type": "any"}},
+            None,
+        ),
+        (
+            "message",
+            {
+                "messages": [
+                    *ASK,
+                    {
+                        "role": "assistant",
+                        "content": [
+                            {"type": "tool_use", "id": "1", "name": "get_time", "input": {}}
+                        ],
+                    },
+                    {
+                        "role": "user",
+                        "content": [{"type": "tool_result", "tool_use_id": "1", "content": "noon"}],
+                    },
+                ],
+                "tools": ANTHROPIC_TOOLS,
+                "tool_choice": {"type": "any"},
+            },
+            None,
+        ),
+        # What no client should send is not a call, nor a crash.
+        (
+            "chat",
+            {
+                "messages": ["garbage", 42],
+                "tools": [
+                    42,
+                    {"type": "custom", "custom": {"name": "get_time"}},
+                    {"type": "function", "function": {"parameters": {}}},
+                    {"type": "function", "function": {"name": ""}},
+                ],
+                "tool_choice": "required",
+            },
+            None,
+        ),
+        (
+            "chat",
+            {"messages": ["garbage"], "tools": CHAT_TOOLS, "tool_choice": "required"},
+            "get_time",
+        ),
+        ("chat", {"messages": "get_time", "tools": CHAT_TOOLS}, None),
+        ("chat", {"messages": [], "tools": CHAT_TOOLS, "tool_choice": "sometimes"}, None),
+        (
+            "response",
+            {"input": "hi", "tools": RESPONSE_TOOLS, "tool_choice": {"type": "allowed_tools"}},
+            None,
+        ),
+        # Legacy completions never call tools.
+        (
+            "completion",
+            {"prompt": "get_time", "tools": CHAT_TOOLS, "tool_choice": "required"},
+            None,
+        ),
+    ],
+)
+def test_tool_choice_decides_whether_and_which_tool_is_called(
+    kind: str, request_body: dict[str, Any], called: str | None
+) -> None:
+    """Required, any or a named tool: a call (the named one if offered, else the first); auto:
+    the first tool the last user message names; none, no tools, or a tool's result: words."""
+    call = tools.pick(kind, request_body)
+    assert (call.name if call is not None else None) == called
+
+
+@pytest.mark.parametrize(
+    ("schema", "value"),
+    [
+        ({"type": "string"}, "example"),
+        ({"type": "number"}, 1),
+        ({"type": "integer"}, 1),
+        ({"type": "boolean"}, True),
+        ({"type": "array", "items": {"type": "string"}, "minItems": 2}, []),
+        ({"type": "null"}, None),
+        ({"enum": ["b", "a"]}, "b"),
+        ({"const": 7}, 7),
+        ({"type": ["null", "integer"]}, 1),
+        ({"anyOf": [{"type": "null"}, {"type": "boolean"}]}, True),
+        ({"oneOf": [{"type": "number"}, {"type": "string"}]}, 1),
+        ({}, "example"),
+        (True, "example"),
+        ({"anyOf": [True]}, "example"),
+        ({"$ref": "https://example.com/schema.json"}, "example"),
+        ({"type": "object"}, {}),
+        (
+            {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string"},
+                    "age": {"type": "integer"},
+                    "nickname": {"type": "string"},
+                    "address": {
+                        "properties": {"street": {"type": "string"}, "zip": {"type": "string"}},
+                        "required": ["zip"],
+                    },
+                },
+                "required": ["name", "age", "address", "undeclared"],
+            },
+            {"name": "example", "age": 1, "address": {"zip": "example"}, "undeclared": "example"},
+        ),
+        (  # pydantic's shape: $defs and $ref, an Optional as anyOf with null
+            {
+                "$defs": {
+                    "Unit": {"enum": ["celsius", "fahrenheit"], "type": "string"},
+                    "Place": {
+                        "properties": {
+                            "city": {"type": "string"},
+                            "unit": {"$ref": "#/$defs/Unit"},
+                        },
+                        "required": ["city", "unit"],
+                        "type": "object",
+                    },
+                },
+                "properties": {
+                    "place": {"$ref": "#/$defs/Place"},
+                    "when": {"anyOf": [{"type": "string", "format": "date"}, {"type": "null"}]},
+                    "lost": {"$ref": "#/$defs/Nowhere"},
+                },
+                "required": ["place", "when", "lost"],
+                "type": "object",
+            },
+            {"place": {"city": "example", "unit": "celsius"}, "when": "example", "lost": "example"},
+        ),
+    ],
+)
+def test_tool_arguments_are_built_from_the_schema(schema: object, value: object) -> None:
+    """Required properties only, each with a plausible value of its type, deterministically."""
+    assert tools.example(schema) == value
+
+
+def test_recursive_schemas_end_in_null() -> None:
+    """A schema that requires itself through $ref ends, nested, in null."""
+    node = {"type": "object", "properties": {"next": {"$ref": "#"}}, "required": ["next"]}
+    value = tools.example(node)
+    depth = 0
+    while isinstance(value, dict):
+        value = value["next"]
+        depth += 1
+    assert value is None
+    assert 1 < depth < 10
+
+
+def test_a_call_streams_its_arguments_in_json_token_pieces() -> None:
+    """Arguments stream as a model writes JSON, and their pieces make the whole."""
+    call = tools.ToolCall("123456789", "f", '{"city":"San Francisco","days":[1,2]}')
+    assert call.fragments == (
+        '{"',
+        "city",
+        '":"',
+        "San Francisco",
+        '","',
+        "days",
+        '":[',
+        "1",
+        ",",
+        "2",
+        "]}",
+    )
+    assert call.tokens == 1 + len(call.fragments)
+    assert call.input == {"city": "San Francisco", "days": [1, 2]}
+
+
+async def test_tool_calls_have_lmstudio_shapes(running: Running) -> None:
+    """A call is the chat message's tool_calls (content null, finish tool_calls, v0 stop reason
+    toolCalls), a Responses `function_call` item, an Anthropic `tool_use` block."""
+    emulator = Emulator()
+    emulator.load_instance(QWEN)
+    chat = {"model": QWEN, "messages": ASK, "tools": CHAT_TOOLS, "tool_choice": "required"}
+    responses = {"model": QWEN, "input": "hi", "tools": RESPONSE_TOOLS, "tool_choice": "required"}
+    anthropic = {
+        "model": QWEN,
+        "max_tokens": 64,
+        "messages": ASK,
+        "tools": ANTHROPIC_TOOLS,
+        "tool_choice": {"type": "tool", "name": "get_weather"},
+    }
+    async with running(emulator) as client:
+        completion = (await client.post("/v1/chat/completions", json=chat)).json()
+        v0 = (await client.post("/api/v0/chat/completions", json=chat)).json()
+        response = (await client.post("/v1/responses", json=responses)).json()
+        message = (await client.post("/v1/messages", json=anthropic)).json()
+    choice = completion["choices"][0]
+    call_id = choice["message"]["tool_calls"][0]["id"]
+    assert re.fullmatch(r"[0-9]{9}", call_id)
+    assert choice == {
+        "index": 0,
+        "message": {
+            "role": "assistant",
+            "content": None,
+            "reasoning_content": "",
+            "tool_calls": [
+                {
+                    "id": call_id,
+                    "type": "function",
+                    "function": {"name": "get_time", "arguments": "{}"},
+                }
+            ],
+        },
+        "logprobs": None,
+        "finish_reason": "tool_calls",
+    }
+    assert completion["usage"]["completion_tokens"] == 2  # the name, then "{}"
+    assert v0["stats"]["stop_reason"] == "toolCalls"
+    [item] = response["output"]
+    assert re.fullmatch(r"fc_[a-z0-9]{22}", item.pop("id"))
+    assert re.fullmatch(r"[0-9]{9}", item.pop("call_id"))
+    assert item == {
+        "type": "function_call",
+        "status": "completed",
+        "name": "get_time",
+        "arguments": "{}",
+    }
+    assert response["status"] == "completed"
+    assert message["stop_reason"] == "tool_use"
+    [block] = message["content"]
+    assert re.fullmatch(r"[0-9]{9}", block.pop("id"))
+    assert block == {
+        "type": "tool_use",
+        "name": "get_weather",
+        "input": {"city": "example", "unit": "c"},
+    }
+
+
+async def test_a_streamed_call_opens_with_its_name_then_its_arguments(running: Running) -> None:
+    """The first chunk names the call with empty arguments; each argument piece is a chunk."""
+    emulator = Emulator()
+    chat = {
+        "model": QWEN,
+        "messages": ASK,
+        "tools": CHAT_TOOLS,
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        "stream": True,
+    }
+    async with running(emulator) as client:
+        streamed = await client.post("/v1/chat/completions", json=chat)
+    chunks = [json.loads(data) for _, data in sse(streamed.text)[:-1]]
+    deltas = [chunk["choices"][0]["delta"] for chunk in chunks]
+    opening = deltas[0]["tool_calls"][0]
+    assert deltas[0] == {
+        "role": "assistant",
+        "tool_calls": [
+            {
+                "index": 0,
+                "id": opening["id"],
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": ""},
+            }
+        ],
+    }
+    pieces = [delta["tool_calls"][0] for delta in deltas[1:-1]]
+    assert all(piece.keys() == {"index", "function"} for piece in pieces)
+    arguments = "".join(piece["function"]["arguments"] for piece in pieces)
+    assert arguments == '{"city":"example","unit":"c"}'
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    assert sse(streamed.text)[-1] == (None, "[DONE]")
+
+
+async def test_cut_streams_after_counts_a_calls_name_and_pieces(running: Running) -> None:
+    """A call's name and each piece of its arguments are tokens: a cut stream stops among them."""
+    emulator = Emulator()
+    emulator.cut_streams_after = 2
+    request = {
+        "model": QWEN,
+        "max_tokens": 64,
+        "messages": ASK,
+        "tools": ANTHROPIC_TOOLS,
+        "tool_choice": {"type": "tool", "name": "get_weather"},
+        "stream": True,
+    }
+    received: list[str] = []
+
+    async def read(client: httpx2.AsyncClient) -> None:
+        async with client.stream("POST", "/v1/messages", json=request) as response:
+            async for line in response.aiter_lines():
+                received.extend([line] if line.startswith("event: ") else [])
+
+    async with running(emulator) as client:
+        with pytest.raises(httpx2.RemoteProtocolError):
+            await read(client)
+        await emulator.wait_until(lambda: emulator.streams_open == 0)
+    assert received == [
+        "event: message_start",
+        "event: content_block_start",
+        "event: content_block_delta",
+    ]
 
 
 # --- JIT, TTL and inference errors -----------------------------------------------------------

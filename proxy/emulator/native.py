@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 
 from proxy.emulator.replies import Body, Frame, Reply, random_id, sse
+from proxy.emulator.tools import ToolCall
 
 # --- OpenAI Responses --------------------------------------------------------------------------
 
@@ -39,6 +40,15 @@ def _output_text(text: str) -> Body:
 
 
 def _output_item(reply: Reply, item_id: str, *, done: bool = True) -> Body:
+    if reply.call is not None:  # [INFERRED] OpenAI's function_call item, with LM Studio's ids
+        return {
+            "id": item_id,
+            "type": "function_call",
+            "status": "completed" if done else "in_progress",
+            "call_id": reply.call.id,
+            "name": reply.call.name,
+            "arguments": reply.call.arguments if done else "",
+        }
     return {
         "id": item_id,
         "type": "message",
@@ -50,33 +60,31 @@ def _output_item(reply: Reply, item_id: str, *, done: bool = True) -> Body:
 
 def response_body(reply: Reply, _extras: Body | None) -> Body:
     """A non-streamed Responses API object."""
-    return _response(reply, _response_ids(), done=True)
+    return _response(reply, _response_ids(reply), done=True)
 
 
-def _response_ids() -> tuple[str, str, int]:
-    return random_id("resp_"), random_id("msg_"), int(time.time())
+def _response_ids(reply: Reply) -> tuple[str, str, int]:
+    item_id = random_id("fc_" if reply.call is not None else "msg_")
+    return random_id("resp_"), item_id, int(time.time())
 
 
 def response_frames(reply: Reply, _include_usage: bool) -> list[Frame]:
     """Responses API events, `event:` + `data:` framed, `response.created` to `.completed`."""
-    ids = _response_ids()
+    ids = _response_ids(reply)
     item_id = ids[1]
-    where = {"item_id": item_id, "output_index": 0, "content_index": 0}
     events: list[tuple[str, Body, bool]] = [
         ("response.created", {"response": _response(reply, ids, done=False)}, False),
         ("response.in_progress", {"response": _response(reply, ids, done=False)}, False),
         (
             "response.output_item.added",
             {"output_index": 0, "item": _output_item(reply, item_id, done=False)},
-            False,
+            reply.call is not None,  # a call's name is its first token
         ),
-        ("response.content_part.added", where | {"part": _output_text("")}, False),
         *(
-            ("response.output_text.delta", where | {"delta": piece, "logprobs": []}, True)
-            for piece in reply.pieces
+            _call_events(reply.call, item_id)
+            if reply.call is not None
+            else _text_events(reply, item_id)
         ),
-        ("response.output_text.done", where | {"text": reply.text, "logprobs": []}, False),
-        ("response.content_part.done", where | {"part": _output_text(reply.text)}, False),
         (
             "response.output_item.done",
             {"output_index": 0, "item": _output_item(reply, item_id)},
@@ -90,18 +98,61 @@ def response_frames(reply: Reply, _include_usage: bool) -> list[Frame]:
     ]
 
 
+def _text_events(reply: Reply, item_id: str) -> list[tuple[str, Body, bool]]:
+    where = {"item_id": item_id, "output_index": 0, "content_index": 0}
+    return [
+        ("response.content_part.added", where | {"part": _output_text("")}, False),
+        *(
+            ("response.output_text.delta", where | {"delta": piece, "logprobs": []}, True)
+            for piece in reply.pieces
+        ),
+        ("response.output_text.done", where | {"text": reply.text, "logprobs": []}, False),
+        ("response.content_part.done", where | {"part": _output_text(reply.text)}, False),
+    ]
+
+
+def _call_events(call: ToolCall, item_id: str) -> list[tuple[str, Body, bool]]:
+    where = {"item_id": item_id, "output_index": 0}
+    done = {"name": call.name, "arguments": call.arguments}
+    return [
+        *(
+            ("response.function_call_arguments.delta", where | {"delta": piece}, True)
+            for piece in call.fragments
+        ),
+        ("response.function_call_arguments.done", where | done, False),
+    ]
+
+
 # --- Anthropic Messages ------------------------------------------------------------------------
 
 
+def _stop_reason(reply: Reply) -> str:
+    if reply.call is not None:
+        return "tool_use"
+    return "max_tokens" if reply.truncated else "end_turn"
+
+
+def _block(reply: Reply, *, done: bool) -> Body:
+    """The message's one content block: its text, or its `tool_use` (LM Studio's numeric id)."""
+    if reply.call is not None:
+        call = reply.call
+        return {
+            "type": "tool_use",
+            "id": call.id,
+            "name": call.name,
+            "input": call.input if done else {},
+        }
+    return {"type": "text", "text": reply.text if done else ""}
+
+
 def _message(reply: Reply, message_id: str, *, done: bool) -> Body:
-    stop_reason = ("max_tokens" if reply.truncated else "end_turn") if done else None
     return {
         "id": message_id,
         "type": "message",
         "role": "assistant",
-        "content": [{"type": "text", "text": reply.text}] if done else [],
+        "content": [_block(reply, done=True)] if done else [],
         "model": reply.model,
-        "stop_reason": stop_reason,
+        "stop_reason": _stop_reason(reply) if done else None,
         "stop_sequence": None,
         "usage": {
             "input_tokens": reply.prompt_tokens,
@@ -118,22 +169,23 @@ def message_body(reply: Reply, _extras: Body | None) -> Body:
 def message_frames(reply: Reply, _include_usage: bool) -> list[Frame]:
     """Anthropic events, from `message_start` to `message_stop`."""
     start = _message(reply, random_id("msg_", 21), done=False)
-    block = {"type": "text", "text": ""}
+    if reply.call is not None:
+        deltas = [{"type": "input_json_delta", "partial_json": p} for p in reply.call.fragments]
+    else:
+        deltas = [{"type": "text_delta", "text": p} for p in reply.pieces]
     events: list[tuple[str, Body, bool]] = [
         ("message_start", {"message": start}, False),
-        ("content_block_start", {"index": 0, "content_block": block}, False),
-        *(
-            ("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": p}}, True)
-            for p in reply.pieces
+        (
+            "content_block_start",
+            {"index": 0, "content_block": _block(reply, done=False)},
+            reply.call is not None,  # a call's name is its first token
         ),
+        *(("content_block_delta", {"index": 0, "delta": delta}, True) for delta in deltas),
         ("content_block_stop", {"index": 0}, False),
         (
             "message_delta",
             {
-                "delta": {
-                    "stop_reason": "max_tokens" if reply.truncated else "end_turn",
-                    "stop_sequence": None,
-                },
+                "delta": {"stop_reason": _stop_reason(reply), "stop_sequence": None},
                 "usage": {"output_tokens": reply.completion_tokens},
             },
             False,

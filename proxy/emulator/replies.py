@@ -18,7 +18,9 @@ from typing import Any, Literal
 
 from starlette.responses import JSONResponse
 
+from proxy.emulator import tools
 from proxy.emulator.catalog import CatalogModel
+from proxy.emulator.tools import ToolCall
 
 Kind = Literal["chat", "completion", "embedding", "response", "message"]
 Body = dict[str, Any]
@@ -54,12 +56,13 @@ class Frame:
 
 @dataclass(frozen=True)
 class Reply:
-    """The generated answer to one inference request."""
+    """The generated answer to one inference request: text, or a call of one of its tools."""
 
     model: str
     prompt_tokens: int
     pieces: tuple[str, ...]
     truncated: bool
+    call: ToolCall | None = None
 
     @property
     def text(self) -> str:
@@ -67,7 +70,7 @@ class Reply:
 
     @property
     def completion_tokens(self) -> int:
-        return len(self.pieces)
+        return len(self.pieces) + (self.call.tokens if self.call is not None else 0)
 
     def usage(self) -> Body:
         total = self.prompt_tokens + self.completion_tokens
@@ -103,7 +106,10 @@ def count_words(value: object) -> int:
 
 
 def make_reply(kind: Kind, model: str, body: Body, reply_tokens: int) -> Reply:
-    """`reply_tokens` words, cut short by the request's own token limit if it is lower."""
+    """A call of one of the request's tools (as `tools.pick` decides), or `reply_tokens` words,
+    cut short by the request's own token limit if it is lower."""
+    if (call := tools.pick(kind, body)) is not None:
+        return Reply(model, count_words(body), (), truncated=False, call=call)
     limit = reply_tokens
     for key in _LIMIT_KEYS[kind]:
         value = body.get(key)
@@ -173,20 +179,23 @@ def guardrail_message(model: CatalogModel) -> str:
 
 def chat_body(reply: Reply, v0_extras: Body | None) -> Body:
     """A non-streamed `chat.completion`, as LM Studio 0.4 sends it (§5.5, with the v0 extras)."""
-    finish = "length" if reply.truncated else "stop"
-    message = {
+    message: Body = {
         "role": "assistant",
         "content": reply.text,
         "reasoning_content": "",
         "tool_calls": [],
     }
+    if reply.call is not None:
+        message |= {"content": None, "tool_calls": [_chat_call(reply.call)]}
     usage = reply.usage() | {"completion_tokens_details": {"reasoning_tokens": 0}}
     body: Body = {
         "id": random_id("chatcmpl-"),
         "object": "chat.completion",
         "created": int(time.time()),
         "model": reply.model,
-        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
+        "choices": [
+            {"index": 0, "message": message, "logprobs": None, "finish_reason": _finish(reply)}
+        ],
         "usage": usage,
         "stats": {},
         "system_fingerprint": reply.model,
@@ -208,18 +217,51 @@ def chat_frames(reply: Reply, include_usage: bool) -> list[Frame]:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
         return head | {"choices": [choice]}
 
-    frames = [
-        sse(chunk({"role": "assistant", "content": piece} if i == 0 else {"content": piece}, None),
-             content=True)
-        for i, piece in enumerate(reply.pieces)
-    ]  # fmt: skip
+    if reply.call is not None:
+        deltas = _call_deltas(reply.call)
+    else:
+        deltas = [
+            {"role": "assistant", "content": piece} if i == 0 else {"content": piece}
+            for i, piece in enumerate(reply.pieces)
+        ]
+    frames = [sse(chunk(delta, None), content=True) for delta in deltas]
     if not frames:
         frames.append(sse(chunk({"role": "assistant", "content": ""}, None)))
-    frames.append(sse(chunk({}, "length" if reply.truncated else "stop")))
+    frames.append(sse(chunk({}, _finish(reply))))
     if include_usage:
         frames.append(sse(head | {"choices": [], "usage": reply.usage()}))
     frames.append(DONE)
     return frames
+
+
+def _chat_call(call: ToolCall) -> Body:
+    return {
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.name, "arguments": call.arguments},
+    }
+
+
+def _call_deltas(call: ToolCall) -> list[Body]:
+    """A call streamed as LM Studio's docs show it: index, id, type and name with empty
+    arguments first, then the arguments piece by piece."""
+    opening = {
+        "index": 0,
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.name, "arguments": ""},
+    }
+    pieces = [{"index": 0, "function": {"arguments": piece}} for piece in call.fragments]
+    return [
+        {"role": "assistant", "tool_calls": [opening]},
+        *({"tool_calls": [piece]} for piece in pieces),
+    ]
+
+
+def _finish(reply: Reply) -> str:
+    if reply.call is not None:
+        return "tool_calls"
+    return "length" if reply.truncated else "stop"
 
 
 # --- OpenAI legacy completions -----------------------------------------------------------------
@@ -265,6 +307,8 @@ def completion_frames(reply: Reply, include_usage: bool) -> list[Frame]:
 def v0_extras(reply: Reply, model: CatalogModel, context_length: int) -> Body:
     """The `stats`, `model_info` and `runtime` fields that /api/v0 adds (§5.5)."""
     stop_reason = "maxPredictedTokensReached" if reply.truncated else "eosFound"
+    if reply.call is not None:
+        stop_reason = "toolCalls"  # [INFERRED] one of the stop reasons of LM Studio's SDK
     stats = {
         "tokens_per_second": 50.0,
         "time_to_first_token": 0.05,
