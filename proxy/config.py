@@ -307,7 +307,11 @@ class LoggingSettings(_Section):
 
     level: Annotated[
         Literal["debug", "info", "warning", "error", "critical"], BeforeValidator(_lower)
-    ] = Field(default="info", description="The least severe messages logged.")
+    ] = Field(
+        default="info",
+        description="The least severe messages logged; debug adds the access lines of "
+        "management reads (status, model rows, events, health, metrics, the page's files).",
+    )
     format: Annotated[Literal["text", "json"], BeforeValidator(_lower)] = Field(
         default="text", description="text, or json: one object per line."
     )
