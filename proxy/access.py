@@ -16,10 +16,12 @@ from typing import Any
 from prometheus_client import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from proxy.errors import ProxyError, error_response
 from proxy.events import EventBus
 from proxy.metrics import Metrics
 
 access_logger = logging.getLogger("lmswitch.access")
+logger = logging.getLogger("lmswitch.server")  # where the server's own failures are logged
 
 RECORD_SCOPE_KEY = "lmswitch.record"
 
@@ -114,8 +116,13 @@ class RequestIdMiddleware:
         scope[RECORD_SCOPE_KEY] = record
         raw_id = request_id.encode("latin-1")
 
+        counted = scope["method"] != "HEAD"  # the server sends no body for HEAD
+        started = False
+
         async def send_with_id(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 record.status = message["status"]
                 headers = message.setdefault("headers", [])
                 if not any(name == b"x-request-id" for name, _ in headers):
@@ -125,12 +132,24 @@ class RequestIdMiddleware:
                         *headers,
                         (b"x-lmswitch-upstream", record.upstream.encode()),
                     ]
-            elif message["type"] == "http.response.body":
+            elif message["type"] == "http.response.body" and counted:
                 record.bytes_out += len(message.get("body", b""))
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            if started:  # the answer is broken off: the server closes the connection
+                raise
+            # Answered here, not by Starlette's ServerErrorMiddleware outside this one: in the
+            # route's envelope, with the request's id, and counted in its access line.
+            logger.exception("request %s failed", request_id)
+            error = ProxyError(
+                "lmswitch failed to handle this request: an internal error, logged with this "
+                "request's id (x-request-id)",
+                code="internal_error",
+            )
+            await error_response(error, path=scope["path"])(scope, receive, send_with_id)
         finally:
             record.duration_s = time.perf_counter() - record.started
             self._log(record)
@@ -190,7 +209,8 @@ def access_log(metrics: Metrics, events: EventBus) -> Callable[[RequestRecord], 
     def log(record: RequestRecord) -> None:
         if record.routed:
             count(record)
-        logging_on = access_logger.isEnabledFor(logging.INFO)
+        level = logging.DEBUG if is_quiet_read(record) else logging.INFO
+        logging_on = access_logger.isEnabledFor(level)
         publishing = record.routed and events.subscribers
         if not (logging_on or publishing):
             return
@@ -198,6 +218,34 @@ def access_log(metrics: Metrics, events: EventBus) -> Callable[[RequestRecord], 
         if publishing:
             events.publish("request", fields)
         if logging_on:
-            access_logger.info(AccessLine(fields))
+            access_logger.log(level, AccessLine(fields))
 
     return log
+
+
+# What the page and scrapers read over and over: status, model rows, events, health, metrics.
+_QUIET_PATHS = frozenset(
+    {
+        "/api/v1/status",
+        "/api/v1/models",
+        "/api/v1/models/",
+        "/api/v1/models/loaded",
+        "/api/v1/events",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/ui",
+    }
+)
+
+
+def is_quiet_read(record: RequestRecord) -> bool:
+    """A management read (status, model rows, events, health, metrics, the page's files),
+    whose access line is at DEBUG so that the page and scrapers do not fill the log; one that
+    a key refused stays at INFO, as do requests for models, listings and management writes."""
+    return (
+        not record.routed
+        and record.method in ("GET", "HEAD")
+        and (record.endpoint in _QUIET_PATHS or record.endpoint.startswith("/ui/"))
+        and record.status not in (401, 403)
+    )

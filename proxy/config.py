@@ -7,6 +7,7 @@ Priority: init kwargs > `LMSWITCH_*` environment > YAML file > defaults. Every p
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from pydantic import (
     ValidationError,
     field_validator,
 )
-from pydantic_core import ErrorDetails, InitErrorDetails
+from pydantic_core import InitErrorDetails
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -35,6 +36,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from proxy.config_errors import describe_error
 from proxy.units import ByteSize, MiB, Seconds
 
 ENV_PREFIX = "LMSWITCH_"
@@ -305,7 +307,11 @@ class LoggingSettings(_Section):
 
     level: Annotated[
         Literal["debug", "info", "warning", "error", "critical"], BeforeValidator(_lower)
-    ] = Field(default="info", description="The least severe messages logged.")
+    ] = Field(
+        default="info",
+        description="The least severe messages logged; debug adds the access lines of "
+        "management reads (status, model rows, events, health, metrics, the page's files).",
+    )
     format: Annotated[Literal["text", "json"], BeforeValidator(_lower)] = Field(
         default="text", description="text, or json: one object per line."
     )
@@ -437,7 +443,9 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
     try:
         loaded = _FileSettings(**overrides)
     except ValidationError as exc:
-        raise ConfigError(*(_describe_error(error) for error in exc.errors())) from exc
+        raise ConfigError(
+            *(describe_error(error, Settings, ENV_PREFIX) for error in exc.errors())
+        ) from exc
     except SettingsError as exc:  # e.g. LMSWITCH_AUTH__API_KEYS='key' rather than '["key"]'
         hint = "lists and mappings in LMSWITCH_* variables are JSON, e.g. '[\"key\"]'"
         raise ConfigError(f"environment: {exc} ({hint})") from exc
@@ -464,42 +472,21 @@ def _config_file(path: str | os.PathLike[str] | None) -> Path | None:
 
 def _check_env_keys() -> None:
     """A LMSWITCH_* variable naming no section is a typo; nested typos fail validation."""
-    sections = set(Settings.model_fields)
-    problems = [
-        f"{name}: unknown key {section!r} (sections: {', '.join(sorted(sections))})"
-        for name in os.environ
-        if name.upper().startswith(ENV_PREFIX)
-        and name.upper() != CONFIG_ENV_VAR
-        and (section := name[len(ENV_PREFIX) :].split("__")[0].lower()) not in sections
-    ]
+    sections = list(Settings.model_fields)
+    problems = []
+    for name in os.environ:
+        if not name.upper().startswith(ENV_PREFIX) or name.upper() == CONFIG_ENV_VAR:
+            continue
+        section, *rest = name[len(ENV_PREFIX) :].split("__")
+        if section.lower() in sections:
+            continue
+        problem = f"{name}: unknown key {section.lower()!r}"
+        if close := difflib.get_close_matches(section.lower(), sections, n=1):
+            meant = "__".join([ENV_PREFIX + close[0].upper(), *(part.upper() for part in rest)])
+            problem += f"; did you mean {meant}?"
+        problems.append(f"{problem} (sections: {', '.join(sorted(sections))})")
     if problems:
         raise ConfigError(*sorted(problems))
-
-
-def _describe_error(error: ErrorDetails) -> str:
-    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
-    kind, ctx = error["type"], error.get("ctx", {})
-    if kind == "extra_forbidden":
-        return f"{key}: unknown key"
-    if kind == "value_error":
-        return f"{key}: {ctx.get('error', error['msg'])}"
-    bounds = {
-        "greater_than_equal": ("ge", ">="),
-        "greater_than": ("gt", ">"),
-        "less_than_equal": ("le", "<="),
-        "less_than": ("lt", "<"),
-    }
-    if kind in bounds:
-        name, op = bounds[kind]
-        return f"{key}: must be {op} {ctx.get(name)}"
-    if kind == "literal_error":
-        return f"{key}: must be one of {ctx.get('expected')}"
-    message = error["msg"][:1].lower() + error["msg"][1:]
-    value = error.get("input")
-    secret = error["loc"][:1] == ("auth",) or "api_token" in error["loc"]  # never echo a key
-    if isinstance(value, str | int | float) and not secret:
-        return f"{key}: {message} (got {value!r})"
-    return f"{key}: {message}"
 
 
 def describe_settings(settings: Settings) -> str:

@@ -130,13 +130,15 @@ class ModelManager:
     async def resolve(self, name: object) -> Resolved:
         """A client's `model` as a model key and the name to send upstream (docs/design.md
         §3.4); `ModelNotFoundError`, or why LM Studio's models are unknown, if it names none."""
-        name, target = names.requested(name, self._settings.models)
-        key = names.find_key(target, self.catalog, self._loaded())
-        if key is None and await self._refresh_for_unknown():
-            key = names.find_key(target, self.catalog, self._loaded())
-        if key is None:
-            raise names.not_found(name, self.catalog)
-        return Resolved(key, target)
+        models = self._settings.models
+        name, target = names.requested(name, models)
+        found = names.find(target, self.catalog, self._loaded(), models.aliases)
+        if found is None and await self._refresh_for_unknown():
+            found = names.find(target, self.catalog, self._loaded(), models.aliases)
+        if found is None:
+            known = names.routable(self.catalog, models.aliases)
+            raise names.not_found(name, [known_name for known_name, _ in known])
+        return found
 
     async def _refresh_for_unknown(self) -> bool:
         """Read the hosts' models again for an unknown name, each at most once a second and

@@ -198,8 +198,9 @@ async def capture_endpoints() -> list[Example]:
         embed = {"model": "text-embedding-3-small", "input": "Say hello"}
         note = "An alias of the embedding model; with `max_loaded: 1` this swaps models."
         await rec.call("POST", "/v1/embeddings", note, embed, keep=3)
-        unknown = {"model": "no-such-model", "messages": HELLO}
-        await rec.call("POST", "/v1/chat/completions", "An unknown model: 404.", unknown)
+        unknown = {"model": "qwen2.5-7b", "messages": HELLO}
+        note = "An unknown model: the names it may mean, and the known ones."
+        await rec.call("POST", "/v1/chat/completions", note, unknown)
         await rec.call("GET", "/api/v1/models/", "Every model with the proxy's view of it.")
         load = {"model_id": LLAMA}
         note = "Loads by policy (evicting as a request would); answers when loaded."

@@ -10,6 +10,7 @@ import pytest
 import yaml
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from proxy.cli import main
 from proxy.config import (
     ConfigError,
     HostSettings,
@@ -266,8 +267,78 @@ def test_unknown_top_level_key_is_an_error(tmp_path: Path) -> None:
 def test_unknown_nested_key_is_an_error(tmp_path: Path) -> None:
     path = write(tmp_path, "server:\n  prot: 9000\nmodels:\n  load_options: {q: {flash: true}}\n")
     assert config_error(path).splitlines() == [
-        "server.prot: unknown key",
-        "models.load_options.q.flash: unknown key",
+        "server.prot: unknown key; did you mean server.port?",
+        "models.load_options.q.flash: unknown key; did you mean "
+        "models.load_options.q.flash_attention?",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("models: {max_load: 2}", "models.max_load: unknown key; did you mean models.max_loaded?"),
+        (
+            "models: {Max_Loaded: 2}",
+            "models.Max_Loaded: unknown key; did you mean models.max_loaded?",
+        ),
+        ("modles: {max_loaded: 2}", "modles: unknown key; did you mean models?"),
+        (  # a key of another section
+            "models: {queue_timeout: 5s}",
+            "models.queue_timeout: unknown key; did you mean scheduler.queue_timeout?",
+        ),
+        (
+            "upstreams: [{name: desk, base_url: 'http://a:1234', max_load: 1}]",
+            "upstreams.0.max_load: unknown key; did you mean upstreams.0.max_loaded?",
+        ),
+        ("server: {colour: blue}", "server.colour: unknown key"),  # nothing close
+    ],
+)
+def test_unknown_key_names_the_key_it_most_likely_meant(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    assert config_error(write(tmp_path, text)) == message
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "models: {pinned: qwen2.5-7b-instruct}",
+            "models.pinned: should be a list of model names, e.g. [qwen2.5-7b-instruct] "
+            "(got 'qwen2.5-7b-instruct')",
+        ),
+        ("models: {preload: 3}", "models.preload: should be a list of model names (got 3)"),
+        ("models: {preload: {a: 1}}", "models.preload: should be a list of model names"),
+        (
+            "upstreams: 'http://a:1234'",
+            "upstreams: should be a list of hosts, each a mapping with name and base_url "
+            "(got 'http://a:1234')",
+        ),
+        ("models: {aliases: [fast]}", "models.aliases: should be a mapping of names to model keys"),
+        (
+            "models: {load_options: 3}",
+            "models.load_options: should be a mapping of model keys to load options (got 3)",
+        ),
+        ("auth: {api_keys: sk-hidden}", "auth.api_keys: should be a list of keys"),  # not echoed
+    ],
+)
+def test_a_list_or_mapping_of_the_wrong_shape_says_what_it_should_hold(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    assert config_error(write(tmp_path, text)) == message
+
+
+def test_check_config_exits_2_with_the_key_meant_and_the_shape_expected(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, "models:\n  max_load: 2\n  pinned: qwen2.5-7b-instruct\n")
+    assert main(["check-config", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.splitlines()[1:] == [
+        "models.pinned: should be a list of model names, e.g. [qwen2.5-7b-instruct] "
+        "(got 'qwen2.5-7b-instruct')",
+        "models.max_load: unknown key; did you mean models.max_loaded?",
     ]
 
 
@@ -319,7 +390,7 @@ def test_unknown_nested_key_is_an_error(tmp_path: Path) -> None:
         ),
         (
             "server: 5",
-            "server: input should be a valid dictionary or instance of ServerSettings (got 5)",
+            "server: should be a mapping of keys (got 5)",
         ),
         (
             "upstreams: [{name: Desk!, base_url: 'http://a:1234'}]",
@@ -471,17 +542,62 @@ def test_env_accepts_durations_sizes_json_lists_and_null(monkeypatch: pytest.Mon
 
 def test_env_bad_value_names_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LMSWITCH_MODELS__IDLE_TTL", "soon")
-    assert config_error().startswith("models.idle_ttl: invalid duration 'soon'")
+    assert config_error().startswith(
+        "models.idle_ttl (LMSWITCH_MODELS__IDLE_TTL): invalid duration 'soon'"
+    )
 
 
 def test_env_unknown_nested_key_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LMSWITCH_SERVER__PROT", "1")
-    assert config_error() == "server.prot: unknown key"
+    assert config_error() == (
+        "server.prot (LMSWITCH_SERVER__PROT): unknown key; did you mean LMSWITCH_SERVER__PORT?"
+    )
 
 
 def test_env_unknown_section_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LMSWITCH_SERVR__PORT", "1")
     assert config_error().startswith("LMSWITCH_SERVR__PORT: unknown key 'servr'")
+
+
+def test_env_unknown_key_names_the_variable_it_most_likely_meant(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("LMSWITCH_MODELS__MAX_LOAD", "2")
+    assert config_error() == (
+        "models.max_load (LMSWITCH_MODELS__MAX_LOAD): unknown key; "
+        "did you mean LMSWITCH_MODELS__MAX_LOADED?"
+    )
+
+
+def test_env_unknown_key_inside_a_json_value_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    hosts = [{"name": "desk", "base_url": "http://a:1234", "max_load": 1}]
+    monkeypatch.setenv("LMSWITCH_UPSTREAMS", json.dumps(hosts))
+    assert config_error() == (
+        "upstreams.0.max_load (in LMSWITCH_UPSTREAMS): unknown key; "
+        "did you mean upstreams.0.max_loaded?"
+    )
+
+
+def test_env_unknown_section_names_the_variable_it_most_likely_meant(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("LMSWITCH_MODLES__MAX_LOADED", "2")
+    assert config_error().startswith(
+        "LMSWITCH_MODLES__MAX_LOADED: unknown key 'modles'; "
+        "did you mean LMSWITCH_MODELS__MAX_LOADED? (sections: "
+    )
+
+
+def test_env_list_of_names_given_one_name_says_it_should_be_a_list(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("LMSWITCH_MODELS__PINNED", '"qwen"')  # JSON, but a string
+    assert config_error() == (
+        'models.pinned (LMSWITCH_MODELS__PINNED): should be a list of model names, e.g. ["qwen"] '
+        "(got 'qwen')"
+    )
 
 
 def test_env_list_that_is_not_json_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:

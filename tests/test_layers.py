@@ -20,7 +20,17 @@ PACKAGE = Path(__file__).resolve().parent.parent / "proxy"
 
 # The floors, from the leaves up. A module imports only modules on lower floors.
 FLOORS: list[set[str]] = [
-    {"units", "errors", "events", "metrics", "scheduling", "placement", "loadtimes", "transport"},
+    {
+        "units",
+        "errors",
+        "events",
+        "metrics",
+        "scheduling",
+        "placement",
+        "loadtimes",
+        "transport",
+        "config_errors",
+    },
     {"config", "scheduler"},
     {"lmstudio"},
     {"reconciler"},

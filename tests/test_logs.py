@@ -14,6 +14,7 @@ from typing import Any
 import httpx2
 import pytest
 
+from proxy import bodies
 from proxy.emulator import Emulator
 from proxy.server import configure_logging
 from tests.helpers import MESSAGES, QWEN, running, settings_for
@@ -35,6 +36,8 @@ ADMIN_KEY = "sk-admin-TOPSECRET-5353"
 UPSTREAM_TOKEN = "lm-token-TOPSECRET-6464"
 WRONG_KEY = "sk-wrong-GUESSED-7878"
 SECRETS = (API_KEY, OTHER_API_KEY, ADMIN_KEY, UPSTREAM_TOKEN, WRONG_KEY)
+
+JSON_TYPE = {"content-type": "application/json"}
 
 _LOGFMT = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)')
 
@@ -266,9 +269,9 @@ async def test_keys_never_reach_the_logs(log_format: str) -> None:
 
 
 async def test_requests_not_routed_to_a_model_get_an_access_line_too() -> None:
-    """Listings, management, metrics, health and unknown paths: one line each
-    (docs/design.md §4.3)."""
-    as_json: dict[str, Any] = {"logging": {"format": "json"}}
+    """Listings, management, metrics, health and unknown paths: one line each (reads of
+    management, health and metrics at DEBUG: docs/design.md §4.3)."""
+    as_json: dict[str, Any] = {"logging": {"format": "json", "level": "debug"}}
     asked = [("/v1/models", 200), ("/api/v1/status", 200), ("/metrics", 200), ("/nope", 404)]
     with logging_as_serve_does(**as_json) as captured:
         async with running(Emulator(), **as_json) as proxy:
@@ -299,3 +302,126 @@ async def test_a_path_cannot_forge_fields_or_lines_in_a_text_line() -> None:
     assert line["endpoint"] == forged
     assert line["status"] == "404"
     assert line["request_id"] == response.headers["x-request-id"]
+
+
+# --- bytes out, and which lines are at DEBUG --------------------------------------------------
+
+
+async def test_error_answers_log_the_bytes_they_sent(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error's access line counts its body's bytes, whoever made it: the route, the auth
+    middleware, the router, or an internal error (answered in the envelope, with its id)."""
+    original = bodies.check_fields
+
+    def check_fields(payload: dict[str, Any]) -> None:
+        if "boom" in payload:
+            raise RuntimeError("a bug")
+        original(payload)
+
+    monkeypatch.setattr("proxy.openai_routes.check_fields", check_fields)
+    sections: dict[str, Any] = {"auth": {"api_keys": [API_KEY]}, "logging": {"format": "json"}}
+    key = {"authorization": f"Bearer {API_KEY}"}
+    asked: dict[str, tuple[str, str, dict[str, Any]]] = {
+        "unknown-model": ("POST", CHAT, {"json": {"model": "qwen2.5-7b", "messages": MESSAGES}}),
+        "anthropic": ("POST", "/v1/messages", {"json": {"model": "x", "messages": MESSAGES}}),
+        "bad-json": ("POST", CHAT, {"content": b'{"model": ', "headers": JSON_TYPE}),
+        "no-key": ("POST", CHAT, {"json": {"model": QWEN, "messages": MESSAGES}}),
+        "wrong-method": ("GET", CHAT, {}),
+        "internal": ("POST", CHAT, {"json": {"model": QWEN, "boom": 1, "messages": MESSAGES}}),
+    }
+    with logging_as_serve_does(**sections) as captured:
+        async with running(Emulator(), **sections) as proxy:
+            answers = {}
+            for request_id, (method, path, options) in asked.items():
+                headers = {"x-request-id": request_id, **options.pop("headers", {})}
+                if request_id != "no-key":
+                    headers.update(key)
+                answers[request_id] = await proxy.http.request(
+                    method, path, headers=headers, **options
+                )
+    lines = {line["request_id"]: line for line in json_access_lines(captured)}
+    statuses = {request_id: answer.status_code for request_id, answer in answers.items()}
+    assert statuses == {
+        "unknown-model": 404,
+        "anthropic": 404,
+        "bad-json": 400,
+        "no-key": 401,
+        "wrong-method": 405,
+        "internal": 500,
+    }
+    for request_id, answer in answers.items():
+        assert (lines[request_id]["status"], lines[request_id]["bytes_out"]) == (
+            answer.status_code,
+            len(answer.content),
+        ), request_id
+        assert int(answer.headers["content-length"]) == len(answer.content) > 0
+        assert answer.headers["x-request-id"] == request_id
+    assert answers["internal"].json()["error"]["code"] == "internal_error"
+    (failure,) = [record for record in captured.records if record.name == "lmswitch.server"]
+    assert failure.getMessage() == "request internal failed"
+    assert failure.exc_info is not None
+
+
+async def test_a_head_request_logs_no_bytes_out() -> None:
+    """The server sends no body for HEAD: the line says 0, not the length of the GET's."""
+    as_json: dict[str, Any] = {"logging": {"format": "json"}}
+    with logging_as_serve_does(**as_json) as captured:
+        async with running(Emulator(), **as_json) as proxy:
+            response = await proxy.http.head("/v1/models", headers={"x-request-id": "head"})
+            assert response.status_code == 200
+            assert int(response.headers["content-length"]) > 0
+            assert response.content == b""
+    (line,) = json_access_lines(captured)
+    assert (line["request_id"], line["bytes_out"]) == ("head", 0)
+
+
+QUIET_READS = [
+    "/api/v1/status",
+    "/api/v1/models",
+    "/api/v1/models/loaded",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/ui/",
+    "/ui/app.js",
+]
+
+
+@pytest.mark.parametrize("level", ["info", "debug"])
+async def test_management_reads_log_at_debug_and_the_rest_at_info(level: str) -> None:
+    """The page and scrapers read status, models, health and metrics over and over: their
+    lines are at DEBUG. Requests for models, listings, management writes, unknown paths and
+    refused keys stay at INFO."""
+    sections: dict[str, Any] = {
+        "auth": {"admin_keys": [ADMIN_KEY]},
+        "logging": {"format": "json", "level": level},
+    }
+    admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+    loud: dict[str, tuple[str, str, dict[str, Any]]] = {
+        "chat": ("POST", CHAT, {"json": {"model": QWEN, "messages": MESSAGES}}),
+        "list": ("GET", "/v1/models", {}),
+        "load": ("POST", "/api/v1/models/load", {"json": {"model_id": QWEN}, "headers": admin}),
+        "pin": ("POST", "/api/v1/models/pin", {"json": {"model_id": QWEN}, "headers": admin}),
+        "unload": ("POST", "/api/v1/models/unload", {"json": {"model_id": QWEN}, "headers": admin}),
+        "nowhere": ("GET", "/nope", {}),
+        "refused": ("GET", "/api/v1/status", {"headers": {"authorization": f"Bearer {WRONG_KEY}"}}),
+    }
+    with logging_as_serve_does(**sections) as captured:
+        async with running(Emulator(), **sections) as proxy:
+            await proxy.wait_ready()
+            for n, path in enumerate(QUIET_READS):
+                headers = {"x-request-id": f"read-{n}", **admin}
+                assert (await proxy.http.get(path, headers=headers)).status_code == 200
+            for request_id, (method, path, options) in loud.items():
+                headers = {"x-request-id": request_id, **options.pop("headers", {})}
+                response = await proxy.http.request(method, path, headers=headers, **options)
+                assert response.status_code < 500, request_id
+    reads = {f"read-{n}": "debug" for n in range(len(QUIET_READS))}
+    levels = {
+        line["request_id"]: line["level"]
+        for line in json_access_lines(captured)
+        if line["request_id"] in reads or line["request_id"] in loud  # not wait_ready's
+    }
+    expected = dict.fromkeys(loud, "info")
+    if level == "debug":
+        expected.update(reads)
+    assert levels == expected
