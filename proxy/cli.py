@@ -19,13 +19,12 @@ import uvicorn
 from proxy import __version__
 from proxy.app import create_app
 from proxy.config import ConfigError, Settings, describe_settings, load_settings
-from proxy.demo import MAX_DEMO_HOSTS, CannotListenError, run_demo
+from proxy.demo import MAX_DEMO_HOSTS, run_demo
 from proxy.events import EventBus
-from proxy.server import Server, configure_logging, uvicorn_config
+from proxy.server import CannotListenError, Server, configure_logging, listen, uvicorn_config
 
 EXIT_OK = 0
-EXIT_USAGE = 2
-EXIT_CANNOT_LISTEN = 3  # what uvicorn exits with when `serve` cannot bind its port
+EXIT_USAGE = 2  # also a port in use, or an address not this machine's
 
 
 def _port(text: str) -> int:
@@ -190,6 +189,12 @@ def _emulator_server(args: argparse.Namespace) -> Server:
 # --- the command ------------------------------------------------------------------------------
 
 
+def _run(server: Server) -> None:
+    """Bind the server's address first (a port in use is one line, before anything starts),
+    then serve until stopped."""
+    server.run_on(listen(server.config.host, server.config.port))
+
+
 def _error(message: str) -> None:
     print(f"lmswitch: {message}", file=sys.stderr)  # noqa: T201 - the command's own error output
 
@@ -199,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "serve":
-            _proxy_server(args).run()
+            _run(_proxy_server(args))
         elif args.command == "check-config":
             print(describe_settings(load_settings(args.path)), end="")  # noqa: T201 - its output
         elif args.command == "demo":
@@ -218,11 +223,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             )
         else:
-            _emulator_server(args).run()
+            _run(_emulator_server(args))
     except ConfigError as exc:
         _error(f"invalid configuration:\n{exc}")
         return EXIT_USAGE
     except CannotListenError as exc:
         _error(str(exc))
-        return EXIT_CANNOT_LISTEN
+        return EXIT_USAGE
     return EXIT_OK

@@ -20,7 +20,7 @@ from anyio.abc import TaskStatus
 
 from proxy.app import create_app
 from proxy.config import DEFAULT_HOST, Settings
-from proxy.server import QuietServer, configure_logging, handling_signals, uvicorn_config
+from proxy.server import QuietServer, configure_logging, handling_signals, listen, uvicorn_config
 
 DEMO_ALIASES = {
     "gpt-4o-mini": "qwen2.5-7b-instruct",
@@ -185,15 +185,9 @@ def _cell(host: DemoHost, model: str, size: int) -> str:
     return "yes" if host.fits(size) else "no"
 
 
-class CannotListenError(Exception):
-    """The demo's port is taken (or otherwise cannot be bound)."""
-
-
 def _listen(port: int) -> socket.socket:
-    try:
-        return socket.create_server(("127.0.0.1", port))
-    except OSError as exc:
-        raise CannotListenError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror}") from exc
+    (sock,) = listen("127.0.0.1", port)  # one address, one socket
+    return sock
 
 
 async def wait_until_ready(
@@ -256,7 +250,8 @@ async def run_demo(
     All sockets listen before any server starts, so the proxy's first look at LM Studio finds
     the emulators. Once the proxy is ready, prints the greeting and hands `task_status` a
     `Demo`. SIGINT/SIGTERM (or `Demo.stop()`) drain the proxy; the emulators stop after it,
-    since in-flight requests need them. Raises CannotListenError if `port` is taken.
+    since in-flight requests need them. Raises proxy.server.CannotListenError if `port`
+    is taken.
     """
     from proxy.emulator import Emulator  # not imported by `serve`: it costs memory
     from proxy.emulator.catalog import DEFAULT_CATALOG

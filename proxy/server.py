@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import math
+import os
 import signal
 import socket
 import sys
@@ -50,6 +52,65 @@ def handling_signals(handler: SignalHandler) -> Iterator[None]:
             signal.signal(sig, old)
 
 
+class CannotListenError(Exception):
+    """A server's address cannot be bound: the port is taken, or the host is not this machine's.
+
+    Its message is one line for the user: the address, why, and what to change.
+    """
+
+
+def listen(host: str, port: int) -> list[socket.socket]:
+    """Sockets bound to `port` on every address `host` resolves to, and listening, as asyncio's
+    `create_server` (hence uvicorn) would bind them; port 0 picks a free one.
+
+    Bound before the server starts, so that a port in use is said in one line before the app
+    starts up, rather than by uvicorn's errno message after it. Raises CannotListenError.
+    """
+    sockets: list[socket.socket] = []
+    skipped: OSError | None = None  # an address of a family not enabled here
+    try:
+        infos = list(
+            dict.fromkeys(
+                socket.getaddrinfo(
+                    host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+                )
+            )
+        )
+        for family, kind, proto, _, address in infos:
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            if os.name == "posix" and sys.platform != "cygwin":  # asyncio's default
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:  # one socket per family, as asyncio binds them
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                if exc.errno != errno.EADDRNOTAVAIL:
+                    raise
+                sockets.pop().close()  # that family is not enabled here: asyncio skips it too
+                skipped = exc
+                continue
+            sock.listen(2048)  # uvicorn's default backlog
+        if not sockets and skipped is not None:
+            raise skipped
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        raise CannotListenError(f"cannot listen on {where}: {_why(exc)}") from exc
+    return sockets
+
+
+def _why(exc: OSError) -> str:
+    reason = (exc.strerror or str(exc)).lower()
+    if exc.errno == errno.EADDRINUSE:
+        return f"{reason} (another lmswitch, or LM Studio?); choose another port with --port"
+    if exc.errno == errno.EACCES:
+        return f"{reason} (ports below 1024 need privileges); choose another with --port"
+    return f"{reason}; check the address (--host, or server.host)"
+
+
 def free_port() -> int:
     """A port nothing listens on now (for a server started, or restarted, on it later)."""
     with socket.socket() as sock:
@@ -76,6 +137,19 @@ class Server(uvicorn.Server):
     def capture_signals(self) -> Iterator[None]:
         with handling_signals(self.handle_exit):
             yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started and sockets:  # uvicorn says where it listens only if it bound itself
+            self._log_started_message(sockets)
+
+    def run_on(self, sockets: list[socket.socket]) -> None:
+        """Serve on `sockets` (from `listen`) until stopped, then close them."""
+        try:
+            self.run(sockets)
+        finally:
+            for sock in sockets:
+                sock.close()
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self._on_shutdown()  # before the drain, which waits for every open response

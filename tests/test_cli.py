@@ -28,7 +28,7 @@ from starlette.routing import Route
 
 from proxy import __version__
 from proxy.access import AccessLine
-from proxy.cli import EXIT_CANNOT_LISTEN, EXIT_USAGE, build_emulator_server, build_server, main
+from proxy.cli import EXIT_USAGE, build_emulator_server, build_server, main
 from proxy.config import MASK, ConfigError
 from proxy.demo import (
     DEMO_HOSTS,
@@ -40,7 +40,14 @@ from proxy.demo import (
     run_demo,
     wait_until_ready,
 )
-from proxy.server import Server, _JsonFormatter, free_port, handling_signals
+from proxy.server import (
+    CannotListenError,
+    Server,
+    _JsonFormatter,
+    free_port,
+    handling_signals,
+    listen,
+)
 from tests.helpers import serve
 
 QWEN = "qwen2.5-7b-instruct"
@@ -555,10 +562,8 @@ async def test_wait_until_ready_gives_up() -> None:
 async def test_demo_reports_a_taken_port(capsys: pytest.CaptureFixture[str]) -> None:
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        assert await anyio.to_thread.run_sync(main, ["demo", "--port", str(port)]) == (
-            EXIT_CANNOT_LISTEN
-        )
-    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+        assert await anyio.to_thread.run_sync(main, ["demo", "--port", str(port)]) == EXIT_USAGE
+    assert f"cannot listen on 127.0.0.1:{port}: address already in use" in capsys.readouterr().err
 
 
 def test_main_demo_runs_until_sigint(interrupt_when_up: Callable[[str], None]) -> None:
@@ -584,6 +589,50 @@ async def test_serve_process_exits_0_on_sigterm(tmp_path: Path) -> None:
         with anyio.fail_after(5):
             code = await process.wait()
     assert code == 0, (tmp_path / "stderr.txt").read_text()
+
+
+@pytest.mark.parametrize("command", ["serve", "demo", "emulator"])
+async def test_a_port_in_use_is_one_line_and_exit_2(tmp_path: Path, command: str) -> None:
+    """A port already taken: one line naming the address and suggesting --port, status 2,
+    and nothing started (no uvicorn errno message, no start-up lines)."""
+    config = write_config(tmp_path, f"upstream:\n  base_url: {closed_url()}\n")
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        args = [command, "--port", str(port)]
+        if command == "serve":
+            args += ["--config", str(config)]
+        async with child(args, tmp_path / "stderr.txt") as process:
+            with anyio.fail_after(15):
+                code = await process.wait()
+    err = (tmp_path / "stderr.txt").read_text()
+    assert code == EXIT_USAGE, err
+    assert err.splitlines() == [
+        f"lmswitch: cannot listen on 127.0.0.1:{port}: address already in use (another "
+        "lmswitch, or LM Studio?); choose another port with --port"
+    ]
+
+
+def test_listen_binds_as_uvicorn_would() -> None:
+    """`localhost`: a socket on each of its addresses (IPv4 at least), listening."""
+    sockets = listen("localhost", 0)
+    try:
+        assert "127.0.0.1" in {sock.getsockname()[0] for sock in sockets}
+        port = sockets[0].getsockname()[1]
+        assert {sock.getsockname()[1] for sock in sockets} == {port}
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass  # listening: the connection is queued until a server accepts it
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def test_listen_names_an_address_not_this_machines() -> None:
+    with pytest.raises(CannotListenError) as exc_info:
+        listen("192.0.2.1", 0)  # TEST-NET-1: never a local address
+    assert str(exc_info.value) == (
+        "cannot listen on 192.0.2.1:0: cannot assign requested address; check the address "
+        "(--host, or server.host)"
+    )
 
 
 async def greeting_of(process: Process) -> str:
