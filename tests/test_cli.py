@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import signal
 import socket
 import sys
@@ -229,6 +230,79 @@ def test_bad_demo_hosts_is_a_usage_error(capsys: pytest.CaptureFixture[str], hos
     assert "argument --hosts" in err
     if hosts != "two":
         assert f"{hosts} is out of range (1 to {MAX_DEMO_HOSTS})" in err
+
+
+# --- --help -----------------------------------------------------------------------------------
+
+
+def help_page(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as exc_info:
+        main([*argv, "--help"])
+    assert exc_info.value.code == 0
+    return capsys.readouterr().out
+
+
+def help_entries(page: str) -> dict[str, str]:
+    """The options and positional arguments of a help page: each one's first words, then its
+    help on one line (wrapped lines joined)."""
+    entries: dict[str, str] = {}
+    name = None
+    for line in page.splitlines():
+        if line and not line.startswith(" "):  # a section's heading, or the usage or text
+            name = None
+        elif line.startswith("  ") and not line.startswith("   "):  # an entry begins
+            name, _, text = line.strip().partition("  ")
+            entries[name] = text.strip()
+        elif name is not None:
+            entries[name] = f"{entries[name]} {line.strip()}".strip()
+    return entries
+
+
+@pytest.mark.parametrize("command", ["serve", "demo", "emulator", "bench", "check-config"])
+def test_every_command_has_a_description_and_every_option_its_default(
+    capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    """`lmswitch COMMAND --help`: a description under the usage, and every option's help
+    ends with its default (a value, or what happens without it)."""
+    page = help_page([command], capsys)
+    usage, description, *_ = page.split("\n\n")
+    assert usage.startswith(f"usage: lmswitch {command}")
+    assert not description.splitlines()[0].endswith(":"), page  # not the options' heading
+    assert len(description.split()) >= 10, page
+    entries = help_entries(page)
+    del entries["-h, --help"]
+    assert entries, page
+    for option, text in entries.items():
+        assert re.search(r"\(default: [^)]+\)$", text), f"{option}: {text!r}"
+    assert "--stamp-chunks" not in page  # the bench's, not the user's
+
+
+@pytest.mark.parametrize(
+    ("command", "option", "default"),
+    [
+        ("serve", "--port PORT", "server.port, 8000"),
+        ("demo", "--load-delay S", "2"),
+        ("emulator", "--memory GiB", "none, no limit"),
+        ("emulator", "--token-delay S", "0.02"),
+        ("emulator", "--reply-tokens N", "12"),
+        ("emulator", "--load-speed GB/s", "none, the delay alone"),
+        ("bench", "--concurrency N[,N...]", "1,32"),
+        ("bench", "--tokens-per-s N", "20"),
+    ],
+)
+def test_help_shows_the_defaults_the_options_have(
+    capsys: pytest.CaptureFixture[str], command: str, option: str, default: str
+) -> None:
+    """The defaults shown are the values the commands use."""
+    assert help_entries(help_page([command], capsys))[option].endswith(f"(default: {default})")
+
+
+def test_the_main_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    page = help_page([], capsys)
+    assert "loads the model each request names" in " ".join(page.split())
+    for command in ("serve", "demo", "emulator", "bench", "check-config"):
+        assert f"    {command}" in page
+    assert "`lmswitch COMMAND --help`" in page
 
 
 # --- serve ------------------------------------------------------------------------------------
