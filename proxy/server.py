@@ -157,11 +157,19 @@ class Server(uvicorn.Server):
 
 
 class QuietServer(uvicorn.Server):
-    """A server that leaves signals to its owner and says when it has started (the demo's two)."""
+    """A server that leaves signals to its owner, says when it has started, and calls
+    `on_shutdown` as its shutdown begins (the demo's servers)."""
 
-    def __init__(self, config: uvicorn.Config, *, on_started: Callable[[], object]) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        *,
+        on_started: Callable[[], object],
+        on_shutdown: Callable[[], object] = lambda: None,
+    ) -> None:
         super().__init__(config)
         self._on_started = on_started
+        self._on_shutdown = on_shutdown
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -170,6 +178,10 @@ class QuietServer(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=sockets)
         self._on_started()  # uvicorn's startup either finishes started or raises SystemExit
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self._on_shutdown()  # before the drain, which waits for every open response
+        await super().shutdown(sockets=sockets)
 
 
 # --- the HTTP protocol -------------------------------------------------------------------------
@@ -349,7 +361,9 @@ def configure_logging(settings: Settings) -> None:
     root.propagate = False
 
 
-def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
+def uvicorn_config(app: Any, settings: Settings, *, log_level: str | None = None) -> uvicorn.Config:
+    """uvicorn's configuration for the proxy; `log_level` for uvicorn's own lines, if not
+    `logging.level` (lmswitch's lines follow `logging.level` regardless)."""
     return uvicorn.Config(
         app,
         host=settings.server.host,
@@ -357,7 +371,7 @@ def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
         lifespan="on",  # a failed start-up exits instead of serving without state
         workers=1,  # the load lock and leases live in this process
         access_log=False,  # lmswitch writes its own access lines
-        log_level=settings.logging.level,
+        log_level=log_level or settings.logging.level,
         # Whole seconds (uvicorn's type), never shorter than configured, and at least 1 s.
         timeout_graceful_shutdown=max(1, math.ceil(settings.server.drain_timeout)),
         server_header=False,

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
 import signal
 import socket
+import subprocess
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -39,8 +42,9 @@ from proxy.demo import (
     DemoHost,
     fits_table,
     run_demo,
-    wait_until_ready,
+    wait_for_hosts,
 )
+from proxy.events import EventBus
 from proxy.server import (
     CannotListenError,
     Server,
@@ -622,15 +626,32 @@ async def test_demo_greets_even_if_not_ready(capsys: pytest.CaptureFixture[str])
     assert "the proxy has not reached the emulator yet" in captured.err
 
 
-async def test_wait_until_ready_polls() -> None:
-    async with serve(readyz_app(not_ready=2)) as url:
-        assert await wait_until_ready(url, 5)
+async def test_wait_for_hosts_waits_for_every_host() -> None:
+    """The demo greets once every host has said it is up, and a host down again is waited for."""
+    bus = EventBus()
+    news: list[tuple[str, dict[str, Any]]] = [
+        ("upstream", {"upstream": "desk", "up": True}),
+        ("model", {"model": QWEN, "upstream": "desk"}),
+        ("upstream", {"upstream": "laptop", "up": False}),
+        ("upstream", {"upstream": "desk", "up": False}),
+        ("upstream", {"upstream": "laptop", "up": True}),
+    ]
+    with bus.subscribe() as events:
+        for kind, data in news:
+            bus.publish(kind, data)
+        assert not await wait_for_hosts(events, ["desk", "laptop"], 0.1)  # desk is down
+        bus.publish("upstream", {"upstream": "desk", "up": True})
+        assert await wait_for_hosts(events, ["desk"], 5)
 
 
-async def test_wait_until_ready_gives_up() -> None:
-    async with serve(readyz_app(not_ready=10**6)) as url:
-        assert not await wait_until_ready(url, 0.1)
-    assert not await wait_until_ready(closed_url(), 0.1)
+async def test_wait_for_hosts_gives_up() -> None:
+    bus = EventBus()
+    with bus.subscribe() as events:
+        bus.publish("upstream", {"upstream": "desk", "up": False})
+        assert not await wait_for_hosts(events, ["desk"], 0.1)  # in time
+        bus.close()
+        with anyio.fail_after(5):
+            assert not await wait_for_hosts(events, ["desk"], 10)  # the stream ended
 
 
 async def test_demo_reports_a_taken_port(capsys: pytest.CaptureFixture[str]) -> None:
@@ -738,6 +759,114 @@ async def test_demo_process(tmp_path: Path) -> None:
         with anyio.fail_after(10):
             code = await process.wait()
     assert code == 0, (tmp_path / "stderr.txt").read_text()
+
+
+DEMO_CHATTER = (
+    "Started server process",
+    "Waiting for application startup",
+    "Application startup complete",
+    "Uvicorn running",
+    "Shutting down",
+    "Finished server process",
+    "/readyz",
+    "has not reached the emulator",
+)
+
+
+@dataclass
+class DemoOutput:
+    """A `lmswitch demo` child process and what it writes, standard error and output in the
+    order written."""
+
+    process: Process
+    stream: BufferedByteReceiveStream
+    text: bytearray = field(default_factory=bytearray)
+
+    async def greeting(self) -> str:
+        """All it wrote up to the end of its greeting (15 s at most)."""
+        with anyio.fail_after(15):
+            self.text += await self.stream.receive_until(END_OF_GREETING, max_bytes=2**16)
+        self.text += END_OF_GREETING
+        return self.text.decode()
+
+    async def stop(self, timeout_s: float) -> int:
+        """Ctrl+C; its status once it has exited, having read the rest of what it wrote."""
+        self.process.send_signal(signal.SIGINT)
+        with anyio.fail_after(timeout_s):
+            with contextlib.suppress(anyio.EndOfStream):
+                while True:
+                    self.text += await self.stream.receive()
+            return await self.process.wait()
+
+
+END_OF_GREETING = b"Press Ctrl+C to stop."
+
+
+@asynccontextmanager
+async def demo_process(*args: str) -> AsyncIterator[DemoOutput]:
+    """`python -m proxy demo ARGS --load-delay 0`, killed on the way out if still running."""
+    command = [sys.executable, "-m", "proxy", "demo", *args, "--load-delay", "0"]
+    async with await anyio.open_process(command, cwd=ROOT, stderr=subprocess.STDOUT) as process:
+        assert process.stdout is not None
+        try:
+            yield DemoOutput(process, BufferedByteReceiveStream(process.stdout))
+        finally:
+            if process.returncode is None:  # pragma: no cover - only when the test failed
+                process.kill()
+
+
+DEMO_CHATTER = (
+    "Started server process",
+    "Waiting for application startup",
+    "Application startup complete",
+    "Uvicorn running",
+    "Shutting down",
+    "Finished server process",
+    "/readyz",
+    "has not reached the emulator",
+)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Ctrl+C cannot target one child on Windows")
+@pytest.mark.parametrize("hosts", ["1", "2"])
+async def test_demo_says_its_greeting_once_and_no_chatter(hosts: str) -> None:
+    """`lmswitch demo` prints its greeting first and once: no uvicorn start-up or shutdown
+    lines, no access lines for its own readiness checks; the user's requests get theirs."""
+    port = free_port()
+    async with demo_process("--port", str(port), "--hosts", hosts) as demo:
+        greeting = await demo.greeting()
+        async with httpx2.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+            assert (await http.get("/v1/models")).status_code == 200
+        code = await demo.stop(timeout_s=10)
+    text = demo.text.decode()
+    assert code == 0, text
+    assert greeting.lstrip().startswith("lmswitch demo: the proxy at"), text
+    assert text.count("lmswitch demo:") == 1
+    assert [chatter for chatter in DEMO_CHATTER if chatter in text] == []
+    (access,) = [line for line in text.splitlines() if " lmswitch.access: " in line]
+    assert "endpoint=/v1/models status=200" in access  # the user's request
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Ctrl+C cannot target one child on Windows")
+async def test_demo_stops_at_once_with_the_page_open() -> None:
+    """Ctrl+C with the page's event stream open: the stream ends and the demo exits 0 at once,
+    rather than after its 3 s drain with a traceback."""
+    port = free_port()
+    async with (
+        demo_process("--port", str(port)) as demo,
+        httpx2.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http,
+    ):
+        await demo.greeting()
+        async with http.stream("GET", "/api/v1/events") as events:
+            assert events.status_code == 200
+            started = anyio.current_time()
+            code = await demo.stop(timeout_s=10)
+            stopped_s = anyio.current_time() - started
+    text = demo.text.decode()
+    assert code == 0, text
+    assert stopped_s < 2, text  # the drain is 3 s
+    assert "Traceback" not in text
+    assert "timeout graceful shutdown exceeded" not in text
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="no SIGINT/SIGTERM to one child on Windows")
