@@ -61,7 +61,7 @@ class CannotListenError(Exception):
 
 def listen(host: str, port: int) -> list[socket.socket]:
     """Sockets bound to `port` on every address `host` resolves to, and listening, as asyncio's
-    `create_server` (hence uvicorn) would bind them; port 0 picks a free one.
+    `create_server` (hence uvicorn) would bind them; port 0 picks a free one (the same for all).
 
     Bound before the server starts, so that a port in use is said in one line before the app
     starts up, rather than by uvicorn's errno message after it. Raises CannotListenError.
@@ -83,6 +83,8 @@ def listen(host: str, port: int) -> list[socket.socket]:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:  # one socket per family, as asyncio binds them
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and len(sockets) > 1:  # the port the first address got, for all
+                address = (address[0], sockets[0].getsockname()[1], *address[2:])
             try:
                 sock.bind(address)
             except OSError as exc:

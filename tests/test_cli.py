@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
+import os
 import re
 import signal
 import socket
@@ -707,11 +709,13 @@ async def test_a_port_in_use_is_one_line_and_exit_2(tmp_path: Path, command: str
     ]
 
 
-def test_listen_binds_as_uvicorn_would() -> None:
-    """`localhost`: a socket on each of its addresses (IPv4 at least), listening."""
-    sockets = listen("localhost", 0)
+@pytest.mark.parametrize("host", ["localhost", ""])
+def test_listen_binds_as_uvicorn_would(host: str) -> None:
+    """A socket on each of the host's addresses (IPv4 at least; "": every interface), all on
+    the same port, listening."""
+    sockets = listen(host, 0)
     try:
-        assert "127.0.0.1" in {sock.getsockname()[0] for sock in sockets}
+        assert {"127.0.0.1", "0.0.0.0"} & {sock.getsockname()[0] for sock in sockets}
         port = sockets[0].getsockname()[1]
         assert {sock.getsockname()[1] for sock in sockets} == {port}
         with socket.create_connection(("127.0.0.1", port), timeout=5):
@@ -728,6 +732,43 @@ def test_listen_names_an_address_not_this_machines() -> None:
         "cannot listen on 192.0.2.1:0: cannot assign requested address; check the address "
         "(--host, or server.host)"
     )
+
+
+def test_listen_skips_an_address_family_not_enabled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As asyncio does: an address that cannot be assigned (its family not enabled here) is
+    skipped when the host has others."""
+    resolve = socket.getaddrinfo
+
+    def both(host: str, port: int, *args: Any, **kwargs: Any) -> list[Any]:
+        away = resolve("192.0.2.1", port, *args, **kwargs)  # TEST-NET-1: never local
+        return [*away, *resolve("127.0.0.1", port, *args, **kwargs)]
+
+    monkeypatch.setattr(socket, "getaddrinfo", both)
+    (sock,) = listen("dual", 0)
+    with sock:
+        assert sock.getsockname()[0] == "127.0.0.1"
+
+
+@pytest.mark.parametrize(
+    ("code", "advice"),
+    [
+        (errno.EADDRINUSE, "choose another port with --port"),
+        (errno.EACCES, "(ports below 1024 need privileges); choose another with --port"),
+        (errno.EADDRNOTAVAIL, "check the address (--host, or server.host)"),
+    ],
+)
+def test_cannot_listen_says_what_to_change(
+    monkeypatch: pytest.MonkeyPatch, code: int, advice: str
+) -> None:
+    def refuse(sock: socket.socket, address: Any) -> None:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(socket.socket, "bind", refuse)
+    with pytest.raises(CannotListenError) as exc_info:
+        listen("127.0.0.1", 8000)
+    message = str(exc_info.value)
+    assert message.startswith(f"cannot listen on 127.0.0.1:8000: {os.strerror(code).lower()}")
+    assert message.endswith(advice)
 
 
 async def greeting_of(process: Process) -> str:
