@@ -18,14 +18,21 @@ import uvicorn
 
 from proxy import __version__
 from proxy.app import create_app
-from proxy.config import ConfigError, Settings, describe_settings, load_settings
-from proxy.demo import MAX_DEMO_HOSTS, CannotListenError, run_demo
+from proxy.config import (
+    CONFIG_ENV_VAR,
+    DEFAULT_CONFIG_FILE,
+    ConfigError,
+    ServerSettings,
+    Settings,
+    describe_settings,
+    load_settings,
+)
+from proxy.demo import MAX_DEMO_HOSTS, run_demo
 from proxy.events import EventBus
-from proxy.server import Server, configure_logging, uvicorn_config
+from proxy.server import CannotListenError, Server, configure_logging, listen, uvicorn_config
 
 EXIT_OK = 0
-EXIT_USAGE = 2
-EXIT_CANNOT_LISTEN = 3  # what uvicorn exits with when `serve` cannot bind its port
+EXIT_USAGE = 2  # also a port in use, or an address not this machine's
 
 
 def _port(text: str) -> int:
@@ -52,60 +59,202 @@ def _concurrencies(text: str) -> tuple[int, ...]:
     return values
 
 
+class _Help(argparse.HelpFormatter):
+    """Every option's help ends with its default: said in the help itself (`default: ...`),
+    or added from the option's value (a list as `1,32`)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default in (None, False, argparse.SUPPRESS):
+            return text  # flags and options with no value say theirs in their help
+        return f"{text} (default: {_shown(default).replace('%', '%%')})"
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(_shown, value))
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _command(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    summary: str,
+    about: str,
+) -> argparse.ArgumentParser:
+    return commands.add_parser(name, help=summary, description=about, formatter_class=_Help)
+
+
+_CONFIG_FILE = f"${CONFIG_ENV_VAR}, else ./{DEFAULT_CONFIG_FILE} if there is one, else none"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="lmswitch", description="An OpenAI-compatible model-switching proxy for LM Studio."
+        prog="lmswitch",
+        description="An OpenAI-compatible proxy in front of LM Studio that loads the model each "
+        "request names, one load at a time.",
+        epilog="`lmswitch COMMAND --help` describes a command and its options.",
     )
     parser.add_argument("--version", action="version", version=f"lmswitch {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="run the proxy")
-    serve.add_argument("--config", help="config file (default: $LMSWITCH_CONFIG or ./config.yaml)")
-    serve.add_argument("--host", help="address to bind (default: server.host)")
-    serve.add_argument("--port", type=_port, help="port to bind (default: server.port)")
+    serve = _command(
+        commands,
+        "serve",
+        "run the proxy",
+        "Run the proxy. Its settings come from the config file, then LMSWITCH_* environment "
+        "variables, then these options (each overriding the one before); "
+        "`lmswitch check-config` shows the result.",
+    )
+    server = ServerSettings()
+    serve.add_argument("--config", metavar="PATH", help=f"config file (default: {_CONFIG_FILE})")
+    serve.add_argument("--host", help=f"address to listen on (default: server.host, {server.host})")
+    serve.add_argument(
+        "--port", type=_port, help=f"port to listen on (default: server.port, {server.port})"
+    )
 
-    demo = commands.add_parser("demo", help="the proxy and the LM Studio emulator, together")
-    demo.add_argument("--port", type=_port, default=8000, help="the proxy's port (default 8000)")
-    demo.add_argument("--load-delay", type=float, default=2.0, metavar="S")
+    demo = _command(
+        commands,
+        "demo",
+        "the proxy and the LM Studio emulator, together",
+        "Run the proxy in front of the built-in LM Studio emulator, in one process on "
+        "127.0.0.1, to watch it switch models with nothing else installed. It prints the "
+        "URLs and curl lines to try; Ctrl+C stops it.",
+    )
+    demo.add_argument("--port", type=_port, default=8000, help="the proxy's port; 0: any free one")
+    demo.add_argument(
+        "--load-delay",
+        type=float,
+        default=2.0,
+        metavar="S",
+        help="seconds each emulated load takes, plus the model's size at 4 GB/s",
+    )
     demo.add_argument(
         "--hosts",
         type=_demo_hosts,
         default=1,
         metavar="N",
-        help=f"N emulated LM Studio hosts of different sizes (1 to {MAX_DEMO_HOSTS}; default 1)",
+        help=f"N emulated LM Studio hosts of different sizes, as a pool (1 to {MAX_DEMO_HOSTS})",
     )
 
-    emulator = commands.add_parser("emulator", help="the LM Studio emulator alone")
-    emulator.add_argument("--host", default="127.0.0.1")
-    emulator.add_argument("--port", type=_port, default=1234)
-    emulator.add_argument("--load-delay", type=float, default=1.0, metavar="S")
-    emulator.add_argument(
-        "--load-speed", type=float, default=None, metavar="GB/s", help="loads also take size / this"
+    emulator = _command(
+        commands,
+        "emulator",
+        "the LM Studio emulator alone",
+        "Run the LM Studio emulator alone: LM Studio's /v1, /api/v0 and /api/v1 APIs with six "
+        "models of realistic sizes, JIT loading, TTLs and the memory guardrail, for trying the "
+        "proxy, tests and benchmarks.",
     )
-    emulator.add_argument("--memory", type=float, default=None, metavar="GiB")
-    emulator.add_argument("--token-delay", type=float, default=0.02, metavar="S")
-    emulator.add_argument("--no-jit", action="store_true", help="turn JIT loading off")
-    emulator.add_argument("--api-token", help="require this Bearer token")
-    emulator.add_argument("--reply-tokens", type=int, default=12, metavar="N")
-    emulator.add_argument("--quiet", action="store_true", help="log warnings only")
+    emulator.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    emulator.add_argument(
+        "--port", type=_port, default=1234, help="port to listen on (LM Studio's own)"
+    )
+    emulator.add_argument(
+        "--load-delay", type=float, default=1.0, metavar="S", help="seconds each load takes"
+    )
+    emulator.add_argument(
+        "--load-speed",
+        type=float,
+        default=None,
+        metavar="GB/s",
+        help="loads also take the model's size over this, as reading it from disk "
+        "(default: none, the delay alone)",
+    )
+    emulator.add_argument(
+        "--memory",
+        type=float,
+        default=None,
+        metavar="GiB",
+        help="the guardrail: refuse a load that would not fit in this much memory "
+        "(default: none, no limit)",
+    )
+    emulator.add_argument(
+        "--token-delay",
+        type=float,
+        default=0.02,
+        metavar="S",
+        help="seconds between streamed tokens",
+    )
+    emulator.add_argument(
+        "--no-jit",
+        action="store_true",
+        help="answer requests for models that are not loaded with LM Studio's error "
+        "(default: JIT loading on)",
+    )
+    emulator.add_argument(
+        "--api-token",
+        metavar="T",
+        help="require `Authorization: Bearer T`, as LM Studio's Require Authentication does "
+        "(default: none)",
+    )
+    emulator.add_argument(
+        "--reply-tokens",
+        type=int,
+        default=12,
+        metavar="N",
+        help="tokens per reply, fewer when the request's limit says so",
+    )
+    emulator.add_argument(
+        "--quiet",
+        action="store_true",
+        help="log warnings only (default: off, a line per request too)",
+    )
     emulator.add_argument("--stamp-chunks", action="store_true", help=argparse.SUPPRESS)
 
-    bench = commands.add_parser("bench", help="measure the proxy against the emulator")
-    bench.add_argument("--duration", type=float, default=5.0, metavar="S", help="per measurement")
-    bench.add_argument("--concurrency", type=_concurrencies, default=(1, 32), metavar="N[,N...]")
-    bench.add_argument("--json", action="store_true", help="machine-readable output")
-    bench.add_argument("--generator", choices=("auto", "wrk", "built-in"), default="auto")
+    bench = _command(
+        commands,
+        "bench",
+        "measure the proxy against the emulator",
+        "Measure what the proxy adds: start the emulator and the proxy in front of it, each in "
+        "its own process, drive both with the same load, and print requests per second, "
+        "latency, and the proxy's CPU time per request.",
+    )
+    bench.add_argument(
+        "--duration", type=float, default=5.0, metavar="S", help="seconds per measurement"
+    )
+    bench.add_argument(
+        "--concurrency",
+        type=_concurrencies,
+        default=(1, 32),
+        metavar="N[,N...]",
+        help="concurrent clients: one measurement for each",
+    )
+    bench.add_argument(
+        "--json", action="store_true", help="print the results as JSON (default: off, a table)"
+    )
+    bench.add_argument(
+        "--generator",
+        choices=("auto", "wrk", "built-in"),
+        default="auto",
+        help="the load generator; auto: wrk if it is on the PATH, else the built-in one",
+    )
     bench.add_argument(
         "--streams",
         type=int,
         default=0,
         metavar="N",
-        help="instead: N concurrent slow streams (memory, CPU, added delay)",
+        help="measure N concurrent slow streams instead (memory, CPU, added delay) "
+        "(default: 0, off)",
     )
-    bench.add_argument("--tokens-per-s", type=float, default=20.0, metavar="N")
+    bench.add_argument(
+        "--tokens-per-s",
+        type=float,
+        default=20.0,
+        metavar="N",
+        help="with --streams: each stream's pace, in tokens per second",
+    )
 
-    check = commands.add_parser("check-config", help="validate a config file and print it")
-    check.add_argument("path", nargs="?", help="config file (default as for serve)")
+    check = _command(
+        commands,
+        "check-config",
+        "validate a config file and print it",
+        "Validate a config file, with the LMSWITCH_* environment variables, and print the "
+        "settings serve would use, secrets masked. An invalid one exits 2 naming each bad key.",
+    )
+    check.add_argument("path", nargs="?", help=f"config file (default: {_CONFIG_FILE})")
     return parser
 
 
@@ -190,6 +339,12 @@ def _emulator_server(args: argparse.Namespace) -> Server:
 # --- the command ------------------------------------------------------------------------------
 
 
+def _run(server: Server) -> None:
+    """Bind the server's address first (a port in use is one line, before anything starts),
+    then serve until stopped."""
+    server.run_on(listen(server.config.host, server.config.port))
+
+
 def _error(message: str) -> None:
     print(f"lmswitch: {message}", file=sys.stderr)  # noqa: T201 - the command's own error output
 
@@ -199,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "serve":
-            _proxy_server(args).run()
+            _run(_proxy_server(args))
         elif args.command == "check-config":
             print(describe_settings(load_settings(args.path)), end="")  # noqa: T201 - its output
         elif args.command == "demo":
@@ -218,11 +373,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             )
         else:
-            _emulator_server(args).run()
+            _run(_emulator_server(args))
     except ConfigError as exc:
         _error(f"invalid configuration:\n{exc}")
         return EXIT_USAGE
     except CannotListenError as exc:
         _error(str(exc))
-        return EXIT_CANNOT_LISTEN
+        return EXIT_USAGE
     return EXIT_OK

@@ -9,18 +9,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-import httpx2
 import uvicorn
 from anyio.abc import TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from proxy.app import create_app
 from proxy.config import DEFAULT_HOST, Settings
-from proxy.server import QuietServer, configure_logging, handling_signals, uvicorn_config
+from proxy.events import Event, EventBus
+from proxy.server import QuietServer, configure_logging, handling_signals, listen, uvicorn_config
 
 DEMO_ALIASES = {
     "gpt-4o-mini": "qwen2.5-7b-instruct",
@@ -185,43 +186,35 @@ def _cell(host: DemoHost, model: str, size: int) -> str:
     return "yes" if host.fits(size) else "no"
 
 
-class CannotListenError(Exception):
-    """The demo's port is taken (or otherwise cannot be bound)."""
-
-
 def _listen(port: int) -> socket.socket:
-    try:
-        return socket.create_server(("127.0.0.1", port))
-    except OSError as exc:
-        raise CannotListenError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror}") from exc
+    (sock,) = listen("127.0.0.1", port)  # one address, one socket
+    return sock
 
 
-async def wait_until_ready(
-    url: str, timeout_s: float = DEMO_READY_TIMEOUT_S, *, hosts: int = 1
+async def wait_for_hosts(
+    events: MemoryObjectReceiveStream[Event],
+    hosts: Collection[str],
+    timeout_s: float = DEMO_READY_TIMEOUT_S,
 ) -> bool:
-    """Poll the proxy's `/readyz` until it has reached LM Studio; False after `timeout_s`.
+    """Read `events` (subscribed to before the proxy started) until every one of `hosts` has
+    said it is up in an `upstream` event: LM Studio's models read, its last call answered;
+    False after `timeout_s`, or if the stream ends first.
 
     The proxy answers 503 `upstream_unavailable` to a request that comes while it is still
-    taking its first look at LM Studio, so the demo greets only once that look is done. With
-    several `hosts`, it also waits until `/api/v1/status` shows every one up (`/readyz` needs
-    only one). Each poll has its own 5 s timeout; the loop stops polling once `timeout_s` has
-    passed.
+    taking its first look at LM Studio, so the demo greets only once that look is done. It
+    waits in-process, on the proxy's own events, rather than polling `/readyz`: no requests,
+    so no access lines of its own among the user's.
     """
-    deadline = anyio.current_time() + timeout_s
-    async with httpx2.AsyncClient(base_url=url, timeout=5) as http:
-        while anyio.current_time() < deadline:
-            with contextlib.suppress(httpx2.TransportError):  # e.g. stopped meanwhile
-                if (await http.get("/readyz")).status_code == 200 and (
-                    hosts == 1 or _all_up((await http.get("/api/v1/status")).json(), hosts)
-                ):
-                    return True
-            await anyio.sleep(0.02)
+    waiting = set(hosts)
+    with anyio.move_on_after(timeout_s):
+        async for kind, data in events:
+            if kind == "upstream" and data["up"]:
+                waiting.discard(data["upstream"])
+            elif kind == "upstream":
+                waiting.add(data["upstream"])  # down again
+            if not waiting:
+                return True
     return False
-
-
-def _all_up(status: Any, hosts: int) -> bool:
-    rows = status.get("upstreams", []) if isinstance(status, dict) else []
-    return len(rows) == hosts and all(row.get("up") for row in rows)
 
 
 def _settings(hosts: Sequence[DemoHost], proxy_port: int) -> Settings:
@@ -256,7 +249,8 @@ async def run_demo(
     All sockets listen before any server starts, so the proxy's first look at LM Studio finds
     the emulators. Once the proxy is ready, prints the greeting and hands `task_status` a
     `Demo`. SIGINT/SIGTERM (or `Demo.stop()`) drain the proxy; the emulators stop after it,
-    since in-flight requests need them. Raises CannotListenError if `port` is taken.
+    since in-flight requests need them. Raises proxy.server.CannotListenError if `port`
+    is taken.
     """
     from proxy.emulator import Emulator  # not imported by `serve`: it costs memory
     from proxy.emulator.catalog import DEFAULT_CATALOG
@@ -298,8 +292,12 @@ async def run_demo(
             for emulator in emulators
         ]
         proxy_started = anyio.Event()
+        events = EventBus()
         proxy_server = QuietServer(
-            uvicorn_config(create_app(settings), settings), on_started=proxy_started.set
+            # uvicorn's own lines (start-up, shutdown) would only repeat the greeting
+            uvicorn_config(create_app(settings, events=events), settings, log_level="warning"),
+            on_started=proxy_started.set,
+            on_shutdown=events.close,  # the page's event stream ends, rather than hold the drain
         )
         present = {m.key for emulator in emulators for m in emulator.catalog.values()}
         sizes = {m.key: m.size_bytes for m in DEFAULT_CATALOG if m.key in present}
@@ -324,12 +322,14 @@ async def run_demo(
         # KeyboardInterrupt.
         with handling_signals(proxy_server.handle_exit):
             async with anyio.create_task_group() as tg:
-                for server, sock in zip(emulator_servers, emulator_socks, strict=True):
-                    tg.start_soon(server.serve, [sock])
-                tg.start_soon(serve_proxy)
-                await proxy_started.wait()  # set by startup, which otherwise raises SystemExit
-                with waiting:
-                    if not await wait_until_ready(demo.proxy_url, ready_timeout_s, hosts=hosts):
-                        logger.warning("the proxy has not reached the emulator yet")
+                with events.subscribe() as news:  # before the proxy's first look at the hosts
+                    for server, sock in zip(emulator_servers, emulator_socks, strict=True):
+                        tg.start_soon(server.serve, [sock])
+                    tg.start_soon(serve_proxy)
+                    await proxy_started.wait()  # set by startup, else it raises SystemExit
+                    with waiting:
+                        names = [host.name for host in demo_hosts]
+                        if not await wait_for_hosts(news, names, ready_timeout_s):
+                            logger.warning("the proxy has not reached the emulator yet")
                 print(_greeting(demo), flush=True)  # noqa: T201 - the demo's greeting is its output
                 task_status.started(demo)

@@ -96,7 +96,13 @@ class Host:
         )
         self._upstream = Reconciler(client, settings, clock=clock)
         self._report = Reporter(
-            metrics, events, upstream=self.name, is_loaded=self._scheduler.is_loaded
+            metrics,
+            events,
+            upstream=self.name,
+            is_loaded=self._scheduler.is_loaded,
+            url=self.url,
+            in_pool=bool(settings.upstreams),
+            clock=clock,
         )
         self._pending: dict[int, Pending] = {}
         self._tg: TaskGroup | None = None
@@ -717,6 +723,7 @@ class Host:
             self._kick()
             return
         self._scheduler.set_unreadable(None)
+        self._report.readable()
         self._retry_s = _RETRY_S
         self._scheduler.set_catalog(observation.sizes)
         self._confirm_gates(observation)

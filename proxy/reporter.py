@@ -7,15 +7,20 @@ of its own but what it has already said, it never changes what happens (docs/des
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from proxy.errors import ProxyError
+from proxy.errors import ProxyError, UpstreamUnavailableError
 from proxy.events import EventBus
 from proxy.metrics import Metrics
 from proxy.scheduling import Model, UnloadReason
 
 logger = logging.getLogger("lmswitch.manager")  # the manager's lines, as operators know them
+
+# While a host's models cannot be read, the warning is said again at most this often (a new
+# kind of failure is said at once).
+UNREADABLE_REPEAT_S = 60.0
 
 
 class Reporter:
@@ -28,6 +33,9 @@ class Reporter:
         *,
         upstream: str,
         is_loaded: Callable[[str], bool],
+        url: str,
+        in_pool: bool,
+        clock: Callable[[], float],
     ) -> None:
         self._metrics = metrics
         self._events = events
@@ -35,6 +43,13 @@ class Reporter:
         self._is_loaded = is_loaded  # the scheduler's, read when an event is published
         self._duplicates: dict[str, tuple[str, ...]] = {}  # as last reported
         self._up: bool | None = None  # the host, as last reported
+        self._url = url  # where it listens, from the configuration
+        self._in_pool = in_pool  # one of `upstreams` (else `upstream`)
+        self._clock = clock
+        self._read = False  # its models were read at least once
+        self._unreadable_since: float | None = None  # the first failed listing in a row
+        self._failures = 0  # failed listings in a row
+        self._warned: tuple[float, str | None] = (-math.inf, None)  # when, and the error's code
 
     def model_event(self, key: str, state: str, **extra: Any) -> None:
         """A `model` event; `loaded` is the model's state after the change."""
@@ -106,7 +121,61 @@ class Reporter:
         self.model_event(key, "unloaded", reason=str(UnloadReason.EXTERNAL))
 
     def unreadable(self, error: ProxyError) -> None:
-        logger.warning("cannot read LM Studio's models on %s: %s", self._upstream, error.message)
+        """A listing failed. The first of a run of failures (and a new kind of failure) is said
+        at once, with what to do when LM Studio is not reachable; the others at most once every
+        UNREADABLE_REPEAT_S, with how long it has lasted."""
+        now = self._clock()
+        if self._unreadable_since is None:
+            self._unreadable_since, self._failures = now, 0
+        self._failures += 1
+        warned_at, warned_code = self._warned
+        if self._failures == 1 or error.code != warned_code:
+            logger.warning(
+                "cannot read LM Studio's models on %s: %s%s",
+                self._upstream,
+                error.message,
+                self._fix(error),
+            )
+        elif now - warned_at >= UNREADABLE_REPEAT_S:
+            logger.warning(
+                "still cannot read LM Studio's models on %s, for %.0f s (%d failed attempts): %s",
+                self._upstream,
+                now - self._unreadable_since,
+                self._failures,
+                error.message,
+            )
+        else:
+            return
+        self._warned = (now, error.code)
+
+    def _fix(self, error: ProxyError) -> str:
+        if not isinstance(error, UpstreamUnavailableError):
+            return ""  # the others' messages say what is wrong (an old LM Studio, a token)
+        where = (
+            f"the base_url of {self._upstream} in upstreams"
+            if self._in_pool
+            else "upstream.base_url (LMSWITCH_UPSTREAM__BASE_URL)"
+        )
+        return (
+            ". Start LM Studio's server (in LM Studio: Developer > Start server, or "
+            f"`lms server start`), or set {where} to where it listens. lmswitch keeps trying, "
+            f"and repeats this warning every {UNREADABLE_REPEAT_S:.0f} s until it answers"
+        )
+
+    def readable(self) -> None:
+        """A listing was read: say so if the ones before it failed."""
+        if self._unreadable_since is not None:
+            logger.info(
+                "LM Studio on %s answers%s at %s, after %.0f s and %d failed attempts",
+                self._upstream,
+                " again" if self._read else "",
+                self._url,
+                self._clock() - self._unreadable_since,
+                self._failures,
+            )
+            self._unreadable_since, self._failures = None, 0
+            self._warned = (-math.inf, None)
+        self._read = True
 
     def catalog(self, keys: Iterable[str]) -> None:
         """Every known model has its gauges, at their values (0 until used)."""

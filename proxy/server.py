@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import math
+import os
 import signal
 import socket
 import sys
@@ -50,6 +52,67 @@ def handling_signals(handler: SignalHandler) -> Iterator[None]:
             signal.signal(sig, old)
 
 
+class CannotListenError(Exception):
+    """A server's address cannot be bound: the port is taken, or the host is not this machine's.
+
+    Its message is one line for the user: the address, why, and what to change.
+    """
+
+
+def listen(host: str, port: int) -> list[socket.socket]:
+    """Sockets bound to `port` on every address `host` resolves to, and listening, as asyncio's
+    `create_server` (hence uvicorn) would bind them; port 0 picks a free one (the same for all).
+
+    Bound before the server starts, so that a port in use is said in one line before the app
+    starts up, rather than by uvicorn's errno message after it. Raises CannotListenError.
+    """
+    sockets: list[socket.socket] = []
+    skipped: OSError | None = None  # an address of a family not enabled here
+    try:
+        infos = list(
+            dict.fromkeys(
+                socket.getaddrinfo(
+                    host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+                )
+            )
+        )
+        for family, kind, proto, _, address in infos:
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            if os.name == "posix" and sys.platform != "cygwin":  # asyncio's default
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:  # one socket per family, as asyncio binds them
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and len(sockets) > 1:  # the port the first address got, for all
+                address = (address[0], sockets[0].getsockname()[1], *address[2:])
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                if exc.errno != errno.EADDRNOTAVAIL:
+                    raise
+                sockets.pop().close()  # that family is not enabled here: asyncio skips it too
+                skipped = exc
+                continue
+            sock.listen(2048)  # uvicorn's default backlog
+        if not sockets and skipped is not None:
+            raise skipped
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        raise CannotListenError(f"cannot listen on {where}: {_why(exc)}") from exc
+    return sockets
+
+
+def _why(exc: OSError) -> str:
+    reason = (exc.strerror or str(exc)).lower()
+    if exc.errno == errno.EADDRINUSE:
+        return f"{reason} (another lmswitch, or LM Studio?); choose another port with --port"
+    if exc.errno == errno.EACCES:
+        return f"{reason} (ports below 1024 need privileges); choose another with --port"
+    return f"{reason}; check the address (--host, or server.host)"
+
+
 def free_port() -> int:
     """A port nothing listens on now (for a server started, or restarted, on it later)."""
     with socket.socket() as sock:
@@ -77,17 +140,38 @@ class Server(uvicorn.Server):
         with handling_signals(self.handle_exit):
             yield
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started and sockets:  # uvicorn says where it listens only if it bound itself
+            self._log_started_message(sockets)
+
+    def run_on(self, sockets: list[socket.socket]) -> None:
+        """Serve on `sockets` (from `listen`) until stopped, then close them."""
+        try:
+            self.run(sockets)
+        finally:
+            for sock in sockets:
+                sock.close()
+
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self._on_shutdown()  # before the drain, which waits for every open response
         await super().shutdown(sockets=sockets)
 
 
 class QuietServer(uvicorn.Server):
-    """A server that leaves signals to its owner and says when it has started (the demo's two)."""
+    """A server that leaves signals to its owner, says when it has started, and calls
+    `on_shutdown` as its shutdown begins (the demo's servers)."""
 
-    def __init__(self, config: uvicorn.Config, *, on_started: Callable[[], object]) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        *,
+        on_started: Callable[[], object],
+        on_shutdown: Callable[[], object] = lambda: None,
+    ) -> None:
         super().__init__(config)
         self._on_started = on_started
+        self._on_shutdown = on_shutdown
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -96,6 +180,10 @@ class QuietServer(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=sockets)
         self._on_started()  # uvicorn's startup either finishes started or raises SystemExit
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self._on_shutdown()  # before the drain, which waits for every open response
+        await super().shutdown(sockets=sockets)
 
 
 # --- the HTTP protocol -------------------------------------------------------------------------
@@ -275,7 +363,9 @@ def configure_logging(settings: Settings) -> None:
     root.propagate = False
 
 
-def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
+def uvicorn_config(app: Any, settings: Settings, *, log_level: str | None = None) -> uvicorn.Config:
+    """uvicorn's configuration for the proxy; `log_level` for uvicorn's own lines, if not
+    `logging.level` (lmswitch's lines follow `logging.level` regardless)."""
     return uvicorn.Config(
         app,
         host=settings.server.host,
@@ -283,7 +373,7 @@ def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
         lifespan="on",  # a failed start-up exits instead of serving without state
         workers=1,  # the load lock and leases live in this process
         access_log=False,  # lmswitch writes its own access lines
-        log_level=settings.logging.level,
+        log_level=log_level or settings.logging.level,
         # Whole seconds (uvicorn's type), never shorter than configured, and at least 1 s.
         timeout_graceful_shutdown=max(1, math.ceil(settings.server.drain_timeout)),
         server_header=False,

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
+import os
+import re
 import signal
 import socket
+import subprocess
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -28,7 +34,7 @@ from starlette.routing import Route
 
 from proxy import __version__
 from proxy.access import AccessLine
-from proxy.cli import EXIT_CANNOT_LISTEN, EXIT_USAGE, build_emulator_server, build_server, main
+from proxy.cli import EXIT_USAGE, build_emulator_server, build_server, main
 from proxy.config import MASK, ConfigError
 from proxy.demo import (
     DEMO_HOSTS,
@@ -38,9 +44,17 @@ from proxy.demo import (
     DemoHost,
     fits_table,
     run_demo,
-    wait_until_ready,
+    wait_for_hosts,
 )
-from proxy.server import Server, _JsonFormatter, free_port, handling_signals
+from proxy.events import EventBus
+from proxy.server import (
+    CannotListenError,
+    Server,
+    _JsonFormatter,
+    free_port,
+    handling_signals,
+    listen,
+)
 from tests.helpers import serve
 
 QWEN = "qwen2.5-7b-instruct"
@@ -222,6 +236,79 @@ def test_bad_demo_hosts_is_a_usage_error(capsys: pytest.CaptureFixture[str], hos
     assert "argument --hosts" in err
     if hosts != "two":
         assert f"{hosts} is out of range (1 to {MAX_DEMO_HOSTS})" in err
+
+
+# --- --help -----------------------------------------------------------------------------------
+
+
+def help_page(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as exc_info:
+        main([*argv, "--help"])
+    assert exc_info.value.code == 0
+    return capsys.readouterr().out
+
+
+def help_entries(page: str) -> dict[str, str]:
+    """The options and positional arguments of a help page: each one's first words, then its
+    help on one line (wrapped lines joined)."""
+    entries: dict[str, str] = {}
+    name = None
+    for line in page.splitlines():
+        if line and not line.startswith(" "):  # a section's heading, or the usage or text
+            name = None
+        elif line.startswith("  ") and not line.startswith("   "):  # an entry begins
+            name, _, text = line.strip().partition("  ")
+            entries[name] = text.strip()
+        elif name is not None:
+            entries[name] = f"{entries[name]} {line.strip()}".strip()
+    return entries
+
+
+@pytest.mark.parametrize("command", ["serve", "demo", "emulator", "bench", "check-config"])
+def test_every_command_has_a_description_and_every_option_its_default(
+    capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    """`lmswitch COMMAND --help`: a description under the usage, and every option's help
+    ends with its default (a value, or what happens without it)."""
+    page = help_page([command], capsys)
+    usage, description, *_ = page.split("\n\n")
+    assert usage.startswith(f"usage: lmswitch {command}")
+    assert not description.splitlines()[0].endswith(":"), page  # not the options' heading
+    assert len(description.split()) >= 10, page
+    entries = help_entries(page)
+    del entries["-h, --help"]
+    assert entries, page
+    for option, text in entries.items():
+        assert re.search(r"\(default: [^)]+\)$", text), f"{option}: {text!r}"
+    assert "--stamp-chunks" not in page  # the bench's, not the user's
+
+
+@pytest.mark.parametrize(
+    ("command", "option", "default"),
+    [
+        ("serve", "--port PORT", "server.port, 8000"),
+        ("demo", "--load-delay S", "2"),
+        ("emulator", "--memory GiB", "none, no limit"),
+        ("emulator", "--token-delay S", "0.02"),
+        ("emulator", "--reply-tokens N", "12"),
+        ("emulator", "--load-speed GB/s", "none, the delay alone"),
+        ("bench", "--concurrency N[,N...]", "1,32"),
+        ("bench", "--tokens-per-s N", "20"),
+    ],
+)
+def test_help_shows_the_defaults_the_options_have(
+    capsys: pytest.CaptureFixture[str], command: str, option: str, default: str
+) -> None:
+    """The defaults shown are the values the commands use."""
+    assert help_entries(help_page([command], capsys))[option].endswith(f"(default: {default})")
+
+
+def test_the_main_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    page = help_page([], capsys)
+    assert "loads the model each request names" in " ".join(page.split())
+    for command in ("serve", "demo", "emulator", "bench", "check-config"):
+        assert f"    {command}" in page
+    assert "`lmswitch COMMAND --help`" in page
 
 
 # --- serve ------------------------------------------------------------------------------------
@@ -541,24 +628,39 @@ async def test_demo_greets_even_if_not_ready(capsys: pytest.CaptureFixture[str])
     assert "the proxy has not reached the emulator yet" in captured.err
 
 
-async def test_wait_until_ready_polls() -> None:
-    async with serve(readyz_app(not_ready=2)) as url:
-        assert await wait_until_ready(url, 5)
+async def test_wait_for_hosts_waits_for_every_host() -> None:
+    """The demo greets once every host has said it is up, and a host down again is waited for."""
+    bus = EventBus()
+    news: list[tuple[str, dict[str, Any]]] = [
+        ("upstream", {"upstream": "desk", "up": True}),
+        ("model", {"model": QWEN, "upstream": "desk"}),
+        ("upstream", {"upstream": "laptop", "up": False}),
+        ("upstream", {"upstream": "desk", "up": False}),
+        ("upstream", {"upstream": "laptop", "up": True}),
+    ]
+    with bus.subscribe() as events:
+        for kind, data in news:
+            bus.publish(kind, data)
+        assert not await wait_for_hosts(events, ["desk", "laptop"], 0.1)  # desk is down
+        bus.publish("upstream", {"upstream": "desk", "up": True})
+        assert await wait_for_hosts(events, ["desk"], 5)
 
 
-async def test_wait_until_ready_gives_up() -> None:
-    async with serve(readyz_app(not_ready=10**6)) as url:
-        assert not await wait_until_ready(url, 0.1)
-    assert not await wait_until_ready(closed_url(), 0.1)
+async def test_wait_for_hosts_gives_up() -> None:
+    bus = EventBus()
+    with bus.subscribe() as events:
+        bus.publish("upstream", {"upstream": "desk", "up": False})
+        assert not await wait_for_hosts(events, ["desk"], 0.1)  # in time
+        bus.close()
+        with anyio.fail_after(5):
+            assert not await wait_for_hosts(events, ["desk"], 10)  # the stream ended
 
 
 async def test_demo_reports_a_taken_port(capsys: pytest.CaptureFixture[str]) -> None:
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        assert await anyio.to_thread.run_sync(main, ["demo", "--port", str(port)]) == (
-            EXIT_CANNOT_LISTEN
-        )
-    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+        assert await anyio.to_thread.run_sync(main, ["demo", "--port", str(port)]) == EXIT_USAGE
+    assert f"cannot listen on 127.0.0.1:{port}: address already in use" in capsys.readouterr().err
 
 
 def test_main_demo_runs_until_sigint(interrupt_when_up: Callable[[str], None]) -> None:
@@ -584,6 +686,89 @@ async def test_serve_process_exits_0_on_sigterm(tmp_path: Path) -> None:
         with anyio.fail_after(5):
             code = await process.wait()
     assert code == 0, (tmp_path / "stderr.txt").read_text()
+
+
+@pytest.mark.parametrize("command", ["serve", "demo", "emulator"])
+async def test_a_port_in_use_is_one_line_and_exit_2(tmp_path: Path, command: str) -> None:
+    """A port already taken: one line naming the address and suggesting --port, status 2,
+    and nothing started (no uvicorn errno message, no start-up lines)."""
+    config = write_config(tmp_path, f"upstream:\n  base_url: {closed_url()}\n")
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        args = [command, "--port", str(port)]
+        if command == "serve":
+            args += ["--config", str(config)]
+        async with child(args, tmp_path / "stderr.txt") as process:
+            with anyio.fail_after(15):
+                code = await process.wait()
+    err = (tmp_path / "stderr.txt").read_text()
+    assert code == EXIT_USAGE, err
+    assert err.splitlines() == [
+        f"lmswitch: cannot listen on 127.0.0.1:{port}: address already in use (another "
+        "lmswitch, or LM Studio?); choose another port with --port"
+    ]
+
+
+@pytest.mark.parametrize("host", ["localhost", ""])
+def test_listen_binds_as_uvicorn_would(host: str) -> None:
+    """A socket on each of the host's addresses (IPv4 at least; "": every interface), all on
+    the same port, listening."""
+    sockets = listen(host, 0)
+    try:
+        assert {"127.0.0.1", "0.0.0.0"} & {sock.getsockname()[0] for sock in sockets}
+        port = sockets[0].getsockname()[1]
+        assert {sock.getsockname()[1] for sock in sockets} == {port}
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass  # listening: the connection is queued until a server accepts it
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def test_listen_names_an_address_not_this_machines() -> None:
+    with pytest.raises(CannotListenError) as exc_info:
+        listen("192.0.2.1", 0)  # TEST-NET-1: never a local address
+    assert str(exc_info.value) == (
+        "cannot listen on 192.0.2.1:0: cannot assign requested address; check the address "
+        "(--host, or server.host)"
+    )
+
+
+def test_listen_skips_an_address_family_not_enabled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As asyncio does: an address that cannot be assigned (its family not enabled here) is
+    skipped when the host has others."""
+    resolve = socket.getaddrinfo
+
+    def both(host: str, port: int, *args: Any, **kwargs: Any) -> list[Any]:
+        away = resolve("192.0.2.1", port, *args, **kwargs)  # TEST-NET-1: never local
+        return [*away, *resolve("127.0.0.1", port, *args, **kwargs)]
+
+    monkeypatch.setattr(socket, "getaddrinfo", both)
+    (sock,) = listen("dual", 0)
+    with sock:
+        assert sock.getsockname()[0] == "127.0.0.1"
+
+
+@pytest.mark.parametrize(
+    ("code", "advice"),
+    [
+        (errno.EADDRINUSE, "choose another port with --port"),
+        (errno.EACCES, "(ports below 1024 need privileges); choose another with --port"),
+        (errno.EADDRNOTAVAIL, "check the address (--host, or server.host)"),
+    ],
+)
+def test_cannot_listen_says_what_to_change(
+    monkeypatch: pytest.MonkeyPatch, code: int, advice: str
+) -> None:
+    def refuse(sock: socket.socket, address: Any) -> None:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(socket.socket, "bind", refuse)
+    with pytest.raises(CannotListenError) as exc_info:
+        listen("127.0.0.1", 8000)
+    message = str(exc_info.value)
+    assert message.startswith(f"cannot listen on 127.0.0.1:8000: {os.strerror(code).lower()}")
+    assert message.endswith(advice)
 
 
 async def greeting_of(process: Process) -> str:
@@ -615,6 +800,114 @@ async def test_demo_process(tmp_path: Path) -> None:
         with anyio.fail_after(10):
             code = await process.wait()
     assert code == 0, (tmp_path / "stderr.txt").read_text()
+
+
+DEMO_CHATTER = (
+    "Started server process",
+    "Waiting for application startup",
+    "Application startup complete",
+    "Uvicorn running",
+    "Shutting down",
+    "Finished server process",
+    "/readyz",
+    "has not reached the emulator",
+)
+
+
+@dataclass
+class DemoOutput:
+    """A `lmswitch demo` child process and what it writes, standard error and output in the
+    order written."""
+
+    process: Process
+    stream: BufferedByteReceiveStream
+    text: bytearray = field(default_factory=bytearray)
+
+    async def greeting(self) -> str:
+        """All it wrote up to the end of its greeting (15 s at most)."""
+        with anyio.fail_after(15):
+            self.text += await self.stream.receive_until(END_OF_GREETING, max_bytes=2**16)
+        self.text += END_OF_GREETING
+        return self.text.decode()
+
+    async def stop(self, timeout_s: float) -> int:
+        """Ctrl+C; its status once it has exited, having read the rest of what it wrote."""
+        self.process.send_signal(signal.SIGINT)
+        with anyio.fail_after(timeout_s):
+            with contextlib.suppress(anyio.EndOfStream):
+                while True:
+                    self.text += await self.stream.receive()
+            return await self.process.wait()
+
+
+END_OF_GREETING = b"Press Ctrl+C to stop."
+
+
+@asynccontextmanager
+async def demo_process(*args: str) -> AsyncIterator[DemoOutput]:
+    """`python -m proxy demo ARGS --load-delay 0`, killed on the way out if still running."""
+    command = [sys.executable, "-m", "proxy", "demo", *args, "--load-delay", "0"]
+    async with await anyio.open_process(command, cwd=ROOT, stderr=subprocess.STDOUT) as process:
+        assert process.stdout is not None
+        try:
+            yield DemoOutput(process, BufferedByteReceiveStream(process.stdout))
+        finally:
+            if process.returncode is None:  # pragma: no cover - only when the test failed
+                process.kill()
+
+
+DEMO_CHATTER = (
+    "Started server process",
+    "Waiting for application startup",
+    "Application startup complete",
+    "Uvicorn running",
+    "Shutting down",
+    "Finished server process",
+    "/readyz",
+    "has not reached the emulator",
+)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Ctrl+C cannot target one child on Windows")
+@pytest.mark.parametrize("hosts", ["1", "2"])
+async def test_demo_says_its_greeting_once_and_no_chatter(hosts: str) -> None:
+    """`lmswitch demo` prints its greeting first and once: no uvicorn start-up or shutdown
+    lines, no access lines for its own readiness checks; the user's requests get theirs."""
+    port = free_port()
+    async with demo_process("--port", str(port), "--hosts", hosts) as demo:
+        greeting = await demo.greeting()
+        async with httpx2.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+            assert (await http.get("/v1/models")).status_code == 200
+        code = await demo.stop(timeout_s=10)
+    text = demo.text.decode()
+    assert code == 0, text
+    assert greeting.lstrip().startswith("lmswitch demo: the proxy at"), text
+    assert text.count("lmswitch demo:") == 1
+    assert [chatter for chatter in DEMO_CHATTER if chatter in text] == []
+    (access,) = [line for line in text.splitlines() if " lmswitch.access: " in line]
+    assert "endpoint=/v1/models status=200" in access  # the user's request
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Ctrl+C cannot target one child on Windows")
+async def test_demo_stops_at_once_with_the_page_open() -> None:
+    """Ctrl+C with the page's event stream open: the stream ends and the demo exits 0 at once,
+    rather than after its 3 s drain with a traceback."""
+    port = free_port()
+    async with (
+        demo_process("--port", str(port)) as demo,
+        httpx2.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http,
+    ):
+        await demo.greeting()
+        async with http.stream("GET", "/api/v1/events") as events:
+            assert events.status_code == 200
+            started = anyio.current_time()
+            code = await demo.stop(timeout_s=10)
+            stopped_s = anyio.current_time() - started
+    text = demo.text.decode()
+    assert code == 0, text
+    assert stopped_s < 2, text  # the drain is 3 s
+    assert "Traceback" not in text
+    assert "timeout graceful shutdown exceeded" not in text
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="no SIGINT/SIGTERM to one child on Windows")

@@ -1,5 +1,5 @@
 """Access logs (docs/design.md §4.3) as `serve` writes them, in text and JSON, and keys kept
-out of them."""
+out of them; what the log says while LM Studio is away, and when it is back."""
 
 from __future__ import annotations
 
@@ -11,13 +11,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import anyio
 import httpx2
 import pytest
 
 from proxy import bodies
 from proxy.emulator import Emulator
-from proxy.server import configure_logging
-from tests.helpers import MESSAGES, QWEN, running, settings_for
+from proxy.errors import ProxyError, UpstreamError, UpstreamUnavailableError
+from proxy.events import EventBus
+from proxy.metrics import Metrics
+from proxy.reporter import UNREADABLE_REPEAT_S, Reporter
+from proxy.server import configure_logging, free_port
+from tests.helpers import MESSAGES, QWEN, Proxy, pool_for, proxy_for, running, serve, settings_for
 
 CHAT = "/v1/chat/completions"
 ACCESS_FIELDS = {
@@ -425,3 +430,142 @@ async def test_management_reads_log_at_debug_and_the_rest_at_info(level: str) ->
     if level == "debug":
         expected.update(reads)
     assert levels == expected
+
+
+# --- LM Studio away, and back ------------------------------------------------------------------
+
+START_SERVER = (
+    "Start LM Studio's server (in LM Studio: Developer > Start server, or `lms server start`)"
+)
+
+
+def manager_lines(captured: Captured, host: str) -> list[str]:
+    """The manager's lines about `host` (its name in the pool) about reading its models."""
+    lines = [line.split(" lmswitch.manager: ", 1)[-1] for line in captured.lines]
+    return [
+        line
+        for line in lines
+        if line.startswith(
+            (
+                f"cannot read LM Studio's models on {host}:",
+                f"still cannot read LM Studio's models on {host},",
+                f"LM Studio on {host} answers",
+            )
+        )
+    ]
+
+
+@pytest.mark.parametrize("pool", [False, True], ids=["upstream", "pool"])
+async def test_lm_studio_away_is_said_once_with_what_to_do_then_its_return(pool: bool) -> None:
+    """With nothing listening at LM Studio's URL, the log says so once, with what to do, however
+    many listings and requests fail; once LM Studio answers there, it says that too. In a pool,
+    per host: the hint names that host's setting, and a host that answers says nothing."""
+    port = free_port()  # LM Studio's, closed until the emulator is started on it
+    away = f"http://127.0.0.1:{port}"
+    sections: dict[str, Any] = {"upstream": {"poll_interval": 0.05}}  # many failed listings
+    body = {"model": QWEN, "messages": MESSAGES}
+    with logging_as_serve_does(**sections) as captured:
+        async with serve(Emulator().app) as other_url:
+            proxy: Proxy
+            async with (
+                pool_for({"desk": away, "laptop": other_url}, **sections)
+                if pool
+                else proxy_for(away, **sections)
+            ) as proxy:
+                host = "desk" if pool else "default"
+                with anyio.fail_after(5):
+                    for _ in range(5):
+                        response = await proxy.http.post(CHAT, json=body)
+                        assert response.status_code == (200 if pool else 503)
+                    await anyio.sleep(0.3)  # the poll fails a few more times
+                away_lines = manager_lines(captured, host)
+                (warning,) = away_lines  # once, however many failures
+                async with serve(Emulator().app, port=port):
+                    with anyio.fail_after(5):  # the next listing finds it
+                        while manager_lines(captured, host) == away_lines:  # noqa: ASYNC110
+                            await anyio.sleep(0.02)  # (a log has no event to wait on)
+                    back = manager_lines(captured, host)[len(away_lines) :]
+                    if not pool:
+                        response = await proxy.http.post(CHAT, json=body)
+                        assert response.status_code == 200
+    assert warning.startswith(
+        f"cannot read LM Studio's models on {host}: LM Studio is not reachable at {away}: "
+    )
+    setting = (
+        "the base_url of desk in upstreams"
+        if pool
+        else "upstream.base_url (LMSWITCH_UPSTREAM__BASE_URL)"
+    )
+    assert f"{START_SERVER}, or set {setting} to where it listens." in warning
+    assert f"repeats this warning every {UNREADABLE_REPEAT_S:.0f} s until it answers" in warning
+    (answers,) = back
+    match = re.fullmatch(
+        rf"LM Studio on {host} answers at {re.escape(away)}, after (\d+) s and (\d+) failed "
+        "attempts",
+        answers,
+    )
+    assert match is not None, answers
+    assert int(match[2]) > 5  # every request, and the poll's
+    assert f"INFO lmswitch.manager: {answers}" in "\n".join(captured.lines)
+    if pool:
+        assert manager_lines(captured, "laptop") == []  # up all along: nothing said
+
+
+def test_lm_studio_away_is_said_again_rarely_saying_for_how_long() -> None:
+    """While listings keep failing, the warning comes back once every UNREADABLE_REPEAT_S with
+    how long and how many; a new kind of failure is said at once; after LM Studio answers
+    again (said so, with "again"), a new outage starts over with the hint."""
+    now = [0.0]
+    report = Reporter(
+        Metrics(),
+        EventBus(),
+        upstream="desk",
+        is_loaded=lambda key: False,
+        url="http://desk:1234",
+        in_pool=True,
+        clock=lambda: now[0],
+    )
+    away = UpstreamUnavailableError("LM Studio is not reachable at http://desk:1234: refused")
+    old = UpstreamError("LM Studio at http://desk:1234 does not serve /api/v1/models")
+
+    with logging_as_serve_does() as captured:
+
+        def said(*failures: tuple[float, ProxyError]) -> list[str]:
+            captured.records.clear()
+            for at, error in failures:
+                now[0] = at
+                report.unreadable(error)
+            return [record.getMessage() for record in captured.records]
+
+        report.readable()  # read at start: nothing to say
+        assert captured.records == []
+        (first,) = said(*((float(at), away) for at in range(100, 160, 2)))
+        assert first.startswith("cannot read LM Studio's models on desk: LM Studio is not")
+        assert START_SERVER in first
+        assert "the base_url of desk in upstreams" in first
+        (again,) = said((160.0, away), (170.0, away), (219.0, away))
+        assert again == (
+            "still cannot read LM Studio's models on desk, for 60 s (31 failed attempts): "
+            f"{away.message}"
+        )
+        assert said((200.0, away), (219.0, away)) == []
+        (later,) = said((220.0, away), (250.0, away), (279.0, away))
+        assert later.startswith("still cannot read LM Studio's models on desk, for 120 s (36 ")
+        (changed,) = said((280.0, old), (290.0, old))  # another failure: at once, no hint
+        assert changed == f"cannot read LM Studio's models on desk: {old.message}"
+        assert said((339.0, old)) == []
+        (still,) = said((340.0, old))
+        assert still.startswith("still cannot read LM Studio's models on desk, for 240 s (42 ")
+        captured.records.clear()
+        now[0] = 400.0
+        report.readable()
+        (back,) = captured.records
+        assert back.getMessage() == (
+            "LM Studio on desk answers again at http://desk:1234, after 300 s and 42 failed "
+            "attempts"
+        )
+        assert back.levelno == logging.INFO
+        report.readable()  # read again: nothing more
+        assert len(captured.records) == 1
+        (anew,) = said((500.0, away), (501.0, away))
+        assert START_SERVER in anew
