@@ -149,9 +149,12 @@ async def test_pinned_models_hold_their_slot_until_unpinned() -> None:
 
 async def test_status_reports_upstream_capacity_and_queue() -> None:
     emulator = Emulator()
-    async with running(emulator, models={"memory_budget": "8GiB"}) as proxy:
+    models = {"memory_budget": "8GiB", "aliases": {"smart": QWEN, "fast": LLAMA}}
+    async with running(emulator, models=models) as proxy:
         await proxy.sdk.chat.completions.create(model=QWEN, messages=MESSAGES)
         status = await proxy.status()
+        assert status["aliases"] == {"fast": LLAMA, "smart": QWEN}  # for the page
+        assert status["capacity"]["max_loaded"] == status["upstreams"][0]["max_loaded"] == 1
         assert status["upstream"]["reachable"] is True
         assert status["loaded"] == [QWEN]
         assert status["capacity"]["memory_budget"] == 8 * 2**30
