@@ -1914,7 +1914,8 @@
   el.switchForm.addEventListener("submit", (event) => {
     event.preventDefault();
     if (el.switchButton.getAttribute("aria-disabled") === "true") {
-      say(`${el.switchButton.title || "Choose a model first"}.`, "info"); // why nothing happens
+      const why = el.switchButton.title || "Choose a model first"; // why nothing happens
+      say(why.endsWith("…") ? why : `${why}.`, "info");
       return;
     }
     loadModel(el.picker.value);
