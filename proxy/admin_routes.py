@@ -61,6 +61,8 @@ def _status(request: Request[State]) -> dict[str, Any]:
             "instances": view.instances,
             "bytes_used": view.bytes_used,
         },
+        # Other names clients may use for a model (`models.aliases`): alias -> model.
+        "aliases": dict(sorted(settings.models.aliases.items())),
         "event_subscribers": state["events"].subscribers,
     }
 

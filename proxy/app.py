@@ -16,8 +16,8 @@ import httpx2
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Mount
+from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
@@ -41,6 +41,28 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     error.status_code = exc.status_code  # type: ignore[misc] # this one instance only
     error.error_type = "invalid_request_error"  # type: ignore[misc]
     return error_response(error, path=request.url.path, extra_headers=exc.headers)
+
+
+async def _home(request: Request) -> Response:
+    """`/` sends a browser to the page (307: the address may serve something else later)."""
+    return RedirectResponse("/ui/", status_code=307)
+
+
+async def _api_index(request: Request) -> Response:
+    """`/v1`: where things are, for a person who opened the API's base URL."""
+    return JSONResponse(
+        {
+            "message": "lmswitch: the OpenAI-compatible API is under /v1 (POST "
+            "/v1/chat/completions, GET /v1/models ...); the page is at /ui/",
+            "endpoints": [
+                *(f"POST {path}" for path in openai_routes.PROXIED_PATHS),
+                "GET /v1/models",
+                "GET /v1/models/{model}",
+            ],
+            "page": "/ui/",
+            "management": "/api/v1/status",
+        }
+    )
 
 
 def release_startup_garbage() -> None:
@@ -105,8 +127,13 @@ def create_app(
                 tg.cancel_scope.cancel()
 
     ui = Mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui")
+    signposts = [
+        Route("/", _home, methods=["GET"]),
+        Route("/v1", _api_index, methods=["GET"]),
+        Route("/v1/", _api_index, methods=["GET"]),
+    ]
     app = Starlette(
-        routes=[*openai_routes.routes, *admin_routes.routes, ui],
+        routes=[*openai_routes.routes, *admin_routes.routes, ui, *signposts],
         lifespan=lifespan,
         exception_handlers={ProxyError: handle_proxy_error, HTTPException: _http_error},
     )

@@ -85,7 +85,7 @@ class AuthMiddleware:
 
     def _check(self, scope: Scope) -> ProxyError | None:
         path: str = scope["path"]
-        if path.startswith("/v1/"):
+        if path.startswith("/v1/") and path != "/v1/":  # `/v1/` itself only says where things are
             anthropic = path.startswith("/v1/messages")
             if self._api and not _matches(self._api, _presented(scope, x_api_key=anthropic)):
                 how = "'Authorization: Bearer <key>'" + (" or 'x-api-key'" if anthropic else "")

@@ -118,6 +118,7 @@ class Host:
         self._retry_s = _RETRY_S  # after the next failed listing
         self._load_times = LoadTimes()  # this proxy's loads here, for their expected times
         self._loading_since: dict[str, float] = {}  # the load running, when it began
+        self._queue_seen: tuple[tuple[str, int, str], ...] | None = None  # as last published
         self.started = anyio.Event()  # its first listing ended, read or not
 
     # -- lifetime ---------------------------------------------------------------------------
@@ -604,7 +605,20 @@ class Host:
             else:
                 self._report.vanished(action.model)
         self._raise_barrier()
+        self._publish_queue()
         self._wake_if_sooner(now)
+
+    def _publish_queue(self) -> None:
+        """A `queue` event when the models waited for here, or how many wait for each, changed
+        since the last one; nothing at all while nobody listens (docs/design.md §4.3)."""
+        if not self.events.subscribers:
+            self._queue_seen = None  # a new subscriber's snapshot is newer than any of them
+            return
+        models = self._scheduler.models
+        seen = tuple((key, n, str(models[key].phase)) for key, n in self._scheduler.queue())
+        if seen != self._queue_seen:
+            self._queue_seen = seen
+            self._report.queue(self._queue_rows())
 
     def _wake_if_sooner(self, now: float) -> None:
         """Wake the timer loop if the scheduler's next deadline is before its alarm."""

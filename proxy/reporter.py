@@ -57,6 +57,11 @@ class Reporter:
         event = {"model": key, "upstream": self._upstream, "state": state, "loaded": loaded}
         self._events.publish("model", {**event, **extra})
 
+    def queue(self, waiting: list[dict[str, Any]]) -> None:
+        """A `queue` event: the models requests wait for on the host, as `/api/v1/status`
+        lists them in `waiting`."""
+        self._events.publish("queue", {"upstream": self._upstream, "waiting": waiting})
+
     def upstream(self, up: bool) -> None:
         """The host is up (its models read, its last call answered) or down: the gauge, and an
         `upstream` event when that changes."""

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from functools import partial
 from typing import Any
 
 import anyio
+import httpx2
 import pytest
 
+from proxy.app import create_app
 from proxy.emulator import Emulator
 from proxy.events import EventBus
-from tests.helpers import LLAMA, MESSAGES, QWEN, Proxy, running
+from tests.helpers import LLAMA, MESSAGES, QWEN, Proxy, running, serve, settings_for
 
 
 async def post(proxy: Proxy, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
@@ -143,9 +149,12 @@ async def test_pinned_models_hold_their_slot_until_unpinned() -> None:
 
 async def test_status_reports_upstream_capacity_and_queue() -> None:
     emulator = Emulator()
-    async with running(emulator, models={"memory_budget": "8GiB"}) as proxy:
+    models = {"memory_budget": "8GiB", "aliases": {"smart": QWEN, "fast": LLAMA}}
+    async with running(emulator, models=models) as proxy:
         await proxy.sdk.chat.completions.create(model=QWEN, messages=MESSAGES)
         status = await proxy.status()
+        assert status["aliases"] == {"fast": LLAMA, "smart": QWEN}  # for the page
+        assert status["capacity"]["max_loaded"] == status["upstreams"][0]["max_loaded"] == 1
         assert status["upstream"]["reachable"] is True
         assert status["loaded"] == [QWEN]
         assert status["capacity"]["memory_budget"] == 8 * 2**30
@@ -178,7 +187,7 @@ async def test_events_show_loading_then_loaded_then_the_request() -> None:
                                 )
                             if kind == "request":
                                 break
-        kinds = [(k, d.get("state")) for k, d in seen]
+        kinds = [(k, d.get("state")) for k, d in seen if k != "queue"]  # queue: tested below
         assert kinds == [
             ("snapshot", None),
             ("model", "loading"),
@@ -204,3 +213,95 @@ async def test_a_subscriber_that_falls_behind_is_dropped() -> None:
         with pytest.raises(anyio.EndOfStream):
             await slow.receive()
         assert (await fast.receive())[1] == {"n": 2}
+
+
+async def _events(proxy: Proxy) -> AsyncGenerator[tuple[str, dict[str, Any]], None]:
+    """The (kind, data) pairs of `/api/v1/events`, the snapshot first."""
+    async with proxy.http.stream("GET", "/api/v1/events") as stream:
+        kind = ""
+        async for line in stream.aiter_lines():  # pragma: no branch - the caller stops
+            if line.startswith("event: "):
+                kind = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                yield kind, json.loads(line.removeprefix("data: "))
+
+
+async def _chat(proxy: Proxy, *, timeout_s: float = 10) -> None:
+    body = {"model": QWEN, "messages": MESSAGES}
+    try:
+        response = await proxy.http.post("/v1/chat/completions", json=body, timeout=timeout_s)
+    except httpx2.TimeoutException:
+        return  # a client that gave up waiting
+    assert response.status_code == 200, response.text
+
+
+_TIMES = ("waited_s", "loading_s")  # how long, as of when the rows were made
+
+
+def _without_times(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in row.items() if k not in _TIMES} for row in rows]
+
+
+async def test_queue_events_follow_the_requests_waiting_for_a_load() -> None:
+    """A request that joins the queue, one that leaves it (its client gave up), and the load
+    that lets them through: each change is a `queue` event with the host's `waiting` rows, as
+    the status has them."""
+    emulator = Emulator(load_delay_s=1.5)
+    async with running(emulator) as proxy:
+        await proxy.wait_ready()
+        shown: list[list[tuple[str, str, int]]] = []
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg, aclosing(_events(proxy)) as events:
+                async for kind, data in events:
+                    if kind == "snapshot":
+                        assert data["status"]["waiting"] == []
+                        tg.start_soon(_chat, proxy)
+                    if kind != "queue":
+                        continue
+                    assert data["upstream"] == "default"
+                    rows = [(row["model"], row["state"], row["waiting"]) for row in data["waiting"]]
+                    if rows == (shown[-1] if shown else []):
+                        continue  # the one event that may come as a subscriber joins
+                    shown.append(rows)
+                    if len(shown) == 1:
+                        status = await proxy.status()
+                        assert _without_times(status["waiting"]) == _without_times(data["waiting"])
+                        tg.start_soon(partial(_chat, proxy, timeout_s=0.3))
+                    if not rows:
+                        break
+        assert shown == [
+            [(QWEN, "loading", 1)],
+            [(QWEN, "loading", 2)],
+            [(QWEN, "loading", 1)],  # the second client gave up
+            [],
+        ]
+        assert emulator.load_count(QWEN) == 1
+
+
+class _CountingBus(EventBus):
+    """The event bus, counting what is published by kind."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kinds: Counter[str] = Counter()
+
+    def publish(self, kind: str, data: dict[str, Any]) -> None:
+        self.kinds[kind] += 1
+        super().publish(kind, data)
+
+
+async def test_queue_events_cost_nothing_without_subscribers() -> None:
+    emulator = Emulator(load_delay_s=0.2)
+    bus = _CountingBus()
+    async with (
+        serve(emulator.app) as upstream_url,
+        serve(create_app(settings_for(upstream_url), events=bus)) as url,
+        httpx2.AsyncClient(base_url=url, timeout=10) as http,
+    ):
+        body = {"model": QWEN, "messages": MESSAGES}
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                for _ in range(3):  # they queue for the load
+                    tg.start_soon(partial(http.post, "/v1/chat/completions", json=body))
+        assert bus.kinds["model"] == 2  # loading, loaded: the bus was told of those
+        assert bus.kinds["queue"] == 0

@@ -68,6 +68,27 @@ async def test_admin_keys_guard_management_and_health_stays_open() -> None:
             assert (await proxy.http.get(path)).status_code == 200
 
 
+async def test_the_root_and_v1_say_where_things_are_without_keys() -> None:
+    """`/` sends a browser to the page, and `/v1` answers where the API is, with every key
+    set and none sent (they hold no data); what they point to keeps its keys."""
+    emulator = Emulator()
+    auth = {"api_keys": [API_KEY], "admin_keys": [ADMIN_KEY]}
+    async with running(emulator, auth=auth) as proxy:
+        home = await proxy.http.get("/")
+        assert (home.status_code, home.headers["location"]) == (307, "/ui/")
+        assert (await proxy.http.get("/", follow_redirects=True)).status_code == 200  # the page
+        for path in ("/v1", "/v1/"):
+            index = await proxy.http.get(path)
+            assert index.status_code == 200, path
+            body = index.json()
+            assert "/v1/chat/completions" in body["message"]
+            assert "/ui/" in body["message"]
+            assert "POST /v1/chat/completions" in body["endpoints"]
+            assert body["page"] == "/ui/"
+        assert (await proxy.http.get("/v1/models")).status_code == 401
+        assert (await proxy.http.get("/api/v1/status")).status_code == 401
+
+
 async def test_without_admin_keys_management_answers_loopback_only() -> None:
     """A client from another machine is refused management, not the OpenAI routes."""
     emulator = Emulator()

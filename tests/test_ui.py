@@ -33,6 +33,7 @@ from starlette.types import ASGIApp
 
 from proxy.app import create_app
 from proxy.emulator import Emulator
+from proxy.server import free_port
 from tests.helpers import LLAMA, MESSAGES, QWEN, Proxy, proxy_for, running, serve, settings_for
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -196,6 +197,13 @@ async def test_page_loads_lists_models_and_uses_only_the_proxy() -> None:
         assert ui.errors == []
         outside = [url for url in ui.requests if not url.startswith((proxy.url, "data:"))]
         assert outside == []
+        # The proxy's address alone brings a browser to the page.
+        response = await page.goto(proxy.url)
+        assert response is not None
+        assert response.status == 200
+        assert page.url == f"{proxy.url}/ui/"
+        await expect(page.locator("#live")).to_have_text("connected")
+        assert ui.errors == []
 
 
 async def test_switching_shows_progress_then_the_result_everywhere(tmp_path: Path) -> None:
@@ -565,13 +573,14 @@ async def test_a_load_past_its_expected_time_says_it_takes_longer_than_usual() -
 
 
 async def test_a_load_shows_how_many_requests_wait_for_it() -> None:
-    """Requests waiting for a loading model are counted live: the second one arrives with no
-    event of its own."""
+    """Requests waiting for a loading model are counted live, from `queue` events alone: the
+    page reads nothing from the proxy while the load runs (no polling)."""
     emulator = Emulator(load_delay_s=2.5)
     async with running(emulator) as proxy, browse(proxy) as ui:
         await ui.open()
         page = ui.page
         await expect(page.locator("#live")).to_have_text("connected")
+        read_before = len(ui.requests)
         waiting = page.locator("#loads li .load-waiting")
         async with anyio.create_task_group() as tg:
             tg.start_soon(chat, proxy, QWEN)
@@ -579,6 +588,11 @@ async def test_a_load_shows_how_many_requests_wait_for_it() -> None:
             tg.start_soon(chat, proxy, QWEN)
             await expect(waiting).to_have_text("2 requests waiting")
             await expect(page.locator("#queue")).to_have_text("2 waiting · 0 running")
+            await expect(ui.host("default").locator(".queued")).to_have_text("2")
+            await expect(ui.row(QWEN).locator("td").nth(4)).to_have_text("0 (+2 queued)")
+            await expect(page.locator("#progress")).to_be_visible()  # the load still runs
+            reads = [url for url in ui.requests[read_before:] if "/api/" in url]
+            assert reads == []
         await expect(page.locator("#progress")).to_be_hidden()
         assert emulator.load_count(QWEN) == 1
         assert ui.errors == []
@@ -786,3 +800,200 @@ async def test_pool_load_progress_names_the_host() -> None:
         await expect(bar).to_be_hidden()
         assert hosts.mac.load_count(LLAMA) == 1
         assert ui.errors == []
+
+
+# --- messages and actions that follow what happens (issue 16) ---------------------------------
+
+
+async def test_the_message_follows_loads_asked_for_elsewhere() -> None:
+    """'Switched to X' goes stale as soon as something else happens to the models: a load a
+    request asks for replaces it, and the load's end, or its failure, are told in turn."""
+    emulator = Emulator(load_delay_s=1.0)
+    async with running(emulator) as proxy, browse(proxy) as ui:  # max_loaded: 1
+        await ui.open()
+        page = ui.page
+        message = page.locator("#message")
+        await switch_to(ui, LLAMA)
+        await expect(message).to_contain_text(f"Switched to {LLAMA}")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(chat, proxy, QWEN)  # evicts LLAMA, loads QWEN
+            await expect(message).to_have_text(
+                f"Loading {QWEN}, asked for by a request, another tab or the API."
+            )
+        await expect(message).to_have_text(
+            re.compile(rf"^Loaded {re.escape(QWEN)} in \d+\.\d s\.$")
+        )
+        await expect(message).to_have_attribute("data-tone", "ok")
+
+        emulator.fail_next_loads = 1
+        body = {"model": LLAMA, "messages": MESSAGES}
+        failed = await proxy.http.post("/v1/chat/completions", json=body)
+        assert failed.status_code == 503, failed.text
+        await expect(message).to_have_text(
+            f"Loading {LLAMA} failed: {failed.json()['error']['message']}"
+        )
+        await expect(message).to_have_attribute("data-tone", "error")
+        await expect(ui.state_of(LLAMA)).to_have_text("load failed")
+        assert ui.errors == []
+
+
+async def test_actions_are_offered_only_where_they_make_sense_and_never_lock_the_page() -> None:
+    """No Unload (nor Load) while a model loads; an Unload waiting for a running request says
+    what it waits for, can be left, and leaves every other action usable."""
+    emulator = Emulator(load_delay_s=1.0, token_delay_s=0.1, reply_tokens=40)
+    async with running(emulator, models={"max_loaded": 2}) as proxy, browse(proxy) as ui:
+        await ui.open()
+        page = ui.page
+        load_qwen = page.get_by_role("button", name=f"Load {QWEN}", exact=True)
+        unload_qwen = page.get_by_role("button", name=f"Unload {QWEN}", exact=True)
+        load_llama = page.get_by_role("button", name=f"Load {LLAMA}", exact=True)
+        await expect(load_qwen).to_have_attribute("aria-disabled", "false")
+        await expect(unload_qwen).to_have_attribute("aria-disabled", "true")
+        await expect(unload_qwen).to_have_attribute("title", f"{QWEN} is not loaded")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(load, proxy, QWEN)  # another client's load
+            await expect(ui.state_of(QWEN)).to_have_text("loading…")
+            await expect(unload_qwen).to_have_attribute("aria-disabled", "true")
+            await expect(unload_qwen).to_have_attribute(
+                "title", f"{QWEN} is loading: it can be unloaded once loaded"
+            )
+            await expect(load_qwen).to_have_attribute("aria-disabled", "true")
+            await expect(load_llama).to_have_attribute("aria-disabled", "false")
+        await expect(ui.state_of(QWEN)).to_have_text("loaded")
+        await expect(unload_qwen).to_have_attribute("aria-disabled", "false")
+        await expect(load_qwen).to_have_attribute("title", f"{QWEN} is loaded")
+
+        body = {"model": QWEN, "messages": MESSAGES, "stream": True}
+        async with proxy.http.stream("POST", "/v1/chat/completions", json=body) as stream:
+            lines = stream.aiter_lines()
+            await anext(lines)  # a request runs on QWEN, for 4 s
+            await unload_qwen.click()
+            line = page.locator("#loads li")
+            await expect(line.locator(".load-label")).to_have_text(
+                f"Unloading {QWEN} once its running requests finish"
+            )
+            stop = line.get_by_role("button", name=f"Stop waiting for the unload of {QWEN}")
+            await expect(stop).to_be_visible()
+            await expect(unload_qwen).to_have_attribute("aria-disabled", "true")
+            # The rest of the page stays usable meanwhile.
+            await expect(load_llama).to_have_attribute("aria-disabled", "false")
+            await page.get_by_label("Model", exact=True).select_option(LLAMA)
+            switch = page.get_by_role("button", name="Switch", exact=True)
+            await expect(switch).to_have_attribute("aria-disabled", "false")
+            await expect(page.get_by_role("button", name="Send")).to_have_attribute(
+                "aria-disabled", "false"
+            )
+            await stop.click()
+            await expect(page.locator("#message")).to_have_text(
+                f"Stopped waiting for {QWEN} to unload. The proxy still unloads it once its "
+                "running requests finish."
+            )
+            await expect(line).to_have_count(0)
+            await expect(ui.state_of(QWEN)).to_have_text("draining")
+            await expect(unload_qwen).to_have_attribute("aria-disabled", "true")
+            rest = [text async for text in lines]
+        assert "data: [DONE]" in rest
+        await expect(ui.state_of(QWEN)).to_have_text("not loaded")  # the proxy went on
+        await expect(page.locator("#message")).to_have_text(f"{QWEN} was unloaded as asked.")
+        assert QWEN not in emulator.instances
+        assert ui.errors == []
+
+
+# Each column's width, from the table's header.
+COLUMN_WIDTHS = """[...document.querySelectorAll('#models-table thead th')].map(
+    (th) => Math.round(th.getBoundingClientRect().width))"""
+# The numbers (sizes, context lengths, counts) that take more than one line.
+WRAPPED_NUMBERS = """[...document.querySelectorAll('#models-body td.num')].filter((td) => {
+    const range = document.createRange();
+    range.selectNodeContents(td);
+    return new Set([...range.getClientRects()].map((r) => Math.round(r.top))).size > 1;
+}).map((td) => td.textContent)"""
+
+
+async def test_a_load_refused_for_want_of_room_says_so_and_the_columns_stay_put() -> None:
+    emulator = Emulator()
+    async with running(emulator) as proxy, browse(proxy, width=1024) as ui:  # max_loaded: 1
+        await load(proxy, QWEN)
+        pinned = await proxy.http.post("/api/v1/models/pin", json={"model_id": QWEN})
+        assert pinned.status_code == 200, pinned.text
+        await ui.open()
+        page = ui.page
+        await expect(page.get_by_role("switch", name=f"Pin {QWEN}")).to_be_checked()
+        widths = await page.evaluate(COLUMN_WIDTHS)
+        assert await page.evaluate(WRAPPED_NUMBERS) == []
+        await page.get_by_role("button", name=f"Load {LLAMA}", exact=True).click()
+        message = page.locator("#message")
+        await expect(message).to_contain_text(f"No room for {LLAMA}: ")
+        await expect(message).to_contain_text("pinned models fill every slot")
+        await expect(message).to_contain_text("Unpinning a model makes room.")
+        badge = ui.state_of(LLAMA)
+        await expect(badge).to_have_text("no room")
+        await expect(badge).to_have_attribute("title", re.compile("pinned models fill every slot"))
+        await expect(ui.row(LLAMA).locator(".reason")).to_contain_text("pinned models")
+        assert await page.evaluate(COLUMN_WIDTHS) == widths
+        assert await page.evaluate(WRAPPED_NUMBERS) == []
+        assert ui.unexpected_errors(503) == []
+
+
+async def test_the_page_shows_the_limits_the_aliases_and_the_context_lengths() -> None:
+    emulator = Emulator()
+    models = {
+        "max_loaded": 2,
+        "memory_budget": "20GiB",
+        "aliases": {"fast": LLAMA, "quick": LLAMA, "smart": QWEN},
+    }
+    async with running(emulator, models=models) as proxy, browse(proxy) as ui:
+        await ui.open()
+        page = ui.page
+        await expect(page.locator("#limits")).to_have_text(
+            "Limits: at most 2 models loaded at once, within 21.5 GB "
+            "(models.max_loaded, models.memory_budget)."
+        )
+        await expect(ui.row(LLAMA).locator(".aliases")).to_have_text("also: fast, quick")
+        await expect(ui.row(QWEN).locator(".aliases")).to_have_text("also: smart")
+        await expect(ui.row(QWEN_14B).locator(".aliases")).to_be_hidden()
+        context = ui.row(QWEN).locator("td.context")
+        await expect(context).to_have_text("up to 32k")
+        await expect(context).to_have_attribute("title", "The model takes up to 32,768 tokens")
+        await load(proxy, QWEN)
+        await expect(context).to_have_text("4k of 32k")
+        await expect(context).to_have_attribute(
+            "title", "Loaded with a context of 4,096 tokens; the model takes up to 32,768 tokens"
+        )
+        assert ui.errors == []
+
+
+async def test_when_lm_studio_is_unreachable_the_page_says_so_and_turns_off_what_cannot_work() -> (
+    None
+):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    emulator = Emulator()
+    async with proxy_for(url) as proxy, browse(proxy) as ui:
+        await ui.open()
+        page = ui.page
+        await expect(page.locator("#live")).to_have_text("connected")
+        await expect(page.locator("#upstream")).to_have_text("LM Studio unreachable")
+        note = page.locator("#upstream-note")
+        await expect(note).to_contain_text(f"LM Studio is unreachable at {url}")
+        await expect(note).to_contain_text("nothing can be loaded or answered until it is back")
+        switch = page.get_by_role("button", name="Switch", exact=True)
+        send = page.get_by_role("button", name="Send")
+        await expect(switch).to_have_attribute("aria-disabled", "true")
+        await expect(send).to_have_attribute("aria-disabled", "true")
+        chat_status = page.locator("#chat-status")
+        await expect(chat_status).to_have_text(
+            "LM Studio is unreachable: the chat can answer once it is back."
+        )
+        await switch.focus()  # a click on a button that says it is off is not even tried
+        await page.keyboard.press("Enter")
+        await expect(page.locator("#message")).to_have_text("LM Studio is unreachable.")
+        # LM Studio comes up: the proxy sees it at its next try, the page at the `upstream` event.
+        async with serve(emulator.app, port=port):
+            await expect(note).to_be_hidden(timeout=8_000)
+            await expect(page.locator("#upstream")).to_have_text("LM Studio reachable")
+            await expect(switch).to_have_attribute("aria-disabled", "false")
+            await expect(send).to_have_attribute("aria-disabled", "false")
+            await expect(chat_status).to_have_text("")
+            await expect(page.locator("#models-body tr")).to_have_count(len(emulator.catalog))
+        assert ui.unexpected_errors(503) == []

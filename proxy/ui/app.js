@@ -19,11 +19,13 @@
     switchForm: $("switch-form"),
     picker: $("model-picker"),
     switchButton: $("switch-button"),
+    upstreamNote: $("upstream-note"),
     progress: $("progress"),
     loads: $("loads"),
     loadsStatus: $("loads-status"),
     message: $("message"),
     tbody: $("models-body"),
+    limits: $("limits"),
     hostsCard: $("hosts-card"),
     hostsHeading: $("hosts-heading"),
     hosts: $("hosts"),
@@ -76,6 +78,17 @@
     draining: "draining",
     unloading: "unloading…",
     failed: "load failed",
+    noroom: "no room",
+  };
+  // The code of a load refused for want of room: the model cannot fit even with every unpinned
+  // model unloaded (pinned models fill every slot, or it is bigger than the memory budget).
+  const NO_ROOM = "model_too_large";
+  // How a `model` event says why a model was unloaded.
+  const UNLOAD_REASONS = {
+    evicted: "to make room",
+    idle: "after being idle",
+    admin: "as asked",
+    external: "outside the proxy",
   };
   // `model` events name the transition; rows name the phase.
   const EVENT_PHASES = {
@@ -202,19 +215,27 @@
     }
   }
 
-  async function errorMessage(response) {
+  // The error an answer carries: {message, code} (code null when it names none).
+  async function errorInfo(response) {
     let text = "";
     try {
       text = await response.text();
       const body = JSON.parse(text);
       const error = body && body.error;
-      if (error && typeof error.message === "string") return error.message;
-      if (typeof error === "string") return error;
-      if (body && typeof body.detail === "string") return body.detail;
+      const code = error && typeof error.code === "string" ? error.code : null;
+      if (error && typeof error.message === "string") return { message: error.message, code };
+      if (typeof error === "string") return { message: error, code: null };
+      if (body && typeof body.detail === "string") return { message: body.detail, code: null };
     } catch {
       // not JSON: fall back to the text or the status
     }
-    return text.trim().slice(0, 300) || `HTTP ${response.status} ${response.statusText}`.trim();
+    const message =
+      text.trim().slice(0, 300) || `HTTP ${response.status} ${response.statusText}`.trim();
+    return { message, code: null };
+  }
+
+  async function errorMessage(response) {
+    return (await errorInfo(response)).message;
   }
 
   // Server-Sent Events from a fetch() body: calls onEvent(type, data) for each event.
@@ -262,18 +283,27 @@
   const state = {
     models: [], // rows of /api/v1/models
     status: null, // /api/v1/status
-    errors: new Map(), // model id -> LM Studio's reason for the last failed load
-    busy: null, // {action, id} while this page waits on a load or unload
+    errors: new Map(), // model id -> {message, code}: why its last load failed
+    // model id -> {action, upstream, text, controller, started}: this page's loads and unloads
+    // still waiting for the proxy's answer, one per model at most.
+    pending: new Map(),
+    // model id -> {action, until}: this page's actions the proxy has answered, whose last event
+    // may still be on its way (the answer and the events come by different connections).
+    answered: new Map(),
+    banner: null, // {model, kind}: what the message below the switch form is about
+    down: { now: false, reason: "" }, // every host down (LM Studio unreachable), and why
     pickerTouched: false,
   };
   const rows = new Map(); // model id -> the row's elements
   const hostCards = new Map(); // host name -> the card's elements
-  const chat = { messages: [], controller: null };
+  const chat = { messages: [], controller: null, model: null }; // model: the one answering
 
   function render() {
     document.body.classList.toggle("pool", isPool());
     renderStatus();
+    renderDown();
     renderHosts();
+    renderLimits();
     renderTable();
     renderPicker();
     renderChatModel();
@@ -290,6 +320,26 @@
   // on; with one, it looks as it did before the pool.
   const isPool = () => hostRows().length > 1;
 
+  // Every host is down (LM Studio unreachable, or its models unreadable): nothing can be loaded
+  // or answered until one is back.
+  function upstreamDown() {
+    const hosts = hostRows();
+    return hosts.length > 0 && hosts.every((h) => h.up !== true);
+  }
+
+  // The models requests wait for, per host (the status' `waiting`, kept live by `queue` events).
+  function waitingRows() {
+    const rows = state.status && state.status.waiting;
+    return Array.isArray(rows) ? rows.filter((r) => r && typeof r.model === "string") : [];
+  }
+
+  // How many requests wait, among the `waiting` rows that `keep`.
+  function waitingCount(keep) {
+    return waitingRows()
+      .filter(keep)
+      .reduce((sum, row) => sum + (Number(row.waiting) || 0), 0);
+  }
+
   function setText(node, text) {
     if (node.textContent !== text) node.textContent = text;
   }
@@ -299,8 +349,11 @@
     node.dataset.tone = tone;
   }
 
+  // The row's state, or after a failed load of a model still absent, how it failed.
   function phaseOf(model) {
-    return state.errors.has(model.id) && model.state === "absent" ? "failed" : model.state;
+    const error = state.errors.get(model.id);
+    if (!error || model.state !== "absent") return model.state;
+    return error.code === NO_ROOM ? "noroom" : "failed";
   }
 
   function renderStatus() {
@@ -365,8 +418,7 @@
       }
     }
     if (status) {
-      const queue = status.queue && typeof status.queue === "object" ? status.queue : {};
-      const waiting = Object.values(queue).reduce((sum, n) => sum + (Number(n) || 0), 0);
+      const waiting = waitingCount(() => true);
       const running = Number(status.in_flight) || 0;
       setText(el.queue, `${waiting} waiting · ${running} running`);
     }
@@ -485,7 +537,7 @@
       const most = Number(host.max_loaded) || 0;
       setText(card.instances, most ? `${count} of ${most}` : `${count} (no limit)`);
       setText(card.inFlight, String(Number(host.in_flight) || 0));
-      setText(card.queued, String(Number(host.queued) || 0));
+      setText(card.queued, String(waitingCount((row) => row.upstream === name)));
       const loaded = Array.isArray(host.loaded) ? host.loaded.map(String) : [];
       setTags(card.models, loaded, "none loaded");
       const expected = previous ? previous.nextSibling : el.hosts.firstChild;
@@ -533,14 +585,19 @@
     name.className = "model-name";
     const key = document.createElement("span");
     key.className = "model-id";
-    head.append(name, key);
+    // The other names clients may use for it (`models.aliases`).
+    const aliases = document.createElement("span");
+    aliases.className = "aliases";
+    head.append(name, key, aliases);
     tr.append(head);
 
     const stateCell = cell(tr, "State", "state");
     const badge = document.createElement("span");
     badge.className = "badge";
+    // Why its last load failed: read out after the state, and shown as the badge's tooltip (a
+    // long reason never widens the column; the message above the table says it in full).
     const reason = document.createElement("span");
-    reason.className = "reason";
+    reason.className = "reason visually-hidden";
     // In a pool, the hosts holding the model (loading, loaded or unloading there).
     const holders = document.createElement("span");
     holders.className = "holders pool-only";
@@ -553,6 +610,7 @@
     stateCell.append(badge, holders, reason);
 
     const size = cell(tr, "Size", "num");
+    const context = cell(tr, "Context", "num context");
     const lastUse = cell(tr, "Last use", "last-use");
     const time = document.createElement("time");
     lastUse.append(time);
@@ -585,10 +643,12 @@
       tr,
       name,
       key,
+      aliases,
       badge,
       holderTags,
       reason,
       size,
+      context,
       time,
       inFlight,
       pin,
@@ -610,14 +670,21 @@
       const named = model.name && model.name !== id;
       setText(row.name, named ? String(model.name) : id);
       setText(row.key, named ? id : "");
+      const aliases = aliasesOf(id);
+      setText(row.aliases, aliases.length ? `also: ${aliases.join(", ")}` : "");
+      row.aliases.hidden = !aliases.length;
       const phase = phaseOf(model);
       setText(row.badge, STATE_LABELS[phase] || String(phase || "unknown"));
       row.badge.dataset.state = phase || "unknown";
-      setText(row.reason, phase === "failed" ? state.errors.get(id) : "");
-      row.reason.hidden = phase !== "failed";
+      const error = phase === "failed" || phase === "noroom" ? state.errors.get(id) : null;
+      setText(row.reason, error ? `: ${error.message}` : "");
+      setTitle(row.badge, error ? error.message : "");
       const holders = Array.isArray(model.upstreams) ? model.upstreams.map(String) : [];
       setTags(row.holderTags, holders, "");
       setText(row.size, formatBytes(model.size_bytes));
+      const context = contextOf(model);
+      setText(row.context, context.text);
+      setTitle(row.context, context.title);
       if (typeof model.last_used_at === "number") {
         const when = new Date(model.last_used_at * 1000);
         row.time.dateTime = when.toISOString();
@@ -629,18 +696,14 @@
         row.time.removeAttribute("title");
       }
       setText(row.time, formatAgo(model.last_used_at));
-      const queued = Number(model.queued) || 0;
+      const queued = waitingCount((waiting) => waiting.model === id);
       const running = Number(model.in_flight) || 0;
       setText(row.inFlight, `${running}${queued ? ` (+${queued} queued)` : ""}`);
       // A toggle the user just made wins over a snapshot taken before the server applied it.
       if (!row.pin.dataset.pending) row.pin.checked = Boolean(model.pinned);
-      const busy = Boolean(state.busy);
       const target = renderHostChoice(row.host, model, holders);
-      // Auto loads where placement puts it (nothing to do once loaded); a chosen host is one
-      // that does not hold it yet.
-      const idle = target ? false : model.state !== "absent";
-      row.load.setAttribute("aria-disabled", String(busy || idle));
-      row.unload.setAttribute("aria-disabled", String(busy || model.state === "absent"));
+      setAction(row.load, loadBlocker(model, target));
+      setAction(row.unload, unloadBlocker(model));
       // Keep the catalogue's order without moving rows already in place (one may have focus).
       const expected = previous ? previous.nextSibling : el.tbody.firstChild;
       if (expected !== row.tr) {
@@ -657,6 +720,78 @@
     }
     const empty = el.tbody.querySelector("tr.empty");
     if (state.models.length && empty) empty.remove();
+  }
+
+  function setTitle(node, text) {
+    if (text) node.title = text;
+    else node.removeAttribute("title");
+  }
+
+  // An action button on or off: `blocker` says why it does nothing now ("" when it can act),
+  // as its tooltip and description.
+  function setAction(button, blocker) {
+    button.setAttribute("aria-disabled", String(Boolean(blocker)));
+    setTitle(button, blocker);
+  }
+
+  const BUSY_STATES = {
+    loading: "is loading",
+    ready: "is loaded",
+    draining: "is being unloaded",
+    unloading: "is being unloaded",
+  };
+
+  // Why loading `model` makes no sense now ("" when it does). `target` is a host chosen to
+  // load it on (one that does not hold it), or "" to let the proxy place it.
+  function loadBlocker(model, target) {
+    const id = String(model.id);
+    const pending = state.pending.get(id);
+    if (pending) return `${pending.text}…`;
+    if (upstreamDown()) return "LM Studio is unreachable";
+    if (target || !BUSY_STATES[model.state]) return "";
+    return `${id} ${BUSY_STATES[model.state]}`;
+  }
+
+  // Why unloading `model` makes no sense now ("" when it does).
+  function unloadBlocker(model) {
+    const id = String(model.id);
+    const pending = state.pending.get(id);
+    if (pending) return `${pending.text}…`;
+    if (upstreamDown()) return "LM Studio is unreachable";
+    if (model.state === "ready") return "";
+    if (model.state === "loading") return `${id} is loading: it can be unloaded once loaded`;
+    return model.state === "absent" ? `${id} is not loaded` : `${id} ${BUSY_STATES[model.state]}`;
+  }
+
+  // Alias names of the model `id`, from the status' `aliases` (alias -> model).
+  function aliasesOf(id) {
+    const aliases = state.status && state.status.aliases;
+    if (!aliases || typeof aliases !== "object") return [];
+    return Object.keys(aliases).filter((alias) => aliases[alias] === id && alias !== id);
+  }
+
+  // Context lengths in tokens: 131072 is "128k" (k = 1024, as models state them).
+  function formatTokens(tokens) {
+    if (tokens >= 1024 && tokens % 1024 === 0) return `${tokens / 1024}k`;
+    return tokens.toLocaleString("en-US");
+  }
+
+  // The context of the loaded instance, and the most the model takes.
+  function contextOf(model) {
+    const loaded = Number(model.context_length) > 0 ? Number(model.context_length) : null;
+    const most = Number(model.max_context_length) > 0 ? Number(model.max_context_length) : null;
+    const tokens = (n) => `${n.toLocaleString("en-US")} tokens`;
+    if (loaded && most) {
+      return {
+        text: `${formatTokens(loaded)} of ${formatTokens(most)}`,
+        title: `Loaded with a context of ${tokens(loaded)}; the model takes up to ${tokens(most)}`,
+      };
+    }
+    if (loaded) return { text: formatTokens(loaded), title: `Loaded with ${tokens(loaded)}` };
+    if (most) {
+      return { text: `up to ${formatTokens(most)}`, title: `The model takes up to ${tokens(most)}` };
+    }
+    return { text: "—", title: "" };
   }
 
   // The options of a row's host picker: auto, then each host, those that cannot take the model
@@ -762,49 +897,125 @@
     el.chatStatus.dataset.kind = kind || "";
   }
 
+  // The Switch button: on when the model picked can be loaded.
+  function renderSwitch() {
+    const model = selectedModel();
+    const down = upstreamDown();
+    let blocker = model ? loadBlocker(model, "") : "Choose a model first";
+    if (!model && down) blocker = "LM Studio is unreachable";
+    setAction(el.switchButton, blocker);
+  }
+
+  // The chat's model (the picker's), and Send on only when it can answer.
   function renderChatModel() {
+    renderSwitch();
     const model = selectedModel();
     setText(el.chatModel, model ? String(model.id) : "the selected model");
     const embedding = Boolean(model && model.type === "embedding");
-    el.chatSend.setAttribute("aria-disabled", String(embedding || Boolean(chat.controller)));
-    if (embedding && !chat.controller) {
+    const down = upstreamDown();
+    const off = embedding || down || !model || Boolean(chat.controller);
+    el.chatSend.setAttribute("aria-disabled", String(off));
+    const kind = el.chatStatus.dataset.kind;
+    if (chat.controller) return;
+    if (down) {
+      chatNote("LM Studio is unreachable: the chat can answer once it is back.", "down");
+    } else if (embedding) {
       chatNote(`${model.id} is an embedding model: choose a chat model to chat.`, "embedding");
-    } else if (el.chatStatus.dataset.kind === "embedding") {
+    } else if (kind === "embedding" || kind === "down") {
       chatNote("", "");
     }
   }
 
-  function say(text, tone) {
+  // The message under the switch form; `about` ({model, kind}) says what it tells of, so
+  // that later events can tell whether it has gone stale.
+  function say(text, tone, about = null) {
     el.message.textContent = text;
     el.message.dataset.tone = tone || "info";
+    state.banner = text ? about : null;
+  }
+
+  // While every host is down, a note says so and why (from /readyz), and what cannot work is
+  // off: Switch, Send, Load and Unload.
+  function renderDown() {
+    const down = upstreamDown();
+    if (down && !state.down.now) {
+      state.down.reason = "";
+      readDownReason();
+    }
+    state.down.now = down;
+    el.upstreamNote.hidden = !down;
+    if (!down) return;
+    const hosts = hostRows();
+    const reachable = Boolean(state.status.upstream && state.status.upstream.reachable);
+    let what = "No LM Studio host can be used";
+    if (hosts.length === 1) {
+      const url = String(hosts[0].url || "");
+      what = reachable ? `LM Studio at ${url} cannot be used` : `LM Studio is unreachable at ${url}`;
+    }
+    const why = state.down.reason ? ` Last error: ${state.down.reason}` : "";
+    setText(
+      el.upstreamNote,
+      `${what}: nothing can be loaded or answered until it is back; this page updates when it ` +
+        `is.${why}`,
+    );
+  }
+
+  async function readDownReason() {
+    try {
+      const response = await fetch("/readyz", { cache: "no-store" });
+      const body = await response.json();
+      if (state.down.now && body && typeof body.status === "string" && body.status !== "ready") {
+        state.down.reason = body.status;
+        renderDown();
+      }
+    } catch {
+      // the note stands without its reason
+    }
+  }
+
+  // The limits the proxy loads models within, per host in a pool.
+  function renderLimits() {
+    const hosts = hostRows();
+    el.limits.hidden = !hosts.length;
+    if (!hosts.length) return;
+    const limits = (host) => {
+      const most = Number(host.max_loaded) || 0;
+      const count = most
+        ? `at most ${most} model${most === 1 ? "" : "s"} loaded at once`
+        : "any number of models loaded at once";
+      const budget = Number(host.memory_budget) > 0;
+      return `${count}, ${budget ? `within ${formatBytes(host.memory_budget)}` : "no memory budget"}`;
+    };
+    const text =
+      hosts.length > 1
+        ? `Limits per host: ${hosts.map((h) => `${h.name}, ${limits(h)}`).join("; ")}.`
+        : `Limits: ${limits(hosts[0])} (models.max_loaded, models.memory_budget).`;
+    setText(el.limits, text);
   }
 
   // --- loads in progress ----------------------------------------------------------------------
   //
   // Every load the proxy runs, whoever started it (a request, another tab, the API, this page),
-  // from `model` events and the status' `waiting` rows, which also say how many requests wait
-  // for it. A load's running time is counted here from the moment the page learned it (its
-  // `loading_s`, or 0 at its `loading` event): the server's and the browser's clocks are never
-  // compared.
+  // from `model` events, the status' `waiting` rows and `queue` events, which also say how many
+  // requests wait for it. A load's running time is counted here from the moment the page
+  // learned it (its `loading_s`, or 0 at its `loading` event): the server's and the browser's
+  // clocks are never compared. Beside them, this page's own loads and unloads still waiting for
+  // the proxy's answer, each with a button to stop waiting.
 
   const TICK_MS = 200; // bars and times move this often
-  // No event says that a request began or stopped waiting: while a load runs, the status is
-  // read again this often for the count.
-  const POLL_MS = 1000;
   // A load ends with any of these events on its host.
   const ENDS_LOAD = new Set(["loaded", "failed", "unloading", "unloaded"]);
 
   const progress = {
     loads: new Map(), // loadKey -> {model, upstream, expected, base, at, stamp, waiting, late}
     ended: new Map(), // loadKey -> when an event ended that load (performance.now())
-    items: new Map(), // loadKey, or "own" -> the elements of its line
-    own: null, // the page's own load or unload: {text, model, upstream, started, claimed}
+    items: new Map(), // loadKey, or ownKey -> the elements of its line
     ids: 0,
     ticker: null,
-    poll: null,
   };
 
   const loadKey = (model, upstream) => `${upstream || ""}\n${model}`;
+  const ownKey = (id) => `own\n${id}`;
 
   function seconds(value) {
     return typeof value === "number" && Number.isFinite(value) && value >= 0 ? value : null;
@@ -848,17 +1059,17 @@
     announce(`${loadTitle(load)}${about}.`);
   }
 
-  // The loads of the status just read (its `waiting` rows of models loading), asked for at
-  // `since`: a load that an event began or ended after that stays as the event left it.
-  function syncLoads(since) {
-    const rows = state.status && state.status.waiting;
-    if (!Array.isArray(rows)) return;
+  // The loads of the `waiting` rows just read or received at `since` (of one host's, when
+  // `upstream` names it): a load that an event began or ended after that stays as the event
+  // left it.
+  function syncLoads(since, upstream = null) {
     const now = performance.now();
     const seen = new Set();
+    const rows = waitingRows().filter((row) => upstream === null || row.upstream === upstream);
     for (const row of rows) {
-      if (!row || row.state !== "loading" || typeof row.model !== "string") continue;
-      const upstream = typeof row.upstream === "string" ? row.upstream : null;
-      const key = loadKey(row.model, upstream);
+      if (row.state !== "loading") continue;
+      const host = typeof row.upstream === "string" ? row.upstream : null;
+      const key = loadKey(row.model, host);
       if ((progress.ended.get(key) ?? -Infinity) > since) continue;
       seen.add(key);
       const reported = seconds(row.loading_s) ?? 0;
@@ -868,7 +1079,7 @@
       if (!load) {
         addLoad(key, {
           model: row.model,
-          upstream,
+          upstream: host,
           expected,
           base: reported,
           at: now,
@@ -888,11 +1099,27 @@
       load.waiting = waiting;
     }
     for (const [key, load] of progress.loads) {
-      if (!seen.has(key) && load.stamp <= since) progress.loads.delete(key);
+      const mine = upstream === null || load.upstream === upstream;
+      if (mine && !seen.has(key) && load.stamp <= since) progress.loads.delete(key);
     }
     for (const [key, when] of progress.ended) {
       if (when <= since) progress.ended.delete(key);
     }
+  }
+
+  // A `queue` event: one host's `waiting` rows, in place of those the page had.
+  function applyQueueEvent(event) {
+    if (!state.status || typeof event.upstream !== "string" || !Array.isArray(event.waiting)) {
+      return;
+    }
+    const order = hostRows().map((host) => host.name);
+    const rank = (row) => order.indexOf(row.upstream);
+    const kept = waitingRows().filter((row) => row.upstream !== event.upstream);
+    const rows = event.waiting.filter((row) => row && typeof row.model === "string");
+    // Each host's rows one after another, in the configuration's order, as the status has them.
+    state.status.waiting = [...kept, ...rows].sort((a, b) => rank(a) - rank(b));
+    syncLoads(performance.now(), event.upstream);
+    render();
   }
 
   // A `model` event: a load begins, or ends, on its host.
@@ -963,28 +1190,57 @@
     const head = document.createElement("span");
     head.className = "load-head";
     head.append(label, waiting);
-    li.append(head, bar, time);
-    return { li, label, bar, time, waiting };
+    // This page's own load or unload of the line's model: it may stop waiting for it.
+    const stop = document.createElement("button");
+    stop.type = "button";
+    stop.className = "secondary small stop";
+    stop.textContent = "Stop waiting";
+    stop.hidden = true;
+    stop.addEventListener("click", () => stopWaiting(li.dataset.pending));
+    const foot = document.createElement("span");
+    foot.className = "load-foot";
+    foot.append(time, stop);
+    li.append(head, bar, foot);
+    return { li, label, bar, time, waiting, stop };
+  }
+
+  // The proxy's load that carries out this page's `action` on `id`, if it shows.
+  function loadOf(id, action) {
+    if (action.action !== "load") return null;
+    for (const [key, load] of progress.loads) {
+      if (load.model === id && (!action.upstream || load.upstream === action.upstream)) {
+        return key;
+      }
+    }
+    return null;
   }
 
   function renderLoads() {
     const now = performance.now();
-    const own = progress.own;
     const lines = [];
-    if (own && own.model && !own.claimed) {
-      own.claimed = [...progress.loads.values()].some(
-        (load) => load.model === own.model && (!own.upstream || load.upstream === own.upstream),
-      );
+    const mine = new Map(); // the key of a proxy's load -> the id of this page's action on it
+    for (const [id, action] of state.pending) {
+      const key = loadOf(id, action);
+      if (key !== null) {
+        mine.set(key, id);
+        // The page's line becomes the proxy's load: the same element, so focus stays on it.
+        const item = progress.items.get(ownKey(id));
+        if (item && !progress.items.has(key)) {
+          progress.items.set(key, item);
+          progress.items.delete(ownKey(id));
+        }
+        continue;
+      }
+      const time = formatElapsed((now - action.started) / 1000);
+      lines.push([ownKey(id), { title: action.text, phase: "unknown", time, waiting: 0 }, id]);
     }
-    if (own && !own.claimed) {
-      const time = formatElapsed((now - own.started) / 1000);
-      lines.push(["own", { title: own.text, phase: "unknown", time, waiting: 0 }]);
+    for (const [key, load] of progress.loads) {
+      lines.push([key, loadView(load, now), mine.get(key) ?? null]);
     }
-    for (const [key, load] of progress.loads) lines.push([key, loadView(load, now)]);
 
     let previous = null;
     const seen = new Set();
-    for (const [key, view] of lines) {
+    for (const [key, view, pending] of lines) {
       seen.add(key);
       let item = progress.items.get(key);
       if (!item) {
@@ -1002,6 +1258,18 @@
       setText(item.time, view.time);
       setText(item.waiting, waitingText(view.waiting));
       item.waiting.hidden = !view.waiting;
+      if (pending === null) {
+        delete item.li.dataset.pending;
+        item.stop.hidden = true;
+      } else {
+        item.li.dataset.pending = pending;
+        item.stop.hidden = false;
+        const action = state.pending.get(pending);
+        const label = `Stop waiting for the ${action.action} of ${pending}`;
+        if (item.stop.getAttribute("aria-label") !== label) {
+          item.stop.setAttribute("aria-label", label);
+        }
+      }
       const expected = previous ? previous.nextSibling : el.loads.firstChild;
       if (expected !== item.li) {
         if (previous) previous.after(item.li);
@@ -1022,62 +1290,78 @@
       clearInterval(progress.ticker);
       progress.ticker = null;
     }
-    if (progress.loads.size && progress.poll === null) {
-      progress.poll = setTimeout(() => {
-        progress.poll = null;
-        if (progress.loads.size) scheduleRefresh(0);
-      }, POLL_MS);
-    }
   }
 
   // --- actions --------------------------------------------------------------------------------
+  //
+  // A load or unload from this page waits for the proxy's answer, which comes once the model is
+  // loaded or unloaded. Meanwhile its line shows what it waits for, with a button to stop
+  // waiting; every other action stays usable. One action per model at a time.
 
-  // The page's own load or unload, shown as a line of the loads until the proxy's load of that
-  // model shows instead (an unload, or a load waiting its turn, has no load of the proxy's).
-  function startProgress(text, model = null, upstream = null) {
-    const started = performance.now();
-    progress.own = { text, model, upstream, started, claimed: false };
-    el.switchButton.setAttribute("aria-disabled", "true");
+  // How long the events of an action the proxy has answered are still taken for its own.
+  const LATE_EVENTS_MS = 5000;
+
+  // Runs `work(signal)`, this page's `kind` ("load" or "unload") of `id`, shown as `text`.
+  // `work` returns whether the proxy loaded or unloaded the model for it (then events tell of
+  // it, before or after the answer).
+  async function runAction(kind, id, upstream, text, work) {
+    if (state.pending.has(id)) return;
+    const controller = new AbortController();
+    const action = {
+      action: kind,
+      upstream,
+      text,
+      controller,
+      started: performance.now(),
+      ended: false, // its last event came
+    };
+    state.pending.set(id, action);
+    state.answered.delete(id);
     announce(`${text}.`);
-    renderLoads();
-    return started;
-  }
-
-  function stopProgress() {
-    progress.own = null;
-    el.switchButton.setAttribute("aria-disabled", "false");
-    renderLoads();
-  }
-
-  async function runBusy(action, id, work) {
-    if (state.busy) {
-      say(`Please wait: ${state.busy.action} of ${state.busy.id} is still running.`, "info");
-      return;
-    }
-    state.busy = { action, id };
-    renderTable();
+    render();
     try {
-      await work();
+      const changed = await work(controller.signal);
+      if (changed && !action.ended) {
+        state.answered.set(id, { action: kind, until: performance.now() + LATE_EVENTS_MS });
+      }
     } catch (error) {
-      say(`Could not ${action} ${id}: ${(error && error.message) || error}`, "error");
+      if (controller.signal.aborted) {
+        say(stoppedText(kind, id), "info", { model: id, kind: "stopped" });
+      } else {
+        say(`Could not ${kind} ${id}: ${(error && error.message) || error}`, "error");
+      }
     } finally {
-      state.busy = null;
-      stopProgress();
-      renderTable();
+      if (state.pending.get(id) === action) state.pending.delete(id);
+      render();
       scheduleRefresh(0);
     }
   }
 
+  function stoppedText(kind, id) {
+    if (kind === "load") {
+      return (
+        `Stopped waiting for ${id}. If its load had begun, the proxy finishes it; ` +
+        "the line above shows it while it runs."
+      );
+    }
+    return `Stopped waiting for ${id} to unload. The proxy still unloads it once its running requests finish.`;
+  }
+
+  // Stop waiting for this page's action on `id` (the proxy may go on with it: see above).
+  function stopWaiting(id) {
+    const action = id === undefined ? null : state.pending.get(id);
+    if (action) action.controller.abort();
+  }
+
   // Loads `id` where the proxy places it, or on the host named `upstream`.
   function loadModel(id, upstream = null) {
-    return runBusy("load", id, async () => {
+    const where = upstream ? ` on ${upstream}` : "";
+    return runAction("load", id, upstream, `Loading ${id}${where}`, async (signal) => {
       state.errors.delete(id);
-      render();
       say("", "info");
-      const where = upstream ? ` on ${upstream}` : "";
-      const started = startProgress(`Loading ${id}${where}`, id, upstream);
+      const started = performance.now();
       const json = upstream ? { model_id: id, upstream } : { model_id: id };
-      const response = await request("/api/v1/models/load", { method: "POST", json });
+      const response = await request("/api/v1/models/load", { method: "POST", json, signal });
       const seconds = ((performance.now() - started) / 1000).toFixed(1);
       if (response.ok) {
         const body = await response.json().catch(() => ({}));
@@ -1085,38 +1369,55 @@
         if (el.picker.value !== id && state.models.some((m) => String(m.id) === id)) {
           el.picker.value = id; // the picker (and the chat) follow the model switched to
           state.pickerTouched = true;
-          renderChatModel();
         }
         say(
           already
             ? `Switched to ${id}${where} (it was already loaded).`
             : `Switched to ${id}${where} (loaded in ${seconds} s).`,
           "ok",
+          { model: id, kind: "switched" },
         );
-      } else {
-        const reason = await errorMessage(response);
-        if (response.status !== 401) state.errors.set(id, reason);
-        say(`Could not switch to ${id}${where}: ${reason}`, "error");
-        render();
+        return !already;
       }
+      const error = await errorInfo(response);
+      if (response.status !== 401) state.errors.set(id, error);
+      if (error.code === NO_ROOM) {
+        const pinned = state.models.some((m) => m.pinned);
+        const hint = pinned ? " Unpinning a model makes room." : "";
+        say(`No room for ${id}${where}: ${error.message}.${hint}`, "error", {
+          model: id,
+          kind: "failed",
+        });
+      } else {
+        say(`Could not switch to ${id}${where}: ${error.message}`, "error", {
+          model: id,
+          kind: "failed",
+        });
+      }
+      return response.status >= 500 && error.code !== NO_ROOM; // a load that LM Studio failed
     });
   }
 
   function unloadModel(id) {
-    return runBusy("unload", id, async () => {
+    const text = `Unloading ${id} once its running requests finish`;
+    return runAction("unload", id, null, text, async (signal) => {
       say("", "info");
-      startProgress(`Unloading ${id} once its running requests finish`);
       const response = await request("/api/v1/models/unload", {
         method: "POST",
         json: { model_id: id },
+        signal,
       });
       if (response.ok) {
         const body = await response.json().catch(() => ({}));
         const notLoaded = typeof body.message === "string" && body.message.includes("not loaded");
-        say(notLoaded ? `${id} was not loaded.` : `Unloaded ${id}.`, "ok");
-      } else {
-        say(`Could not unload ${id}: ${await errorMessage(response)}`, "error");
+        say(notLoaded ? `${id} was not loaded.` : `Unloaded ${id}.`, "ok", {
+          model: id,
+          kind: "unloaded",
+        });
+        return !notLoaded;
       }
+      say(`Could not unload ${id}: ${await errorMessage(response)}`, "error");
+      return false;
     });
   }
 
@@ -1235,9 +1536,11 @@
       render();
     } else if (type === "model") {
       applyModelEvent(payload);
+    } else if (type === "queue") {
+      applyQueueEvent(payload);
     } else if (type === "request") {
       addRequest(payload);
-      scheduleRefresh(500);
+      scheduleRefresh(1000); // the requests running, the model's last use
     } else if (type === "upstream") {
       scheduleRefresh(0); // a host went down or came back: read the status again
     }
@@ -1252,38 +1555,126 @@
     ["unloaded", false],
     ["failed", false],
   ]);
+  // `model` events after which the page reads the models and the status again: what they
+  // change (memory, instances, requests let through) only the proxy can add up. The others
+  // are applied here, so that a load runs with no reads at all.
+  const READ_AFTER = new Set(["loaded", "unloaded", "failed"]);
 
   function applyModelEvent(event) {
+    if (typeof event.model !== "string") return;
     loadEvent(event);
+    narrate(event);
     const row = state.models.find((m) => m.id === event.model);
     const host = typeof event.upstream === "string" ? event.upstream : null;
+    const after = () => {
+      render();
+      if (READ_AFTER.has(event.state)) scheduleRefresh();
+    };
+    if (event.state === "pinned" || event.state === "unpinned") {
+      if (row) row.pinned = event.state === "pinned";
+      after();
+      return;
+    }
+    // A failed unload leaves the model loaded; a failed load, absent.
+    const loadFailed = event.state === "failed" && event.loaded !== true;
+    if (loadFailed && typeof event.error === "string") {
+      state.errors.set(event.model, { message: event.error, code: event.code || null });
+    }
+    if (event.state === "loading") holdOn(host, row);
     if (row && host && Array.isArray(row.upstreams) && HOLDS.has(event.state)) {
       // One host's event: the row (all hosts at once) follows it only where no other host
       // holds the model; the refresh that follows brings the rest.
       const others = row.upstreams.filter((name) => name !== host);
-      const holds = HOLDS.get(event.state);
+      const holds = event.state === "failed" ? !loadFailed : HOLDS.get(event.state);
       if (holds && !row.upstreams.includes(host)) row.upstreams = [...row.upstreams, host];
       if (!holds) row.upstreams = others;
       if (others.length) {
-        if (event.state === "failed" && typeof event.error === "string") {
-          state.errors.set(event.model, event.error);
-        }
-        render();
-        scheduleRefresh();
+        after();
         return;
       }
     }
-    if (event.state === "failed") {
-      if (typeof event.error === "string") state.errors.set(event.model, event.error);
+    if (loadFailed) {
       if (row) row.state = "absent";
-    } else {
+    } else if (event.state !== "failed") {
       if (event.state === "loading" || event.state === "loaded") state.errors.delete(event.model);
       const phase = EVENT_PHASES[event.state];
       if (row && phase) row.state = phase;
       if (row && typeof event.loaded === "boolean") row.loaded = event.loaded;
     }
-    render();
-    scheduleRefresh();
+    after();
+  }
+
+  // A load begins on `host`: its memory and instances count the model from now on, as the
+  // proxy's do (the status read after the load brings the proxy's own numbers).
+  function holdOn(host, row) {
+    const card = hostRows().find((h) => h.name === host);
+    if (!card || !row || !Array.isArray(card.loaded) || card.loaded.includes(row.id)) return;
+    card.loaded = [...card.loaded, row.id];
+    card.instances = (Number(card.instances) || 0) + 1;
+    card.bytes_used = (Number(card.bytes_used) || 0) + (Number(row.size_bytes) || 0);
+  }
+
+  // The message follows what happens to the models, wherever it was asked for: a load begins,
+  // ends or fails, and a model it told of goes. This page's own actions say it themselves when
+  // the proxy answers them.
+  function narrate(event) {
+    const id = event.model;
+    const where = isPool() && typeof event.upstream === "string" ? ` on ${event.upstream}` : "";
+    const own = ownAction(id, event);
+    if (own) {
+      if (LAST_EVENTS[own.action].has(event.state)) {
+        own.ended = true;
+        state.answered.delete(id);
+      }
+      return;
+    }
+    const told = state.banner && state.banner.model === id ? state.banner.kind : null;
+    const about = (kind) => ({ model: id, kind });
+    if (event.state === "loading") {
+      const chatting = chat.controller !== null && chat.model === id;
+      const why = chatting ? " for the chat" : ", asked for by a request, another tab or the API";
+      say(`Loading ${id}${where}${why}.`, "info", about("loading"));
+    } else if (event.state === "loaded" && event.adopted) {
+      say(`${id} was loaded${where} outside the proxy; it is used as it is.`, "info", about("loaded"));
+    } else if (event.state === "loaded") {
+      const took = typeof event.load_s === "number" ? ` in ${event.load_s.toFixed(1)} s` : "";
+      say(`Loaded ${id}${where}${took}.`, "ok", about("loaded"));
+    } else if (event.state === "failed") {
+      const error = typeof event.error === "string" ? `: ${event.error}` : ".";
+      const what = event.loaded === true ? "Unloading" : "Loading";
+      say(`${what} ${id}${where} failed${error}`, "error", about("failed"));
+    } else if (event.state === "draining" && told && told !== "failed") {
+      const text = `${id}${where} takes no new requests: it is unloaded once its running requests finish.`;
+      say(text, "info", about("draining"));
+    } else if (event.state === "unloaded" && told && told !== "failed") {
+      const why = UNLOAD_REASONS[event.reason] ? ` ${UNLOAD_REASONS[event.reason]}` : "";
+      say(`${id} was unloaded${where}${why}.`, "info", about("unloaded"));
+    }
+  }
+
+  // The states of a `model` event that tell of a load (the others, and a failure that leaves
+  // the model loaded, of an unload).
+  const LOAD_STATES = new Set(["loading", "loaded", "failed"]);
+  const ofLoad = (event) => LOAD_STATES.has(event.state) && !(event.state === "failed" && event.loaded);
+  // The events that end this page's load or unload.
+  const LAST_EVENTS = {
+    load: new Set(["loaded", "failed"]),
+    unload: new Set(["unloaded", "failed"]),
+  };
+
+  // This page's action on `id` that a `model` event tells of, if any: one waiting for the
+  // proxy's answer, or answered and its last event not come yet.
+  function ownAction(id, event) {
+    let action = state.pending.get(id);
+    if (!action) {
+      action = state.answered.get(id) || null;
+      if (action && action.until < performance.now()) {
+        state.answered.delete(id);
+        action = null;
+      }
+    }
+    if (!action || (action.action === "load") !== ofLoad(event)) return null;
+    return action;
   }
 
   // --- recent requests (from `request` events) ------------------------------------------------
@@ -1376,7 +1767,7 @@
   function streamWithEventSource(generation) {
     const source = new EventSource("/api/v1/events");
     live.source = source;
-    for (const type of ["snapshot", "model", "request", "upstream"]) {
+    for (const type of ["snapshot", "model", "queue", "request", "upstream"]) {
       source.addEventListener(type, (event) => onEvent(type, event.data));
     }
     source.onerror = () => {
@@ -1454,6 +1845,7 @@
     chat.messages.push({ role: "user", content: text });
     const controller = new AbortController();
     chat.controller = controller;
+    chat.model = id;
     setChatBusy(true);
     chatNote(`Waiting for ${id} (it is loaded first if needed)…`);
     let failed = null;
@@ -1521,13 +1913,12 @@
 
   el.switchForm.addEventListener("submit", (event) => {
     event.preventDefault();
-    if (el.switchButton.getAttribute("aria-disabled") === "true") return;
-    const id = el.picker.value;
-    if (!id) {
-      say("Choose a model first.", "error");
+    if (el.switchButton.getAttribute("aria-disabled") === "true") {
+      const why = el.switchButton.title || "Choose a model first"; // why nothing happens
+      say(why.endsWith("…") ? why : `${why}.`, "info");
       return;
     }
-    loadModel(id);
+    loadModel(el.picker.value);
   });
 
   el.picker.addEventListener("change", () => {
