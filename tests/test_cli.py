@@ -856,18 +856,6 @@ async def demo_process(*args: str) -> AsyncIterator[DemoOutput]:
                 process.kill()
 
 
-DEMO_CHATTER = (
-    "Started server process",
-    "Waiting for application startup",
-    "Application startup complete",
-    "Uvicorn running",
-    "Shutting down",
-    "Finished server process",
-    "/readyz",
-    "has not reached the emulator",
-)
-
-
 @pytest.mark.skipif(sys.platform == "win32", reason="Ctrl+C cannot target one child on Windows")
 @pytest.mark.parametrize("hosts", ["1", "2"])
 async def test_demo_says_its_greeting_once_and_no_chatter(hosts: str) -> None:
