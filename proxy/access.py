@@ -55,6 +55,10 @@ class RequestRecord:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     feedback: int = 0  # lines of progress sent while it waited (`proxy.feedback`)
+    # Who asked (DESIGN §11.3): the name of the key presented (config names only: `anonymous`
+    # for unnamed keys and for no key), and its priority. Set by the auth middleware.
+    key: str = "anonymous"
+    priority: int = 0
     routed: bool = True
 
     def fields(self) -> dict[str, Any]:
