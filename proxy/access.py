@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from proxy.errors import ProxyError, error_response
 from proxy.events import EventBus
 from proxy.metrics import Metrics
+from proxy.usage import KeyUsage, Usage
 
 access_logger = logging.getLogger("lmswitch.access")
 logger = logging.getLogger("lmswitch.server")  # where the server's own failures are logged
@@ -59,6 +60,8 @@ class RequestRecord:
     # for unnamed keys and for no key), and its priority. Set by the auth middleware.
     key: str = "anonymous"
     priority: int = 0
+    busy_s: float = 0.0  # time its model was held for it, from its lease to its release
+    granted: bool = False  # it was granted its model (its `queue_wait_s` is measured)
     routed: bool = True
 
     def fields(self) -> dict[str, Any]:
@@ -180,13 +183,51 @@ def _plain(value: object) -> object:
     return value
 
 
-def access_log(metrics: Metrics, events: EventBus) -> Callable[[RequestRecord], None]:
-    """What becomes of a finished request: the request metrics and a `request` event if it is
-    routed, and one access line (docs/design.md §4.3)."""
+class _KeyCounters:
+    """One key's labelled children and usage, looked up once per key."""
+
+    __slots__ = ("busy", "completion", "prompt", "queue_wait", "statuses", "usage")
+
+    def __init__(self, metrics: Metrics, key: str, usage: KeyUsage) -> None:
+        self.statuses: dict[int, Counter] = {}
+        self.prompt = metrics.key_tokens.labels(key, "prompt")
+        self.completion = metrics.key_tokens.labels(key, "completion")
+        self.busy = metrics.key_busy.labels(key)
+        self.queue_wait = metrics.key_queue_wait.labels(key)
+        self.usage = usage
+
+
+def access_log(metrics: Metrics, events: EventBus, usage: Usage) -> Callable[[RequestRecord], None]:
+    """What becomes of a finished request: the request metrics, its key's usage and a `request`
+    event if it is routed, and one access line (docs/design.md §4.3)."""
     # Labelled children, looked up once: `labels()` takes a lock and builds a key every call.
-    # Label values are model keys and route paths, so these dicts stay small.
+    # Label values are model keys, route paths and key names, so these dicts stay small.
     timers: dict[tuple[str, str], tuple[Histogram, Histogram]] = {}
     counts: dict[tuple[str, str, int], Counter] = {}
+    by_key: dict[str, _KeyCounters] = {}
+
+    def count_key(record: RequestRecord) -> None:
+        key, status = record.key, record.status
+        if (counters := by_key.get(key)) is None:
+            counters = by_key[key] = _KeyCounters(metrics, key, usage.of(key))
+        if (counter := counters.statuses.get(status)) is None:
+            counter = counters.statuses[status] = metrics.key_requests.labels(key, str(status))
+        counter.inc()
+        used = counters.usage
+        used.statuses[status] = used.statuses.get(status, 0) + 1
+        if record.prompt_tokens:
+            counters.prompt.inc(record.prompt_tokens)
+            used.prompt_tokens += record.prompt_tokens
+        if record.completion_tokens:
+            counters.completion.inc(record.completion_tokens)
+            used.completion_tokens += record.completion_tokens
+        if record.busy_s:
+            counters.busy.inc(record.busy_s)
+            used.busy_s += record.busy_s
+        if record.granted:
+            counters.queue_wait.inc(record.queue_wait_s)
+            used.queue_wait_s += record.queue_wait_s
+            used.granted += 1
 
     def count(record: RequestRecord) -> None:
         model, endpoint = record.model, record.endpoint
@@ -209,6 +250,7 @@ def access_log(metrics: Metrics, events: EventBus) -> Callable[[RequestRecord], 
             metrics.tokens.labels(model, "completion").inc(record.completion_tokens)
         if record.disconnected:
             metrics.disconnects.labels(model).inc()
+        count_key(record)
 
     def log(record: RequestRecord) -> None:
         if record.routed:
@@ -235,6 +277,7 @@ _QUIET_PATHS = frozenset(
         "/api/v1/models/",
         "/api/v1/models/loaded",
         "/api/v1/events",
+        "/api/v1/usage",
         "/healthz",
         "/readyz",
         "/metrics",

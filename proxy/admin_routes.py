@@ -67,6 +67,12 @@ def _status(request: Request[State]) -> dict[str, Any]:
     }
 
 
+async def usage(request: Request[State]) -> Response:
+    """Per key since start: requests by status, tokens, time holding a model, queue wait."""
+    state = request.state
+    return JSONResponse({"since": round(state["started_at"], 3), "keys": state["usage"].rows()})
+
+
 def _envelope(message: str, key: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"success": True, "message": message, "model_id": key, **extra})
 
@@ -181,6 +187,7 @@ routes = [
     Route("/api/v1/models/unpin", pin_model, methods=["POST"]),
     Route("/api/v1/status", status, methods=["GET"]),
     Route("/api/v1/events", events, methods=["GET"]),
+    Route("/api/v1/usage", usage, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),

@@ -31,6 +31,7 @@ from proxy.lmstudio import LMStudioClient, create_http_client
 from proxy.manager import ModelManager
 from proxy.metrics import UNKNOWN_MODEL, Metrics
 from proxy.state import State
+from proxy.usage import Usage
 
 UI_DIR = Path(__file__).parent / "ui"  # the web page: static files, no build step
 
@@ -87,6 +88,7 @@ def create_app(
     `events` is its event bus, for a server that closes it when shutting down."""
     settings = settings if settings is not None else Settings()
     metrics = Metrics()
+    usage = Usage()
     events = events if events is not None else EventBus()
 
     @asynccontextmanager
@@ -121,6 +123,7 @@ def create_app(
                     "clients": clients,
                     "metrics": metrics,
                     "events": events,
+                    "usage": usage,
                     "started_at": time.time(),
                 }
             finally:
@@ -153,5 +156,5 @@ def create_app(
         on_refused=refused,
     )
     # Outermost: errors from auth carry the id too, and every request gets its access line.
-    app.add_middleware(RequestIdMiddleware, log=access_log(metrics, events))
+    app.add_middleware(RequestIdMiddleware, log=access_log(metrics, events, usage))
     return app

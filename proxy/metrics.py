@@ -123,6 +123,34 @@ class Metrics:
             registry=r,
         )
 
+        # Per key (DESIGN §11.3): `key` holds config names only (`anonymous` for unnamed keys
+        # and for no key), never a key itself, so these stay as small as the configuration.
+        self.key_requests = Counter(
+            "lmswitch_key_requests",
+            "Requests answered, by the name of the key that asked (anonymous: none or unnamed) "
+            "and HTTP status.",
+            ["key", "status"],
+            registry=r,
+        )
+        self.key_tokens = Counter(
+            "lmswitch_key_tokens",
+            "Tokens in the usage LM Studio reported, by key name and kind (prompt, completion).",
+            ["key", "kind"],
+            registry=r,
+        )
+        self.key_busy = Counter(
+            "lmswitch_key_busy_seconds",
+            "Seconds the key's requests held a model, from its lease to its release.",
+            ["key"],
+            registry=r,
+        )
+        self.key_queue_wait = Counter(
+            "lmswitch_key_queue_wait_seconds",
+            "Seconds the key's requests waited for their model to be ready.",
+            ["key"],
+            registry=r,
+        )
+
     def render(self) -> bytes:
         """The Prometheus text exposition of this app's metrics, without `_created` samples."""
         return generate_latest(_WithoutCreated(self.registry))

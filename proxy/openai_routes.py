@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from contextlib import AsyncExitStack
 from functools import partial
@@ -89,7 +90,7 @@ class _Call:
     """One request's way to its answer: the lease on its model (waited for), the call to LM
     Studio through the gate, and its retries."""
 
-    __slots__ = ("_clients", "_key", "_manager", "_record", "_request")
+    __slots__ = ("_clients", "_granted", "_key", "_manager", "_record", "_request")
 
     def __init__(
         self,
@@ -104,6 +105,21 @@ class _Call:
         self._key = key
         self._request = request  # the path, body and headers to send LM Studio
         self._record = record
+        self._granted: float | None = None  # when the lease it holds now was granted
+
+    def _hold(self, held: AsyncExitStack, lease: Lease) -> None:
+        """The lease is the request's until released, on `held`'s exit at the latest."""
+        record = self._record
+        record.queue_wait_s, record.waited_on_load = lease.waited_s, lease.waited_on_load
+        record.granted, self._granted = True, time.perf_counter()
+        held.callback(self._release, lease)
+
+    def _release(self, lease: Lease) -> None:
+        """Release the lease; the time it was held counts in the record's `busy_s`."""
+        if self._granted is not None:
+            self._record.busy_s += time.perf_counter() - self._granted
+            self._granted = None
+        lease.release()
 
     def _placed(self, upstream: str) -> None:
         self._record.upstream = upstream  # the answer names its host, even an error from its queue
@@ -118,7 +134,7 @@ class _Call:
             lease = await manager.acquire(key, placed=self._placed, ticket=ticket)
         else:
             record.upstream = lease.upstream
-        held.callback(lease.release)
+        self._hold(held, lease)
         gone = down = False
         while True:
             send = partial(self._clients[lease.upstream].open_completion, *self._request)
@@ -141,13 +157,12 @@ class _Call:
                 if down or not manager.elsewhere(key, [lease.upstream]):
                     raise
                 down = True
-            lease.release()
+            self._release(lease)
             lease = await manager.acquire(  # the same budget
                 key, since=lease.arrived, placed=self._placed, ticket=ticket
             )
-            held.callback(lease.release)
+            self._hold(held, lease)
         held.push_async_callback(upstream.aclose)
-        record.queue_wait_s, record.waited_on_load = lease.waited_s, lease.waited_on_load
         return upstream
 
 

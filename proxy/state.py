@@ -9,6 +9,7 @@ from proxy.events import EventBus
 from proxy.lmstudio import LMStudioClient
 from proxy.manager import ModelManager
 from proxy.metrics import Metrics
+from proxy.usage import Usage
 
 
 class State(TypedDict):
@@ -17,4 +18,5 @@ class State(TypedDict):
     clients: dict[str, LMStudioClient]  # by host name
     metrics: Metrics
     events: EventBus
+    usage: Usage  # per key since start (`GET /api/v1/usage`)
     started_at: float  # wall-clock seconds since the epoch

@@ -30,6 +30,7 @@ FLOORS: list[set[str]] = [
         "loadtimes",
         "transport",
         "config_errors",
+        "usage",
     },
     {"config", "scheduler"},
     {"lmstudio"},

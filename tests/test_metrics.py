@@ -20,6 +20,7 @@ from proxy.emulator import Emulator
 from proxy.events import EventBus
 from proxy.metrics import UNKNOWN_MODEL, Metrics
 from proxy.openai_routes import PROXIED_PATHS
+from proxy.usage import Usage
 from tests.helpers import LLAMA, MESSAGES, QWEN, Proxy, running, serve, settings_for
 
 GEMMA = "google/gemma-3-4b"
@@ -40,6 +41,10 @@ FROZEN: dict[str, tuple[str, frozenset[str]]] = {
     "lmswitch_tokens_total": ("counter", frozenset({"model", "kind"})),
     "lmswitch_client_disconnects_total": ("counter", frozenset({"model"})),
     "lmswitch_upstream_up": ("gauge", frozenset({"upstream"})),
+    "lmswitch_key_requests_total": ("counter", frozenset({"key", "status"})),
+    "lmswitch_key_tokens_total": ("counter", frozenset({"key", "kind"})),
+    "lmswitch_key_busy_seconds_total": ("counter", frozenset({"key"})),
+    "lmswitch_key_queue_wait_seconds_total": ("counter", frozenset({"key"})),
 }
 HISTOGRAMS = [name for name, (kind, _) in FROZEN.items() if kind == "histogram"]
 
@@ -210,7 +215,7 @@ async def test_every_metric_has_the_values_a_known_sequence_implies() -> None:
 def test_a_request_timed_at_zero_seconds_is_still_observed() -> None:
     """Every answered request lands in the duration histogram, however short it was."""
     metrics = Metrics()
-    log = access_log(metrics, EventBus())
+    log = access_log(metrics, EventBus(), Usage())
     log(RequestRecord("r-1", "POST", CHAT, UNKNOWN_MODEL, started=5.0, status=400))  # 0.0 s
     sample = metrics.registry.get_sample_value
     labels = {"model": UNKNOWN_MODEL, "endpoint": CHAT}
