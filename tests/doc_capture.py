@@ -35,7 +35,7 @@ _SHOWN_METRICS = ("lmswitch_model_loads_total", "lmswitch_model_loaded", "lmswit
 # Values that differ on every run: generated ids, clocks and timings.
 _VOLATILE_KEYS = (
     "created|created_at|uptime_s|last_used_at|duration_ms|queue_wait_ms|first_byte_ms|load_s|"
-    "expected_load_s|loading_s|waited_s"
+    "expected_load_s|loading_s|waited_s|since|busy_s|queue_wait_s"
 )
 _MASKS = (
     (re.compile(r'("(?:' + _VOLATILE_KEYS + r')": ?)[-0-9.e]+'), r"\1…"),
@@ -209,6 +209,8 @@ async def capture_endpoints() -> list[Example]:
         await rec.call("POST", "/api/v1/models/pin", "Never evicted from now on.", load)
         await rec.call("POST", "/api/v1/models/unpin", "Evictable again.", load)
         await rec.call("GET", "/api/v1/status", "The proxy at a glance.")
+        note = "Per key since start: requests, tokens, time holding a model, queue wait."
+        await rec.call("GET", "/api/v1/usage", note)
         await _record_events(rec)
         note = "Waits for running requests on the model, then unloads it."
         await rec.call("POST", "/api/v1/models/unload", note, _LOAD_QWEN)

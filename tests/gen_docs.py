@@ -154,6 +154,23 @@ PROMQL: dict[str, tuple[str, str]] = {
         "min_over_time(lmswitch_upstream_up[5m]) == 0",
         "LM Studio was unreachable in the last 5 minutes (an alert rule)",
     ),
+    "lmswitch_key_requests_total": (
+        'sum by (key) (increase(lmswitch_key_requests_total{status=~"4..|5.."}[1h]))',
+        "refused and failed requests per key in the last hour",
+    ),
+    "lmswitch_key_tokens_total": (
+        "sum by (key, kind) (increase(lmswitch_key_tokens_total[1d]))",
+        "prompt and completion tokens per key in the last day",
+    ),
+    "lmswitch_key_busy_seconds_total": (
+        "sum by (key) (rate(lmswitch_key_busy_seconds_total[5m]))",
+        "models held per key (1 is one model busy all the time)",
+    ),
+    "lmswitch_key_queue_wait_seconds_total": (
+        "sum by (key) (rate(lmswitch_key_queue_wait_seconds_total[5m])) "
+        "/ sum by (key) (rate(lmswitch_key_requests_total[5m]))",
+        "mean wait for a model per request, per key",
+    ),
 }
 
 
