@@ -997,3 +997,39 @@ async def test_when_lm_studio_is_unreachable_the_page_says_so_and_turns_off_what
             await expect(chat_status).to_have_text("")
             await expect(page.locator("#models-body tr")).to_have_count(len(emulator.catalog))
         assert ui.unexpected_errors(503) == []
+
+
+async def test_the_usage_table_follows_requests_without_polling() -> None:
+    """The usage table appears with the first request and is read again after each burst of
+    `request` events, never on a timer."""
+    emulator = Emulator(reply_tokens=5)
+    async with running(emulator) as proxy, browse(proxy) as ui:
+        await ui.open()
+        page = ui.page
+        await expect(page.locator("#live")).to_have_text("connected")
+        card = page.locator("#usage-card")
+        await expect(card).to_be_hidden()  # nothing used yet
+        body = {"model": QWEN, "messages": MESSAGES}
+        for _ in range(2):
+            ok = await proxy.http.post("/v1/chat/completions", json=body)
+            assert ok.status_code == 200
+        prompt = ok.json()["usage"]["prompt_tokens"]
+        unknown = await proxy.http.post("/v1/chat/completions", json={**body, "model": "nope"})
+        assert unknown.status_code == 404
+        await expect(card).to_be_visible()
+        table = page.get_by_role("table", name=re.compile("per key since the proxy started"))
+        row = table.locator('tbody tr[data-key="anonymous"]')
+        await expect(row.get_by_role("rowheader")).to_have_text("anonymous")
+        cells = row.locator("td")
+        # Requests, errors, tokens in, tokens out, busy, queue wait.
+        await expect(cells).to_have_text(
+            ["3", "1", str(2 * prompt), "10", re.compile(r"s$"), re.compile(r"s$")]
+        )
+        await expect(cells.nth(1)).to_have_attribute("data-tone", "warn")
+        reads = sum(url.endswith("/api/v1/usage") for url in ui.requests)
+        assert 2 <= reads <= 4  # the snapshot's, then at most one per burst of requests
+        await anyio.sleep(1.5)  # idle: no request, no read
+        assert sum(url.endswith("/api/v1/usage") for url in ui.requests) == reads
+        await page.set_viewport_size({"width": 360, "height": 800})
+        assert await ui.horizontal_overflow() == 0  # the table scrolls, not the page
+        assert ui.errors == []

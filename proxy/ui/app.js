@@ -1,5 +1,5 @@
 // lmswitch web page: status, the pool's hosts, model switching, live events, the latest
-// requests and a streaming chat box.
+// requests, usage by key and a streaming chat box.
 // Plain browser JavaScript, no build step, no external resources. Every piece of text that comes
 // from the server is inserted with textContent (never innerHTML).
 "use strict";
@@ -31,6 +31,8 @@
     hosts: $("hosts"),
     requestsCard: $("requests-card"),
     requests: $("requests"),
+    usageCard: $("usage-card"),
+    usageBody: $("usage-body"),
     chatModel: $("chat-model"),
     chatLog: $("chat-log"),
     chatForm: $("chat-form"),
@@ -1534,6 +1536,7 @@
         syncLoads(performance.now()); // the snapshot comes before every event that follows
       }
       render();
+      scheduleUsage(0);
     } else if (type === "model") {
       applyModelEvent(payload);
     } else if (type === "queue") {
@@ -1541,6 +1544,7 @@
     } else if (type === "request") {
       addRequest(payload);
       scheduleRefresh(1000); // the requests running, the model's last use
+      scheduleUsage(); // what the request's key used
     } else if (type === "upstream") {
       scheduleRefresh(0); // a host went down or came back: read the status again
     }
@@ -1719,6 +1723,80 @@
     el.requests.prepend(item);
     while (el.requests.children.length > REQUESTS_KEPT) el.requests.lastChild.remove();
     el.requestsCard.hidden = false;
+  }
+
+  // --- usage by key (read again after `request` events, never on a timer) ----------------------
+
+  const USAGE_EVERY_MS = 500; // at most one read this often, however many requests finish
+  let usageTimer = null;
+  let usageSeq = 0;
+
+  function scheduleUsage(delay = USAGE_EVERY_MS) {
+    if (usageTimer !== null) return; // a read is due: it will see this request too
+    usageTimer = setTimeout(() => {
+      usageTimer = null;
+      refreshUsage().catch(() => {
+        // connection trouble shows in the live-updates state; nothing to add here
+      });
+    }, delay);
+  }
+
+  async function refreshUsage() {
+    const seq = ++usageSeq;
+    const response = await request("/api/v1/usage");
+    if (!response.ok) return;
+    const body = await response.json();
+    if (seq !== usageSeq || !body || typeof body.keys !== "object" || !body.keys) return;
+    renderUsage(body.keys);
+  }
+
+  function formatCount(value) {
+    const number = Number(value);
+    return Number.isFinite(number) ? number.toLocaleString() : "—";
+  }
+
+  function formatSeconds(value) {
+    const seconds = Number(value);
+    if (!Number.isFinite(seconds)) return "—";
+    if (seconds < 1) return `${Math.round(seconds * 1000)} ms`;
+    if (seconds < 10) return `${seconds.toFixed(1)} s`;
+    if (seconds < 120) return `${Math.round(seconds)} s`;
+    if (seconds < 7200) return `${Math.round(seconds / 60)} min`;
+    return `${(seconds / 3600).toFixed(1)} h`;
+  }
+
+  function usageCell(text, title) {
+    const cell = document.createElement("td");
+    cell.className = "num";
+    cell.textContent = text;
+    if (title) cell.title = title;
+    return cell;
+  }
+
+  function renderUsage(keys) {
+    const rows = Object.entries(keys).map(([name, usage]) => {
+      const row = document.createElement("tr");
+      row.dataset.key = name;
+      const head = document.createElement("th");
+      head.scope = "row";
+      head.textContent = name;
+      const errors = usageCell(formatCount(usage.errors));
+      if (Number(usage.errors) > 0) errors.dataset.tone = "warn";
+      const waits = Number(usage.queue_waits);
+      const mean = waits > 0 ? `${formatSeconds(usage.queue_wait_s / waits)} per request` : "";
+      row.append(
+        head,
+        usageCell(formatCount(usage.requests)),
+        errors,
+        usageCell(formatCount(usage.prompt_tokens)),
+        usageCell(formatCount(usage.completion_tokens)),
+        usageCell(formatSeconds(usage.busy_s)),
+        usageCell(formatSeconds(usage.queue_wait_s), mean),
+      );
+      return row;
+    });
+    el.usageBody.replaceChildren(...rows);
+    el.usageCard.hidden = rows.length === 0;
   }
 
   async function connect() {
