@@ -383,6 +383,7 @@ QUIET_READS = [
     "/api/v1/status",
     "/api/v1/models",
     "/api/v1/models/loaded",
+    "/api/v1/usage",
     "/healthz",
     "/readyz",
     "/metrics",
