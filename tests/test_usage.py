@@ -154,7 +154,7 @@ async def test_busy_seconds_are_the_time_a_model_was_held() -> None:
     generation_s = 10 * 0.03
     # The stream's 10 tokens come 9 delays apart; the chat's answer comes after 10 of them.
     assert 9 * 0.03 <= streamed_s < generation_s + 1.0  # held after the load, not during it
-    assert generation_s <= both_s - streamed_s < generation_s + 0.5
+    assert generation_s <= both_s - streamed_s < generation_s + 1.0
     assert first["keys"]["anonymous"]["queue_wait_s"] >= 1.4  # the load
 
 
