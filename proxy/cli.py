@@ -249,6 +249,15 @@ def _parser() -> argparse.ArgumentParser:
         help="with --streams: each stream's pace, in tokens per second",
     )
 
+    bench.add_argument(
+        "--keys",
+        type=int,
+        default=0,
+        metavar="N",
+        help="give the proxy N named keys (auth.keys, by their SHA-256) and send the last "
+        "of them with every request, to measure the check of a key (default: 0, no keys)",
+    )
+
     check = _command(
         commands,
         "check-config",
@@ -461,6 +470,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     generator=args.generator,
                     streams=args.streams,
                     tokens_per_s=args.tokens_per_s,
+                    keys=args.keys,
                 )
             )
         else:
