@@ -997,3 +997,27 @@ async def test_when_lm_studio_is_unreachable_the_page_says_so_and_turns_off_what
             await expect(chat_status).to_have_text("")
             await expect(page.locator("#models-body tr")).to_have_count(len(emulator.catalog))
         assert ui.unexpected_errors(503) == []
+
+
+async def test_a_named_key_that_is_not_an_admin_key_may_be_replaced() -> None:
+    """A named key without `admin` gets 403 from management: the page says the key is not an
+    admin key and offers to enter another, and an admin named key then connects."""
+    emulator = Emulator()
+    keys = [
+        {"name": "alice", "key": API_KEY},
+        {"name": "root", "key": ADMIN_KEY, "admin": True},
+    ]
+    async with running(emulator, auth={"keys": keys}) as proxy, browse(proxy) as ui:
+        await ui.open()
+        page = ui.page
+        dialog = page.get_by_role("dialog", name="Admin key needed")
+        await expect(dialog).to_contain_text("admin: true")
+        await dialog.get_by_label("Admin key").fill(API_KEY)
+        await dialog.get_by_label("Admin key").press("Enter")
+        await expect(page.locator("#live")).to_have_text("the key is not an admin key")
+        await expect(page.locator("#message")).to_contain_text("'alice' is not an admin key")
+        await page.locator("#admin-key-button").click()
+        await dialog.get_by_label("Admin key").fill(ADMIN_KEY)
+        await dialog.get_by_label("Admin key").press("Enter")
+        await expect(page.locator("#live")).to_have_text("connected")
+        assert ui.unexpected_errors(401, 403) == []
