@@ -269,7 +269,7 @@ async def get_model(request: Request[State]) -> Response:
     for name, key in visible:
         if name == wanted:
             return JSONResponse(_model_object(request, name, manager.view(key)))
-    resolved = await manager.resolve(wanted)
+    resolved = await _resolve(manager, caller, wanted)
     if not caller.may_use(wanted, resolved.key):  # as if it did not exist
         raise not_found(wanted, [name for name, _ in visible])
     return JSONResponse(_model_object(request, wanted, manager.view(resolved.key)))

@@ -102,6 +102,9 @@ async def test_the_models_listing_shows_only_what_the_key_may_use() -> None:
             other = await proxy.http.get(f"/v1/models/{hidden}", headers=bearer(ALICE_KEY))
             assert other.status_code == 404, hidden
             assert other.json()["error"]["code"] == "model_not_found"
+        unknown = await proxy.http.get("/v1/models/llama-3.2-1b", headers=bearer(ALICE_KEY))
+        assert unknown.status_code == 404
+        assert LLAMA not in unknown.json()["error"]["message"]
         close = await proxy.http.post(
             "/v1/chat/completions", json=chat("llama-3.2-1b"), headers=bearer(ALICE_KEY)
         )
