@@ -987,7 +987,7 @@ async def test_demo_says_its_greeting_once_and_no_chatter(hosts: str) -> None:
     assert text.count("lmswitch demo:") == 1
     assert [chatter for chatter in DEMO_CHATTER if chatter in text] == []
     (access,) = [line for line in text.splitlines() if " lmswitch.access: " in line]
-    assert "endpoint=/v1/models status=200" in access  # the user's request
+    assert "endpoint=/v1/models key=anonymous status=200" in access  # the user's request
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="Ctrl+C cannot target one child on Windows")
