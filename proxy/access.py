@@ -70,6 +70,7 @@ class RequestRecord:
             "request_id": self.request_id,
             "model": self.model,
             "endpoint": self.endpoint,
+            "key": self.key,  # the key's config name: never the key
             "status": self.status,
             "duration_ms": round(self.duration_s * 1000, 1),
             "queue_wait_ms": round(self.queue_wait_s * 1000, 1),

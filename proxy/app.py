@@ -23,7 +23,7 @@ from starlette.types import Scope
 
 from proxy import admin_routes, openai_routes
 from proxy.access import RequestIdMiddleware, access_log, record_of
-from proxy.auth import AuthMiddleware
+from proxy.auth import AuthMiddleware, credentials
 from proxy.config import Settings
 from proxy.errors import ProxyError, error_response, handle_proxy_error
 from proxy.events import EventBus
@@ -148,13 +148,7 @@ def create_app(
         record.endpoint = path if path in openai_routes.PROXIED_PATHS else "other"  # bounded
         record.model, record.routed = UNKNOWN_MODEL, True
 
-    auth = settings.auth
-    app.add_middleware(
-        AuthMiddleware,
-        api_keys=[key.get_secret_value() for key in auth.api_keys],
-        admin_keys=[key.get_secret_value() for key in auth.admin_keys],
-        on_refused=refused,
-    )
+    app.add_middleware(AuthMiddleware, keys=credentials(settings.auth), on_refused=refused)
     # Outermost: errors from auth carry the id too, and every request gets its access line.
     app.add_middleware(RequestIdMiddleware, log=access_log(metrics, events, usage))
     return app

@@ -1,4 +1,4 @@
-"""The `lmswitch` command: serve, demo, emulator, check-config.
+"""The `lmswitch` command: serve, demo, emulator, bench, check-config, keys.
 
 Each command builds its server (or coroutine) in a function that tests call directly:
 `build_server`, `build_emulator_server`, `proxy.demo.run_demo`; `main` only parses and
@@ -15,6 +15,7 @@ from functools import partial
 
 import anyio
 import uvicorn
+import yaml
 
 from proxy import __version__
 from proxy.app import create_app
@@ -29,6 +30,7 @@ from proxy.config import (
 )
 from proxy.demo import MAX_DEMO_HOSTS, run_demo
 from proxy.events import EventBus
+from proxy.keys import EVERY_MODEL, check_name, digest, new_key
 from proxy.server import CannotListenError, Server, configure_logging, listen, uvicorn_config
 
 EXIT_OK = 0
@@ -247,6 +249,15 @@ def _parser() -> argparse.ArgumentParser:
         help="with --streams: each stream's pace, in tokens per second",
     )
 
+    bench.add_argument(
+        "--keys",
+        type=int,
+        default=0,
+        metavar="N",
+        help="give the proxy N named keys (auth.keys, by their SHA-256) and send the last "
+        "of them with every request, to measure the check of a key (default: 0, no keys)",
+    )
+
     check = _command(
         commands,
         "check-config",
@@ -255,7 +266,89 @@ def _parser() -> argparse.ArgumentParser:
         "settings serve would use, secrets masked. An invalid one exits 2 naming each bad key.",
     )
     check.add_argument("path", nargs="?", help=f"config file (default: {_CONFIG_FILE})")
+
+    keys = _command(
+        commands,
+        "keys",
+        "make named keys for auth.keys",
+        "Make named keys for auth.keys: `lmswitch keys new NAME` prints a fresh random key, "
+        "for the client alone, and the config lines that accept it (its SHA-256, so that the "
+        "config file holds no secret).",
+    )
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="KEYS_COMMAND")
+    new = _command(
+        keys_commands,
+        "new",
+        "a fresh key and its config lines",
+        "Print a fresh random key (256 bits, shown only this once: lmswitch keeps only its "
+        "SHA-256) and, as YAML, the config lines for it to add to auth.keys in config.yaml.",
+    )
+    new.add_argument(
+        "name",
+        type=_key_name,
+        metavar="NAME",
+        help="the key's name in logs, metrics and usage: 1 to 32 of a-z, 0-9, _ and -, unique",
+    )
+    new.add_argument(
+        "--models",
+        type=_patterns,
+        default=EVERY_MODEL,
+        metavar="PATTERN[,PATTERN...]",
+        help="glob patterns of the models the key may use, over model keys and aliases",
+    )
+    new.add_argument(
+        "--priority",
+        type=int,
+        default=0,
+        metavar="N",
+        help="higher is served first when models are contended (default: 0)",
+    )
+    new.add_argument(
+        "--admin",
+        action="store_true",
+        help="the key may also use /api/v1/* and the page (default: off, /v1/* only)",
+    )
     return parser
+
+
+def _key_name(text: str) -> str:
+    if (problem := check_name(text)) is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
+def _patterns(text: str) -> tuple[str, ...]:
+    patterns = tuple(part.strip() for part in text.split(","))
+    if not all(patterns):
+        raise argparse.ArgumentTypeError(f"an empty pattern in {text!r}")
+    return patterns
+
+
+# --- keys -------------------------------------------------------------------------------------
+
+
+def new_key_lines(
+    name: str, key: str, *, models: Sequence[str] = EVERY_MODEL, priority: int = 0, admin: bool
+) -> str:
+    """What `lmswitch keys new` prints for `key`: the key in a comment, then the config lines
+    that accept it, as YAML (a file of them alone is a valid config)."""
+    entry = {
+        "name": name,
+        "key_sha256": digest(key).hex(),
+        "models": list(models),
+        "priority": priority,
+        "admin": admin,
+    }
+    lines = yaml.safe_dump({"auth": {"keys": [entry]}}, sort_keys=False, default_flow_style=None)
+    return (
+        f"# The key for {name}: give it to its client. It is shown only this once; the config\n"
+        "# below holds only its SHA-256.\n"
+        "#\n"
+        f"#     {key}\n"
+        "#\n"
+        "# For config.yaml: add the entry to the list auth.keys.\n"
+        f"{lines}"
+    )
 
 
 # --- serve ------------------------------------------------------------------------------------
@@ -294,11 +387,12 @@ def _is_loopback_host(host: str) -> bool:
 def refuse_open_proxy(settings: Settings) -> None:
     """Refuse to serve on a non-loopback address with no client keys, unless told to."""
     auth, host = settings.auth, settings.server.host
-    if _is_loopback_host(host) or auth.api_keys or auth.allow_unauthenticated:
+    if _is_loopback_host(host) or auth.requires_client_key() or auth.allow_unauthenticated:
         return
     raise ConfigError(
-        f"server.host: {host!r} is reachable from other machines, and auth.api_keys is empty, "
-        "so anyone who can reach it could use your models. Set auth.api_keys, or set "
+        f"server.host: {host!r} is reachable from other machines, and auth.api_keys and "
+        "auth.keys are empty, so anyone who can reach it could use your models. Set "
+        "auth.api_keys or auth.keys, or set "
         "auth.allow_unauthenticated: true if that is really what you want."
     )
 
@@ -359,6 +453,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(describe_settings(load_settings(args.path)), end="")  # noqa: T201 - its output
         elif args.command == "demo":
             anyio.run(partial(run_demo, args.port, args.load_delay, hosts=args.hosts))
+        elif args.command == "keys":
+            key = new_key()
+            lines = new_key_lines(
+                args.name, key, models=args.models, priority=args.priority, admin=args.admin
+            )
+            print(lines, end="")  # noqa: T201 - the command's output
         elif args.command == "bench":
             from proxy.bench import runner  # not imported by `serve`
 
@@ -370,6 +470,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     generator=args.generator,
                     streams=args.streams,
                     tokens_per_s=args.tokens_per_s,
+                    keys=args.keys,
                 )
             )
         else:

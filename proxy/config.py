@@ -26,6 +26,7 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic_core import InitErrorDetails
 from pydantic_settings import (
@@ -37,6 +38,7 @@ from pydantic_settings import (
 )
 
 from proxy.config_errors import describe_error
+from proxy.keys import EVERY_MODEL, check_name, digest
 from proxy.units import ByteSize, MiB, Seconds
 
 ENV_PREFIX = "LMSWITCH_"
@@ -212,10 +214,80 @@ def _null_as_empty_dict(value: object) -> object:
 
 _Keys = Annotated[tuple[SecretStr, ...], BeforeValidator(_null_as_empty)]
 _Names = Annotated[tuple[str, ...], BeforeValidator(_null_as_empty)]
+_Patterns = Annotated[
+    tuple[Annotated[str, Field(min_length=1)], ...], BeforeValidator(_null_as_empty)
+]
+
+
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
+
+
+class NamedKey(_Section):
+    """One client's key with its name, the models it may use, its priority and rights."""
+
+    name: str = Field(
+        description="The key's name in access lines, metrics and usage (never the key itself); "
+        "unique, 1 to 32 of a-z, 0-9, _ and -, not `anonymous`."
+    )
+    key: SecretStr | None = Field(
+        default=None, description="The key itself; or leave it out and set key_sha256."
+    )
+    key_sha256: str | None = Field(
+        default=None,
+        description="The key's SHA-256 in hex (`lmswitch keys new` prints it), so that the "
+        "file holds no secret; set it or key, not both.",
+    )
+    models: _Patterns = Field(
+        default=EVERY_MODEL,
+        description="Glob patterns (`*`, `?`, `[...]`) over model keys and aliases: a request "
+        "is allowed if one matches the name it used or the model key that resolves to; others "
+        "get 403 model_not_allowed, and /v1/models lists only these; empty: no model.",
+    )
+    priority: int = Field(
+        default=0, description="Higher is served first when models are contended."
+    )
+    admin: bool = Field(
+        default=False, description="Also an admin key: may use /api/v1/* and the page."
+    )
+
+    @field_validator("name", mode="after")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if (problem := check_name(value)) is not None:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("key_sha256", mode="after")
+    @classmethod
+    def _check_sha256(cls, value: str | None) -> str | None:
+        if value is not None and not _SHA256_HEX.fullmatch(value):
+            raise ValueError("should be 64 hexadecimal digits")  # the value is never echoed
+        return value
+
+    @field_validator("key", mode="after")
+    @classmethod
+    def _check_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @model_validator(mode="after")
+    def _one_key(self) -> NamedKey:
+        if (self.key is None) == (self.key_sha256 is None):
+            raise ValueError("set exactly one of key and key_sha256")
+        return self
+
+    def sha256(self) -> bytes:
+        """The key's SHA-256, from whichever of key and key_sha256 is set."""
+        if self.key is not None:
+            return digest(self.key.get_secret_value())
+        assert self.key_sha256 is not None  # noqa: S101 - _one_key makes sure of it
+        return bytes.fromhex(self.key_sha256)
 
 
 class AuthSettings(_Section):
-    """Bearer keys for clients (/v1/*) and for administrators (/api/v1/*, /ui)."""
+    """Bearer keys for clients (/v1/*) and for administrators (/api/v1/*, /ui): unnamed
+    (api_keys, admin_keys) and named, with model scopes and priorities (keys)."""
 
     api_keys: _Keys = Field(
         default=(), description="Bearer keys accepted on /v1/*; empty: no key needed."
@@ -224,13 +296,55 @@ class AuthSettings(_Section):
         default=(),
         description="Bearer keys for /api/v1/* and /ui/; empty: loopback clients only.",
     )
+    keys: Annotated[tuple[NamedKey, ...], BeforeValidator(_null_as_empty)] = Field(
+        default=(),
+        description="Named keys: each may use /v1/* (the models its patterns allow) and, if "
+        "admin, /api/v1/* and the page; when set, /v1/* needs a key, as with api_keys.",
+    )
     allow_unauthenticated: bool = Field(
         default=False,
         description=(
-            "Let `serve` listen on a non-loopback address with no api_keys (anyone who can "
-            "reach it may use it); without it, serve refuses to start that way."
+            "Let `serve` listen on a non-loopback address with no api_keys or keys (anyone who "
+            "can reach it may use it); without it, serve refuses to start that way."
         ),
     )
+
+    @field_validator("keys", mode="after")
+    @classmethod
+    def _check_unique_keys(cls, keys: tuple[NamedKey, ...]) -> tuple[NamedKey, ...]:
+        names: dict[str, int] = {}
+        digests: dict[bytes, int] = {}
+        problems: list[InitErrorDetails] = []
+        for index, named in enumerate(keys):
+            if named.name in names:
+                problems.append(_problem_at((index, "name"), f"duplicate name {named.name!r}"))
+            names.setdefault(named.name, index)
+            if (first := digests.setdefault(named.sha256(), index)) != index:
+                # Which name a request is must not depend on the order of the list.
+                problems.append(_problem_at((index,), f"the same key as auth.keys.{first}"))
+        if problems:
+            raise ValidationError.from_exception_data(cls.__name__, problems)
+        return keys
+
+    @model_validator(mode="after")
+    def _named_keys_are_their_own(self) -> AuthSettings:
+        unnamed = {digest(key.get_secret_value()) for key in (*self.api_keys, *self.admin_keys)}
+        for index, named in enumerate(self.keys):
+            if named.sha256() in unnamed:
+                raise ValidationError.from_exception_data(
+                    type(self).__name__,
+                    [_problem_at(("keys", index), "the same key as one in api_keys or admin_keys")],
+                )
+        return self
+
+    def requires_client_key(self) -> bool:
+        """True if /v1/* needs a key: some api_keys or named keys are set."""
+        return bool(self.api_keys or self.keys)
+
+
+def _problem_at(loc: tuple[int | str, ...], message: str) -> InitErrorDetails:
+    """A validation problem at `loc` (below the field being validated), saying `message`."""
+    return InitErrorDetails(type="value_error", loc=loc, input=None, ctx={"error": message})
 
 
 class ModelsSettings(_Section):

@@ -13,12 +13,15 @@ from pydantic import BaseModel
 from pydantic_core import ErrorDetails
 
 _NAMES = "a list of model names"
+_PATTERNS = "a list of model names or patterns"
 # What a list or a mapping holds, by its key (list indexes left out), for "should be ...".
 _SHAPES = {
     "models.pinned": _NAMES,
     "models.preload": _NAMES,
     "auth.api_keys": "a list of keys",
     "auth.admin_keys": "a list of keys",
+    "auth.keys": "a list of keys, each a mapping with name and key or key_sha256",
+    "auth.keys.models": _PATTERNS,
     "upstreams": "a list of hosts, each a mapping with name and base_url",
     "models.aliases": "a mapping of names to model keys",
     "models.load_options": "a mapping of model keys to load options",
@@ -69,7 +72,7 @@ def _problem(error: ErrorDetails, *, from_env: bool) -> str:
     if kind in _SHAPE_ERRORS:
         shape = _SHAPES.get(_path(loc), _SHAPE_ERRORS[kind])
         message = f"should be {shape}"
-        if shape == _NAMES and isinstance(value, str):  # one name for a list of one
+        if shape in (_NAMES, _PATTERNS) and isinstance(value, str):  # one name for a list of one
             message += f", e.g. {json.dumps([value]) if from_env else f'[{value}]'}"
     else:
         message = error["msg"][:1].lower() + error["msg"][1:]

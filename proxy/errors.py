@@ -5,6 +5,7 @@ ProxyError
 ├── BadRequestError (400)
 ├── AuthenticationError (401)
 ├── PermissionDeniedError (403)
+│   └── ModelNotAllowedError (403)
 ├── ModelNotFoundError (404)
 ├── RequestTimeoutError (408)
 ├── PayloadTooLargeError (413)
@@ -106,6 +107,12 @@ class PermissionDeniedError(ProxyError):
     status_code = 403
     error_type = "invalid_request_error"
     default_code = "forbidden"
+
+
+class ModelNotAllowedError(PermissionDeniedError):
+    """The request's key may not use the model it asked for (its `models` patterns)."""
+
+    default_code = "model_not_allowed"
 
 
 class ModelNotFoundError(ProxyError):

@@ -24,12 +24,20 @@ from proxy.bodies import (
     watch_of,
     with_model,
 )
-from proxy.errors import BadRequestError, ModelGoneError, UpstreamUnavailableError
+from proxy.errors import (
+    BadRequestError,
+    ModelGoneError,
+    ModelNotAllowedError,
+    ModelNotFoundError,
+    UpstreamUnavailableError,
+)
 from proxy.feedback import FeedbackResponse
+from proxy.keys import EVERY_MODEL, Caller, caller_of
 from proxy.leases import Lease, Ticket
 from proxy.lmstudio import LMStudioClient, ModelNotLoadedError, UpstreamResponse
 from proxy.manager import ModelManager, ModelView
 from proxy.metrics import UNKNOWN_MODEL
+from proxy.names import Resolved, not_found
 from proxy.state import State
 from proxy.streaming import UpstreamStreamResponse
 
@@ -52,8 +60,10 @@ async def proxy_request(request: Request[State]) -> Response:
     watch_of(request.scope).start()
     payload = parse_object(body)
     check_fields(payload)
-    resolved = await manager.resolve(payload.get("model"))
+    caller, model = caller_of(request.scope), payload.get("model")
+    resolved = await _resolve(manager, caller, model)
     record.model = key = resolved.key
+    check_allowed(caller, model if isinstance(model, str) else settings.models.default or key, key)
     check_type(manager.model_type(key), key, path)
     if payload.get("model") != resolved.upstream_name:
         body = with_model(body, resolved.upstream_name)
@@ -231,20 +241,52 @@ def _model_object(request: Request[State], name: str, model: ModelView) -> dict[
     }
 
 
+async def _visible(manager: ModelManager, caller: Caller) -> list[tuple[str, str]]:
+    """The names (with their model keys) `caller` may use."""
+    return [(name, key) for name, key in await manager.routable() if caller.may_use(name, key)]
+
+
+async def _resolve(manager: ModelManager, caller: Caller, model: object) -> Resolved:
+    """A request's `model` resolved (`ModelManager.resolve`); for a key limited to some models,
+    the 404 of an unknown one suggests only those."""
+    try:
+        return await manager.resolve(model)
+    except ModelNotFoundError as exc:
+        if caller.models == EVERY_MODEL or not isinstance(model, str):
+            raise
+        known = [name for name, _ in await _visible(manager, caller)]
+        raise not_found(model, known) from exc
+
+
+def check_allowed(caller: Caller, name: str, key: str) -> None:
+    """403 `model_not_allowed` if `caller`'s key may not use the model `key`, asked for as
+    `name` (docs/design.md §4.4); checked before the request waits or anything loads."""
+    if not caller.may_use(name, key):
+        model_is = repr(name) if name == key else f"{name!r} ({key!r})"
+        raise ModelNotAllowedError(
+            f"The key {caller.name!r} may not use the model {model_is}; GET /v1/models lists "
+            "the models it may use.",
+            param="model",
+        )
+
+
 async def list_models(request: Request[State]) -> Response:
     manager = request.state["manager"]
-    names = await manager.routable()
-    data = [_model_object(request, name, manager.view(key)) for name, key in names]
+    visible = await _visible(manager, caller_of(request.scope))
+    data = [_model_object(request, name, manager.view(key)) for name, key in visible]
     return JSONResponse({"object": "list", "data": data})
 
 
 async def get_model(request: Request[State]) -> Response:
-    manager = request.state["manager"]
+    manager, caller = request.state["manager"], caller_of(request.scope)
     wanted = request.path_params["model_id"]
-    for name, key in await manager.routable():
+    visible = await _visible(manager, caller)
+    for name, key in visible:
         if name == wanted:
             return JSONResponse(_model_object(request, name, manager.view(key)))
-    resolved = await manager.resolve(wanted)
+    resolved = await _resolve(manager, caller, wanted)
+    if not caller.may_use(wanted, resolved.key):  # as if it did not exist
+        raise not_found(wanted, [name for name, _ in visible])
     return JSONResponse(_model_object(request, wanted, manager.view(resolved.key)))
 
 

@@ -28,7 +28,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from pydantic import BaseModel, SecretStr
 from pydantic.fields import FieldInfo
 
-from proxy.config import ENV_PREFIX, LoadOptions, Settings, UpstreamHost
+from proxy.config import ENV_PREFIX, LoadOptions, NamedKey, Settings, UpstreamHost
 from proxy.metrics import Metrics
 from proxy.units import ByteSize, Seconds
 from tests import doc_capture
@@ -70,6 +70,14 @@ EXAMPLES: dict[str, str] = {
     "upstreams.*.memory_budget": "20GiB",
     "auth.api_keys": "[sk-local-change-me]",
     "auth.admin_keys": "[admin-change-me]",
+    "auth.keys": "[{name: alice, key_sha256: "
+    '2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b, models: ["qwen*"]}]',
+    "auth.keys.*.name": "nightly-batch",
+    "auth.keys.*.key": "sk-lmswitch-change-me",
+    "auth.keys.*.key_sha256": "68a3eb0a34242561f363680847aa298cc929bf6cd5fd44eb372d7c0af4975b1c",
+    "auth.keys.*.models": '["qwen*", small]',
+    "auth.keys.*.priority": "10",
+    "auth.keys.*.admin": "true",
     "auth.allow_unauthenticated": "true",
     "models.default": "qwen2.5-7b-instruct",
     "models.aliases": "{gpt-4o-mini: qwen2.5-7b-instruct}",
@@ -95,6 +103,7 @@ EXAMPLES: dict[str, str] = {
 }
 PER_MODEL = "models.load_options.*"  # `*` stands for a model key
 PER_HOST = "upstreams.*"  # `*` stands for a host's place in the list
+PER_KEY = "auth.keys.*"  # `*` stands for a named key's place in the list
 
 # A PromQL example per metric (the exposed name): the query and what it shows.
 PROMQL: dict[str, tuple[str, str]] = {
@@ -267,6 +276,7 @@ def type_name(annotation: Any, metadata: Sequence[Any] = ()) -> str:
         float: "number",
         SecretStr: "secret",
         UpstreamHost: "host",
+        NamedKey: "named key",
     }
     return simple[annotation]
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
-from proxy.bench import loadgen, runner as bench
+from proxy.bench import loadgen, runner as bench, stack
 from proxy.cli import main
+from proxy.config import load_settings
+from proxy.keys import digest
 
 WRK_OUTPUT = """Running 3s test @ http://127.0.0.1:40000/v1/chat/completions
   1 threads and 1 connections
@@ -38,9 +41,12 @@ def test_wrk_report_is_parsed() -> None:
     )
 
 
-def test_bench_runs_direct_and_proxied(capsys: pytest.CaptureFixture[str]) -> None:
-    """A short real run: the emulator and the proxy as processes, the built-in generator."""
+@pytest.mark.parametrize("keys", ["0", "50"])
+def test_bench_runs_direct_and_proxied(capsys: pytest.CaptureFixture[str], keys: str) -> None:
+    """A short real run: the emulator and the proxy as processes, the built-in generator;
+    with `--keys`, every request sends one of the proxy's named keys (none is refused)."""
     argv = ["bench", "--duration", "0.3", "--concurrency", "2", "--generator", "built-in"]
+    argv += ["--keys", keys]
     assert main([*argv, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["generator"].startswith("built-in")
@@ -65,3 +71,14 @@ def test_bench_streams_mode(capsys: pytest.CaptureFixture[str]) -> None:
 def test_bench_refuses_wrk_when_missing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(shutil, "which", lambda _: None)
     assert main(["bench", "--generator", "wrk"]) == 2
+
+
+def test_bench_keys_are_named_keys_by_their_digest(tmp_path: Path) -> None:
+    client_keys = ["sk-bench-a", "sk-bench-b"]
+    config = tmp_path / "bench.yaml"
+    config.write_text(stack._keys_config(client_keys))
+    auth = load_settings(config).auth
+    assert [key.name for key in auth.keys] == ["bench-0", "bench-1"]
+    assert [key.sha256() for key in auth.keys] == [digest(key) for key in client_keys]
+    assert all(key.key is None for key in auth.keys)  # the file holds no key
+    assert stack._keys_config([]) == ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ import httpx2
 import openai
 import pytest
 import uvicorn
+import yaml
 from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
 from starlette.applications import Starlette
@@ -34,8 +36,9 @@ from starlette.routing import Route
 
 from proxy import __version__
 from proxy.access import AccessLine
+from proxy.app import create_app
 from proxy.cli import EXIT_USAGE, build_emulator_server, build_server, main
-from proxy.config import MASK, ConfigError
+from proxy.config import MASK, ConfigError, load_settings
 from proxy.demo import (
     DEMO_HOSTS,
     GIB,
@@ -46,6 +49,7 @@ from proxy.demo import (
     run_demo,
     wait_for_hosts,
 )
+from proxy.emulator import Emulator
 from proxy.events import EventBus
 from proxy.server import (
     CannotListenError,
@@ -192,6 +196,16 @@ def test_check_config_reads_lmswitch_config(
             "upstreams.1.name: duplicate name 'desk'",
             id="duplicate-host",
         ),
+        pytest.param(
+            "auth:\n  keys:\n    - {name: alice, key_sha256: 0123abcd-not-hex}\n",
+            "auth.keys.0.key_sha256: should be 64 hexadecimal digits\n",  # the value not echoed
+            id="bad-key-sha256",
+        ),
+        pytest.param(
+            "auth:\n  keys:\n    - {name: alice, key: sk-1}\n    - {name: alice, key: sk-2}\n",
+            "auth.keys.1.name: duplicate name 'alice'",
+            id="duplicate-key-name",
+        ),
     ],
 )
 @pytest.mark.parametrize("command", ["check-config", "serve"])
@@ -306,9 +320,109 @@ def test_help_shows_the_defaults_the_options_have(
 def test_the_main_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
     page = help_page([], capsys)
     assert "loads the model each request names" in " ".join(page.split())
-    for command in ("serve", "demo", "emulator", "bench", "check-config"):
+    for command in ("serve", "demo", "emulator", "bench", "check-config", "keys"):
         assert f"    {command}" in page
     assert "`lmswitch COMMAND --help`" in page
+
+
+def test_keys_new_has_a_description_and_every_option_its_default(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    page = help_page(["keys", "new"], capsys)
+    usage, description, *_ = page.split("\n\n")
+    assert usage.startswith("usage: lmswitch keys new")
+    assert len(description.split()) >= 10, page
+    entries = help_entries(page)
+    assert "the key's name" in entries.pop("NAME")
+    del entries["-h, --help"]
+    assert set(entries) == {"--models PATTERN[,PATTERN...]", "--priority N", "--admin"}
+    for option, text in entries.items():
+        assert re.search(r"\(default: [^)]+\)$", text), f"{option}: {text!r}"
+    assert entries["--models PATTERN[,PATTERN...]"].endswith("(default: *)")
+    assert entries["--priority N"].endswith("(default: 0)")
+    assert "keys new NAME" in " ".join(help_page(["keys"], capsys).split())
+
+
+# --- keys new ---------------------------------------------------------------------------------
+
+
+def keys_new(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> tuple[str, dict[str, Any], str]:
+    """`lmswitch keys new ARGV`: the key it printed, its output as YAML, and as text."""
+    assert main(["keys", "new", *argv]) == 0
+    out = capsys.readouterr().out
+    (key,) = re.findall(r"^#\s+(sk-lmswitch-\S+)$", out, re.MULTILINE)
+    assert out.count(key) == 1  # once, in its comment: the config holds only its digest
+    config = yaml.safe_load(out)
+    assert isinstance(config, dict)
+    return key, config, out
+
+
+def test_keys_new_prints_a_fresh_key_and_its_config_lines(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    key, config, _ = keys_new(["alice"], capsys)
+    assert config == {
+        "auth": {
+            "keys": [
+                {
+                    "name": "alice",
+                    "key_sha256": hashlib.sha256(key.encode()).hexdigest(),
+                    "models": ["*"],
+                    "priority": 0,
+                    "admin": False,
+                }
+            ]
+        }
+    }
+    other, _, _ = keys_new(["alice"], capsys)
+    assert other != key
+    _, batch, _ = keys_new(
+        ["batch", "--models", "qwen*, small", "--priority", "-3", "--admin"], capsys
+    )
+    (entry,) = batch["auth"]["keys"]
+    assert (entry["models"], entry["priority"], entry["admin"]) == (["qwen*", "small"], -3, True)
+
+
+@pytest.mark.parametrize("name", ["Alice", "anonymous", "a" * 33, "a b", ""])
+def test_keys_new_refuses_a_bad_name(capsys: pytest.CaptureFixture[str], name: str) -> None:
+    with pytest.raises(SystemExit) as exc_info:
+        main(["keys", "new", name])
+    assert exc_info.value.code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "NAME" in err
+    assert "sk-lmswitch-" not in err
+
+
+async def test_keys_new_config_lines_work_in_a_real_proxy(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The printed lines, as they are, make a proxy that takes the printed key and no other,
+    and names it in its access lines."""
+    key, _, printed = keys_new(["dave", "--models", "llama-*"], capsys)
+    emulator = Emulator()
+    async with serve(emulator.app) as upstream_url:
+        path = write_config(tmp_path, f"{printed}upstream:\n  base_url: {upstream_url}\n")
+        app = create_app(load_settings(path))
+        async with serve(app) as url, httpx2.AsyncClient(base_url=url, timeout=10) as http:
+            chat = {
+                "model": "llama-3.2-1b-instruct",
+                "messages": [{"role": "user", "content": "hi"}],
+            }
+            good = {"authorization": f"Bearer {key}"}
+            assert (await http.post("/v1/chat/completions", json=chat, headers=good)).is_success
+            other = await http.post(
+                "/v1/chat/completions", json=chat | {"model": "qwen2.5-7b-instruct"}, headers=good
+            )
+            assert other.status_code == 403
+            wrong = {"authorization": f"Bearer {key[:-1]}"}
+            assert (
+                await http.post("/v1/chat/completions", json=chat, headers=wrong)
+            ).status_code == 401
+            listed = (await http.get("/v1/models", headers=good)).json()["data"]
+        assert emulator.load_count() == emulator.load_count("llama-3.2-1b-instruct") == 1
+    assert [model["id"] for model in listed] == ["llama-3.2-1b-instruct"]
 
 
 # --- serve ------------------------------------------------------------------------------------
@@ -873,7 +987,7 @@ async def test_demo_says_its_greeting_once_and_no_chatter(hosts: str) -> None:
     assert text.count("lmswitch demo:") == 1
     assert [chatter for chatter in DEMO_CHATTER if chatter in text] == []
     (access,) = [line for line in text.splitlines() if " lmswitch.access: " in line]
-    assert "endpoint=/v1/models status=200" in access  # the user's request
+    assert "endpoint=/v1/models key=anonymous status=200" in access  # the user's request
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="Ctrl+C cannot target one child on Windows")

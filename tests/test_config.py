@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from proxy.config import (
     ConfigError,
     HostSettings,
     LoadOptions,
+    NamedKey,
     Settings,
     UpstreamHost,
     describe_settings,
@@ -754,15 +756,29 @@ def test_replicas_default_to_one(tmp_path: Path) -> None:
 
 def test_describe_settings_masks_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LMSWITCH_UPSTREAM__API_TOKEN", "tok-very-secret")
-    s = load_settings(auth={"api_keys": ["sk-client-secret"], "admin_keys": ["sk-admin-secret"]})
+    sha256 = hashlib.sha256(b"sk-bob-secret").hexdigest()
+    named = [
+        {"name": "alice", "key": "sk-alice-secret", "models": ["qwen*"]},
+        {"name": "bob", "key_sha256": sha256, "priority": 5, "admin": True},
+    ]
+    s = load_settings(
+        auth={
+            "api_keys": ["sk-client-secret"],
+            "admin_keys": ["sk-admin-secret"],
+            "keys": named,
+        }
+    )
     text = describe_settings(s)
-    for secret in ("tok-very-secret", "sk-client-secret", "sk-admin-secret"):
+    for secret in ("tok-very-secret", "sk-client-secret", "sk-admin-secret", "sk-alice-secret"):
         assert secret not in text
     data = yaml.safe_load(text)
     assert data["upstream"]["api_token"] == "********"
+    alice = {"name": "alice", "key": "********", "key_sha256": None, "models": ["qwen*"]}
+    bob = {"name": "bob", "key": None, "key_sha256": sha256, "models": ["*"]}  # no secret
     assert data["auth"] == {
         "api_keys": ["********"],
         "admin_keys": ["********"],
+        "keys": [alice | {"priority": 0, "admin": False}, bob | {"priority": 5, "admin": True}],
         "allow_unauthenticated": False,
     }
 
@@ -790,3 +806,95 @@ def test_describe_settings_shows_every_key_and_reloads(tmp_path: Path) -> None:
         }
     }
     assert load_settings(write(tmp_path, text)) == s  # no secrets set, so it round-trips
+
+
+# --- named keys (auth.keys) -------------------------------------------------------------------
+
+SHA256 = hashlib.sha256(b"sk-alice-secret").hexdigest()
+
+
+def test_named_keys_take_their_defaults(tmp_path: Path) -> None:
+    text = f"auth:\n  keys:\n    - name: alice\n      key_sha256: {SHA256}\n"
+    (alice,) = load_settings(write(tmp_path, text)).auth.keys
+    assert (alice.name, alice.key, alice.key_sha256) == ("alice", None, SHA256)
+    assert (alice.models, alice.priority, alice.admin) == (("*",), 0, False)
+    assert alice.sha256() == hashlib.sha256(b"sk-alice-secret").digest()
+    text += "      models:\n"  # every pattern commented out: no model
+    assert load_settings(write(tmp_path, text)).auth.keys[0].models == ()
+    assert load_settings(auth={"keys": [{"name": "a", "key": "sk-alice-secret"}]}).auth.keys[
+        0
+    ].sha256() == bytes.fromhex(SHA256)
+    assert Settings().auth.keys == ()
+    assert load_settings(write(tmp_path, "auth:\n  keys:\n")).auth.keys == ()
+
+
+@pytest.mark.parametrize(
+    ("keys", "problem"),
+    [
+        ([{"name": "alice", "key_sha256": "12ab"}], "auth.keys.0.key_sha256: should be 64 hex"),
+        ([{"name": "alice", "key_sha256": "g" * 64}], "auth.keys.0.key_sha256: should be 64 hex"),
+        ([{"name": "alice"}], "auth.keys.0: set exactly one of key and key_sha256"),
+        (
+            [{"name": "alice", "key": "sk-alice-secret", "key_sha256": SHA256}],
+            "auth.keys.0: set exactly one of key and key_sha256",
+        ),
+        ([{"name": "alice", "key": " "}], "auth.keys.0.key: must not be empty"),
+        ([{"name": "Alice", "key": "sk-alice-secret"}], "auth.keys.0.name: invalid name 'Alice'"),
+        ([{"name": "anonymous", "key": "sk-alice-secret"}], "auth.keys.0.name: 'anonymous' is"),
+        ([{"key": "sk-alice-secret"}], "auth.keys.0.name: field required"),
+        (
+            [{"name": "a", "key": "sk-alice-secret"}, {"name": "a", "key": "sk-bob-secret"}],
+            "auth.keys.1.name: duplicate name 'a'",
+        ),
+        (
+            [{"name": "a", "key": "sk-alice-secret"}, {"name": "b", "key_sha256": SHA256.upper()}],
+            "auth.keys.1: the same key as auth.keys.0",
+        ),
+        ([{"name": "a", "key": "sk-alice-secret", "models": "qwen*"}], "e.g. [qwen*]"),
+        ([{"name": "a", "key": "sk-alice-secret", "models": [""]}], "auth.keys.0.models.0: "),
+        ([{"name": "a", "key": "sk-alice-secret", "priority": "high"}], "auth.keys.0.priority: "),
+        (
+            [{"name": "a", "key": "sk-alice-secret", "admni": True}],
+            "did you mean auth.keys.0.admin",
+        ),
+        ("sk-alice-secret", "auth.keys: should be a list of keys, each a mapping"),
+    ],
+)
+def test_named_key_problems_name_the_key_and_never_show_a_key(keys: Any, problem: str) -> None:
+    message = config_error(auth={"keys": keys})
+    assert problem in message
+    assert "sk-alice-secret" not in message
+    assert SHA256 not in message.lower()
+
+
+def test_a_named_key_may_not_repeat_an_unnamed_one() -> None:
+    message = config_error(
+        auth={"keys": [{"name": "a", "key_sha256": SHA256}], "admin_keys": ["sk-alice-secret"]}
+    )
+    assert message == "auth.keys.0: the same key as one in api_keys or admin_keys"
+
+
+def test_lmswitch_auth_keys_takes_the_list_as_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    keys = [{"name": "ci", "key_sha256": SHA256, "models": ["qwen*"], "priority": -1}]
+    monkeypatch.setenv("LMSWITCH_AUTH__KEYS", json.dumps(keys))
+    (ci,) = load_settings().auth.keys
+    assert (ci.name, ci.models, ci.priority, ci.admin) == ("ci", ("qwen*",), -1, False)
+    monkeypatch.setenv("LMSWITCH_AUTH__KEYS", json.dumps([{"name": "ci", "key_sha256": "x"}]))
+    assert config_error() == (
+        "auth.keys.0.key_sha256 (in LMSWITCH_AUTH__KEYS): should be 64 hexadecimal digits"
+    )
+
+
+def test_shipped_config_yaml_example_keys_are_valid_and_show_every_key_field(
+    tmp_path: Path,
+) -> None:
+    text = (REPO_ROOT / "config.yaml").read_text(encoding="utf-8")
+    commented = text[text.index("  # keys:\n") :].splitlines()
+    ends = next(i for i, line in enumerate(commented) if not line.startswith("  # "))
+    example = "\n".join(["auth:", *(line.replace("# ", "", 1) for line in commented[:ends])])
+    keys = yaml.safe_load(example)["auth"]["keys"]
+    assert set().union(*keys) == set(NamedKey.model_fields)
+    assert [key.name for key in load_settings(write(tmp_path, example + "\n")).auth.keys] == [
+        "alice",
+        "nightly-batch",
+    ]

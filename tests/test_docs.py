@@ -28,6 +28,7 @@ from tests.gen_docs import (
     DOCS,
     EXAMPLES,
     PER_HOST,
+    PER_KEY,
     PER_MODEL,
     PROMQL,
     REGENERATE,
@@ -93,12 +94,19 @@ def test_every_setting_is_described(setting: Setting) -> None:
 
 
 def _yaml_for(key: str, example: str) -> str:
-    """`key` (dotted; `*` a model key or a host's place) set to the example text, as config.yaml
-    would hold it; a host's key in the first host of the `upstreams` example."""
+    """`key` (dotted; `*` a model key or a host's or named key's place) set to the example
+    text, as config.yaml would hold it; a host's key in the first host of the `upstreams`
+    example, a named key's in the first key of the `auth.keys` example."""
     if key.startswith(PER_HOST):
         first, *_ = yaml.safe_load(EXAMPLES["upstreams"])
         host = first | {key.removeprefix(f"{PER_HOST}."): yaml.safe_load(example)}
         return yaml.safe_dump({"upstreams": [host]})
+    if key.startswith(PER_KEY):
+        first, *_ = yaml.safe_load(EXAMPLES["auth.keys"])
+        leaf = key.removeprefix(f"{PER_KEY}.")
+        if leaf == "key":  # one of key and key_sha256, not both
+            del first["key_sha256"]
+        return yaml.safe_dump({"auth": {"keys": [first | {leaf: yaml.safe_load(example)}]}})
     *parents, leaf = key.replace("*", "some-model").split(".")
     lines = [f"{'  ' * depth}{name}:" for depth, name in enumerate(parents)]
     return "\n".join([*lines, f"{'  ' * len(parents)}{leaf}: {example}"]) + "\n"
@@ -119,7 +127,7 @@ def test_config_example_works_in_the_file_and_the_environment(
     config.write_text(_yaml_for(setting.key, setting.example))
     from_file = load_settings(config)
     assert from_file != Settings()
-    if setting.key.startswith((PER_MODEL, PER_HOST)):
+    if setting.key.startswith((PER_MODEL, PER_HOST, PER_KEY)):
         assert setting.env is None  # set the whole mapping or list, as JSON, instead
         return
     assert setting.env is not None

@@ -29,6 +29,7 @@ ACCESS_FIELDS = {
     "request_id",
     "model",
     "endpoint",
+    "key",
     "status",
     "duration_ms",
     "queue_wait_ms",

@@ -1033,3 +1033,27 @@ async def test_the_usage_table_follows_requests_without_polling() -> None:
         await page.set_viewport_size({"width": 360, "height": 800})
         assert await ui.horizontal_overflow() == 0  # the table scrolls, not the page
         assert ui.errors == []
+
+
+async def test_a_named_key_that_is_not_an_admin_key_may_be_replaced() -> None:
+    """A named key without `admin` gets 403 from management: the page says the key is not an
+    admin key and offers to enter another, and an admin named key then connects."""
+    emulator = Emulator()
+    keys = [
+        {"name": "alice", "key": API_KEY},
+        {"name": "root", "key": ADMIN_KEY, "admin": True},
+    ]
+    async with running(emulator, auth={"keys": keys}) as proxy, browse(proxy) as ui:
+        await ui.open()
+        page = ui.page
+        dialog = page.get_by_role("dialog", name="Admin key needed")
+        await expect(dialog).to_contain_text("admin: true")
+        await dialog.get_by_label("Admin key").fill(API_KEY)
+        await dialog.get_by_label("Admin key").press("Enter")
+        await expect(page.locator("#live")).to_have_text("the key is not an admin key")
+        await expect(page.locator("#message")).to_contain_text("'alice' is not an admin key")
+        await page.locator("#admin-key-button").click()
+        await dialog.get_by_label("Admin key").fill(ADMIN_KEY)
+        await dialog.get_by_label("Admin key").press("Enter")
+        await expect(page.locator("#live")).to_have_text("connected")
+        assert ui.unexpected_errors(401, 403) == []

@@ -52,11 +52,14 @@ def percentile(values: Sequence[float], q: float) -> float:
 # --- the built-in load generator ----------------------------------------------------------------
 
 
-def http_request(url: str, path: str, body: bytes) -> tuple[str, int, bytes]:
+def http_request(
+    url: str, path: str, body: bytes, key: str | None = None
+) -> tuple[str, int, bytes]:
     host, port = url.removeprefix("http://").split(":")
+    auth = "" if key is None else f"authorization: Bearer {key}\r\n"
     head = (
         f"POST {path} HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-type: application/json\r\n"
-        f"content-length: {len(body)}\r\n\r\n"
+        f"{auth}content-length: {len(body)}\r\n\r\n"
     )
     return host, int(port), head.encode() + body
 
@@ -95,8 +98,10 @@ async def _worker(
         writer.close()
 
 
-async def builtin_run(url: str, *, stream: bool, concurrency: int, seconds: float) -> Result:
-    host, port, request = http_request(url, "/v1/chat/completions", chat_body(stream=stream))
+async def builtin_run(
+    url: str, *, stream: bool, concurrency: int, seconds: float, key: str | None = None
+) -> Result:
+    host, port, request = http_request(url, "/v1/chat/completions", chat_body(stream=stream), key)
     latencies: list[float] = []
     errors: list[int] = []
     started = time.perf_counter()
@@ -136,11 +141,15 @@ def _wrk_ms(text: str) -> float:
     return float(match.group(1)) * _UNITS[match.group(2)]
 
 
-def wrk_run(url: str, *, stream: bool, concurrency: int, seconds: float) -> Result:
+def wrk_run(
+    url: str, *, stream: bool, concurrency: int, seconds: float, key: str | None = None
+) -> Result:
     wrk = shutil.which("wrk")
     assert wrk is not None  # noqa: S101 - callers check
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(_WRK_SCRIPT % chat_body(stream=stream).decode())
+        if key is not None:
+            script.write(f'wrk.headers["authorization"] = "Bearer {key}"\n')
     try:
         threads = min(concurrency, 2)
         command = [

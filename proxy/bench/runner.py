@@ -27,13 +27,13 @@ T = TypeVar("T")
 
 
 async def _measure(
-    url: str, *, stream: bool, concurrency: int, seconds: float, use_wrk: bool
+    url: str, *, stream: bool, concurrency: int, seconds: float, use_wrk: bool, key: str | None
 ) -> Result:
     if use_wrk:
         return await asyncio.to_thread(
-            wrk_run, url, stream=stream, concurrency=concurrency, seconds=seconds
+            wrk_run, url, stream=stream, concurrency=concurrency, seconds=seconds, key=key
         )
-    return await builtin_run(url, stream=stream, concurrency=concurrency, seconds=seconds)
+    return await builtin_run(url, stream=stream, concurrency=concurrency, seconds=seconds, key=key)
 
 
 async def run_matrix(
@@ -41,7 +41,7 @@ async def run_matrix(
 ) -> list[Result]:
     results: list[Result] = []
     # One request first, so that the model is loaded before anything is timed.
-    await builtin_run(stack.proxy_url, stream=False, concurrency=1, seconds=0.2)
+    await builtin_run(stack.proxy_url, stream=False, concurrency=1, seconds=0.2, key=stack.key)
     for stream in (False, True):
         for concurrency in concurrencies:
             for target, url in (("direct", stack.emulator_url), ("proxied", stack.proxy_url)):
@@ -49,7 +49,12 @@ async def run_matrix(
                 progress(f"bench: {kind} chat, concurrency {concurrency}, {target} ...")
                 cpu_before = cpu_s(stack.proxy_pid)
                 result = await _measure(
-                    url, stream=stream, concurrency=concurrency, seconds=seconds, use_wrk=use_wrk
+                    url,
+                    stream=stream,
+                    concurrency=concurrency,
+                    seconds=seconds,
+                    use_wrk=use_wrk,
+                    key=stack.key,  # the emulator, with no token of its own, ignores it
                 )
                 result.target = target
                 if target == "proxied" and result.requests:
@@ -92,6 +97,7 @@ class BenchOptions:
     streams: int = 0  # > 0: the many-streams mode instead
     tokens_per_s: float = 20.0
     stream_seconds: float = 5.0  # how long each of the many streams lasts
+    keys: int = 0  # > 0: the proxy has this many named keys, and the load sends one
 
 
 def _run(main: Coroutine[Any, Any, T]) -> T:
@@ -123,7 +129,7 @@ def run(options: BenchOptions) -> int:
     if use_wrk and shutil.which("wrk") is None:
         print("lmswitch bench: wrk is not installed", file=sys.stderr)  # noqa: T201
         return 2
-    with start_stack() as stack:
+    with start_stack(keys=options.keys) as stack:
         results = _run(
             run_matrix(
                 stack,

@@ -5,7 +5,9 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -29,6 +31,7 @@ class Stack:
     proxy_url: str
     proxy_pid: int
     _processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    key: str | None = None  # the client key the load sends, when the proxy has keys
 
 
 def _wait_http(port: int, path: str, timeout_s: float = 20.0) -> None:
@@ -45,22 +48,25 @@ def _wait_http(port: int, path: str, timeout_s: float = 20.0) -> None:
 
 @contextlib.contextmanager
 def start_stack(
-    *, token_delay_s: float = 0.0, stamp: bool = False, reply_tokens: int = 12
+    *, token_delay_s: float = 0.0, stamp: bool = False, reply_tokens: int = 12, keys: int = 0
 ) -> Iterator[Stack]:
-    """Start the emulator (no load delay) and the proxy in front of it; stop both after."""
+    """Start the emulator (no load delay) and the proxy in front of it; stop both after.
+    With `keys`, the proxy has that many named keys (`auth.keys`, by their SHA-256) and the
+    stack's `key` is the last of them."""
     emulator_port, proxy_port = free_port(), free_port()
     python = [sys.executable, "-m", "proxy"]
     emulator_args = ["--port", str(emulator_port), "--load-delay", "0", "--quiet"]
     emulator_args += ["--token-delay", str(token_delay_s), "--reply-tokens", str(reply_tokens)]
     emulator_args += ["--stamp-chunks"] if stamp else []
     processes: list[subprocess.Popen[bytes]] = []
+    client_keys = [f"sk-bench-{secrets.token_urlsafe(32)}" for _ in range(keys)]
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp, "bench.yaml")
         config.write_text(
             f"upstream:\n  base_url: http://127.0.0.1:{emulator_port}\n"
             "models:\n  max_loaded: 1\n"
             "scheduler:\n  max_queue: 4096\n"
-            "logging:\n  level: warning\n"
+            "logging:\n  level: warning\n" + _keys_config(client_keys)
         )
         env = {k: v for k, v in os.environ.items() if not k.startswith("LMSWITCH_")}
         try:
@@ -74,6 +80,7 @@ def start_stack(
                 f"http://127.0.0.1:{proxy_port}",
                 processes[-1].pid,
                 processes,
+                client_keys[-1] if client_keys else None,
             )
         finally:
             for process in reversed(processes):
@@ -83,6 +90,17 @@ def start_stack(
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait()
+
+
+def _keys_config(secrets: list[str]) -> str:
+    """`auth.keys` holding each of `secrets` by its SHA-256, named `bench-N`."""
+    if not secrets:
+        return ""
+    entries = (
+        f"    - {{name: bench-{index}, key_sha256: {hashlib.sha256(key.encode()).hexdigest()}}}\n"
+        for index, key in enumerate(secrets)
+    )
+    return "auth:\n  keys:\n" + "".join(entries)
 
 
 # --- what /proc says ----------------------------------------------------------------------------

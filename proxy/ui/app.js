@@ -111,7 +111,8 @@
       title: "Admin key needed",
       label: "Admin key",
       description:
-        "This proxy's management endpoints need one of the keys in auth.admin_keys. " +
+        "This proxy's management endpoints need one of the keys in auth.admin_keys, " +
+        "or a key of auth.keys with admin: true. " +
         "The key is kept only while this tab is open.",
     },
     api: {
@@ -119,7 +120,7 @@
       label: "API key",
       description:
         "The chat goes through /v1/chat/completions, which needs one of the keys in " +
-        "auth.api_keys. The key is kept only while this tab is open.",
+        "auth.api_keys or auth.keys. The key is kept only while this tab is open.",
     },
   };
 
@@ -1821,9 +1822,12 @@
     }
     if (response.status === 403) {
       // Without admin keys the proxy answers management only on its own machine: retrying
-      // cannot help.
-      setPill(el.live, "not allowed from here", "bad");
+      // cannot help. With a key sent, it is a named key that is not an admin key: another
+      // key may be entered.
+      const keyRefused = Boolean(getKey("admin"));
+      setPill(el.live, keyRefused ? "the key is not an admin key" : "not allowed from here", "bad");
       setPill(el.upstream, "unknown", "muted");
+      el.adminKeyButton.hidden = !keyRefused;
       say(await errorMessage(response), "error");
       return;
     }
