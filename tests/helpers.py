@@ -9,12 +9,15 @@ from `proxy.server.free_port`.
 
 from __future__ import annotations
 
+import io
+import json
+import logging
 import re
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,7 @@ import openai
 import pytest
 import uvicorn
 from anyio.abc import Process
+from prometheus_client.parser import text_string_to_metric_families
 from starlette.types import ASGIApp
 
 from proxy.app import create_app
@@ -32,7 +36,7 @@ from proxy.config import Settings
 from proxy.emulator import Emulator
 from proxy.errors import ProxyError
 from proxy.lmstudio import Loaded, ModelInfo
-from proxy.server import free_port
+from proxy.server import configure_logging, free_port
 
 QWEN = "qwen2.5-7b-instruct"
 LLAMA = "llama-3.2-1b-instruct"
@@ -330,3 +334,120 @@ def readme_block(name: str) -> str:
     match = re.search(rf"<!-- example: {name} -->\n```\w*\n(.*?)```", readme(), re.DOTALL)
     assert match is not None, f"no example {name!r} in README.md"
     return match[1]
+
+
+# --- logs and metrics as `lmswitch serve` writes them ----------------------------------------
+
+_LOGFMT = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)')
+
+
+class Captured:
+    """What the `lmswitch` logger wrote (through `configure_logging`'s handler) and its records."""
+
+    def __init__(self, stream: io.StringIO) -> None:
+        self._stream = stream
+        self.records: list[logging.LogRecord] = []
+
+    @property
+    def lines(self) -> list[str]:
+        return self._stream.getvalue().splitlines()
+
+
+class _Keep(logging.Handler):
+    def __init__(self, into: list[logging.LogRecord]) -> None:
+        super().__init__(logging.NOTSET)
+        self._into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._into.append(record)
+
+
+@contextmanager
+def logging_as_serve_does(**sections: Any) -> Iterator[Captured]:
+    """`configure_logging` for these settings, its handler writing to a string; restored after."""
+    root = logging.getLogger("lmswitch")
+    saved = (root.handlers[:], root.level, root.propagate)
+    configure_logging(settings_for("http://unused", **sections))
+    (handler,) = root.handlers
+    assert isinstance(handler, logging.StreamHandler)
+    stream = io.StringIO()
+    handler.setStream(stream)
+    captured = Captured(stream)
+    root.addHandler(_Keep(captured.records))
+    try:
+        yield captured
+    finally:
+        root.handlers[:], root.level, root.propagate = saved
+
+
+def logfmt(line: str) -> list[tuple[str, str]]:
+    """`key=value` pairs in order; a quoted value is a JSON string."""
+    return [
+        (key, json.loads(value) if value.startswith('"') else value)
+        for key, value in _LOGFMT.findall(line)
+    ]
+
+
+def text_access_lines(captured: Captured) -> list[dict[str, str]]:
+    lines = [line for line in captured.lines if " lmswitch.access: " in line]
+    parsed = []
+    for line in lines:
+        pairs = logfmt(line.split(" lmswitch.access: ", 1)[1])
+        keys = [key for key, _ in pairs]
+        assert len(keys) == len(set(keys)), f"a field appears twice: {line}"
+        parsed.append(dict(pairs))
+    return parsed
+
+
+def json_access_lines(captured: Captured) -> list[dict[str, Any]]:
+    objects = []
+    for line in captured.lines:
+        obj = json.loads(line)  # every line the handler writes is one JSON object
+        assert isinstance(obj, dict), line
+        objects.append(obj)
+    return [obj for obj in objects if obj["logger"] == "lmswitch.access"]
+
+
+Labels = frozenset[tuple[str, str]]
+
+
+class Exposition:
+    """The `/metrics` text, parsed: sample name -> labels -> value, and family name -> type."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.types: dict[str, str] = {}
+        self.samples: dict[str, dict[Labels, float]] = {}
+        for family in text_string_to_metric_families(text):
+            # The parser strips a counter's `_total`; the exposed name is what users query.
+            name = family.name + "_total" if family.type == "counter" else family.name
+            self.types[name] = family.type
+            for sample in family.samples:
+                labels = frozenset(sample.labels.items())
+                self.samples.setdefault(sample.name, {})[labels] = sample.value
+
+    def series(self, name: str) -> dict[tuple[str, ...], float]:
+        """The samples of `name`, keyed by their label values in sorted label-name order."""
+        return {
+            tuple(value for _, value in sorted(labels)): value
+            for labels, value in self.samples.get(name, {}).items()
+        }
+
+    def value(self, name: str, **labels: str) -> float | None:
+        return self.samples.get(name, {}).get(frozenset(labels.items()))
+
+    def model_labels(self) -> set[str]:
+        return {
+            value
+            for by_labels in self.samples.values()
+            for labels in by_labels
+            for key, value in labels
+            if key == "model"
+        }
+
+
+async def scrape(http: httpx2.AsyncClient) -> Exposition:
+    response = await http.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    return Exposition(response.text)

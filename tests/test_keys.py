@@ -18,8 +18,16 @@ from proxy.auth import AuthMiddleware, credentials
 from proxy.config import load_settings
 from proxy.emulator import Emulator
 from proxy.keys import ANONYMOUS, Caller, caller_of, check_name, new_key
-from tests.helpers import LLAMA, MESSAGES, NOMIC, QWEN, running, serve
-from tests.test_logs import logging_as_serve_does, text_access_lines
+from tests.helpers import (
+    LLAMA,
+    MESSAGES,
+    NOMIC,
+    QWEN,
+    logging_as_serve_does,
+    running,
+    serve,
+    text_access_lines,
+)
 
 QWEN_14B = "qwen2.5-14b-instruct"
 ALICE_KEY = "sk-alice-TOPSECRET-1111"

@@ -3,12 +3,9 @@ out of them; what the log says while LM Studio is away, and when it is back."""
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import anyio
@@ -21,8 +18,20 @@ from proxy.errors import ProxyError, UpstreamError, UpstreamUnavailableError
 from proxy.events import EventBus
 from proxy.metrics import Metrics
 from proxy.reporter import UNREADABLE_REPEAT_S, Reporter
-from proxy.server import configure_logging, free_port
-from tests.helpers import MESSAGES, QWEN, Proxy, pool_for, proxy_for, running, serve, settings_for
+from proxy.server import free_port
+from tests.helpers import (
+    MESSAGES,
+    QWEN,
+    Captured,
+    Proxy,
+    json_access_lines,
+    logging_as_serve_does,
+    pool_for,
+    proxy_for,
+    running,
+    serve,
+    text_access_lines,
+)
 
 CHAT = "/v1/chat/completions"
 ACCESS_FIELDS = {
@@ -44,75 +53,6 @@ WRONG_KEY = "sk-wrong-GUESSED-7878"
 SECRETS = (API_KEY, OTHER_API_KEY, ADMIN_KEY, UPSTREAM_TOKEN, WRONG_KEY)
 
 JSON_TYPE = {"content-type": "application/json"}
-
-_LOGFMT = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)')
-
-
-class Captured:
-    """What the `lmswitch` logger wrote (through `configure_logging`'s handler) and its records."""
-
-    def __init__(self, stream: io.StringIO) -> None:
-        self._stream = stream
-        self.records: list[logging.LogRecord] = []
-
-    @property
-    def lines(self) -> list[str]:
-        return self._stream.getvalue().splitlines()
-
-
-class _Keep(logging.Handler):
-    def __init__(self, into: list[logging.LogRecord]) -> None:
-        super().__init__(logging.NOTSET)
-        self._into = into
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self._into.append(record)
-
-
-@contextmanager
-def logging_as_serve_does(**sections: Any) -> Iterator[Captured]:
-    """`configure_logging` for these settings, its handler writing to a string; restored after."""
-    root = logging.getLogger("lmswitch")
-    saved = (root.handlers[:], root.level, root.propagate)
-    configure_logging(settings_for("http://unused", **sections))
-    (handler,) = root.handlers
-    assert isinstance(handler, logging.StreamHandler)
-    stream = io.StringIO()
-    handler.setStream(stream)
-    captured = Captured(stream)
-    root.addHandler(_Keep(captured.records))
-    try:
-        yield captured
-    finally:
-        root.handlers[:], root.level, root.propagate = saved
-
-
-def logfmt(line: str) -> list[tuple[str, str]]:
-    """`key=value` pairs in order; a quoted value is a JSON string."""
-    return [
-        (key, json.loads(value) if value.startswith('"') else value)
-        for key, value in _LOGFMT.findall(line)
-    ]
-
-
-def text_access_lines(captured: Captured) -> list[dict[str, str]]:
-    lines = [line for line in captured.lines if " lmswitch.access: " in line]
-    parsed = []
-    for line in lines:
-        pairs = logfmt(line.split(" lmswitch.access: ", 1)[1])
-        keys = [key for key, _ in pairs]
-        assert len(keys) == len(set(keys)), f"a field appears twice: {line}"
-        parsed.append(dict(pairs))
-    return parsed
-
-
-def json_access_lines(captured: Captured) -> list[dict[str, Any]]:
-    objects = []
-    for line in captured.lines:
-        obj = json.loads(line)  # every line the handler writes is one JSON object
-        assert isinstance(obj, dict), line
-        objects.append(obj)
-    return [obj for obj in objects if obj["logger"] == "lmswitch.access"]
 
 
 async def _two_requests(http: httpx2.AsyncClient, tag: str) -> tuple[httpx2.Response, ...]:

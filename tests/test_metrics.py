@@ -12,7 +12,6 @@ from typing import Any
 import anyio
 import httpx2
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.access import RequestRecord, access_log
 from proxy.app import create_app
@@ -21,7 +20,17 @@ from proxy.events import EventBus
 from proxy.metrics import UNKNOWN_MODEL, Metrics
 from proxy.openai_routes import PROXIED_PATHS
 from proxy.usage import Usage
-from tests.helpers import LLAMA, MESSAGES, QWEN, Proxy, running, serve, settings_for
+from tests.helpers import (
+    LLAMA,
+    MESSAGES,
+    QWEN,
+    Exposition,
+    Proxy,
+    running,
+    scrape,
+    serve,
+    settings_for,
+)
 
 GEMMA = "google/gemma-3-4b"
 CHAT = "/v1/chat/completions"
@@ -55,50 +64,6 @@ UVLOOP = pytest.param(
     id="uvloop",
     marks=pytest.mark.skipif(not HAS_UVLOOP, reason="uvloop is not installed"),
 )
-
-Labels = frozenset[tuple[str, str]]
-
-
-class Exposition:
-    """The `/metrics` text, parsed: sample name -> labels -> value, and family name -> type."""
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self.types: dict[str, str] = {}
-        self.samples: dict[str, dict[Labels, float]] = {}
-        for family in text_string_to_metric_families(text):
-            # The parser strips a counter's `_total`; the exposed name is what users query.
-            name = family.name + "_total" if family.type == "counter" else family.name
-            self.types[name] = family.type
-            for sample in family.samples:
-                labels = frozenset(sample.labels.items())
-                self.samples.setdefault(sample.name, {})[labels] = sample.value
-
-    def series(self, name: str) -> dict[tuple[str, ...], float]:
-        """The samples of `name`, keyed by their label values in sorted label-name order."""
-        return {
-            tuple(value for _, value in sorted(labels)): value
-            for labels, value in self.samples.get(name, {}).items()
-        }
-
-    def value(self, name: str, **labels: str) -> float | None:
-        return self.samples.get(name, {}).get(frozenset(labels.items()))
-
-    def model_labels(self) -> set[str]:
-        return {
-            value
-            for by_labels in self.samples.values()
-            for labels in by_labels
-            for key, value in labels
-            if key == "model"
-        }
-
-
-async def scrape(http: httpx2.AsyncClient) -> Exposition:
-    response = await http.get("/metrics")
-    assert response.status_code == 200
-    assert response.headers["content-type"].startswith("text/plain")
-    return Exposition(response.text)
 
 
 async def settled(http: httpx2.AsyncClient, done: Callable[[Exposition], bool]) -> Exposition:

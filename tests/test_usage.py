@@ -18,9 +18,17 @@ from proxy.emulator import Emulator
 from proxy.events import EventBus
 from proxy.metrics import Metrics
 from proxy.usage import Usage
-from tests.helpers import LLAMA, MESSAGES, QWEN, Proxy, running
-from tests.test_logs import logging_as_serve_does, text_access_lines
-from tests.test_metrics import Exposition, scrape
+from tests.helpers import (
+    LLAMA,
+    MESSAGES,
+    QWEN,
+    Exposition,
+    Proxy,
+    logging_as_serve_does,
+    running,
+    scrape,
+    text_access_lines,
+)
 
 GEMMA = "google/gemma-3-4b"
 CHAT = "/v1/chat/completions"
@@ -251,3 +259,40 @@ async def test_a_key_metric_exposition_lists_every_family_before_any_request() -
         assert (await proxy.http.get("/api/v1/usage")).json()["keys"] == {}
         assert (await proxy.http.post(CHAT, json={"model": LLAMA})).status_code == 400
         assert (await usage_when(proxy, 1))["keys"]["anonymous"]["by_status"] == {"400": 1}
+
+
+async def test_named_keys_are_counted_under_their_names_end_to_end() -> None:
+    """Requests with named keys (`auth.keys`) count under the keys' names: in `/api/v1/usage`,
+    the `lmswitch_key_*` metrics and the access lines, and nowhere under the keys themselves."""
+    alice, batch, ops = "sk-alice-USAGE-1", "sk-batch-USAGE-2", "sk-ops-USAGE-3"
+    keys = [
+        {"name": "alice", "key": alice},
+        {"name": "batch", "key": batch, "models": [LLAMA]},
+        {"name": "ops", "key": ops, "admin": True},
+    ]
+    sections: dict[str, Any] = {"auth": {"keys": keys}}
+    body = {"model": QWEN, "messages": MESSAGES}
+    with logging_as_serve_does(**sections) as captured:
+        async with running(Emulator(reply_tokens=4), **sections) as proxy:
+            for key, model, status in ((alice, QWEN, 200), (alice, QWEN, 200), (batch, LLAMA, 200)):
+                headers = {"authorization": f"Bearer {key}"}
+                answer = await proxy.http.post(CHAT, json={**body, "model": model}, headers=headers)
+                assert answer.status_code == status
+            refused = await proxy.http.post(
+                CHAT, json=body, headers={"authorization": f"Bearer {batch}"}
+            )
+            assert refused.status_code == 403  # outside batch's models
+            usage = await usage_when(proxy, 4, authorization=f"Bearer {ops}")
+            metrics = await scrape(proxy.http)
+    assert usage["keys"]["alice"]["by_status"] == {"200": 2}
+    assert usage["keys"]["batch"]["by_status"] == {"200": 1, "403": 1}
+    assert usage["keys"]["alice"]["completion_tokens"] == 8
+    assert metrics.value("lmswitch_key_requests_total", key="alice", status="200") == 2
+    assert metrics.value("lmswitch_key_requests_total", key="batch", status="403") == 1
+    lines = [line for line in text_access_lines(captured) if line["endpoint"] == CHAT]
+    assert Counter(line["key"] for line in lines) == {"alice": 2, "batch": 2}
+    for secret in (alice, batch, ops):
+        digest = hashlib.sha256(secret.encode()).hexdigest()
+        for text in (metrics.text, json.dumps(usage), "\n".join(captured.lines)):
+            assert secret not in text
+            assert digest not in text
