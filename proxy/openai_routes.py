@@ -115,7 +115,9 @@ class _Call:
         clear to go; the lease and the answer are entered on `held`."""
         manager, key, record = self._manager, self._key, self._record
         if lease is None:
-            lease = await manager.acquire(key, placed=self._placed, ticket=ticket)
+            lease = await manager.acquire(
+                key, placed=self._placed, ticket=ticket, priority=record.priority
+            )
         else:
             record.upstream = lease.upstream
         held.callback(lease.release)
@@ -143,7 +145,11 @@ class _Call:
                 down = True
             lease.release()
             lease = await manager.acquire(  # the same budget
-                key, since=lease.arrived, placed=self._placed, ticket=ticket
+                key,
+                since=lease.arrived,
+                placed=self._placed,
+                ticket=ticket,
+                priority=record.priority,
             )
             held.callback(lease.release)
         held.push_async_callback(upstream.aclose)
