@@ -7,7 +7,6 @@ the phases, the decision order, the fairness rule and the invariants.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 
 from proxy.placement import HostView, Presence
@@ -61,7 +60,7 @@ class Scheduler:
         self.load_held = False  # the last `decide` held a load back for a probed model (§2.3)
         self._outbox: list[Action] = []
         self._next_id = 0
-        self._joined = -math.inf  # when the last waiter joined the queue (never goes back)
+        self._joined = float("-inf")  # when the last waiter joined the queue (never goes back)
         # The target an eviction was started for: a swap under way is not turned back for a
         # newer waiter of higher priority (§2.4). None once it is loaded or nobody waits for it.
         self.swap_for: str | None = None

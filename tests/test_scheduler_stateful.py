@@ -432,9 +432,10 @@ class SchedulerMachine(RuleBasedStateMachine):
             if s.models[waiter.model].phase is Phase.ABSENT:
                 assert not self.never_fits(waiter.model), f"{waiter} can never fit: not refused"
         assert s.swap_for is None or self.evicted_since_load, "a swap under way, none started"
-        key = self.first_in_line(s.swap_for)
-        if key is None or s.unreadable is not None or s.load_held:
+        first = self.first_in_line(s.swap_for)
+        if first is None or s.unreadable is not None or s.load_held:
             return  # nothing is loaded on an unread state, nor beside a JIT load
+        key = first
         assert not self.fits(key, ()), f"{key} fits and waits, but is not loaded"
         leaving = {k for k, m in s.models.items() if m.unload_requested}
         if self.fits(key, leaving):
