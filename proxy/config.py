@@ -402,6 +402,13 @@ class SchedulerSettings(_Section):
         description="How long requests waiting for another model let the loaded model keep "
         "taking new requests before it is drained.",
     )
+    priority_aging: Seconds = Field(
+        default=30.0,
+        gt=0,
+        description="When models are contended, requests of higher priority (their key's "
+        "`priority`) are served first; each this long a request waits counts as one more "
+        "priority level, so a low-priority request still gets its turn.",
+    )
     loading_feedback: Annotated[
         Literal["off", "comments", "reasoning"], BeforeValidator(_lower)
     ] = Field(

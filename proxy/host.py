@@ -92,6 +92,7 @@ class Host:
                 idle_ttl_s=models.idle_ttl,
                 max_queue=sched.max_queue,
                 queue_timeout_s=sched.queue_timeout,
+                priority_aging_s=sched.priority_aging,
             )
         )
         self._upstream = Reconciler(client, settings, clock=clock)
@@ -324,12 +325,14 @@ class Host:
         disconnected: Callable[[], Awaitable[None]] | None = None,
         since: float | None = None,
         ticket: Ticket | None = None,
+        priority: int = 0,
     ) -> Lease:
         """Wait until `key` is loaded and return a lease on it.
 
         A request that acquires again (it is retried) passes `since`, its first lease's
         `arrived`: its queue budget counts from then, not anew. Its `ticket`, if any, reads its
-        progress while it is queued. Raises the `ProxyError` the scheduler failed the request
+        progress while it is queued; its `priority` (its key's) orders it among the waiters
+        (docs/design.md §2.4). Raises the `ProxyError` the scheduler failed the request
         with, or `ClientGone` when `disconnected` returns first; in both cases the request has
         left the queue and holds no lease.
         """
@@ -337,7 +340,12 @@ class Host:
         if (lease := self.try_acquire(key, arrived)) is not None:
             return lease
         waited, loading = await self._enqueue(
-            key, disconnected, takes_lease=True, arrived=arrived, ticket=ticket
+            key,
+            disconnected,
+            takes_lease=True,
+            arrived=arrived,
+            ticket=ticket,
+            priority=priority,
         )
         self._metrics.in_flight.labels(key).inc()
         return Lease(key, waited, loading, self._release, arrived, self.name)
@@ -350,6 +358,7 @@ class Host:
         takes_lease: bool,
         arrived: float | None = None,
         ticket: Ticket | None = None,
+        priority: int = 0,
     ) -> tuple[float, bool]:
         """Queue for `key` until granted (with a lease when `takes_lease`) or failed.
 
@@ -362,7 +371,7 @@ class Host:
             # The model must be loaded, and nothing is loaded on a state that was not read: try
             # a listing first (its own deadline is shorter than the request's budget).
             await self.refresh()
-        waiter = self._scheduler.arrive(key, arrived, takes_lease=takes_lease)
+        waiter = self._scheduler.arrive(key, arrived, takes_lease=takes_lease, priority=priority)
         pending = self._pending[waiter.id] = Pending()
         loading = self._scheduler.models[key].phase is not sch.Phase.READY
         self._kick()

@@ -246,6 +246,7 @@ class ModelManager:
         since: float | None = None,
         placed: Callable[[str], None] | None = None,
         ticket: Ticket | None = None,
+        priority: int = 0,
     ) -> Lease:
         """Wait until `key` is loaded on a host and return a lease on it there; `placed` hears
         the name of each host the request is placed on.
@@ -253,8 +254,9 @@ class ModelManager:
         A request that acquires again (it is retried) passes `since`, its first lease's
         `arrived`: its queue budget counts from then, not anew. A request whose host went down
         while it waited is placed again, with what is left of its budget. Its `ticket`, if
-        any, reads its progress while it is queued (`Host.acquire`). Raises the
-        `ProxyError` it failed with, or `ClientGone` when `disconnected` returns first; in both
+        any, reads its progress while it is queued (`Host.acquire`); its `priority` (its key's)
+        orders it among the waiters of its host (docs/design.md §2.4). Raises the `ProxyError`
+        it failed with, or `ClientGone` when `disconnected` returns first; in both
         cases the request has left every queue and holds no lease.
         """
         arrived = self._clock() if since is None else since
@@ -265,7 +267,11 @@ class ModelManager:
                 placed(host.name)
             try:
                 return await host.acquire(
-                    key, disconnected=disconnected, since=arrived, ticket=ticket
+                    key,
+                    disconnected=disconnected,
+                    since=arrived,
+                    ticket=ticket,
+                    priority=priority,
                 )
             except UpstreamUnavailableError as exc:
                 host.upstream_failed(exc)

@@ -141,7 +141,9 @@ class _Call:
         clear to go; the lease and the answer are entered on `held`."""
         manager, key, record = self._manager, self._key, self._record
         if lease is None:
-            lease = await manager.acquire(key, placed=self._placed, ticket=ticket)
+            lease = await manager.acquire(
+                key, placed=self._placed, ticket=ticket, priority=record.priority
+            )
         else:
             record.upstream = lease.upstream
         self._hold(held, lease)
@@ -169,7 +171,11 @@ class _Call:
                 down = True
             self._release(lease)
             lease = await manager.acquire(  # the same budget
-                key, since=lease.arrived, placed=self._placed, ticket=ticket
+                key,
+                since=lease.arrived,
+                placed=self._placed,
+                ticket=ticket,
+                priority=record.priority,
             )
             self._hold(held, lease)
         held.push_async_callback(upstream.aclose)

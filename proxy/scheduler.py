@@ -33,6 +33,10 @@ from proxy.scheduling import (
 RETRY_HOLD_S = 1.0
 
 
+def _serving_order(waiter: Waiter) -> tuple[float, int]:
+    return waiter.rank, waiter.id
+
+
 def _gib(size: int) -> str:
     return f"{size / 2**30:.1f} GiB"
 
@@ -56,6 +60,10 @@ class Scheduler:
         self.load_held = False  # the last `decide` held a load back for a probed model (§2.3)
         self._outbox: list[Action] = []
         self._next_id = 0
+        self._joined = float("-inf")  # when the last waiter joined the queue (never goes back)
+        # The target an eviction was started for: a swap under way is not turned back for a
+        # newer waiter of higher priority (§2.4). None once it is loaded or nobody waits for it.
+        self.swap_for: str | None = None
 
     # -- events -----------------------------------------------------------------------------
 
@@ -83,10 +91,19 @@ class Scheduler:
     def set_idle_ttl(self, key: str, ttl_s: float | None) -> None:
         self.model(key).idle_ttl_s = ttl_s
 
-    def arrive(self, key: str, now: float, *, takes_lease: bool = True) -> Waiter:
+    def arrive(
+        self, key: str, now: float, *, takes_lease: bool = True, priority: int = 0
+    ) -> Waiter:
+        """A request for `key` joins the queue; `now` is when it arrived (a retried request's
+        first arrival: its deadline counts from then)."""
         self.model(key)
         self._next_id += 1
-        waiter = Waiter(self._next_id, key, now, now + self.policy.queue_timeout_s, takes_lease)
+        # Its rank counts from when it joined, never before an earlier waiter joined, so that
+        # with equal priorities the serving order is the order of joining.
+        self._joined = max(self._joined, now)
+        rank = self._joined - priority * self.policy.priority_aging_s
+        deadline = now + self.policy.queue_timeout_s
+        waiter = Waiter(self._next_id, key, now, deadline, takes_lease, priority, rank)
         self.waiters[waiter.id] = waiter
         return waiter
 
@@ -219,12 +236,17 @@ class Scheduler:
     def queued(self, key: str) -> int:
         return sum(1 for w in self.waiters.values() if w.model == key)
 
+    def ranked(self) -> list[Waiter]:
+        """The waiters in serving order: highest effective priority first, then first come
+        (with equal priorities, the order they joined the queue)."""
+        return sorted(self.waiters.values(), key=_serving_order)
+
     def queue(self) -> list[tuple[str, int]]:
         """The models requests wait for and how many wait for each, in the order they are to
-        be served: the model loading, then the others by their oldest request's arrival (the
-        fairness rule, §2.4)."""
+        be served: the model loading, then the others by their first waiter in serving order
+        (the fairness rule and priorities, §2.4)."""
         order = {m.key: 0 for m in self.models.values() if m.phase is Phase.LOADING}
-        for waiter in self.waiters.values():  # in arrival order
+        for waiter in self.ranked():
             order[waiter.model] = order.get(waiter.model, 0) + waiter.takes_lease
         return list(order.items())
 
@@ -279,6 +301,8 @@ class Scheduler:
         self._refuse(actions)
         self._grant(now, actions)
         self._limit_queue(actions)
+        if self.swap_for is not None and self._committed() is None:
+            self.swap_for = None  # loaded, or nobody waits for it any more
         target = self._target()
         victims = self._victims(target) if target is not None else []
         self._drain(target, victims, now, actions)
@@ -286,6 +310,10 @@ class Scheduler:
         if not self.busy and now >= self.hold_until:
             upstream = self._upstream_action(target, victims, now)
             if upstream is not None:
+                if isinstance(upstream, Load):
+                    self.swap_for = None
+                elif upstream.reason is UnloadReason.EVICTED and target is not None:
+                    self.swap_for = target.key
                 self._start(upstream)
                 actions.append(upstream)
                 self._refuse(actions)
@@ -323,15 +351,39 @@ class Scheduler:
         return min(w.arrived for w in self.waiters.values() if w.model == key)
 
     def _target(self) -> Model | None:
-        """The model being loaded, else the absent model whose oldest waiter came first."""
+        """The model being loaded, else the absent model of the first waiter in serving order.
+
+        Except that once an eviction was started for a target, a waiter that joined the queue
+        after the target's first waiter does not take its place by priority: the swap under
+        way is completed (with equal priorities, no waiter can take its place that way)."""
         for model in self.models.values():
             if model.phase is Phase.LOADING:
                 return model
-        for waiter in self.waiters.values():  # in arrival order
-            model = self.models[waiter.model]
-            if model.phase is Phase.ABSENT:
-                return model
-        return None
+        first: Waiter | None = None
+        for waiter in self.waiters.values():
+            if self.models[waiter.model].phase is Phase.ABSENT and (
+                first is None or _serving_order(waiter) < _serving_order(first)
+            ):
+                first = waiter
+        if first is None:
+            return None
+        committed = self._committed()
+        if (
+            committed is not None
+            and first.model != committed.key
+            and first.id > min(w.id for w in self.waiters.values() if w.model == committed.key)
+        ):
+            return committed
+        return self.models[first.model]
+
+    def _committed(self) -> Model | None:
+        """The target an eviction was started for, while it is absent and waited for."""
+        if self.swap_for is None:
+            return None
+        model = self.models[self.swap_for]
+        if model.phase is not Phase.ABSENT or not self.queued(model.key):
+            return None
+        return model
 
     def _victims(self, target: Model) -> list[Model]:
         """The fewest models to unload, idle ones first then least recently used, to fit."""
@@ -441,7 +493,7 @@ class Scheduler:
     def _grant(self, now: float, actions: list[Action]) -> None:
         """Lease ready models to their waiters. An operator's load (no lease) is done once its
         model is ready, even if an unload was asked for meanwhile (it happens next)."""
-        for waiter in list(self.waiters.values()):
+        for waiter in self.ranked():
             model = self.models[waiter.model]
             if model.phase is Phase.READY and not (model.unload_requested and waiter.takes_lease):
                 del self.waiters[waiter.id]
@@ -453,7 +505,7 @@ class Scheduler:
     def _limit_queue(self, actions: list[Action]) -> None:
         excess = len(self.waiters) - self.policy.max_queue
         if excess > 0:
-            newest = list(self.waiters.values())[-excess:]
+            newest = self.ranked()[-excess:]  # lowest effective priority, newest first
             message = f"too many requests waiting for models (max_queue is {self.policy.max_queue})"
             for waiter in newest:
                 self._fail(waiter, FailReason.QUEUE_FULL, message, actions)

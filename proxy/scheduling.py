@@ -52,6 +52,8 @@ class Policy:
     max_queue: int = 256
     queue_timeout_s: float = 300.0
     idle_gap_s: float = IDLE_GAP_S
+    # Each this long a request waits counts as one more priority level (§2.4).
+    priority_aging_s: float = 30.0
 
 
 @dataclass(slots=True)
@@ -88,6 +90,11 @@ class Waiter:
     arrived: float
     deadline: float
     takes_lease: bool = True
+    priority: int = 0  # its key's: higher is served first when models are contended
+    # Its place in the serving order, lower first: when it joined the queue, less
+    # priority x priority_aging. Effective priority is priority + waited / priority_aging, so
+    # two waiters compare the same way for as long as both wait (§2.4).
+    rank: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -96,6 +96,7 @@ EXAMPLES: dict[str, str] = {
     "scheduler.max_queue": "64",
     "scheduler.queue_timeout": "2m",
     "scheduler.swap_grace": "30s",
+    "scheduler.priority_aging": "1m",
     "scheduler.loading_feedback": "reasoning",
     "scheduler.loading_feedback_after": "5s",
     "logging.level": "debug",

@@ -71,6 +71,7 @@ def test_defaults_match_the_design() -> None:
         300,
         10,
     )
+    assert s.scheduler.priority_aging == 30
     assert (s.logging.level, s.logging.format) == ("info", "text")
 
 
@@ -143,7 +144,7 @@ models:
   idle_ttl: 15m
   load_options:
     qwen: {context_length: 8192, flash_attention: true}
-scheduler: {max_queue: 0, queue_timeout: 1h30m, swap_grace: 250ms}
+scheduler: {max_queue: 0, queue_timeout: 1h30m, swap_grace: 250ms, priority_aging: 2m}
 logging: {level: DEBUG, format: json}
 """,
     )
@@ -166,6 +167,7 @@ logging: {level: DEBUG, format: json}
     }
     assert (s.scheduler.max_queue, s.scheduler.queue_timeout) == (0, 5400)
     assert s.scheduler.swap_grace == pytest.approx(0.25)
+    assert s.scheduler.priority_aging == 120
     assert (s.logging.level, s.logging.format) == ("debug", "json")
 
 
@@ -365,6 +367,7 @@ def test_check_config_exits_2_with_the_key_meant_and_the_shape_expected(
         ("server: {max_connections: 0}", "server.max_connections: must be >= 1"),
         ("server: {port: 70000}", "server.port: must be <= 65535"),
         ("scheduler: {max_queue: -3}", "scheduler.max_queue: must be >= 0"),
+        ("scheduler: {priority_aging: 0s}", "scheduler.priority_aging: must be > 0.0"),
         (
             "models: {load_options: {q: {context_length: 0}}}",
             "models.load_options.q.context_length: must be > 0",

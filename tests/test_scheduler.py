@@ -237,3 +237,76 @@ def test_an_operators_load_answers_when_an_unload_came_meanwhile() -> None:
     actions = s.decide(1.0)
     assert actions[0] == sch.Grant(load)
     assert sch.Unload("a", "a", sch.UnloadReason.ADMIN) in actions
+
+
+# -- priorities with aging (docs/design.md §2.4) ----------------------------------------------
+
+
+def test_priority_picks_the_next_model() -> None:
+    s = make(max_loaded=1, swap_grace_s=5.0, priority_aging_s=30.0)
+    load_ready(s, "a", 0.0)
+    s.arrive("c", 1.0)  # a batch job came first
+    s.arrive("b", 2.0, priority=10)  # an interactive request for another model
+    assert s.queue() == [("b", 1), ("c", 1)]
+    assert s.decide(2.0 + sch.IDLE_GAP_S) == [sch.Unload("a", "a", sch.UnloadReason.EVICTED)]
+    s.unload_done("a")
+    assert s.decide(3.0) == [sch.Load("b")]
+
+
+def test_equal_priorities_keep_the_order_of_arrival() -> None:
+    for priority in (0, 3):
+        s = make(max_loaded=1, priority_aging_s=30.0)
+        load_ready(s, "a", 0.0)
+        s.arrive("c", 1.0, priority=priority)
+        s.arrive("b", 2.0, priority=priority)
+        s.arrive("c", 3.0, priority=priority)
+        assert s.queue() == [("c", 2), ("b", 1)]
+        assert s.decide(2.0 + sch.IDLE_GAP_S) == [sch.Unload("a", "a", sch.UnloadReason.EVICTED)]
+        s.unload_done("a")
+        assert s.decide(3.0) == [sch.Load("c")]
+
+
+def test_aging_lets_a_low_priority_waiter_win_after_enough_waiting() -> None:
+    # One level per 10 s waited: priority 2 counts as having come 20 s earlier.
+    early = make(max_loaded=1, swap_grace_s=60.0, priority_aging_s=10.0)
+    late = make(max_loaded=1, swap_grace_s=60.0, priority_aging_s=10.0)
+    for s, when in ((early, 19.0), (late, 21.0)):
+        load_ready(s, "a", 0.0)
+        s.arrive("c", 0.0)  # low priority, waiting since 0 (a is idle, within the idle gap)
+        s.arrive("b", when, priority=2)
+        assert s.decide(when) == [sch.Unload("a", "a", sch.UnloadReason.EVICTED)]
+        s.unload_done("a")
+        loaded = s.decide(when)
+        assert loaded == [sch.Load("b" if s is early else "c")], (when, loaded)
+
+
+def test_a_swap_under_way_is_not_turned_back_by_a_higher_priority() -> None:
+    s = make(max_loaded=1)
+    load_ready(s, "a", 0.0)
+    s.arrive("c", 1.0)
+    assert s.decide(1.0) == [sch.Unload("a", "a", sch.UnloadReason.EVICTED)]
+    s.arrive("b", 1.5, priority=10)  # during the unload made for c
+    assert s.queue()[0] == ("b", 1)  # b is first in line, after the swap under way
+    s.unload_done("a")
+    assert s.decide(2.0) == [sch.Load("c")]
+    s.load_done("c", "c", 3.0)
+    assert kinds(s.decide(3.0)) == ["Grant"]
+    s.release("c", 3.5)
+    assert s.decide(3.5 + sch.IDLE_GAP_S) == [sch.Unload("c", "c", sch.UnloadReason.EVICTED)]
+    s.unload_done("c")
+    assert s.decide(4.0) == [sch.Load("b")]
+
+
+def test_queue_overflow_refuses_the_lowest_effective_priority_newest_first() -> None:
+    s = make(max_queue=3, priority_aging_s=10.0)
+    old_low = s.arrive("a", 0.0)  # waited 30 s at 30: counts as priority 3
+    high = s.arrive("b", 29.0, priority=5)
+    low1 = s.arrive("a", 29.0)
+    low2 = s.arrive("c", 30.0)  # the newest of the lowest
+    mid = s.arrive("c", 30.0, priority=1)
+    s.set_unreadable(None)
+    s.models["a"].phase = s.models["b"].phase = s.models["c"].phase = Phase.LOADING
+    fails = [a for a in s.decide(30.0) if isinstance(a, sch.Fail)]
+    assert [f.waiter for f in fails] == [low1, low2]
+    assert all(f.reason is sch.FailReason.QUEUE_FULL for f in fails)
+    assert [w.id for w in s.ranked()] == [high.id, old_low.id, mid.id]

@@ -73,6 +73,7 @@ def setups(draw: st.DrawFn) -> Setup:
         idle_ttl_s=draw(st.none() | st.sampled_from([0.5, 3.0, 60.0])),
         max_queue=draw(st.integers(1, 8)),
         queue_timeout_s=draw(st.sampled_from([1.0, 5.0, 30.0, 30.0, 300.0])),
+        priority_aging_s=draw(st.sampled_from([0.1, 1.0, 30.0])),
     )
     pinned = draw(st.frozensets(st.sampled_from(keys), max_size=1))
     return Setup(sizes, policy, pinned)
@@ -102,6 +103,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.running: list[str] = []  # one entry per lease held, by model
         self.expired: list[Waiter] = []
         self.load_failed_for: str | None = None
+        self.evicted_since_load = False  # an eviction was started since the last load
+        self.committed: str | None = None  # the swap under way before this step's `decide`
 
     # -- set-up and events ----------------------------------------------------------------------
 
@@ -117,19 +120,22 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.pinned = set(setup.pinned)
         self.step()
 
-    @rule(data=st.data(), n=st.sampled_from([1, 1, 2, 3]))
-    def arrive(self, data: st.DataObject, n: int) -> None:
-        """Requests arrive for one model, `decide` after each."""
-        self.arrivals(data.draw(st.sampled_from(self.keys), label="model"), n, takes_lease=True)
+    @rule(data=st.data(), n=st.sampled_from([1, 1, 2, 3]), priority=st.integers(0, 3))
+    def arrive(self, data: st.DataObject, n: int, priority: int) -> None:
+        """Requests of one priority arrive for one model, `decide` after each."""
+        key = data.draw(st.sampled_from(self.keys), label="model")
+        self.arrivals(key, n, takes_lease=True, priority=priority)
 
     @rule(data=st.data())
     def admin_load(self, data: st.DataObject) -> None:
         """An operator's load: a waiter that takes no lease."""
         self.arrivals(data.draw(st.sampled_from(self.keys), label="model"), 1, takes_lease=False)
 
-    def arrivals(self, key: str, n: int, *, takes_lease: bool) -> None:
+    def arrivals(self, key: str, n: int, *, takes_lease: bool, priority: int = 0) -> None:
         for _ in range(n):
-            waiter = self.s.arrive(key, self.now, takes_lease=takes_lease)
+            waiter = self.s.arrive(key, self.now, takes_lease=takes_lease, priority=priority)
+            # Arrivals come in time order here: its rank is its arrival less its priority's worth.
+            assert waiter.rank == self.now - priority * self.policy.priority_aging_s
             assert waiter.id not in self.waiting
             self.waiting[waiter.id] = waiter
             self.step()
@@ -248,6 +254,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     def step(self, *, quiet: bool = False) -> None:
         """Ask the scheduler what to do now, carry it out, and check the contract."""
         waiting_before = dict(self.waiting)
+        self.committed = self.s.swap_for
         actions = self.s.decide(self.now)
         if quiet:
             assert not actions, f"decide acted before next_wakeup ({self.wake}): {actions}"
@@ -258,7 +265,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         full = [a.waiter.id for a in actions if isinstance(a, Fail) and a.reason is QUEUE_FULL]
         if full:
             assert len(waiting_before) > self.policy.max_queue, "queue full below max_queue"
-            assert min(full) > max(self.waiting, default=0), "queue full: not the newest failed"
+            # The lowest effective priority, the newest of them first.
+            failed = [waiting_before[i] for i in full]
+            worst_kept = max(map(self.order, self.waiting.values()), default=(-math.inf, 0))
+            assert min(map(self.order, failed)) > worst_kept, "queue full: not the last in line"
         self.load_failed_for = None
         self.check()
         self.wake = self.s.next_wakeup(self.now)
@@ -294,6 +304,29 @@ class SchedulerMachine(RuleBasedStateMachine):
         else:
             assert isinstance(action, Observed)
 
+    def order(self, waiter: Waiter) -> tuple[float, int]:
+        """Serving order (§2.4): effective priority, priority + waited / priority_aging, the
+        highest first, then first come; the same order at any time, as all waited alike."""
+        return waiter.arrived - waiter.priority * self.policy.priority_aging_s, waiter.id
+
+    def first_in_line(self, committed: str | None, loading: str | None = None) -> str | None:
+        """The model the next load must be for (`loading` counted as absent): the model of the
+        first waiter of an absent model in serving order, unless that waiter came after the
+        first waiter of the model a swap is under way for (`committed`: an eviction was started
+        for it), which is then completed."""
+        absent = [
+            w
+            for w in self.waiting.values()
+            if w.model == loading or self.s.models[w.model].phase is Phase.ABSENT
+        ]
+        if not absent:
+            return None
+        first = min(absent, key=self.order)
+        ids = [w.id for w in absent if w.model == committed]
+        if ids and first.model != committed and first.id > min(ids):
+            return committed
+        return first.model
+
     def check_fail(self, action: Fail) -> None:
         waiter = action.waiter
         assert self.waiting.pop(waiter.id, None) is not None, f"fail of a non-waiter {waiter}"
@@ -318,6 +351,13 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert not any(m.probed for m in self.s.models.values()), "a load beside a JIT load"
         assert key not in self.truth, "a second load of a loaded model"
         assert any(w.model == key for w in self.waiting.values()), "a load nobody waits for"
+        # Priorities (§2.4): the load is for the first in line. So a waiter is passed only by
+        # waiters ranked before it, which joined at most (their priority - its priority) x
+        # priority_aging after it, and by the swap under way: a bounded number, and the
+        # fairness rule bounds each of their swaps.
+        first = self.first_in_line(self.committed, loading=key)
+        assert key == first, f"{action}, but {first} is first in line"
+        self.evicted_since_load = False
         # Everything LM Studio holds, adopted models included, must leave room for this one.
         assert self.fits(key, ()), f"{action} exceeds capacity: {self.truth}"
 
@@ -325,6 +365,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         key = action.model
         assert self.inflight is None, f"{action} while {self.inflight} is in flight"
         assert action.instance_id in self.truth.get(key, ()), "unload of an unknown instance"
+        if action.reason is UnloadReason.EVICTED:
+            self.evicted_since_load = True
         assert key not in self.running, f"unload of {key} under a lease"
         if action.reason is UnloadReason.ADMIN:
             assert self.s.models[key].unload_requested
@@ -389,12 +431,11 @@ class SchedulerMachine(RuleBasedStateMachine):
         for waiter in self.waiting.values():
             if s.models[waiter.model].phase is Phase.ABSENT:
                 assert not self.never_fits(waiter.model), f"{waiter} can never fit: not refused"
-        target = next(
-            (w for w in self.waiting.values() if s.models[w.model].phase is Phase.ABSENT), None
-        )
-        if target is None or s.unreadable is not None or s.load_held:
+        assert s.swap_for is None or self.evicted_since_load, "a swap under way, none started"
+        first = self.first_in_line(s.swap_for)
+        if first is None or s.unreadable is not None or s.load_held:
             return  # nothing is loaded on an unread state, nor beside a JIT load
-        key = target.model
+        key = first
         assert not self.fits(key, ()), f"{key} fits and waits, but is not loaded"
         leaving = {k for k, m in s.models.items() if m.unload_requested}
         if self.fits(key, leaving):
@@ -408,7 +449,8 @@ class SchedulerMachine(RuleBasedStateMachine):
             and not m.pinned
             and k not in self.running
         }
-        grace_over = self.now >= target.arrived + self.policy.swap_grace_s + EPS
+        oldest = min(w.arrived for w in self.waiting.values() if w.model == key)
+        grace_over = self.now >= oldest + self.policy.swap_grace_s + EPS
         if grace_over and self.fits(key, leaving | idle):
             raise AssertionError(f"grace is over and idle models {idle} could make room for {key}")
 
@@ -466,7 +508,9 @@ def test_scheduler_state_machine() -> None:
 class Driven(Protocol):
     """What `Sim` needs of a scheduler: `Scheduler`, or the FCFS baseline below."""
 
-    def arrive(self, key: str, now: float, *, takes_lease: bool = ...) -> Waiter: ...
+    def arrive(
+        self, key: str, now: float, *, takes_lease: bool = ..., priority: int = ...
+    ) -> Waiter: ...
     def release(self, key: str, now: float) -> None: ...
     def load_done(self, key: str, instance_id: str, now: float) -> None: ...
     def unload_done(self, key: str) -> None: ...
@@ -479,6 +523,7 @@ class Request:
     model: str
     duration: float
     then: Callable[[], None] | None = None  # a closed-loop client's next request
+    priority: int = 0
     arrived: float = math.nan
     granted: float | None = None
     contested: bool = False  # arrived with its model absent and the other one ready
@@ -510,7 +555,7 @@ class Sim:
 
     def submit(self, request: Request) -> None:
         request.arrived = self.now
-        waiter = self.sched.arrive(request.model, self.now)
+        waiter = self.sched.arrive(request.model, self.now, priority=request.priority)
         self._waiting[waiter.id] = request
         self.requests.append(request)
         if self.on_submit is not None:
@@ -585,8 +630,10 @@ class Fcfs:
         self.busy = False
         self._ids = itertools.count(1)
 
-    def arrive(self, key: str, now: float, *, takes_lease: bool = True) -> Waiter:
-        waiter = Waiter(next(self._ids), key, now, math.inf, takes_lease)
+    def arrive(
+        self, key: str, now: float, *, takes_lease: bool = True, priority: int = 0
+    ) -> Waiter:
+        waiter = Waiter(next(self._ids), key, now, math.inf, takes_lease)  # priority ignored
         self.queue.append(waiter)
         return waiter
 
@@ -740,3 +787,77 @@ def test_mixed_three_model_workload_swaps_far_less_than_fcfs(seed: int) -> None:
     # One swap can be ahead of a request's own: two models' turns at most, each bounded by
     # grace + the longest request + one unload + one load.
     assert max(r.waited for r in ours.requests) <= 2 * (10.0 + 3.0 + 2.0 + 2.0) + EPS
+
+
+# -- priorities with aging (docs/design.md §2.4) ----------------------------------------------
+
+
+@pytest.mark.parametrize("grace", [1.0, 10.0])
+def test_an_interactive_key_is_not_stuck_behind_a_batch_job(grace: float) -> None:
+    """One slot; a batch job (priority 0) streams to a and queues for c; an interactive request
+    (priority 10) for b is served within swap_grace + the longest request + one swap."""
+    load_s, unload_s = 2.0, 2.0
+    sched = three_models(max_loaded=1, swap_grace_s=grace)
+    sim = Sim(sched, load_s=load_s, unload_s=unload_s)
+    for i in range(120):  # a new 1 s request to a every 0.5 s for a minute
+        sim.at(i * 0.5, partial(sim.submit, Request("a", 1.0)))
+    for i in range(5):  # and requests for c, queued first
+        sim.at(4.0 + i * 0.1, partial(sim.submit, Request("c", 1.0)))
+    b = Request("b", 1.0, priority=10)
+    sim.at(5.0, partial(sim.submit, b))
+    sim.run(until=3600.0)
+    assert not sim.failed
+    assert all(r.granted is not None for r in sim.requests)
+    assert b.waited <= grace + 1.0 + unload_s + load_s + EPS
+    first_c = min(r.granted or math.inf for r in sim.requests if r.model == "c")
+    assert b.granted is not None
+    assert b.granted < first_c  # b went ahead of the batch's c
+
+
+@settings(max_examples=200, deadline=None, report_multiple_bugs=False)
+@given(
+    aging=st.sampled_from([0.5, 2.0, 10.0]),
+    high=st.integers(1, 3),
+    grace=st.sampled_from([0.0, 1.0, 5.0]),
+    period=st.sampled_from([0.2, 0.5, 1.5]),
+    longest=st.sampled_from([0.5, 1.0, 3.0]),
+    upstream_s=st.sampled_from([0.0, 0.5, 2.0]),
+    start=st.sampled_from([0.0, 3.0, 7.5]),
+)
+def test_aging_bounds_the_wait_behind_a_high_priority_stream(
+    aging: float,
+    high: int,
+    grace: float,
+    period: float,
+    longest: float,
+    upstream_s: float,
+    start: float,
+) -> None:
+    """One slot; a steady stream of priority `high` alternates between models a and b (so one
+    of them always waits for a load, ahead of anything of lower priority); a request of
+    priority 0 for c still gets its turn.
+
+    Its bound: no waiter that joins more than high x priority_aging after it is ahead of it
+    (the next load is always for the first in line, §2.4), and once none joins ahead of it,
+    every model with waiters ahead of it is loaded at most once more before c, each swap bounded
+    by the fairness rule (grace + the longest request + one unload + one load)."""
+    sched = three_models(
+        max_loaded=1,
+        swap_grace_s=grace,
+        priority_aging_s=aging,
+        queue_timeout_s=1e9,
+        max_queue=10**6,
+    )
+    sim = Sim(sched, load_s=upstream_s, unload_s=upstream_s)
+    n = int(120.0 / period)
+    for i in range(n):  # for two minutes
+        request = Request("ab"[i % 2], longest, priority=high)
+        sim.at(i * period, partial(sim.submit, request))
+    c = Request("c", longest)
+    sim.at(start, partial(sim.submit, c))
+    sim.run(until=36_000.0)
+    assert not sim.failed
+    assert all(r.granted is not None for r in sim.requests)
+    swap = grace + longest + 2 * upstream_s
+    bound = high * aging + 3 * swap
+    assert c.waited <= bound + EPS, f"c waited {c.waited:.2f} s, more than {bound:.2f} s"
