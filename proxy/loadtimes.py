@@ -38,11 +38,10 @@ class LoadTimes:
             return statistics.median(times)
         if size_bytes <= 0:
             return None
-        speeds = [
-            size / statistics.median(self._times[other])
-            for other, size in self._sizes.items()
-            if statistics.median(self._times[other]) > 0
-        ]
+        taken = (
+            (size, statistics.median(self._times[other])) for other, size in self._sizes.items()
+        )
+        speeds = [size / seconds for size, seconds in taken if seconds > 0]
         if not speeds:
             return None
         return size_bytes / statistics.median(speeds)
