@@ -62,6 +62,8 @@ class RequestRecord:
     priority: int = 0
     busy_s: float = 0.0  # time its model was held for it, from its lease to its release
     granted: bool = False  # it was granted its model (its `queue_wait_s` is measured)
+    client: str | None = None  # the client's address and port: its connection
+    stream: bool = False  # it asked for a streamed answer
     routed: bool = True
 
     def fields(self) -> dict[str, Any]:
@@ -80,6 +82,9 @@ class RequestRecord:
         if not self.routed:
             return fields
         fields["upstream"] = self.upstream or "-"
+        fields["stream"] = self.stream
+        fields["client"] = self.client or "-"
+        fields["busy_ms"] = round(self.busy_s * 1000, 1)
         fields["disconnected"] = self.disconnected
         if self.first_byte_s is not None:
             fields["first_byte_ms"] = round(self.first_byte_s * 1000, 1)

@@ -347,6 +347,10 @@ def _problem_at(loc: tuple[int | str, ...], message: str) -> InitErrorDetails:
     return InitErrorDetails(type="value_error", loc=loc, input=None, ctx={"error": message})
 
 
+def _lower(value: object) -> object:
+    return value.lower() if isinstance(value, str) else value
+
+
 class ModelsSettings(_Section):
     """Routing (default, aliases) and the loading policy (pins, preloads, capacity, idle TTL)."""
 
@@ -367,6 +371,11 @@ class ModelsSettings(_Section):
     idle_ttl: Seconds | None = Field(
         default=None, description="Unload a model idle this long (not a pinned one); null: never."
     )
+    eviction: Annotated[Literal["lru", "cost"], BeforeValidator(_lower)] = Field(
+        default="lru",
+        description="Which idle models make room first: lru (least recently used) or cost "
+        "(those cheapest to reload per byte, by uses and learned load times).",
+    )
     load_options: Annotated[dict[str, LoadOptions], BeforeValidator(_null_as_empty_dict)] = Field(
         default_factory=dict, description="Per model key: LM Studio's load fields, each optional."
     )
@@ -380,10 +389,6 @@ class ModelsSettings(_Section):
     def replicas_of(self, key: str) -> int:
         """How many hosts may hold the model `key` loaded at once."""
         return self.replicas.get(key, 1)
-
-
-def _lower(value: object) -> object:
-    return value.lower() if isinstance(value, str) else value
 
 
 class SchedulerSettings(_Section):

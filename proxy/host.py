@@ -25,7 +25,6 @@ from proxy.errors import ModelGoneError, ProxyError, QueueTimeoutError, Upstream
 from proxy.events import EventBus
 from proxy.leases import FRESH_S, Gate, Lease, Pending, Progress, Ticket, failure
 from proxy.lmstudio import ModelInfo
-from proxy.loadtimes import LoadTimes
 from proxy.metrics import Metrics
 from proxy.placement import HostView
 from proxy.reconciler import LMStudioCalls, LoadFailed, Observation, Reconciler
@@ -93,6 +92,7 @@ class Host:
                 max_queue=sched.max_queue,
                 queue_timeout_s=sched.queue_timeout,
                 priority_aging_s=sched.priority_aging,
+                eviction=sch.Eviction(models.eviction),
             )
         )
         self._upstream = Reconciler(client, settings, clock=clock)
@@ -117,7 +117,6 @@ class Host:
         self._listed_at = -math.inf  # when the latest listing began
         self._unloaded: dict[str, anyio.Event] = {}  # operators' unloads waiting to be done
         self._retry_s = _RETRY_S  # after the next failed listing
-        self._load_times = LoadTimes()  # this proxy's loads here, for their expected times
         self._loading_since: dict[str, float] = {}  # the load running, when it began
         self._queue_seen: tuple[tuple[str, int, str], ...] | None = None  # as last published
         self.started = anyio.Event()  # its first listing ended, read or not
@@ -224,7 +223,7 @@ class Host:
         info = self._upstream.catalog.get(key)
         model = self._scheduler.models.get(key)
         size = info.size_bytes if info is not None else model.size_bytes if model else 0
-        return self._load_times.expected(key, size)
+        return self._scheduler.load_times.expected(key, size)
 
     def _queue_rows(self) -> list[dict[str, Any]]:
         """The models requests wait for here, in the order they are to be served, with how
@@ -308,15 +307,17 @@ class Host:
 
     # -- leases -----------------------------------------------------------------------------
 
-    def try_acquire(self, key: str, arrived: float | None = None) -> Lease | None:
+    def try_acquire(
+        self, key: str, arrived: float | None = None, client: str | None = None
+    ) -> Lease | None:
         """The fast path of `acquire`: a lease at once if `key` is ready and nothing waits
         here, else None (and nothing changed)."""
         arrived = self._clock() if arrived is None else arrived
-        if not self._scheduler.try_grant(key, arrived):
+        if not self._scheduler.try_grant(key, arrived, client):
             return None
         self._metrics.queue_wait.labels(key).observe(0.0)
         self._metrics.in_flight.labels(key).inc()
-        return Lease(key, 0.0, False, self._release, arrived, self.name)
+        return Lease(key, 0.0, False, self._release, arrived, self.name, client)
 
     async def acquire(
         self,
@@ -326,18 +327,20 @@ class Host:
         since: float | None = None,
         ticket: Ticket | None = None,
         priority: int = 0,
+        client: str | None = None,
     ) -> Lease:
         """Wait until `key` is loaded and return a lease on it.
 
         A request that acquires again (it is retried) passes `since`, its first lease's
         `arrived`: its queue budget counts from then, not anew. Its `ticket`, if any, reads its
         progress while it is queued; its `priority` (its key's) orders it among the waiters
-        (docs/design.md §2.4). Raises the `ProxyError` the scheduler failed the request
+        (docs/design.md §2.4), and its `client` (its connection) tells the fairness rule who
+        may come back for a model. Raises the `ProxyError` the scheduler failed the request
         with, or `ClientGone` when `disconnected` returns first; in both cases the request has
         left the queue and holds no lease.
         """
         arrived = self._clock() if since is None else since
-        if (lease := self.try_acquire(key, arrived)) is not None:
+        if (lease := self.try_acquire(key, arrived, client)) is not None:
             return lease
         waited, loading = await self._enqueue(
             key,
@@ -346,9 +349,10 @@ class Host:
             arrived=arrived,
             ticket=ticket,
             priority=priority,
+            client=client,
         )
         self._metrics.in_flight.labels(key).inc()
-        return Lease(key, waited, loading, self._release, arrived, self.name)
+        return Lease(key, waited, loading, self._release, arrived, self.name, client)
 
     async def _enqueue(
         self,
@@ -359,6 +363,7 @@ class Host:
         arrived: float | None = None,
         ticket: Ticket | None = None,
         priority: int = 0,
+        client: str | None = None,
     ) -> tuple[float, bool]:
         """Queue for `key` until granted (with a lease when `takes_lease`) or failed.
 
@@ -371,7 +376,9 @@ class Host:
             # The model must be loaded, and nothing is loaded on a state that was not read: try
             # a listing first (its own deadline is shorter than the request's budget).
             await self.refresh()
-        waiter = self._scheduler.arrive(key, arrived, takes_lease=takes_lease, priority=priority)
+        waiter = self._scheduler.arrive(
+            key, arrived, takes_lease=takes_lease, priority=priority, client=client
+        )
         pending = self._pending[waiter.id] = Pending()
         loading = self._scheduler.models[key].phase is not sch.Phase.READY
         self._kick()
@@ -384,7 +391,7 @@ class Host:
             except BaseException:
                 if pending.event.is_set() and pending.error is None and takes_lease:
                     # Granted as the wait was cancelled: nobody will hold it, so give it back.
-                    self._scheduler.release(key, self._clock())
+                    self._scheduler.release(key, self._clock(), client)
                     self._kick()
                 raise
             finally:
@@ -517,10 +524,10 @@ class Host:
         ):
             self._ask_listing(self._clock())  # did those requests make LM Studio load?
 
-    def _release(self, key: str) -> None:
+    def _release(self, key: str, client: str | None) -> None:
         self._metrics.in_flight.labels(key).dec()
         now = self._clock()
-        self._scheduler.release(key, now)
+        self._scheduler.release(key, now, client)
         if self._scheduler.release_settles(key):
             self._wake_if_sooner(now)  # an idle TTL may now run out before the loop wakes
         else:
@@ -662,8 +669,7 @@ class Host:
             self._scheduler.load_failed(key, result.error)
             self._report.load_failed(key, result.error)
         else:
-            self._scheduler.load_done(key, result.instance_id, self._clock())
-            self._load_times.record(key, result.elapsed_s, self._scheduler.models[key].size_bytes)
+            self._scheduler.load_done(key, result.instance_id, self._clock(), result.elapsed_s)
             self._report.loaded(key, result.instance_id, result.elapsed_s)
         self._epoch += 1
         self._kick()

@@ -88,6 +88,7 @@ class Lease:
         "_release",
         "_released",
         "arrived",
+        "client",
         "key",
         "upstream",
         "waited_on_load",
@@ -99,13 +100,15 @@ class Lease:
         key: str,
         waited_s: float,
         on_load: bool,
-        release: Callable[[str], None],
+        release: Callable[[str, str | None], None],
         arrived: float,
         upstream: str,
+        client: str | None = None,
     ) -> None:
         self._release = release
         self._released = False
         self.arrived = arrived  # when the request first queued (on the manager's clock)
+        self.client = client  # who holds it (its connection), for the fairness rule
         self.key = key
         self.upstream = upstream  # the name of the host it holds the model on
         self.waited_s = waited_s
@@ -115,7 +118,7 @@ class Lease:
         """Give the model back. Synchronous and idempotent, so it is safe in any `finally`."""
         if not self._released:
             self._released = True
-            self._release(self.key)
+            self._release(self.key, self.client)
 
 
 def failure(action: Fail) -> ProxyError:

@@ -232,11 +232,11 @@ class ModelManager:
 
     # -- leases -----------------------------------------------------------------------------
 
-    def try_acquire(self, key: str) -> Lease | None:
+    def try_acquire(self, key: str, client: str | None = None) -> Lease | None:
         """The fast path of `acquire`: a lease at once where `key` is ready and nothing waits,
         else None (nothing changed, and `acquire` places the request)."""
         host = self._ready_host(key)
-        return host.try_acquire(key) if host is not None else None
+        return host.try_acquire(key, client=client) if host is not None else None
 
     async def acquire(
         self,
@@ -247,6 +247,7 @@ class ModelManager:
         placed: Callable[[str], None] | None = None,
         ticket: Ticket | None = None,
         priority: int = 0,
+        client: str | None = None,
     ) -> Lease:
         """Wait until `key` is loaded on a host and return a lease on it there; `placed` hears
         the name of each host the request is placed on.
@@ -255,7 +256,8 @@ class ModelManager:
         `arrived`: its queue budget counts from then, not anew. A request whose host went down
         while it waited is placed again, with what is left of its budget. Its `ticket`, if
         any, reads its progress while it is queued (`Host.acquire`); its `priority` (its key's)
-        orders it among the waiters of its host (docs/design.md §2.4). Raises the `ProxyError`
+        orders it among the waiters of its host (docs/design.md §2.4), and its `client` (its
+        connection) tells the fairness rule who may come back for a model. Raises the `ProxyError`
         it failed with, or `ClientGone` when `disconnected` returns first; in both
         cases the request has left every queue and holds no lease.
         """
@@ -272,6 +274,7 @@ class ModelManager:
                     since=arrived,
                     ticket=ticket,
                     priority=priority,
+                    client=client,
                 )
             except UpstreamUnavailableError as exc:
                 host.upstream_failed(exc)

@@ -56,6 +56,8 @@ async def proxy_request(request: Request[State]) -> Response:
     path, headers = request.url.path, request.headers.raw
     record = record_of(request.scope)
     record.routed, record.model = True, UNKNOWN_MODEL
+    if (peer := request.scope.get("client")) is not None:
+        record.client = f"{peer[0]}:{peer[1]}"  # one connection: one request at a time
     body = await read_body(request, settings.server.max_body_bytes)
     watch_of(request.scope).start()
     payload = parse_object(body)
@@ -65,6 +67,7 @@ async def proxy_request(request: Request[State]) -> Response:
     record.model = key = resolved.key
     check_allowed(caller, model if isinstance(model, str) else settings.models.default or key, key)
     check_type(manager.model_type(key), key, path)
+    record.stream = payload.get("stream") is True
     if payload.get("model") != resolved.upstream_name:
         body = with_model(body, resolved.upstream_name)
     ttl = payload.get("ttl")
@@ -75,7 +78,7 @@ async def proxy_request(request: Request[State]) -> Response:
     async with AsyncExitStack() as held:
         mode = settings.scheduler.loading_feedback
         if mode != "off" and payload.get("stream") is True:
-            lease = manager.try_acquire(key)
+            lease = manager.try_acquire(key, record.client)
             if lease is None:  # it must wait: with feedback if that takes long
                 ticket, owned = Ticket(), AsyncExitStack()
                 return FeedbackResponse(  # type: ignore[return-value] # an ASGI app
@@ -142,7 +145,11 @@ class _Call:
         manager, key, record = self._manager, self._key, self._record
         if lease is None:
             lease = await manager.acquire(
-                key, placed=self._placed, ticket=ticket, priority=record.priority
+                key,
+                placed=self._placed,
+                ticket=ticket,
+                priority=record.priority,
+                client=record.client,
             )
         else:
             record.upstream = lease.upstream
@@ -176,6 +183,7 @@ class _Call:
                 placed=self._placed,
                 ticket=ticket,
                 priority=record.priority,
+                client=record.client,
             )
             self._hold(held, lease)
         held.push_async_callback(upstream.aclose)

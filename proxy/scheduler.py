@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
+from proxy.loadtimes import LoadTimes
 from proxy.placement import HostView, Presence
 from proxy.scheduling import (
     LOADED,
     RESIDENT,
     Action,
     Drain,
+    Eviction,
     Fail,
     FailReason,
     Grant,
@@ -31,10 +33,21 @@ from proxy.scheduling import (
 # After a failed unload, no upstream action is started for this long, so that an upstream that
 # keeps failing is not hammered in a tight loop.
 RETRY_HOLD_S = 1.0
+# A client that used a model this recently may be about to use it again: the fairness rule's
+# idle gap waits for it (docs/design.md §2.4).
+RECENT_S = 10.0
+# A model's clients are pruned of those not seen for RECENT_S once there are more than this.
+_CLIENTS_KEPT = 64
 
 
 def _serving_order(waiter: Waiter) -> tuple[float, int]:
     return waiter.rank, waiter.id
+
+
+def _forget_clients(model: Model, now: float) -> None:
+    """Forget the clients that have not used `model` for RECENT_S."""
+    for client in [c for c, seen in model.clients.items() if now - seen > RECENT_S]:
+        del model.clients[client]
 
 
 def _gib(size: int) -> str:
@@ -64,6 +77,12 @@ class Scheduler:
         # The target an eviction was started for: a swap under way is not turned back for a
         # newer waiter of higher priority (§2.4). None once it is loaded or nobody waits for it.
         self.swap_for: str | None = None
+        # How long loads took here (learned from the loads the driver reports): cost eviction
+        # weighs what a reload would cost, and views show what a load should take (§3.6).
+        self.load_times = LoadTimes()
+        # Cost eviction's inflation (GDSF's L): the worth of the last model evicted to make
+        # room, so that what was used long ago counts less than what is used now (§2.5).
+        self.inflation = 0.0
 
     # -- events -----------------------------------------------------------------------------
 
@@ -92,7 +111,13 @@ class Scheduler:
         self.model(key).idle_ttl_s = ttl_s
 
     def arrive(
-        self, key: str, now: float, *, takes_lease: bool = True, priority: int = 0
+        self,
+        key: str,
+        now: float,
+        *,
+        takes_lease: bool = True,
+        priority: int = 0,
+        client: str | None = None,
     ) -> Waiter:
         """A request for `key` joins the queue; `now` is when it arrived (a retried request's
         first arrival: its deadline counts from then)."""
@@ -103,11 +128,11 @@ class Scheduler:
         self._joined = max(self._joined, now)
         rank = self._joined - priority * self.policy.priority_aging_s
         deadline = now + self.policy.queue_timeout_s
-        waiter = Waiter(self._next_id, key, now, deadline, takes_lease, priority, rank)
+        waiter = Waiter(self._next_id, key, now, deadline, takes_lease, priority, rank, client)
         self.waiters[waiter.id] = waiter
         return waiter
 
-    def try_grant(self, key: str, now: float) -> bool:
+    def try_grant(self, key: str, now: float, client: str | None = None) -> bool:
         """The fast path: lease a ready model at once when nobody waits for any model.
 
         Between events the state is settled (every event is followed by `decide`), so with no
@@ -118,8 +143,7 @@ class Scheduler:
             return False
         if model.unload_requested:
             return False
-        model.leases += 1
-        model.last_used = max(model.last_used, now)
+        self._lease(model, now, client)
         return True
 
     def release_settles(self, key: str) -> bool:
@@ -131,19 +155,26 @@ class Scheduler:
         """The waiter's client went away; False if it was already granted or failed."""
         return self.waiters.pop(waiter_id, None) is not None
 
-    def release(self, key: str, now: float) -> None:
+    def release(self, key: str, now: float, client: str | None = None) -> None:
         model = self.models[key]
+        model.clients[client] = now  # its last request here ended: it may send another
         model.leases -= 1
         assert model.leases >= 0, f"lease underflow on {key}"  # noqa: S101 - an invariant
         if model.leases == 0:
             model.last_used = now
 
-    def load_done(self, key: str, instance_id: str, now: float) -> None:
+    def load_done(
+        self, key: str, instance_id: str, now: float, took_s: float | None = None
+    ) -> None:
+        """The proxy's load of `key` succeeded at `now`, after `took_s` (learned, if given)."""
         model = self.models[key]
         model.phase = Phase.READY
         model.instance_id = instance_id
         model.adopted = False
         model.last_used = now
+        self._fresh(model)
+        if took_s is not None:
+            self.load_times.record(key, took_s, model.size_bytes)
 
     def load_failed(self, key: str, error: Exception) -> None:
         """Every request waiting on this load fails with `error`; the next one may try again."""
@@ -195,6 +226,7 @@ class Scheduler:
                     model.phase, model.adopted, model.last_used = Phase.READY, True, now
                     model.instance_id = primary
                     model.duplicates = [i for i in ids if i != primary]
+                    self._fresh(model)
                     self._outbox.append(Observed(key, "adopted"))
             elif not ids:
                 model.phase, model.instance_id = Phase.ABSENT, None
@@ -395,12 +427,12 @@ class Scheduler:
         if self.fits(target, leaving):
             return []
         candidates = sorted(
-            (
+            self.evictable_order(
                 m
                 for m in self.models.values()
                 if m.phase in LOADED and not m.pinned and not m.unload_requested and m is not target
             ),
-            key=lambda m: (m.leases > 0, m.last_used),
+            key=lambda m: m.leases > 0,  # stable: idle ones first, each group in policy order
         )
         # None: cannot make room yet (models are loading or being unloaded): wait.
         return self._room_made(target, candidates, leaving) or []
@@ -454,11 +486,39 @@ class Scheduler:
         cannot make room. For placement across hosts (`proxy.placement`)."""
         if self.fits(target):
             return []
-        idle = sorted(
-            (m for m in self._idle_ready() if not m.pinned and m is not target),
-            key=lambda m: m.last_used,
+        idle = self.evictable_order(
+            m for m in self._idle_ready() if not m.pinned and m is not target
         )
         return self._room_made(target, idle)
+
+    def evictable_order(self, models: Iterable[Model]) -> list[Model]:
+        """`models` in the order the eviction policy gives them up, first to go first: least
+        recently used (`lru`), or least worth keeping (`cost`: GDSF, docs/design.md §2.5)."""
+        if self.policy.eviction is Eviction.COST:
+            return sorted(models, key=lambda m: (self.worth(m), m.last_used))
+        return sorted(models, key=lambda m: m.last_used)
+
+    def worth(self, model: Model) -> float:
+        """What keeping `model` loaded is worth under cost eviction (GDSF): the inflation when
+        it was last used, plus its uses since it loaded x its reload seconds / its size."""
+        size = max(model.size_bytes, 1)
+        reload_s = self.load_times.expected(model.key, model.size_bytes)
+        per_byte = reload_s / size if reload_s is not None else 1.0 / size
+        return model.value + model.uses * per_byte
+
+    def _fresh(self, model: Model) -> None:
+        """`model` became resident: its uses count from here, valued at today's inflation."""
+        model.uses = 0
+        model.value = self.inflation
+
+    def _lease(self, model: Model, now: float, client: str | None) -> None:
+        model.leases += 1
+        model.uses += 1
+        model.value = self.inflation
+        model.last_used = max(model.last_used, now)
+        model.clients[client] = now
+        if len(model.clients) > _CLIENTS_KEPT:
+            _forget_clients(model, now)
 
     def _idle_ready(self) -> list[Model]:
         return [
@@ -498,8 +558,9 @@ class Scheduler:
             if model.phase is Phase.READY and not (model.unload_requested and waiter.takes_lease):
                 del self.waiters[waiter.id]
                 if waiter.takes_lease:
-                    model.leases += 1
-                model.last_used = max(model.last_used, now)
+                    self._lease(model, now, waiter.client)
+                else:
+                    model.last_used = max(model.last_used, now)
                 actions.append(Grant(waiter))
 
     def _limit_queue(self, actions: list[Action]) -> None:
@@ -527,7 +588,8 @@ class Scheduler:
             # A draining victim's own waiters wait for the swap; a ready one has none (granted).
             done = victim.phase is Phase.DRAINING or grace_over
             gap_over = now >= victim.last_used + self.policy.idle_gap_s
-            if victim.leases == 0 and (done or gap_over):
+            if victim.leases == 0 and (done or gap_over or not self._may_come_back(victim, now)):
+                self.inflation = max(self.inflation, self.worth(victim))
                 return self._unload(victim, UnloadReason.EVICTED)
         if target is not None and target.phase is Phase.ABSENT and self.fits(target):
             if not any(m.probed for m in self.models.values()):
@@ -538,6 +600,14 @@ class Scheduler:
             if ttl is not None and now >= model.last_used + ttl:
                 return self._unload(model, UnloadReason.IDLE)
         return None
+
+    def _may_come_back(self, model: Model, now: float) -> bool:
+        """Whether a client may yet ask for `model`, idle now, so that the idle gap could batch
+        its request: a client that used it lately and is not waiting here for another model
+        (a client, one connection, waits for one answer at a time), or one not known (§2.4)."""
+        _forget_clients(model, now)
+        waiting = {w.client for w in self.waiters.values() if w.model != model.key}
+        return any(client is None or client not in waiting for client in model.clients)
 
     def _ttl(self, model: Model) -> float | None:
         if model.pinned:

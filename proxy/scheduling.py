@@ -34,6 +34,13 @@ class FailReason(enum.StrEnum):
     UNREADABLE = "unreadable"  # needs a load, and LM Studio's state cannot be read
 
 
+class Eviction(enum.StrEnum):
+    """Which idle models make room first (`models.eviction`, docs/design.md §2.5)."""
+
+    LRU = "lru"  # least recently used
+    COST = "cost"  # cheapest to reload per byte (GDSF)
+
+
 class UnloadReason(enum.StrEnum):
     EVICTED = "evicted"
     IDLE = "idle"
@@ -54,6 +61,7 @@ class Policy:
     idle_gap_s: float = IDLE_GAP_S
     # Each this long a request waits counts as one more priority level (§2.4).
     priority_aging_s: float = 30.0
+    eviction: Eviction = Eviction.LRU
 
 
 @dataclass(slots=True)
@@ -75,6 +83,12 @@ class Model:
     # A request is out to it that LM Studio may load it for (JIT): sent while the model was
     # not confirmed loaded, and not confirmed since.
     probed: bool = False
+    uses: int = 0  # leases granted since it was last loaded (cost eviction's frequency)
+    # Its worth kept loaded under cost eviction (GDSF): the inflation when it was last used,
+    # plus uses x reload seconds / size. The lowest goes first (§2.5).
+    value: float = 0.0
+    # Who used it lately: client -> when their last lease on it began or ended (§2.4).
+    clients: dict[str | None, float] = field(default_factory=dict)
 
     @property
     def instances(self) -> int:
@@ -95,6 +109,7 @@ class Waiter:
     # priority x priority_aging. Effective priority is priority + waited / priority_aging, so
     # two waiters compare the same way for as long as both wait (§2.4).
     rank: float = 0.0
+    client: str | None = None  # who asked (a connection), for the fairness rule's idle gap
 
 
 @dataclass(frozen=True, slots=True)

@@ -86,6 +86,7 @@ EXAMPLES: dict[str, str] = {
     "models.max_loaded": "2",
     "models.memory_budget": "20GiB",
     "models.idle_ttl": "15m",
+    "models.eviction": "cost",
     "models.load_options": "{qwen2.5-7b-instruct: {context_length: 16384}}",
     "models.load_options.*.context_length": "16384",
     "models.load_options.*.flash_attention": "true",
