@@ -86,3 +86,27 @@ async def test_a_waiting_client_that_disconnects_leaves_no_trace() -> None:
         assert status["in_flight"] == 0
         metrics = (await proxy.http.get("/metrics")).text
         assert f'lmswitch_queued_requests{{model="{B}"}} 0.0' in metrics
+
+
+async def test_a_lone_client_alternating_two_models_pays_nothing_for_fairness() -> None:
+    """One client alternating A and B: each swap costs at most 20 ms over LM Studio's own unload
+    and load. The idle gap waits for a client that may come back for the model, and the only
+    client that used it is the one now waiting for the other model (docs/design.md §2.4)."""
+    load_s = 0.3
+    emulator = Emulator(load_delay_s=load_s, reply_tokens=1)
+    async with running(emulator, models={"max_loaded": 1}) as proxy:
+        sdk = proxy.sdk.with_options(max_retries=0)
+
+        async def timed(model: str) -> float:
+            started = anyio.current_time()
+            reply = await sdk.chat.completions.create(model=model, messages=MESSAGES)
+            assert reply.model == model
+            return anyio.current_time() - started
+
+        with anyio.fail_after(30):
+            await timed(A)  # loads A
+            warm = max([await timed(A) for _ in range(3)])  # an answer from a loaded model
+            swaps = [await timed(model) for model in [B, A] * 4]
+        assert emulator.load_count() == 1 + len(swaps)
+        overheads = [swap - load_s - warm for swap in swaps]
+        assert max(overheads) <= 0.020, [round(o * 1000, 1) for o in overheads]
