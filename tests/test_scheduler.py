@@ -62,6 +62,99 @@ def test_swap_waits_for_the_lease_and_the_idle_gap() -> None:
     assert s.decide(3.0) == [sch.Load("b")]
 
 
+def test_the_idle_gap_waits_only_for_a_client_that_may_come_back() -> None:
+    """A lone client that used a and now waits for b cannot send another request for a: the
+    swap starts at once. A second client of a, or a client not known, may: the gap holds."""
+    evicted = sch.Unload("a", "a", sch.UnloadReason.EVICTED)
+    for others, expect_gap in [([], False), (["c2"], True), ([None], True)]:
+        s = make(max_loaded=1, swap_grace_s=10.0)
+        load_ready(s, "a", 0.0)
+        for client in ["c1", *others]:
+            s.arrive("a", 1.0, client=client)
+            s.decide(1.0)
+            s.release("a", 2.0, client)
+        s.arrive("b", 2.0, client="c1")
+        assert s.decide(2.0) == ([] if expect_gap else [evicted]), others
+        if expect_gap:
+            assert s.decide(2.0 + sch.IDLE_GAP_S) == [evicted]
+
+
+def test_a_client_not_seen_for_a_while_is_not_waited_for() -> None:
+    s = make(max_loaded=1, swap_grace_s=10.0)
+    load_ready(s, "a", 0.0)
+    for client, at in [("c2", 1.0), ("c1", 20.0)]:
+        s.arrive("a", at, client=client)
+        s.decide(at)
+        s.release("a", at, client)
+    s.arrive("b", 20.0, client="c1")  # c2 last used a 19 s ago: not coming back for it
+    assert s.decide(20.0) == [sch.Unload("a", "a", sch.UnloadReason.EVICTED)]
+
+
+def _used(s: Scheduler, key: str, times: list[float]) -> None:
+    for now in times:
+        s.arrive(key, now)
+        s.decide(now)
+        s.release(key, now + 0.1)
+
+
+def test_cost_eviction_keeps_the_model_that_costs_most_to_reload_per_byte() -> None:
+    """A 20 GiB model that took 90 s to load outlives a 2 GiB one that took 3 s under `cost`,
+    though it was used less recently; `lru` gives up the least recently used."""
+    for eviction, victim in [(sch.Eviction.LRU, "big"), (sch.Eviction.COST, "small")]:
+        s = Scheduler(Policy(max_loaded=0, memory_budget=24 * GiB, eviction=eviction))
+        s.set_catalog({"big": 20 * GiB, "small": 2 * GiB, "new": 3 * GiB})
+        for key, now, took in [("big", 0.0, 90.0), ("small", 100.0, 3.0)]:
+            s.arrive(key, now)
+            assert s.decide(now) == [sch.Load(key)]
+            s.load_done(key, key, now + took, took)
+            s.decide(now + took)
+            s.release(key, now + took + 1)
+        _used(s, "big", [200.0, 210.0])
+        _used(s, "small", [300.0, 310.0])
+        s.arrive("new", 400.0)
+        assert s.decide(400.0) == [sch.Unload(victim, victim, sch.UnloadReason.EVICTED)]
+        assert s.worth(s.models["big"]) > s.worth(s.models["small"])
+
+
+def test_cost_eviction_inflation_lets_old_uses_decay() -> None:
+    """Each eviction raises the inflation to the victim's worth, and a model's worth counts from
+    the inflation when it was last used: many uses long ago lose to a few uses now."""
+    s = Scheduler(Policy(max_loaded=2, eviction=sch.Eviction.COST))
+    s.set_catalog(dict.fromkeys("abcd", 4 * GiB))
+    for key, now in [("a", 0.0), ("b", 10.0)]:
+        s.arrive(key, now)
+        s.decide(now)
+        s.load_done(key, key, now + 1, 1.0)
+        s.decide(now + 1)
+        s.release(key, now + 2)
+    _used(s, "a", [float(t) for t in range(20, 40)])  # a: 21 uses; b: 1 use
+    s.arrive("c", 50.0)
+    assert s.decide(50.0) == [sch.Unload("b", "b", sch.UnloadReason.EVICTED)]
+    assert s.inflation == s.worth(s.models["b"]) > 0
+    s.unload_done("b")
+    assert s.decide(50.0) == [sch.Load("c")]
+    s.load_done("c", "c", 51.0, 1.0)
+    s.decide(51.0)
+    s.release("c", 52.0)
+    # c's one use counts from the raised inflation: a's many uses before it still count more
+    assert s.worth(s.models["a"]) > s.worth(s.models["c"])
+    for round_ in range(30):  # c and d take turns for a while; a is not used at all
+        key = "d" if round_ % 2 == 0 else "c"
+        now = 100.0 + 10 * round_
+        s.arrive(key, now)
+        for action in s.decide(now):
+            if isinstance(action, sch.Unload):
+                s.unload_done(action.model)
+        for action in s.decide(now):
+            if isinstance(action, sch.Load):
+                s.load_done(key, key, now + 1, 1.0)
+        s.decide(now + 1)
+        s.release(key, now + 2)
+        if s.models["a"].phase is Phase.ABSENT:
+            break
+    assert s.models["a"].phase is Phase.ABSENT, "uses long ago never decayed"
+
+
 def test_grace_over_drains_a_busy_model() -> None:
     s = make(max_loaded=1, swap_grace_s=5.0)
     load_ready(s, "a", 0.0)

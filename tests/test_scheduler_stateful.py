@@ -33,6 +33,7 @@ from proxy.scheduler import RETRY_HOLD_S, Scheduler
 from proxy.scheduling import (
     Action,
     Drain,
+    Eviction,
     Fail,
     FailReason,
     Grant,
@@ -47,6 +48,9 @@ from proxy.scheduling import (
 
 GiB = 2**30
 KEYS = ("m0", "m1", "m2", "m3")
+# The clients requests come from (their connections), None for one not known: the fairness
+# rule's idle gap waits only for a client that may come back.
+CLIENTS = (None, "c1", "c2", "c3")
 EPS = 1e-9
 QUEUE_FULL = FailReason.QUEUE_FULL
 
@@ -74,6 +78,7 @@ def setups(draw: st.DrawFn) -> Setup:
         max_queue=draw(st.integers(1, 8)),
         queue_timeout_s=draw(st.sampled_from([1.0, 5.0, 30.0, 30.0, 300.0])),
         priority_aging_s=draw(st.sampled_from([0.1, 1.0, 30.0])),
+        eviction=draw(st.sampled_from(Eviction)),
     )
     pinned = draw(st.frozensets(st.sampled_from(keys), max_size=1))
     return Setup(sizes, policy, pinned)
@@ -100,11 +105,16 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.owned: set[str] = set()  # models in `truth` because the proxy loaded them
         self.inflight: Load | Unload | None = None
         self.waiting: dict[int, Waiter] = {}
-        self.running: list[str] = []  # one entry per lease held, by model
+        self.running: list[tuple[str, str | None]] = []  # each lease held: model, client
         self.expired: list[Waiter] = []
         self.load_failed_for: str | None = None
         self.evicted_since_load = False  # an eviction was started since the last load
         self.committed: str | None = None  # the swap under way before this step's `decide`
+
+    @property
+    def held(self) -> list[str]:
+        """The model of each lease held."""
+        return [key for key, _ in self.running]
 
     # -- set-up and events ----------------------------------------------------------------------
 
@@ -120,20 +130,29 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.pinned = set(setup.pinned)
         self.step()
 
-    @rule(data=st.data(), n=st.sampled_from([1, 1, 2, 3]), priority=st.integers(0, 3))
-    def arrive(self, data: st.DataObject, n: int, priority: int) -> None:
-        """Requests of one priority arrive for one model, `decide` after each."""
+    @rule(
+        data=st.data(),
+        n=st.sampled_from([1, 1, 2, 3]),
+        priority=st.integers(0, 3),
+        client=st.sampled_from(CLIENTS),
+    )
+    def arrive(self, data: st.DataObject, n: int, priority: int, client: str | None) -> None:
+        """Requests of one priority from one client arrive for one model, `decide` after each."""
         key = data.draw(st.sampled_from(self.keys), label="model")
-        self.arrivals(key, n, takes_lease=True, priority=priority)
+        self.arrivals(key, n, takes_lease=True, priority=priority, client=client)
 
     @rule(data=st.data())
     def admin_load(self, data: st.DataObject) -> None:
         """An operator's load: a waiter that takes no lease."""
         self.arrivals(data.draw(st.sampled_from(self.keys), label="model"), 1, takes_lease=False)
 
-    def arrivals(self, key: str, n: int, *, takes_lease: bool, priority: int = 0) -> None:
+    def arrivals(
+        self, key: str, n: int, *, takes_lease: bool, priority: int = 0, client: str | None = None
+    ) -> None:
         for _ in range(n):
-            waiter = self.s.arrive(key, self.now, takes_lease=takes_lease, priority=priority)
+            waiter = self.s.arrive(
+                key, self.now, takes_lease=takes_lease, priority=priority, client=client
+            )
             # Arrivals come in time order here: its rank is its arrival less its priority's worth.
             assert waiter.rank == self.now - priority * self.policy.priority_aging_s
             assert waiter.id not in self.waiting
@@ -151,14 +170,19 @@ class SchedulerMachine(RuleBasedStateMachine):
     @precondition(lambda self: bool(self.running))
     @rule(data=st.data())
     def finish(self, data: st.DataObject) -> None:
-        key = self.running.pop(data.draw(st.integers(0, len(self.running) - 1), label="lease"))
-        self.s.release(key, self.now)
+        key, client = self.running.pop(
+            data.draw(st.integers(0, len(self.running) - 1), label="lease")
+        )
+        self.s.release(key, self.now, client)
         self.step()
 
     @precondition(lambda self: self.inflight is not None)
-    @rule(ok=st.sampled_from([True, True, True, False]))
-    def upstream_returns(self, ok: bool) -> None:
-        self.complete(ok=ok)
+    @rule(
+        ok=st.sampled_from([True, True, True, False]),
+        took=st.none() | st.sampled_from([0.5, 3.0, 60.0]),
+    )
+    def upstream_returns(self, ok: bool, took: float | None) -> None:
+        self.complete(ok=ok, took_s=took)
 
     @rule(dt=st.sampled_from([0.0, 0.01, 0.1, 0.25, 0.3, 1.0, 3.0, 10.0, 40.0, 400.0]))
     def advance(self, dt: float) -> None:
@@ -226,7 +250,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.now = when
         self.step(quiet=quiet)
 
-    def complete(self, *, ok: bool) -> None:
+    def complete(self, *, ok: bool, took_s: float | None = None) -> None:
         """The in-flight load or unload call returns."""
         action, self.inflight = self.inflight, None
         assert action is not None
@@ -235,7 +259,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             if ok:
                 self.truth[key] = [key]
                 self.owned.add(key)
-                self.s.load_done(key, key, self.now)
+                self.s.load_done(key, key, self.now, took_s)
             else:
                 self.load_failed_for = key
                 self.s.load_failed(key, RuntimeError("no memory"))
@@ -289,7 +313,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert model.phase is Phase.READY or moved, f"grant on a model that is {model.phase}"
             assert waiter.model in self.truth, "grant on a model LM Studio does not have"
             if waiter.takes_lease:
-                self.running.append(waiter.model)
+                self.running.append((waiter.model, waiter.client))
         elif isinstance(action, Fail):
             self.check_fail(action)
         elif isinstance(action, Load):
@@ -367,7 +391,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert action.instance_id in self.truth.get(key, ()), "unload of an unknown instance"
         if action.reason is UnloadReason.EVICTED:
             self.evicted_since_load = True
-        assert key not in self.running, f"unload of {key} under a lease"
+        assert key not in self.held, f"unload of {key} under a lease"
         if action.reason is UnloadReason.ADMIN:
             assert self.s.models[key].unload_requested
         else:
@@ -409,7 +433,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert set(s.waiters) == set(self.waiting), "scheduler and driver disagree on the queue"
         assert len(self.waiting) <= policy.max_queue, "queue longer than max_queue"
         for key, model in s.models.items():
-            assert model.leases == self.running.count(key), f"lease count of {key} is wrong"
+            assert model.leases == self.held.count(key), f"lease count of {key} is wrong"
         for waiter in self.waiting.values():
             assert waiter.deadline > self.now, f"{waiter} outlived its deadline"
             assert s.models[waiter.model].phase is not Phase.READY, f"{waiter} not granted"
@@ -427,7 +451,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         s = self.s
         for key, model in s.models.items():
             if model.unload_requested and model.phase in (Phase.READY, Phase.DRAINING):
-                assert key in self.running, f"operator's unload of idle {key} not started"
+                assert key in self.held, f"operator's unload of idle {key} not started"
         for waiter in self.waiting.values():
             if s.models[waiter.model].phase is Phase.ABSENT:
                 assert not self.never_fits(waiter.model), f"{waiter} can never fit: not refused"
@@ -447,7 +471,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             and k in self.truth
             and k != key
             and not m.pinned
-            and k not in self.running
+            and k not in self.held
         }
         oldest = min(w.arrived for w in self.waiting.values() if w.model == key)
         grace_over = self.now >= oldest + self.policy.swap_grace_s + EPS
@@ -467,7 +491,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.step()  # as the driver kicks the scheduler on either event
         for _ in range(200):
             while self.running:
-                self.s.release(self.running.pop(), self.now)
+                key, client = self.running.pop()
+                self.s.release(key, self.now, client)
                 self.step()
             if self.inflight is not None:
                 self.complete(ok=True)
