@@ -81,7 +81,7 @@ class Scheduler:
         # weighs what a reload would cost, and views show what a load should take (§3.6).
         self.load_times = LoadTimes()
         # Cost eviction's inflation (GDSF's L): the worth of the last model evicted to make
-        # room, so that what was used long ago counts less than what is used now (§2.5).
+        # room, so that what was used long ago counts less than what is used now (§2.7).
         self.inflation = 0.0
 
     # -- events -----------------------------------------------------------------------------
@@ -493,7 +493,7 @@ class Scheduler:
 
     def evictable_order(self, models: Iterable[Model]) -> list[Model]:
         """`models` in the order the eviction policy gives them up, first to go first: least
-        recently used (`lru`), or least worth keeping (`cost`: GDSF, docs/design.md §2.5)."""
+        recently used (`lru`), or least worth keeping (`cost`: GDSF, docs/design.md §2.7)."""
         if self.policy.eviction is Eviction.COST:
             return sorted(models, key=lambda m: (self.worth(m), m.last_used))
         return sorted(models, key=lambda m: m.last_used)

@@ -35,7 +35,7 @@ class FailReason(enum.StrEnum):
 
 
 class Eviction(enum.StrEnum):
-    """Which idle models make room first (`models.eviction`, docs/design.md §2.5)."""
+    """Which idle models make room first (`models.eviction`, docs/design.md §2.7)."""
 
     LRU = "lru"  # least recently used
     COST = "cost"  # cheapest to reload per byte (GDSF)
@@ -85,7 +85,7 @@ class Model:
     probed: bool = False
     uses: int = 0  # leases granted since it was last loaded (cost eviction's frequency)
     # Its worth kept loaded under cost eviction (GDSF): the inflation when it was last used,
-    # plus uses x reload seconds / size. The lowest goes first (§2.5).
+    # plus uses x reload seconds / size. The lowest goes first (§2.7).
     value: float = 0.0
     # Who used it lately: client -> when their last lease on it began or ended (§2.4).
     clients: dict[str | None, float] = field(default_factory=dict)

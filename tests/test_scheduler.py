@@ -66,7 +66,8 @@ def test_the_idle_gap_waits_only_for_a_client_that_may_come_back() -> None:
     """A lone client that used a and now waits for b cannot send another request for a: the
     swap starts at once. A second client of a, or a client not known, may: the gap holds."""
     evicted = sch.Unload("a", "a", sch.UnloadReason.EVICTED)
-    for others, expect_gap in [([], False), (["c2"], True), ([None], True)]:
+    cases: list[tuple[list[str | None], bool]] = [([], False), (["c2"], True), ([None], True)]
+    for others, expect_gap in cases:
         s = make(max_loaded=1, swap_grace_s=10.0)
         load_ready(s, "a", 0.0)
         for client in ["c1", *others]:
