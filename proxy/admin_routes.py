@@ -58,6 +58,7 @@ def _status(request: Request[State]) -> dict[str, Any]:
         "capacity": {
             "max_loaded": settings.models.max_loaded,
             "memory_budget": settings.models.memory_budget,
+            "eviction": settings.models.eviction,
             "instances": view.instances,
             "bytes_used": view.bytes_used,
         },
