@@ -442,7 +442,7 @@ def _simulate_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
         type=_durations,
         default=(10.0,),
         metavar="DUR[,DUR...]",
-        help="scheduler.swap_grace values, e.g. 5s,10s",
+        help="scheduler.swap_grace values, e.g. 5s,10s (default: 10s)",
     )
     simulate.add_argument(
         "--json", action="store_true", help="print the runs as JSON (default: off, a table)"

@@ -31,6 +31,7 @@ class _Line:
     service_s: float
     stream: bool
     client: str | None
+    granted: float  # when it was granted its model
 
 
 def from_log(lines: Iterable[str]) -> Trace:
@@ -70,9 +71,10 @@ def from_log(lines: Iterable[str]) -> Trace:
         )
         for key in keys
     }
+    # Models granted to a request before any load of theirs were loaded when the log began.
     first_use: dict[str, float] = {}
     for r in requests:
-        first_use.setdefault(r.model, r.sent)
+        first_use[r.model] = min(first_use.get(r.model, r.granted), r.granted)
     loaded = [key for key, t in first_use.items() if t < first_load.get(key, float("inf"))]
     return Trace(models, _closed_loop(requests, start), sorted(loaded), "from a log")
 
@@ -86,15 +88,17 @@ def _request(obj: dict[str, Any]) -> _Line | None:
     model, duration_ms = obj.get("model"), obj.get("duration_ms", 0)
     if not isinstance(model, str) or not isinstance(duration_ms, int | float):
         return None
-    client = obj.get("client")
+    client, waited_ms = obj.get("client"), obj.get("queue_wait_ms", 0)
     answered = float(obj["time"])
+    sent = answered - duration_ms / 1000
     return _Line(
-        answered - duration_ms / 1000,
+        sent,
         answered,
         model,
         busy_ms / 1000,
         obj.get("stream") is True,
         client if isinstance(client, str) and client != "-" else None,
+        sent + (waited_ms / 1000 if isinstance(waited_ms, int | float) else 0.0),
     )
 
 

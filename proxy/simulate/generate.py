@@ -13,6 +13,7 @@ import itertools
 import math
 import random
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 from proxy.simulate.trace import ModelSpec, Request, Trace
 
@@ -50,10 +51,11 @@ def _collect(
     """The clients' requests in planned order, until `duration_s` or `requests` of them."""
     merged = heapq.merge(*streams, key=lambda planned: planned[0])
     if requests is not None:
-        return [request for _, request in itertools.islice(merged, requests)]
-    return [
-        request for planned, request in itertools.takewhile(lambda p: p[0] < duration_s, merged)
-    ]
+        kept = itertools.islice(merged, requests)
+    else:
+        kept = itertools.takewhile(lambda planned: planned[0] < duration_s, merged)
+    # Times to the millisecond, as a trace file holds them.
+    return [replace(request, t=round(request.t, 3)) for _, request in kept]
 
 
 def alternating(rng: random.Random, duration_s: float, requests: int | None) -> Trace:
@@ -137,7 +139,7 @@ def sessions(rng: random.Random, duration_s: float, requests: int | None) -> Tra
                 t += service + after
             away = round(prng.expovariate(1 / 1200.0), 3)
             t += away
-            after = (after or 0.0) + away
+            after = round((after or 0.0) + away, 3)
 
     streams = [person(n) for n in range(16)]
     return Trace(models, _collect(streams, duration_s, requests), source="generated: sessions")
@@ -182,7 +184,7 @@ def agentic(rng: random.Random, duration_s: float, requests: int | None) -> Trac
                 yield from call(large, 15.0)
             pause = round(arng.expovariate(1 / 300.0), 3)
             t += pause
-            after = (after or 0.0) + pause
+            after = round((after or 0.0) + pause, 3)
 
     streams = [agent(n) for n in range(len(pipelines))]
     return Trace(models, _collect(streams, duration_s, requests), source="generated: agentic")
