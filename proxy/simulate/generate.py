@@ -50,6 +50,7 @@ def _collect(
 ) -> list[Request]:
     """The clients' requests in planned order, until `duration_s` or `requests` of them."""
     merged = heapq.merge(*streams, key=lambda planned: planned[0])
+    kept: Iterator[_Planned]
     if requests is not None:
         kept = itertools.islice(merged, requests)
     else:
