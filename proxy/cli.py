@@ -1,4 +1,4 @@
-"""The `lmswitch` command: serve, demo, emulator, bench, check-config, keys.
+"""The `lmswitch` command: serve, demo, emulator, bench, simulate, check-config, keys.
 
 Each command builds its server (or coroutine) in a function that tests call directly:
 `build_server`, `build_emulator_server`, `proxy.demo.run_demo`; `main` only parses and
@@ -12,10 +12,12 @@ import ipaddress
 import sys
 from collections.abc import Sequence
 from functools import partial
+from typing import TypeVar
 
 import anyio
 import uvicorn
 import yaml
+from pydantic import TypeAdapter, ValidationError
 
 from proxy import __version__
 from proxy.app import create_app
@@ -32,6 +34,7 @@ from proxy.demo import MAX_DEMO_HOSTS, run_demo
 from proxy.events import EventBus
 from proxy.keys import EVERY_MODEL, check_name, digest, new_key
 from proxy.server import CannotListenError, Server, configure_logging, listen, uvicorn_config
+from proxy.units import ByteSize, Seconds
 
 EXIT_OK = 0
 EXIT_USAGE = 2  # also a port in use, or an address not this machine's
@@ -59,6 +62,51 @@ def _concurrencies(text: str) -> tuple[int, ...]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError("concurrency must be at least 1")
     return values
+
+
+def _parts(text: str) -> list[str]:
+    parts = [part.strip() for part in text.split(",")]
+    if not all(parts):
+        raise argparse.ArgumentTypeError(f"not a comma-separated list: {text!r}")
+    return parts
+
+
+_T = TypeVar("_T")
+_SIZE: TypeAdapter[int] = TypeAdapter(ByteSize)
+_DURATION: TypeAdapter[float] = TypeAdapter(Seconds)
+
+
+def _validated(adapter: TypeAdapter[_T], part: str) -> _T:
+    try:
+        return adapter.validate_python(part)
+    except ValidationError as exc:
+        raise argparse.ArgumentTypeError(exc.errors()[0]["msg"]) from None
+
+
+def _budgets(text: str) -> tuple[int | None, ...]:
+    parts = _parts(text)
+    return tuple(None if p.lower() == "none" else _validated(_SIZE, p) for p in parts)
+
+
+def _durations(text: str) -> tuple[float, ...]:
+    return tuple(_validated(_DURATION, part) for part in _parts(text))
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in _parts(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of whole numbers: {text!r}") from None
+    if min(values) < 0:
+        raise argparse.ArgumentTypeError("max_loaded must be 0 (no limit) or more")
+    return values
+
+
+def _evictions(text: str) -> tuple[str, ...]:
+    parts = tuple(part.lower() for part in _parts(text))
+    if bad := [p for p in parts if p not in ("lru", "cost")]:
+        raise argparse.ArgumentTypeError(f"unknown policy {bad[0]!r} (lru or cost)")
+    return parts
 
 
 class _Help(argparse.HelpFormatter):
@@ -258,6 +306,8 @@ def _parser() -> argparse.ArgumentParser:
         "of them with every request, to measure the check of a key (default: 0, no keys)",
     )
 
+    _simulate_parser(commands)
+
     check = _command(
         commands,
         "check-config",
@@ -309,6 +359,130 @@ def _parser() -> argparse.ArgumentParser:
         help="the key may also use /api/v1/* and the page (default: off, /v1/* only)",
     )
     return parser
+
+
+_TRACE_FORMAT = """\
+A trace is JSON lines. The first is the header:
+  {"models": {"KEY": {"size_bytes": N, "load_s": S, "unload_s": S}, ...},
+   "loaded": ["KEY", ...], "source": "..."}        (loaded, source: optional)
+then one line per request, in the order they are sent:
+  {"t": S, "model": "KEY", "service_s": S, "stream": BOOL, "client": "ip:port"}
+t: seconds from the start; service_s: how long it holds its model once granted.
+A request with "after": S instead is closed-loop: it is sent S seconds after the
+previous request of the same client is answered (so waiting delays it, as it
+would a real client). See docs/design.md section 7."""
+
+
+def _simulate_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    simulate = commands.add_parser(
+        "simulate",
+        help="replay a trace of requests through the scheduler",
+        description="Replay a trace of requests through lmswitch's own scheduler in virtual "
+        "time (seconds for hours of traffic), once per combination of the settings given, and "
+        "print per run: loads, seconds spent loading, the share of requests that waited on a "
+        "load, wait p50/p95/max, swaps per hour and total time. The trace is a file, the "
+        "proxy's own JSON log (--from-log), or generated (--generate).",
+        epilog=_TRACE_FORMAT,
+        formatter_class=lambda prog: _Help(prog, max_help_position=32),
+    )
+    simulate.add_argument("trace", nargs="?", metavar="TRACE", help="a trace file (JSON lines)")
+    source = simulate.add_mutually_exclusive_group()
+    source.add_argument(
+        "--from-log",
+        metavar="FILE",
+        help="make the trace from the proxy's JSON log (logging.format: json): its access "
+        "lines and model loads (default: none)",
+    )
+    source.add_argument(
+        "--generate",
+        choices=("alternating", "zipf", "sessions", "agentic"),
+        metavar="KIND",
+        help="a synthetic trace: alternating, zipf, sessions or agentic (default: none)",
+    )
+    simulate.add_argument(
+        "--seed", type=int, default=1, metavar="N", help="with --generate: the random seed"
+    )
+    simulate.add_argument(
+        "--duration",
+        type=lambda text: _durations(text)[0],
+        default=4 * 3600.0,
+        metavar="DUR",
+        help="with --generate: how much traffic, e.g. 4h (default: 4h)",
+    )
+    simulate.add_argument(
+        "--requests",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --generate: N requests instead of --duration (default: none)",
+    )
+    simulate.add_argument(
+        "--policy",
+        type=_evictions,
+        default=("lru", "cost"),
+        metavar="P[,P...]",
+        help="eviction policies (models.eviction): lru, cost",
+    )
+    simulate.add_argument(
+        "--memory-budget",
+        type=_budgets,
+        default=(None,),
+        metavar="SIZE[,SIZE...]",
+        help="memory budgets, e.g. 24GiB,48GiB; none: no limit (default: none)",
+    )
+    simulate.add_argument(
+        "--max-loaded",
+        type=_counts,
+        default=(1,),
+        metavar="N[,N...]",
+        help="models loaded at once; 0: no count limit",
+    )
+    simulate.add_argument(
+        "--swap-grace",
+        type=_durations,
+        default=(10.0,),
+        metavar="DUR[,DUR...]",
+        help="scheduler.swap_grace values, e.g. 5s,10s (default: 10s)",
+    )
+    simulate.add_argument(
+        "--json", action="store_true", help="print the runs as JSON (default: off, a table)"
+    )
+    simulate.add_argument(
+        "--html",
+        metavar="OUT",
+        help="also write a self-contained page: the table and each run's timeline of loaded "
+        "models and queue length (default: none)",
+    )
+    simulate.add_argument(
+        "--write-trace",
+        metavar="OUT",
+        help="also write the trace read, converted or generated, as JSON lines (default: none)",
+    )
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from proxy.simulate import run  # not imported by `serve`
+
+    if args.trace is not None and (args.from_log or args.generate):
+        _error("simulate: give a TRACE file, --from-log or --generate, not two of them")
+        return EXIT_USAGE
+    return run.run(
+        run.SimulateOptions(
+            trace=args.trace,
+            from_log=args.from_log,
+            generate=args.generate,
+            seed=args.seed,
+            duration_s=args.duration,
+            requests=args.requests,
+            policies=args.policy,
+            memory_budgets=args.memory_budget,
+            max_loaded=args.max_loaded,
+            swap_graces=args.swap_grace,
+            json=args.json,
+            html=args.html,
+            write_trace=args.write_trace,
+        )
+    )
 
 
 def _key_name(text: str) -> str:
@@ -459,6 +633,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.name, key, models=args.models, priority=args.priority, admin=args.admin
             )
             print(lines, end="")  # noqa: T201 - the command's output
+        elif args.command == "simulate":
+            return _simulate(args)
         elif args.command == "bench":
             from proxy.bench import runner  # not imported by `serve`
 

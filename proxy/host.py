@@ -609,7 +609,8 @@ class Host:
                     pending.event.set()
             elif isinstance(action, sch.Load):
                 self._loading_since[action.model] = now
-                self._report.loading(action.model, self.expected_load_s(action.model))
+                size = self._scheduler.models[action.model].size_bytes
+                self._report.loading(action.model, self.expected_load_s(action.model), size)
                 self._start_soon(self._load, action.model)
             elif isinstance(action, sch.Unload):
                 self._report.unloading(action.model, action.reason)
@@ -687,6 +688,7 @@ class Host:
             self._kick()
 
     async def _unload(self, action: sch.Unload) -> None:
+        started = self._clock()
         error = await self._upstream.unload(action.instance_id)
         self._report.upstream(self.up)
         if error is not None:
@@ -694,7 +696,7 @@ class Host:
             self._report.unload_failed(action.model, error)
         else:
             self._scheduler.unload_done(action.model)
-            self._report.unloaded(action.model, action.reason)
+            self._report.unloaded(action.model, action.reason, self._clock() - started)
             if action.reason is sch.UnloadReason.ADMIN:
                 self._unload_answered(action.model)
         self._epoch += 1

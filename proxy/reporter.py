@@ -18,6 +18,11 @@ from proxy.scheduling import Model, UnloadReason
 
 logger = logging.getLogger("lmswitch.manager")  # the manager's lines, as operators know them
 
+# A log record's attribute holding its structured fields: the JSON log (`proxy.server`) adds them
+# to the line, so that `lmswitch simulate --from-log` reads loads and unloads without parsing
+# the message (docs/design.md §7.3). Text lines say the same in words.
+LOG_FIELDS = "lmswitch_fields"
+
 # While a host's models cannot be read, the warning is said again at most this often (a new
 # kind of failure is said at once).
 UNREADABLE_REPEAT_S = 60.0
@@ -70,13 +75,24 @@ class Reporter:
             self._up = up
             self._events.publish("upstream", {"upstream": self._upstream, "up": up})
 
-    def loading(self, key: str, expected_s: float | None) -> None:
+    def _fields(self, event: str, key: str, **fields: Any) -> dict[str, Any]:
+        """`extra` for a log line: its structured fields (`LOG_FIELDS`)."""
+        return {LOG_FIELDS: {"event": event, "model": key, "upstream": self._upstream, **fields}}
+
+    def loading(self, key: str, expected_s: float | None, size_bytes: int = 0) -> None:
         """A load begins; `expected_s`, how long it should take (None if unknown)."""
-        if expected_s is None:
-            logger.info("loading model %s on %s", key, self._upstream)
-        else:
-            logger.info("loading model %s on %s (about %.1f s)", key, self._upstream, expected_s)
         expected = None if expected_s is None else round(expected_s, 3)
+        extra = self._fields("loading", key, size_bytes=size_bytes, expected_load_s=expected)
+        if expected_s is None:
+            logger.info("loading model %s on %s", key, self._upstream, extra=extra)
+        else:
+            logger.info(
+                "loading model %s on %s (about %.1f s)",
+                key,
+                self._upstream,
+                expected_s,
+                extra=extra,
+            )
         self.model_event(key, "loading", expected_load_s=expected)
 
     def loaded(self, key: str, instance_id: str, elapsed_s: float) -> None:
@@ -84,7 +100,14 @@ class Reporter:
         self._metrics.load_duration.labels(key, self._upstream).observe(elapsed_s)
         self._metrics.loaded.labels(key, self._upstream).set(1)
         logger.info(
-            "loaded model %s as %s on %s in %.2f s", key, instance_id, self._upstream, elapsed_s
+            "loaded model %s as %s on %s in %.2f s",
+            key,
+            instance_id,
+            self._upstream,
+            elapsed_s,
+            extra=self._fields(
+                "loaded", key, instance_id=instance_id, elapsed_s=round(elapsed_s, 3)
+            ),
         )
         self.model_event(key, "loaded", instance_id=instance_id, load_s=round(elapsed_s, 3))
 
@@ -102,10 +125,18 @@ class Reporter:
         self.model_event(key, "draining")
 
     def unloading(self, key: str, reason: UnloadReason) -> None:
-        logger.info("unloading model %s on %s (%s)", key, self._upstream, reason)
+        extra = self._fields("unloading", key, reason=str(reason))
+        logger.info("unloading model %s on %s (%s)", key, self._upstream, reason, extra=extra)
         self.model_event(key, "unloading", reason=str(reason))
 
-    def unloaded(self, key: str, reason: UnloadReason) -> None:
+    def unloaded(self, key: str, reason: UnloadReason, elapsed_s: float) -> None:
+        logger.info(
+            "unloaded model %s on %s in %.2f s",
+            key,
+            self._upstream,
+            elapsed_s,
+            extra=self._fields("unloaded", key, reason=str(reason), elapsed_s=round(elapsed_s, 3)),
+        )
         self._metrics.unloads.labels(key, reason, self._upstream).inc()
         self._metrics.loaded.labels(key, self._upstream).set(0)
         self.model_event(key, "unloaded", reason=str(reason))

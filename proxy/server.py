@@ -28,6 +28,7 @@ from uvicorn.server import HANDLED_SIGNALS, ServerState
 from proxy.access import AccessLine
 from proxy.config import ServerSettings, Settings
 from proxy.errors import ProxyError, RequestTimeoutError
+from proxy.reporter import LOG_FIELDS
 
 SignalHandler = Callable[[int, FrameType | None], None]
 
@@ -346,6 +347,7 @@ class _JsonFormatter(logging.Formatter):
             fields.update(record.msg.fields)  # an access line: its fields, not its text
         else:
             fields["message"] = record.getMessage()
+            fields.update(getattr(record, LOG_FIELDS, {}))  # a model's load or unload
         if record.exc_info:
             fields["exception"] = self.formatException(record.exc_info)
         return json.dumps(fields)

@@ -32,6 +32,7 @@ from playwright.async_api import (
 from starlette.types import ASGIApp
 
 from proxy.app import create_app
+from proxy.cli import main
 from proxy.emulator import Emulator
 from proxy.server import free_port
 from tests.helpers import LLAMA, MESSAGES, QWEN, Proxy, proxy_for, running, serve, settings_for
@@ -1057,3 +1058,23 @@ async def test_a_named_key_that_is_not_an_admin_key_may_be_replaced() -> None:
         await dialog.get_by_label("Admin key").press("Enter")
         await expect(page.locator("#live")).to_have_text("connected")
         assert ui.unexpected_errors(401, 403) == []
+
+
+async def test_simulate_page_shows_one_lane_per_policy_without_errors(tmp_path: Path) -> None:
+    """`lmswitch simulate --html`: a self-contained page, one lane (a timeline of loaded models
+    and the queue) per run, opened from a file with no console error and no network."""
+    page_file = tmp_path / "simulate.html"
+    argv = ["simulate", "--generate", "zipf", "--duration", "2h", "--max-loaded", "0"]
+    assert main([*argv, "--memory-budget", "24GB", "--html", str(page_file)]) == 0
+    async with browse(page_file.as_uri()) as ui:
+        await ui.page.goto(page_file.as_uri())
+        lanes = ui.page.locator(".lane")
+        await expect(lanes).to_have_count(2)
+        await expect(lanes.nth(0).locator("h2")).to_contain_text("lru, budget 24GB")
+        await expect(lanes.nth(1).locator("h2")).to_contain_text("cost, budget 24GB")
+        for n in range(2):
+            assert await lanes.nth(n).locator("svg rect").count() > 10  # models' spans
+            await expect(lanes.nth(n).locator("svg polyline")).to_have_count(1)  # the queue
+        await expect(ui.page.locator("tbody tr")).to_have_count(2)
+        assert ui.errors == []
+        assert all(url.startswith("file://") for url in ui.requests)
