@@ -83,6 +83,7 @@ class Scheduler:
         # Cost eviction's inflation (GDSF's L): the worth of the last model evicted to make
         # room, so that what was used long ago counts less than what is used now (§2.7).
         self.inflation = 0.0
+        self.now = 0.0  # the time `decide` last ran at
 
     # -- events -----------------------------------------------------------------------------
 
@@ -328,6 +329,7 @@ class Scheduler:
     def decide(self, now: float) -> list[Action]:
         """Apply the rules at time `now`; return what the driver must carry out, in order."""
         actions, self._outbox = self._outbox, []
+        self.now = now
         self.load_held = False
         self._expire(now, actions)
         self._refuse(actions)
@@ -446,8 +448,16 @@ class Scheduler:
         for model in candidates:
             victims.append(model)
             if self.fits(target, [*leaving, *(v.key for v in victims)]):
-                return victims
-        return None
+                break
+        else:
+            return None
+        # Those before the last that it alone makes unneeded stay: a small model is not
+        # unloaded on the way to a large one that has to go anyway.
+        for model in reversed(victims[:-1]):
+            rest = [v.key for v in victims if v is not model]
+            if self.fits(target, [*leaving, *rest]):
+                victims.remove(model)
+        return victims
 
     def place_view(self, key: str, name: str, *, up: bool, has: bool, size: int) -> HostView:
         """This scheduler's host as placement weighs it for `key` (`proxy.placement`): `name`,
@@ -495,20 +505,42 @@ class Scheduler:
         """`models` in the order the eviction policy gives them up, first to go first: least
         recently used (`lru`), or least worth keeping (`cost`: GDSF, docs/design.md §2.7)."""
         if self.policy.eviction is Eviction.COST:
-            return sorted(models, key=lambda m: (self.worth(m), m.last_used))
+            waiting = {w.client for w in self.waiters.values() if w.client is not None}
+            return sorted(
+                models, key=lambda m: (self._awaited(m, waiting), self.worth(m), m.last_used)
+            )
         return sorted(models, key=lambda m: m.last_used)
+
+    def _awaited(self, model: Model, waiting: set[str]) -> bool:
+        """Whether a client that used `model` lately waits now (for another model): a pipeline
+        that calls models in turn is coming back for it once it has its answer (§2.7)."""
+        now = self.now
+        return any(
+            client in waiting and now - seen <= RECENT_S for client, seen in model.clients.items()
+        )
 
     def worth(self, model: Model) -> float:
         """What keeping `model` loaded is worth under cost eviction (GDSF): the inflation when
-        it was last used, plus its uses since it loaded x its reload seconds / its size."""
-        size = max(model.size_bytes, 1)
+        it was last used, plus its uses x its reload seconds / the share of the capacity it
+        takes (§2.7)."""
         reload_s = self.load_times.expected(model.key, model.size_bytes)
-        per_byte = reload_s / size if reload_s is not None else 1.0 / size
-        return model.value + model.uses * per_byte
+        return model.value + model.uses * (1.0 if reload_s is None else reload_s) / self._share(
+            model
+        )
+
+    def _share(self, model: Model) -> float:
+        """The share of the host's capacity `model` takes: of `memory_budget` by its size, or
+        one of `max_loaded` slots, whichever is more (the limit that binds)."""
+        policy, shares = self.policy, [1e-12]
+        if policy.memory_budget:
+            shares.append(model.size_bytes / policy.memory_budget)
+        if policy.max_loaded:
+            shares.append(1 / policy.max_loaded)
+        return max(shares)
 
     def _fresh(self, model: Model) -> None:
-        """`model` became resident: its uses count from here, valued at today's inflation."""
-        model.uses = 0
+        """`model` became resident: valued at today's inflation. Its uses count on from its
+        last stay: a popular model reloaded is still popular (§2.7)."""
         model.value = self.inflation
 
     def _lease(self, model: Model, now: float, client: str | None) -> None:

@@ -156,6 +156,75 @@ def test_cost_eviction_inflation_lets_old_uses_decay() -> None:
     assert s.models["a"].phase is Phase.ABSENT, "uses long ago never decayed"
 
 
+def _loaded(s: Scheduler, key: str, now: float, took: float = 1.0) -> None:
+    """`key` loaded through a real load that took `took` s, then used once at `now`."""
+    s.arrive(key, now)
+    actions = s.decide(now)
+    for action in actions:
+        if isinstance(action, sch.Unload):
+            s.unload_done(action.model)
+            actions = s.decide(now)
+    assert sch.Load(key) in actions
+    s.load_done(key, key, now + took, took)
+    s.decide(now + took)
+    s.release(key, now + took + 0.1)
+
+
+def test_no_model_is_unloaded_that_the_room_made_does_not_need() -> None:
+    """Under either policy: when the victims' order reaches a large model that alone makes
+    room, the small ones before it stay loaded."""
+    for eviction in sch.Eviction:
+        s = Scheduler(Policy(max_loaded=0, memory_budget=10 * GiB, eviction=eviction))
+        s.set_catalog({"small": 1 * GiB, "large": 8 * GiB, "new": 8 * GiB})
+        _loaded(s, "small", 0.0)  # the least recently used, and worth less than large
+        _loaded(s, "large", 10.0, took=20.0)
+        s.arrive("new", 40.0)
+        actions = s.decide(40.0)
+        assert actions == [sch.Unload("large", "large", sch.UnloadReason.EVICTED)], eviction
+        s.unload_done("large")
+        assert s.decide(40.0) == [sch.Load("new")]
+        assert s.models["small"].phase is Phase.READY
+
+
+def test_cost_eviction_keeps_a_model_whose_client_is_coming_back() -> None:
+    """A pipeline calls a small model, then a large one: while its client waits for the large
+    one, the small one it just used is the last to go, though it is worth less."""
+    s = Scheduler(Policy(max_loaded=2, eviction=sch.Eviction.COST))
+    s.set_catalog({"small": 2 * GiB, "other": 2 * GiB, "large": 20 * GiB})
+    _loaded(s, "other", 0.0, took=3.0)
+    _used(s, "other", [5.0, 6.0, 7.0])  # worth more than small: used more
+    _loaded(s, "small", 8.0, took=3.0)
+    s.arrive("small", 12.0, client="pipeline")
+    s.decide(12.0)
+    s.release("small", 13.0, "pipeline")
+    assert s.worth(s.models["small"]) < s.worth(s.models["other"])
+    s.arrive("large", 13.5, client="pipeline")
+    assert s.decide(13.5) == [sch.Unload("other", "other", sch.UnloadReason.EVICTED)]
+
+
+def test_with_a_count_limit_cost_weighs_reloads_per_slot_not_per_byte() -> None:
+    """With max_loaded binding and no memory_budget, a small model that reloads in 3 s is worth
+    less than a large one that reloads in 20 s, used as often, though it costs more per byte:
+    each takes one slot, and the large one stays."""
+    s = Scheduler(Policy(max_loaded=2, eviction=sch.Eviction.COST))
+    s.set_catalog({"small": 2 * GiB, "large": 20 * GiB, "new": 4 * GiB})
+    _loaded(s, "large", 0.0, took=20.0)
+    _loaded(s, "small", 100.0, took=3.0)
+    s.arrive("new", 200.0)
+    assert s.decide(200.0) == [sch.Unload("small", "small", sch.UnloadReason.EVICTED)]
+
+
+def test_cost_eviction_remembers_uses_across_reloads() -> None:
+    """A popular model evicted and loaded again is still popular."""
+    s = Scheduler(Policy(max_loaded=1, eviction=sch.Eviction.COST))
+    s.set_catalog({"a": GiB, "b": GiB})
+    _loaded(s, "a", 0.0)
+    _used(s, "a", [float(t) for t in range(2, 12)])
+    _loaded(s, "b", 20.0)
+    _loaded(s, "a", 30.0)
+    assert s.models["a"].uses == 12
+
+
 def test_grace_over_drains_a_busy_model() -> None:
     s = make(max_loaded=1, swap_grace_s=5.0)
     load_ready(s, "a", 0.0)
