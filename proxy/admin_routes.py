@@ -61,6 +61,11 @@ def _status(request: Request[State]) -> dict[str, Any]:
             "eviction": settings.models.eviction,
             "instances": view.instances,
             "bytes_used": view.bytes_used,
+            # Learned from LM Studio (`memory_budget: auto`, docs/design.md §2.8): the hosts'
+            # capacities added up (null unless each has one), and how the first host's was
+            # learned (`upstreams` has each host's).
+            "learned_bytes": view.learned_bytes,
+            "learned": view.hosts[0].learned,
         },
         # Other names clients may use for a model (`models.aliases`): alias -> model.
         "aliases": dict(sorted(settings.models.aliases.items())),

@@ -39,7 +39,7 @@ from pydantic_settings import (
 
 from proxy.config_errors import describe_error
 from proxy.keys import EVERY_MODEL, check_name, digest
-from proxy.units import ByteSize, MiB, Seconds
+from proxy.units import AUTO, ByteSize, MemoryBudget, MiB, Seconds
 
 ENV_PREFIX = "LMSWITCH_"
 CONFIG_ENV_VAR = "LMSWITCH_CONFIG"
@@ -178,10 +178,10 @@ class UpstreamHost(_Section):
         description="Models loaded at once on this host; 0: no count limit; null: "
         "models.max_loaded.",
     )
-    memory_budget: ByteSize | None = Field(
+    memory_budget: MemoryBudget | None = Field(
         default=None,
-        description="The sizes of the models loaded on this host must fit under it; null: "
-        "models.memory_budget.",
+        description="The sizes of the models loaded on this host must fit under it; auto: "
+        "learned from what its LM Studio accepts and refuses; null: models.memory_budget.",
     )
 
     @field_validator("name", mode="after")
@@ -200,7 +200,8 @@ class HostSettings:
     base_url: str
     api_token: str | None
     max_loaded: int
-    memory_budget: int | None
+    memory_budget: int | None  # bytes; None: no limit, or `auto` (learn_capacity)
+    learn_capacity: bool = False  # `memory_budget: auto`: learned from LM Studio
 
 
 def _null_as_empty(value: object) -> object:
@@ -363,10 +364,11 @@ class ModelsSettings(_Section):
     max_loaded: int = Field(
         default=1, ge=0, description="Models loaded at once; 0: no count limit."
     )
-    memory_budget: ByteSize | None = Field(
+    memory_budget: MemoryBudget | None = Field(
         default=None,
         description="The sizes (LM Studio's size_bytes) of loaded models must fit under it; "
-        "null: no limit.",
+        "auto: learned from what LM Studio accepts and refuses (each host its own); null: no "
+        "limit.",
     )
     idle_ttl: Seconds | None = Field(
         default=None, description="Unload a model idle this long (not a pinned one); null: never."
@@ -533,18 +535,22 @@ class Settings(BaseSettings):
                 api_token=self.upstream.api_token,
             ),
         )
-        return tuple(
-            HostSettings(
-                name=host.name,
-                base_url=host.base_url,
-                api_token=_revealed(host.api_token),
-                max_loaded=self.models.max_loaded if host.max_loaded is None else host.max_loaded,
-                memory_budget=(
-                    self.models.memory_budget if host.memory_budget is None else host.memory_budget
-                ),
+        hosts = []
+        for host in pool:
+            budget = self.models.memory_budget if host.memory_budget is None else host.memory_budget
+            hosts.append(
+                HostSettings(
+                    name=host.name,
+                    base_url=host.base_url,
+                    api_token=_revealed(host.api_token),
+                    max_loaded=(
+                        self.models.max_loaded if host.max_loaded is None else host.max_loaded
+                    ),
+                    memory_budget=budget if isinstance(budget, int) else None,
+                    learn_capacity=budget == AUTO,
+                )
             )
-            for host in pool
-        )
+        return tuple(hosts)
 
 
 def _revealed(secret: SecretStr | None) -> str | None:

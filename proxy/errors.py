@@ -17,6 +17,7 @@ ProxyError
     ├── UpstreamUnavailableError (503)
     ├── UpstreamTimeoutError (504)
     └── ModelLoadError (503)
+        └── InsufficientMemoryError (503)
 ```
 """
 
@@ -188,6 +189,11 @@ class UpstreamTimeoutError(UpstreamError):
 class ModelLoadError(UpstreamError):
     status_code = 503
     default_code = "model_load_failed"
+
+
+class InsufficientMemoryError(ModelLoadError):
+    """LM Studio's memory guardrail refused a load (answered as `model_load_failed`): the proxy
+    makes room and tries again before answering it (docs/design.md §2.8)."""
 
 
 def is_anthropic_path(path: str) -> bool:

@@ -93,6 +93,7 @@ class Host:
                 queue_timeout_s=sched.queue_timeout,
                 priority_aging_s=sched.priority_aging,
                 eviction=sch.Eviction(models.eviction),
+                learn_capacity=host.learn_capacity,
             )
         )
         self._upstream = Reconciler(client, settings, clock=clock)
@@ -119,6 +120,8 @@ class Host:
         self._retry_s = _RETRY_S  # after the next failed listing
         self._loading_since: dict[str, float] = {}  # the load running, when it began
         self._queue_seen: tuple[tuple[str, int, str], ...] | None = None  # as last published
+        # The learned capacity and the refusal it rests on, as last said (nothing learned yet).
+        self._capacity_seen: tuple[int | None, object] = (None, None)
         self.started = anyio.Event()  # its first listing ended, read or not
 
     # -- lifetime ---------------------------------------------------------------------------
@@ -216,6 +219,7 @@ class Host:
             up=self.up,
             reachable=self.reachable,
             waiting=self._queue_rows(),
+            learned=self.capacity_row(),
         )
 
     def expected_load_s(self, key: str) -> float | None:
@@ -623,6 +627,7 @@ class Host:
                 self._report.vanished(action.model)
         self._raise_barrier()
         self._publish_queue()
+        self._publish_capacity()
         self._wake_if_sooner(now)
 
     def _publish_queue(self) -> None:
@@ -636,6 +641,19 @@ class Host:
         if seen != self._queue_seen:
             self._queue_seen = seen
             self._report.queue(self._queue_rows())
+
+    def _publish_capacity(self) -> None:
+        """A log line and a `capacity` event when the capacity learned here, or the refusal it
+        rests on, changed (docs/design.md §2.8)."""
+        capacity = self._scheduler.capacity
+        seen = (capacity.learned_bytes, capacity.refused)  # not every larger set that fits
+        if seen != self._capacity_seen:
+            self._capacity_seen = seen
+            self._report.capacity(self.capacity_row())
+
+    def capacity_row(self) -> dict[str, Any]:
+        """What is learned of this host's capacity (`/api/v1/status`, `capacity` events)."""
+        return {"auto": self._scheduler.policy.learn_capacity, **self._scheduler.capacity.row()}
 
     def _wake_if_sooner(self, now: float) -> None:
         """Wake the timer loop if the scheduler's next deadline is before its alarm."""
@@ -666,10 +684,17 @@ class Host:
             timer.cancel()
             self._loading_since.pop(key, None)
         self._report.upstream(self.up)
-        if isinstance(result, LoadFailed):
+        if isinstance(result, LoadFailed) and result.refused:
+            # Not answered yet: the scheduler makes room and tries again (docs/design.md §2.8).
+            self._scheduler.load_refused(key, result.error, self._clock())
+            refusal = self._scheduler.refusals[key]
+            room = self._scheduler.may_make_room(refusal)
+            self._report.load_refused(key, result.error, refusal.beside, making_room=room)
+        elif isinstance(result, LoadFailed):
             self._scheduler.load_failed(key, result.error)
             self._report.load_failed(key, result.error)
         else:
+            self._scheduler.set_contexts({key: self._upstream.context_lengths.get(key)})
             self._scheduler.load_done(key, result.instance_id, self._clock(), result.elapsed_s)
             self._report.loaded(key, result.instance_id, result.elapsed_s)
         self._epoch += 1
@@ -759,6 +784,8 @@ class Host:
         self._scheduler.set_catalog(observation.sizes)
         self._confirm_gates(observation)
         if epoch == self._epoch:  # no load or unload finished meanwhile: the view is current
+            contexts = self._upstream.context_lengths
+            self._scheduler.set_contexts({k: contexts.get(k) for k in observation.instances})
             self._scheduler.observed(self._seen(observation), self._clock())
             self._report.duplicates(self._scheduler.models)
             for key, model in self._scheduler.models.items():

@@ -15,6 +15,7 @@ import anyio
 import httpx2
 
 from proxy.errors import (
+    InsufficientMemoryError,
     ModelLoadError,
     UpstreamError,
     UpstreamTimeoutError,
@@ -89,6 +90,17 @@ class Loaded:
 
     instance_id: str  # "key", or "key:2" when another instance existed
     context_length: int | None
+
+
+# How LM Studio's memory guardrail words its refusal of a load (docs/design.md §5.6): "Model
+# loading was stopped due to insufficient system resources. Under the current settings, this
+# model requires approximately 22.92 GB of memory, ...". The one place it is recognised.
+_MEMORY_REFUSAL = "insufficient system resources"
+
+
+def refused_for_memory(message: str) -> bool:
+    """Whether LM Studio's error `message` is its memory guardrail refusing a load."""
+    return _MEMORY_REFUSAL in message.lower()
 
 
 def _error_message(response: httpx2.Response) -> str:
@@ -287,7 +299,8 @@ class LMStudioClient:
         except UpstreamUnavailableError:
             raise
         except UpstreamError as exc:
-            raise ModelLoadError(
+            error = InsufficientMemoryError if refused_for_memory(exc.message) else ModelLoadError
+            raise error(
                 f"LM Studio failed to load model {key!r}: {exc.message}",
                 should_retry=exc.should_retry,
             ) from exc
@@ -404,7 +417,7 @@ def _status_error(path: str, response: httpx2.Response) -> UpstreamError:
             code="upstream_auth_failed",
         )
     # Retrying cannot help a refusal (4xx) or an out-of-memory guardrail; other 5xx may pass.
-    hopeless = status < 500 or "insufficient system resources" in message
+    hopeless = status < 500 or refused_for_memory(message)
     return UpstreamError(
         f"{message} (HTTP {status} from {path})",
         code=f"upstream_{status}",

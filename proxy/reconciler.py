@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from proxy.config import Settings
-from proxy.errors import ProxyError, UpstreamUnavailableError
+from proxy.errors import InsufficientMemoryError, ProxyError, UpstreamUnavailableError
 from proxy.lmstudio import Loaded, ModelInfo
 
 
@@ -47,6 +47,11 @@ class LoadFailed:
     """A load that failed (or timed out), with the error every waiting request gets."""
 
     error: ProxyError
+
+    @property
+    def refused(self) -> bool:
+        """LM Studio's memory guardrail refused it: room may be made (docs/design.md §2.8)."""
+        return isinstance(self.error, InsufficientMemoryError)
 
 
 @dataclass(frozen=True, slots=True)

@@ -117,6 +117,31 @@ class Reporter:
         logger.warning("loading model %s on %s failed: %s", key, self._upstream, error.message)
         self.model_event(key, "failed", error=error.message, code=error.code)
 
+    def load_refused(
+        self, key: str, error: ProxyError, beside: Iterable[str], *, making_room: bool
+    ) -> None:
+        """LM Studio's memory guardrail refused a load; the scheduler makes room and tries
+        again, or answers the refusal if nothing more may be unloaded (docs/design.md §2.8)."""
+        self._metrics.loads.labels(key, "failed", self._upstream).inc()
+        others = ", ".join(sorted(beside)) or "nothing"
+        logger.warning(
+            "LM Studio on %s refused to load model %s beside %s for lack of memory; %s",
+            self._upstream,
+            key,
+            others,
+            "making room" if making_room else "nothing more may be unloaded",
+        )
+        self.model_event(
+            key, "refused", error=error.message, code=error.code, making_room=making_room
+        )
+
+    def capacity(self, learned: Mapping[str, Any]) -> None:
+        """A `capacity` event: what is learned of the host's capacity changed (§2.8)."""
+        size = learned.get("learned_bytes")
+        shown = "no limit known" if size is None else f"{size / 1e9:.2f} GB"
+        logger.info("capacity of %s: %s (%s)", self._upstream, shown, learned.get("how"))
+        self._events.publish("capacity", {"upstream": self._upstream, **learned})
+
     def load_slow(self, key: str, limit_s: float) -> None:
         logger.warning("loading model %s takes longer than load_timeout (%g s)", key, limit_s)
 

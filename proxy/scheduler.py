@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
+from proxy.capacity import Capacity, Held
 from proxy.loadtimes import LoadTimes
 from proxy.placement import HostView, Presence
 from proxy.scheduling import (
@@ -25,6 +26,7 @@ from proxy.scheduling import (
     Observed,
     Phase,
     Policy,
+    Refusal,
     Unload,
     UnloadReason,
     Waiter,
@@ -84,6 +86,11 @@ class Scheduler:
         # room, so that what was used long ago counts less than what is used now (§2.7).
         self.inflation = 0.0
         self.now = 0.0  # the time `decide` last ran at
+        # What this host holds, learned from the sets LM Studio accepted and refused; the
+        # budget under `memory_budget: auto` (§2.8).
+        self.capacity = Capacity()
+        # Loads LM Studio refused for lack of memory, by model: room is made before the next try.
+        self.refusals: dict[str, Refusal] = {}
 
     # -- events -----------------------------------------------------------------------------
 
@@ -176,6 +183,33 @@ class Scheduler:
         self._fresh(model)
         if took_s is not None:
             self.load_times.record(key, took_s, model.size_bytes)
+        self.refusals.pop(key, None)
+        self.capacity.fitted(self._held(m for m in self.models.values() if m.instances), now)
+
+    def load_refused(self, key: str, error: Exception, now: float) -> None:
+        """LM Studio refused to load `key` for lack of memory (§2.8). Its waiters stay queued:
+        `decide` makes room by the eviction policy and tries again, and answers them with
+        `error` only once nothing more may be unloaded."""
+        model = self.models[key]
+        model.phase = Phase.ABSENT
+        model.instance_id = None
+        beside = [m for m in self.models.values() if m.instances and m is not model]
+        self.refusals[key] = Refusal(frozenset(m.key for m in beside), error)
+        held = self._held(beside)
+        self.capacity.refused_load(
+            [*held, Held(key, model.context_length, 1, model.size_bytes)], now
+        )
+
+    def set_contexts(self, contexts: Mapping[str, int | None]) -> None:
+        """The context lengths models are loaded with, as LM Studio says (a load's answer, a
+        listing): what was learned of the capacity at another one is forgotten (§2.8)."""
+        for key, context_length in contexts.items():
+            if context_length is not None:
+                self.model(key).context_length = context_length
+                self.capacity.context_seen(key, context_length)
+
+    def _held(self, models: Iterable[Model]) -> list[Held]:
+        return [Held(m.key, m.context_length, m.instances, m.size_bytes) for m in models]
 
     def load_failed(self, key: str, error: Exception) -> None:
         """Every request waiting on this load fails with `error`; the next one may try again."""
@@ -238,6 +272,12 @@ class Scheduler:
                 if model.instance_id not in ids:
                     model.instance_id = key if key in ids else ids[0]
                 model.duplicates = [i for i in ids if i != model.instance_id]
+        # What LM Studio lists, it holds at once (a load of its own may raise what is known).
+        held = [
+            Held(key, self.model(key).context_length, len(ids), self.model(key).size_bytes)
+            for key, ids in instances.items()
+        ]
+        self.capacity.fitted(held, now)
 
     # -- queries ----------------------------------------------------------------------------
 
@@ -283,12 +323,35 @@ class Scheduler:
             order[waiter.model] = order.get(waiter.model, 0) + waiter.takes_lease
         return list(order.items())
 
+    @property
+    def budget(self) -> int | None:
+        """The memory budget in bytes: `memory_budget`, or under `auto` the capacity learned
+        (None: no limit, or none known yet)."""
+        if self.policy.learn_capacity:
+            return self.capacity.learned_bytes
+        return self.policy.memory_budget
+
     def fits(self, target: Model, exclude: Iterable[str] = ()) -> bool:
-        count, size = self.usage(exclude)
+        skip = set(exclude)
+        count, size = self.usage(skip)
         policy = self.policy
         if policy.max_loaded and count + 1 > policy.max_loaded:
             return False
-        return policy.memory_budget is None or size + target.size_bytes <= policy.memory_budget
+        refusal = self.refusals.get(target.key)
+        if refusal is not None and all(
+            k not in skip and self.models[k].instances for k in refusal.beside
+        ):
+            return False  # LM Studio refused it beside these: one of them must go first (§2.8)
+        budget = self.budget
+        if budget is None or size + target.size_bytes <= budget:
+            return True
+        # A learned capacity is no reason not to try a model beside nothing that may go: only
+        # LM Studio can tell whether it fits (§2.8).
+        return policy.learn_capacity and all(
+            m.pinned
+            for m in self.models.values()
+            if m.instances and m.key not in skip and m is not target
+        )
 
     def never_fits(self, target: Model) -> str | None:
         """Why `target` cannot fit even with every unpinned model unloaded, or None."""
@@ -368,6 +431,13 @@ class Scheduler:
             self._fail(waiter, FailReason.EXPIRED, message, actions)
 
     def _refuse(self, actions: list[Action]) -> None:
+        for key, refusal in list(self.refusals.items()):
+            if self.models[key].phase is Phase.ABSENT and not self.may_make_room(refusal):
+                del self.refusals[key]  # answered: the next request for it tries again
+                for waiter in [w for w in self.waiters.values() if w.model == key]:
+                    del self.waiters[waiter.id]
+                    message = str(refusal.error)
+                    actions.append(Fail(waiter, FailReason.LOAD_FAILED, message, refusal.error))
         for waiter in list(self.waiters.values()):
             model = self.models[waiter.model]
             if model.phase is not Phase.ABSENT:
@@ -380,6 +450,13 @@ class Scheduler:
                     f"({self.unreadable}); nothing is loaded or evicted until they can"
                 )
                 self._fail(waiter, FailReason.UNREADABLE, message, actions)
+
+    def may_make_room(self, refusal: Refusal) -> bool:
+        """Whether unloading may yet make room after `refusal`: one of the models it was refused
+        beside is gone already (try again), or is not pinned (it may go, once idle)."""
+        return any(
+            not self.models[k].instances or not self.models[k].pinned for k in refusal.beside
+        )
 
     def _oldest(self, key: str) -> float:
         return min(w.arrived for w in self.waiters.values() if w.model == key)
@@ -471,7 +548,7 @@ class Scheduler:
             presence = Presence.ABSENT
         else:
             presence = Presence.LEAVING
-        budget = self.policy.memory_budget
+        budget = self.budget
         # Without a budget, room is what is not used of a nominal one: the emptier host wins.
         room = (budget if budget is not None else 2**62) - self.usage()[1] - model.size_bytes
         idle = self.idle_victims(model) if presence is Presence.ABSENT else None
@@ -529,13 +606,14 @@ class Scheduler:
         )
 
     def _share(self, model: Model) -> float:
-        """The share of the host's capacity `model` takes: of `memory_budget` by its size, or
-        one of `max_loaded` slots, whichever is more (the limit that binds)."""
-        policy, shares = self.policy, [1e-12]
-        if policy.memory_budget:
-            shares.append(model.size_bytes / policy.memory_budget)
-        if policy.max_loaded:
-            shares.append(1 / policy.max_loaded)
+        """The share of the host's capacity `model` takes: of its memory budget (set, or
+        learned under `auto`) by its size, or one of `max_loaded` slots, whichever is more (the
+        limit that binds)."""
+        budget, slots, shares = self.budget, self.policy.max_loaded, [1e-12]
+        if budget:
+            shares.append(model.size_bytes / budget)
+        if slots:
+            shares.append(1 / slots)
         return max(shares)
 
     def _fresh(self, model: Model) -> None:

@@ -62,6 +62,8 @@ class Policy:
     # Each this long a request waits counts as one more priority level (§2.4).
     priority_aging_s: float = 30.0
     eviction: Eviction = Eviction.LRU
+    # `memory_budget: auto`: the budget is the capacity learned from LM Studio (§2.8).
+    learn_capacity: bool = False
 
 
 @dataclass(slots=True)
@@ -89,6 +91,7 @@ class Model:
     value: float = 0.0
     # Who used it lately: client -> when their last lease on it began or ended (§2.4).
     clients: dict[str | None, float] = field(default_factory=dict)
+    context_length: int | None = None  # of its loaded instance, as last seen (§2.8)
 
     @property
     def instances(self) -> int:
@@ -110,6 +113,16 @@ class Waiter:
     # two waiters compare the same way for as long as both wait (§2.4).
     rank: float = 0.0
     client: str | None = None  # who asked (a connection), for the fairness rule's idle gap
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """LM Studio refused to load a model for lack of memory beside the models `beside`: until
+    one of them is gone, the model does not fit (§2.8). `error` answers its waiters if nothing
+    more may be unloaded."""
+
+    beside: frozenset[str]
+    error: Exception
 
 
 @dataclass(frozen=True, slots=True)

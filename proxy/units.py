@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 from decimal import Decimal
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BeforeValidator, Field
 
@@ -76,5 +76,32 @@ Seconds = Annotated[float, BeforeValidator(_parse_duration), Field(ge=0, allow_i
 
 ByteSize = Annotated[int, BeforeValidator(_parse_size), Field(ge=0)]
 """A size in bytes: an integer, or a string such as "512MiB", "20GiB", "24GB", "100KB"."""
+
+AUTO = "auto"
+
+
+def _parse_budget(value: object) -> object:
+    """`auto` (in any case), or a size as `_parse_size` takes it."""
+    if isinstance(value, str) and value.strip().lower() == AUTO:
+        return AUTO
+    if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+        raise _bad_budget(value)
+    try:
+        return _parse_size(value)
+    except ValueError:
+        raise _bad_budget(value) from None
+
+
+def _bad_budget(value: object) -> ValueError:
+    return ValueError(
+        f"invalid memory budget {value!r} (use auto, bytes or e.g. 512MiB, 20GiB, 24GB)"
+    )
+
+
+MemoryBudget = Annotated[
+    Annotated[int, Field(ge=0)] | Literal["auto"], BeforeValidator(_parse_budget)
+]
+"""A memory budget: a size in bytes (as `ByteSize` takes it), or `auto`: learned from LM Studio
+(docs/design.md §2.8)."""
 
 MiB = 2**20

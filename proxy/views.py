@@ -76,12 +76,15 @@ class HostStatus:
     instances: int
     bytes_used: int
     max_loaded: int
-    memory_budget: int | None
+    memory_budget: int | str | None  # bytes, "auto" (learned) or None (no limit)
     in_flight: int
     queued: int
     queue: dict[str, int]  # waiting requests per model, for models with any
     duplicates: dict[str, list[str]]
     waiting: list[dict[str, Any]]  # the models waited for, in the order they are to be served
+    # Its capacity as learned from LM Studio (`proxy.capacity`): `auto`, `learned_bytes`, `fit`,
+    # `refused`, `how` (docs/design.md §2.8).
+    learned: dict[str, Any]
 
     def row(self) -> dict[str, Any]:
         return {
@@ -93,6 +96,8 @@ class HostStatus:
             "bytes_used": self.bytes_used,
             "max_loaded": self.max_loaded,
             "memory_budget": self.memory_budget,
+            "learned_bytes": self.learned["learned_bytes"],
+            "learned": self.learned,
             "in_flight": self.in_flight,
             "queued": self.queued,
         }
@@ -111,6 +116,13 @@ class StatusView:
     instances: int
     bytes_used: int
     waiting: list[dict[str, Any]]  # each host's `waiting`, one after the other
+
+    @property
+    def learned_bytes(self) -> int | None:
+        """The capacities learned from LM Studio, added up over the hosts; None unless every
+        host has one."""
+        learned = [host.learned["learned_bytes"] for host in self.hosts]
+        return None if None in learned else sum(learned)
 
 
 def _rounded(seconds: float | None) -> float | None:
@@ -203,6 +215,7 @@ def host_status(
     up: bool,
     reachable: bool,
     waiting: list[dict[str, Any]],
+    learned: dict[str, Any],
 ) -> HostStatus:
     models = scheduler.models
     count, used = scheduler.usage()
@@ -216,7 +229,8 @@ def host_status(
         instances=count,
         bytes_used=used,
         max_loaded=policy.max_loaded,
-        memory_budget=policy.memory_budget,
+        memory_budget="auto" if policy.learn_capacity else policy.memory_budget,
+        learned=learned,
         in_flight=sum(model.leases for model in models.values()),
         queued=len(scheduler.waiters),
         queue={key: n for key in models if (n := scheduler.queued(key))},

@@ -30,7 +30,7 @@ from pydantic.fields import FieldInfo
 
 from proxy.config import ENV_PREFIX, LoadOptions, NamedKey, Settings, UpstreamHost
 from proxy.metrics import Metrics
-from proxy.units import ByteSize, Seconds
+from proxy.units import ByteSize, MemoryBudget, Seconds
 from tests import doc_capture
 from tests.helpers import README
 
@@ -244,6 +244,7 @@ class Setting:
 
 
 _DURATION, _SIZE = get_args(Seconds)[1], get_args(ByteSize)[1]  # their BeforeValidators
+_BUDGET = get_args(MemoryBudget)[1]
 
 
 def _unit(metadata: Sequence[Any]) -> str | None:
@@ -251,6 +252,8 @@ def _unit(metadata: Sequence[Any]) -> str | None:
         return "duration"
     if _SIZE in metadata:
         return "size"
+    if _BUDGET in metadata:
+        return "size or `auto`"
     return None
 
 

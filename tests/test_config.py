@@ -355,7 +355,13 @@ def test_check_config_exits_2_with_the_key_meant_and_the_shape_expected(
         ),
         (
             "models: {memory_budget: lots}",
-            "models.memory_budget: invalid size 'lots' (use bytes or e.g. 512MiB, 20GiB, 24GB)",
+            "models.memory_budget: invalid memory budget 'lots' (use auto, bytes or e.g. "
+            "512MiB, 20GiB, 24GB)",
+        ),
+        (
+            "upstreams: [{name: a, base_url: 'http://h:1', memory_budget: automatic}]",
+            "upstreams.0.memory_budget: invalid memory budget 'automatic' (use auto, bytes or "
+            "e.g. 512MiB, 20GiB, 24GB)",
         ),
         ("models: {max_loaded: -1}", "models.max_loaded: must be >= 0"),
         ("server: {drain_timeout: -1}", "server.drain_timeout: must be >= 0"),

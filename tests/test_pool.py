@@ -436,6 +436,10 @@ async def test_status_and_listings_show_every_host() -> None:
     assert [row["name"] for row in status["upstreams"]] == ["a", "b"]
     assert urls["a"] != urls["b"]
     assert all(url.startswith("http://127.0.0.1:") for url in urls.values())
+    learned = {name: host_row(status, name).pop("learned") for name in ("a", "b")}
+    assert learned["a"]["fit"]["bytes"] == SIZES[QWEN]  # what each host held (§2.8)
+    assert learned["b"]["fit"] is None
+    assert learned["a"]["learned_bytes"] is None  # nothing refused: no limit known
     assert host_row(status, "a") == {
         "name": "a",
         "url": urls["a"],
@@ -445,6 +449,7 @@ async def test_status_and_listings_show_every_host() -> None:
         "bytes_used": SIZES[QWEN],
         "max_loaded": 1,
         "memory_budget": budget,
+        "learned_bytes": None,
         "in_flight": 1,
         "queued": 0,
     }
@@ -457,6 +462,7 @@ async def test_status_and_listings_show_every_host() -> None:
         "bytes_used": 0,
         "max_loaded": 1,
         "memory_budget": budget,
+        "learned_bytes": None,
         "in_flight": 0,
         "queued": 0,
     }

@@ -29,6 +29,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from proxy.errors import InsufficientMemoryError
 from proxy.scheduler import RETRY_HOLD_S, Scheduler
 from proxy.scheduling import (
     Action,
@@ -63,6 +64,7 @@ class Setup:
     sizes: dict[str, int]
     policy: Policy
     pinned: frozenset[str]
+    memory: int | None  # LM Studio's real memory, hidden from the scheduler: past it, it refuses
 
 
 @st.composite
@@ -70,8 +72,11 @@ def setups(draw: st.DrawFn) -> Setup:
     keys = KEYS[: draw(st.integers(3, 4))]
     sizes = {key: draw(st.integers(1, 8)) * GiB for key in keys}
     budget = draw(st.sampled_from([None, None, 6, 9, 12, 16]))
+    # LM Studio's real memory: with it, sets of models that hold more are refused (§2.8).
+    memory = draw(st.sampled_from([None, None, 5, 7, 10, 12, 14]))
+    counts = [0, 1, 1, 2] if budget is None and memory is None else [0, 0, 1, 2]
     policy = Policy(
-        max_loaded=draw(st.sampled_from([0, 1, 1, 2] if budget is None else [0, 1, 2])),
+        max_loaded=draw(st.sampled_from(counts)),
         memory_budget=None if budget is None else budget * GiB,
         swap_grace_s=draw(st.sampled_from([0.0, 0.5, 2.0, 10.0])),
         idle_ttl_s=draw(st.none() | st.sampled_from([0.5, 3.0, 60.0])),
@@ -79,9 +84,10 @@ def setups(draw: st.DrawFn) -> Setup:
         queue_timeout_s=draw(st.sampled_from([1.0, 5.0, 30.0, 30.0, 300.0])),
         priority_aging_s=draw(st.sampled_from([0.1, 1.0, 30.0])),
         eviction=draw(st.sampled_from(Eviction)),
+        learn_capacity=budget is None and draw(st.booleans()),
     )
     pinned = draw(st.frozensets(st.sampled_from(keys), max_size=1))
-    return Setup(sizes, policy, pinned)
+    return Setup(sizes, policy, pinned, None if memory is None else memory * GiB)
 
 
 # Instance lists a fake LM Studio can hold for one model: gone, ours, a duplicate, a new id.
@@ -110,9 +116,16 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.load_failed_for: str | None = None
         self.evicted_since_load = False  # an eviction was started since the last load
         self.committed: str | None = None  # the swap under way before this step's `decide`
+        self.memory: int | None = None  # LM Studio's real memory (its guardrail refuses past it)
+        # Refused loads not answered yet: model -> the models LM Studio refused it beside.
+        self.refused: dict[str, frozenset[str]] = {}
+        self.refusals = 0
+        self.fit_since_refusal = 0  # the largest set LM Studio held since the last refusal
+        self.last_refused: int | None = None  # the total of the last refused set
+        self.fit_past_refused = False  # a set at least that large fitted since
 
     @property
-    def held(self) -> list[str]:
+    def leased(self) -> list[str]:
         """The model of each lease held."""
         return [key for key, _ in self.running]
 
@@ -128,6 +141,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         for key in setup.pinned:
             self.s.pin(key, True)
         self.pinned = set(setup.pinned)
+        self.memory = setup.memory
         self.step()
 
     @rule(
@@ -207,6 +221,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             self.truth.pop(key, None)
             self.owned.discard(key)
         self.s.observed(self.truth, self.now)
+        self.held()
         self.step()
 
     @rule(data=st.data(), pinned=st.booleans())
@@ -256,10 +271,21 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert action is not None
         key = action.model
         if isinstance(action, Load):
-            if ok:
+            total = self.truth_bytes() + self.sizes[key]
+            if ok and self.memory is not None and total > self.memory:
+                # The guardrail refuses: the scheduler keeps its waiters and makes room.
+                self.s.load_refused(key, InsufficientMemoryError("no memory"), self.now)
+                self.refused[key] = self.s.refusals[key].beside
+                assert self.refused[key] == set(self.truth), "refused beside another set"
+                self.refusals += 1
+                self.fit_since_refusal = 0
+                self.last_refused, self.fit_past_refused = total, False
+            elif ok:
                 self.truth[key] = [key]
                 self.owned.add(key)
+                self.refused.pop(key, None)
                 self.s.load_done(key, key, self.now, took_s)
+                self.held()
             else:
                 self.load_failed_for = key
                 self.s.load_failed(key, RuntimeError("no memory"))
@@ -274,6 +300,23 @@ class SchedulerMachine(RuleBasedStateMachine):
         else:
             self.s.unload_failed(key, self.now)
         self.step()
+
+    def hopeless(self, key: str) -> bool:
+        """Nothing more may be unloaded for `key`'s refusal: every model LM Studio refused it
+        beside is still loaded, and pinned (or being loaded again, pinned)."""
+        loading = self.inflight.model if isinstance(self.inflight, Load) else None
+        held = (k in self.truth or k == loading for k in self.refused[key])
+        return all(held) and self.refused[key] <= self.pinned
+
+    def truth_bytes(self) -> int:
+        return sum(len(ids) * self.sizes[k] for k, ids in self.truth.items())
+
+    def held(self) -> None:
+        """LM Studio holds what it holds: a set that fits."""
+        total = self.truth_bytes()
+        self.fit_since_refusal = max(self.fit_since_refusal, total)
+        if self.last_refused is not None and total >= self.last_refused:
+            self.fit_past_refused = True
 
     def step(self, *, quiet: bool = False) -> None:
         """Ask the scheduler what to do now, carry it out, and check the contract."""
@@ -294,6 +337,11 @@ class SchedulerMachine(RuleBasedStateMachine):
             worst_kept = max(map(self.order, self.waiting.values()), default=(-math.inf, 0))
             assert min(map(self.order, failed)) > worst_kept, "queue full: not the last in line"
         self.load_failed_for = None
+        for key in [k for k in self.refused if k not in self.s.refusals]:
+            # The scheduler let the refusal go (its waiters answered, or none left): only
+            # once nothing more may be unloaded.
+            assert self.hopeless(key), f"{key}'s refusal dropped while room may yet be made"
+            del self.refused[key]
         self.check()
         self.wake = self.s.next_wakeup(self.now)
         assert self.wake is None or self.wake > self.now, "next_wakeup is not in the future"
@@ -364,6 +412,11 @@ class SchedulerMachine(RuleBasedStateMachine):
         elif action.reason is FailReason.UNREADABLE:
             assert self.s.unreadable is not None, "failed as unreadable while readable"
             assert self.s.models[waiter.model].phase is Phase.ABSENT
+        elif waiter.model in self.refused and waiter.model != self.load_failed_for:
+            assert action.reason is FailReason.LOAD_FAILED
+            # A refusal is answered only when nothing more may be unloaded: every model it was
+            # refused beside is still loaded, and pinned.
+            assert self.hopeless(waiter.model), "refusal answered while room may yet be made"
         else:
             assert action.reason is FailReason.LOAD_FAILED
             assert waiter.model == self.load_failed_for, "failed by another model's load"
@@ -391,7 +444,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert action.instance_id in self.truth.get(key, ()), "unload of an unknown instance"
         if action.reason is UnloadReason.EVICTED:
             self.evicted_since_load = True
-        assert key not in self.held, f"unload of {key} under a lease"
+        assert key not in self.leased, f"unload of {key} under a lease"
         if action.reason is UnloadReason.ADMIN:
             assert self.s.models[key].unload_requested
         else:
@@ -409,8 +462,16 @@ class SchedulerMachine(RuleBasedStateMachine):
                 size += len(ids) * self.sizes[other]
         if self.policy.max_loaded and count + 1 > self.policy.max_loaded:
             return False
-        budget = self.policy.memory_budget
-        return budget is None or size + self.sizes[key] <= budget
+        beside = self.refused.get(key)
+        if beside is not None and all(k in self.truth and k not in leaving for k in beside):
+            return False  # refused beside these: one must go first (§2.8)
+        budget = self.s.budget  # `memory_budget`, or the capacity learned
+        if budget is None or size + self.sizes[key] <= budget:
+            return True
+        # A learned capacity never keeps a model from being tried beside only pinned models.
+        return self.policy.learn_capacity and all(
+            k in self.pinned for k in self.truth if k not in leaving and k != key
+        )
 
     def never_fits(self, key: str) -> bool:
         """Would `key` not fit even with every unpinned model gone (counting instances)?"""
@@ -433,7 +494,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert set(s.waiters) == set(self.waiting), "scheduler and driver disagree on the queue"
         assert len(self.waiting) <= policy.max_queue, "queue longer than max_queue"
         for key, model in s.models.items():
-            assert model.leases == self.held.count(key), f"lease count of {key} is wrong"
+            assert model.leases == self.leased.count(key), f"lease count of {key} is wrong"
         for waiter in self.waiting.values():
             assert waiter.deadline > self.now, f"{waiter} outlived its deadline"
             assert s.models[waiter.model].phase is not Phase.READY, f"{waiter} not granted"
@@ -443,6 +504,13 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert len(self.owned) <= policy.max_loaded, f"over max_loaded: {self.owned}"
         if policy.memory_budget is not None:
             assert owned_bytes <= policy.memory_budget, f"over memory_budget: {self.owned}"
+        # The capacity learned is never below the largest set seen to fit since the last
+        # refusal, and stays below that refusal until a set at least as large fits (§2.8).
+        learned = s.capacity.learned_bytes
+        if learned is not None:
+            assert learned >= self.fit_since_refusal, f"learned {learned} below what fitted"
+            if self.last_refused is not None and not self.fit_past_refused:
+                assert learned < self.last_refused, f"learned {learned}, refused at or below"
         if self.inflight is None and self.now >= s.hold_until:
             self.check_progress()
 
@@ -451,10 +519,12 @@ class SchedulerMachine(RuleBasedStateMachine):
         s = self.s
         for key, model in s.models.items():
             if model.unload_requested and model.phase in (Phase.READY, Phase.DRAINING):
-                assert key in self.held, f"operator's unload of idle {key} not started"
+                assert key in self.leased, f"operator's unload of idle {key} not started"
         for waiter in self.waiting.values():
             if s.models[waiter.model].phase is Phase.ABSENT:
                 assert not self.never_fits(waiter.model), f"{waiter} can never fit: not refused"
+                hopeless = waiter.model in self.refused and self.hopeless(waiter.model)
+                assert not hopeless, f"{waiter}'s refusal could be answered, and is not"
         assert s.swap_for is None or self.evicted_since_load, "a swap under way, none started"
         first = self.first_in_line(s.swap_for)
         if first is None or s.unreadable is not None or s.load_held:
@@ -471,7 +541,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             and k in self.truth
             and k != key
             and not m.pinned
-            and k not in self.held
+            and k not in self.leased
         }
         oldest = min(w.arrived for w in self.waiting.values() if w.model == key)
         grace_over = self.now >= oldest + self.policy.swap_grace_s + EPS

@@ -1078,3 +1078,31 @@ async def test_simulate_page_shows_one_lane_per_policy_without_errors(tmp_path: 
         await expect(ui.page.locator("tbody tr")).to_have_count(2)
         assert ui.errors == []
         assert all(url.startswith("file://") for url in ui.requests)
+
+
+async def test_the_memory_meter_shows_the_capacity_learned_from_lm_studio() -> None:
+    """With `memory_budget: auto`, no bar until LM Studio refuses a load; then the bar is drawn
+    against the capacity learned, marked as learned, and says how it was learned."""
+    emulator = Emulator(memory_bytes=10_000_000_000)  # the 14B (8.99 GB) fits alone
+    models = {"max_loaded": 0, "memory_budget": "auto"}
+    async with running(emulator, models=models) as proxy, browse(proxy) as ui:
+        await ui.open()
+        page = ui.page
+        await expect(page.locator("#live")).to_have_text("connected")
+        host = ui.host("default")
+        await expect(host.locator(".memory-text")).to_have_text("0 GB used, no budget")
+        await expect(ui.memory_bar("default")).to_be_hidden()
+        await expect(page.locator("#limits")).to_contain_text("nothing refused yet")
+        await chat(proxy, QWEN)
+        await chat(proxy, LLAMA)
+        await chat(proxy, QWEN_14B)  # refused beside both: room is made, and it is served
+        assert emulator.refusals == 1
+        learned = "8.99 GB"  # the largest set that fitted: the 14B alone, once room was made
+        await expect(host.locator(".memory-text")).to_have_text(f"8.99 GB of {learned} (learned)")
+        meter = ui.memory_bar("default")
+        await expect(meter).to_be_visible()
+        await expect(meter).to_have_attribute("data-learned", "true")
+        await expect(meter).to_have_attribute("title", re.compile("learned from LM Studio"))
+        await expect(page.locator("#memory")).to_have_text(f"8.99 GB of {learned} (learned)")
+        await expect(page.locator("#limits")).to_contain_text(f"within {learned} (learned")
+        assert ui.unexpected_errors() == []

@@ -51,6 +51,7 @@ class EmulatorState:
         # of its own, as some LM Studio versions do (`key:2`, `key:3`... §4).
         self.jit_shares_loads = True
         self.most_loads_at_once = 0  # the most loads (REST or JIT) that ever ran together
+        self.refusals = 0  # loads (REST or JIT) the memory guardrail refused
         self.instances: dict[str, Instance] = {}
         self._loads: list[str] = []
         self._unloads: list[str] = []
@@ -148,6 +149,7 @@ class EmulatorState:
         loaded = sum(self.catalog[i.key].size_bytes for i in self.instances.values())
         loading = sum(m.size_bytes for m in self._loading.values())
         if loaded + loading + model.size_bytes > self.memory_bytes:
+            self.refusals += 1
             raise LoadFailedError(replies.guardrail_message(model))
 
     def load_time_s(self, model: CatalogModel) -> float:

@@ -403,18 +403,24 @@
     }
     const capacity = status && status.capacity;
     if (hosts.length || capacity) {
-      // The pool's memory: every host's, against the sum of their budgets if all have one.
-      const budgeted = hosts.every((h) => Number(h.memory_budget) > 0);
+      // The pool's memory: every host's, against the sum of their budgets (set, or learned
+      // from LM Studio with `memory_budget: auto`) if all have one.
+      const budgeted = hosts.every((h) => hostBudget(h) > 0);
       const used = hosts.length
         ? hosts.reduce((sum, h) => sum + (Number(h.bytes_used) || 0), 0)
         : Number(capacity.bytes_used) || 0;
       let budget = capacity ? capacity.memory_budget : null;
+      let learned = false;
       if (hosts.length) {
-        budget = budgeted ? hosts.reduce((sum, h) => sum + Number(h.memory_budget), 0) : null;
+        budget = budgeted ? hosts.reduce((sum, h) => sum + hostBudget(h), 0) : null;
+        learned = budgeted && hosts.some(isLearned);
       }
       if (typeof budget === "number" && budget > 0) {
-        setText(el.memory, `${formatBytes(used)} of ${formatBytes(budget)}`);
+        const note = learned ? " (learned)" : "";
+        setText(el.memory, `${formatBytes(used)} of ${formatBytes(budget)}${note}`);
         showMeter(el.meter, used, budget);
+        el.meter.dataset.learned = String(learned);
+        el.meter.title = learned ? learnedTitle(hosts) : "";
       } else {
         setText(el.memory, `${formatBytes(used)} (no budget)`);
         el.meter.hidden = true;
@@ -425,6 +431,24 @@
       const running = Number(status.in_flight) || 0;
       setText(el.queue, `${waiting} waiting · ${running} running`);
     }
+  }
+
+  // A host's memory budget: `memory_budget` in bytes, or with `auto` the capacity learned from
+  // its LM Studio (`learned_bytes`, null until it has refused a load); 0 if it has none.
+  const isLearned = (host) => host.memory_budget === "auto" && Number(host.learned_bytes) > 0;
+  function hostBudget(host) {
+    if (Number(host.memory_budget) > 0) return Number(host.memory_budget);
+    return isLearned(host) ? Number(host.learned_bytes) : 0;
+  }
+  // How each host's capacity was learned (the meter's tooltip).
+  function learnedTitle(hosts) {
+    return hosts
+      .filter(isLearned)
+      .map((h) => {
+        const how = h.learned && typeof h.learned.how === "string" ? h.learned.how : "";
+        return `${hosts.length > 1 ? `${h.name}: ` : ""}learned from LM Studio: ${how}`;
+      })
+      .join("\n");
   }
 
   function showMeter(meter, used, budget) {
@@ -527,10 +551,13 @@
       setPill(card.pill, host.up ? "up" : "down", host.up ? "ok" : "bad");
       setText(card.url, String(host.url || ""));
       const used = Number(host.bytes_used) || 0;
-      const budget = host.memory_budget;
-      if (typeof budget === "number" && budget > 0) {
-        setText(card.memoryText, `${formatBytes(used)} of ${formatBytes(budget)}`);
+      const budget = hostBudget(host);
+      if (budget > 0) {
+        const note = isLearned(host) ? " (learned)" : "";
+        setText(card.memoryText, `${formatBytes(used)} of ${formatBytes(budget)}${note}`);
         showMeter(card.meter, used, budget);
+        card.meter.dataset.learned = String(isLearned(host));
+        card.meter.title = isLearned(host) ? learnedTitle([host]) : "";
       } else {
         // No budget, no bar: a bar against nothing would say "full" or "empty" wrongly.
         setText(card.memoryText, `${formatBytes(used)} used, no budget`);
@@ -986,8 +1013,11 @@
       const count = most
         ? `at most ${most} model${most === 1 ? "" : "s"} loaded at once`
         : "any number of models loaded at once";
-      const budget = Number(host.memory_budget) > 0;
-      return `${count}, ${budget ? `within ${formatBytes(host.memory_budget)}` : "no memory budget"}`;
+      let memory = "no memory budget";
+      if (Number(host.memory_budget) > 0) memory = `within ${formatBytes(host.memory_budget)}`;
+      else if (isLearned(host)) memory = `within ${formatBytes(host.learned_bytes)} (learned from LM Studio)`;
+      else if (host.memory_budget === "auto") memory = "within what LM Studio holds (nothing refused yet)";
+      return `${count}, ${memory}`;
     };
     const text =
       hosts.length > 1
@@ -1007,7 +1037,7 @@
 
   const TICK_MS = 200; // bars and times move this often
   // A load ends with any of these events on its host.
-  const ENDS_LOAD = new Set(["loaded", "failed", "unloading", "unloaded"]);
+  const ENDS_LOAD = new Set(["loaded", "failed", "refused", "unloading", "unloaded"]);
 
   const progress = {
     loads: new Map(), // loadKey -> {model, upstream, expected, base, at, stamp, waiting, late}
@@ -1546,8 +1576,9 @@
       addRequest(payload);
       scheduleRefresh(1000); // the requests running, the model's last use
       scheduleUsage(); // what the request's key used
-    } else if (type === "upstream") {
-      scheduleRefresh(0); // a host went down or came back: read the status again
+    } else if (type === "upstream" || type === "capacity") {
+      // A host went down or came back, or its capacity was learned: read the status again.
+      scheduleRefresh(0);
     }
   }
 
@@ -1563,7 +1594,7 @@
   // `model` events after which the page reads the models and the status again: what they
   // change (memory, instances, requests let through) only the proxy can add up. The others
   // are applied here, so that a load runs with no reads at all.
-  const READ_AFTER = new Set(["loaded", "unloaded", "failed"]);
+  const READ_AFTER = new Set(["loaded", "unloaded", "failed", "refused"]);
 
   function applyModelEvent(event) {
     if (typeof event.model !== "string") return;
@@ -1581,7 +1612,9 @@
       return;
     }
     // A failed unload leaves the model loaded; a failed load, absent.
-    const loadFailed = event.state === "failed" && event.loaded !== true;
+    const loadFailed =
+      (event.state === "failed" && event.loaded !== true) ||
+      (event.state === "refused" && !event.making_room); // refused, and no room can be made
     if (loadFailed && typeof event.error === "string") {
       state.errors.set(event.model, { message: event.error, code: event.code || null });
     }
@@ -1644,7 +1677,9 @@
     } else if (event.state === "loaded") {
       const took = typeof event.load_s === "number" ? ` in ${event.load_s.toFixed(1)} s` : "";
       say(`Loaded ${id}${where}${took}.`, "ok", about("loaded"));
-    } else if (event.state === "failed") {
+    } else if (event.state === "refused" && event.making_room) {
+      say(`LM Studio${where} has no room for ${id}: making room, then loading it again.`, "info", about("refused"));
+    } else if (event.state === "failed" || event.state === "refused") {
       const error = typeof event.error === "string" ? `: ${event.error}` : ".";
       const what = event.loaded === true ? "Unloading" : "Loading";
       say(`${what} ${id}${where} failed${error}`, "error", about("failed"));
@@ -1849,7 +1884,7 @@
   function streamWithEventSource(generation) {
     const source = new EventSource("/api/v1/events");
     live.source = source;
-    for (const type of ["snapshot", "model", "queue", "request", "upstream"]) {
+    for (const type of ["snapshot", "model", "queue", "request", "upstream", "capacity"]) {
       source.addEventListener(type, (event) => onEvent(type, event.data));
     }
     source.onerror = () => {
