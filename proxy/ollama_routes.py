@@ -99,9 +99,7 @@ async def tags(request: Request[State]) -> Response:
     manager, started = request.state["manager"], request.state["started_at"]
     names = await visible_names(manager, caller_of(request.scope))  # reads the catalogue
     catalog = manager.catalog
-    models = [
-        ollama.tag(name, manager.view(key), catalog.get(key), started) for name, key in names
-    ]
+    models = [ollama.tag(name, manager.view(key), catalog.get(key), started) for name, key in names]
     return JSONResponse({"models": models})
 
 
