@@ -320,8 +320,12 @@ def _now() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
+_encoder = json.JSONEncoder(separators=(",", ":"))  # made once: a line is written per token
+_decoder = json.JSONDecoder()
+
+
 def _line(doc: Mapping[str, Any]) -> bytes:
-    return json.dumps(doc, separators=(",", ":")).encode() + b"\n"
+    return _encoder.encode(doc).encode() + b"\n"
 
 
 def error_line(error: ProxyError) -> bytes:
@@ -398,6 +402,7 @@ class TextTranslator:
         self._timing = timing
         self._buffer = bytearray()
         self._answer = _Answer()
+        self._created_at = _now()
 
     def feed(self, chunk: bytes) -> bytes:
         self._buffer += chunk
@@ -405,22 +410,22 @@ class TextTranslator:
             return b""  # the whole document is read at the end
         *lines, rest = self._buffer.split(b"\n")
         self._buffer = bytearray(rest)
-        out = [self._event(bytes(line[5:])) for line in lines if line.startswith(b"data:")]
+        self._created_at = _now()  # once for the lines of a chunk: they came at once
+        out = [self._event(line[5:].decode().strip()) for line in lines if line[:5] == b"data:"]
         return b"".join(out)
 
-    def _event(self, data: bytes) -> bytes:
-        data = data.strip()
-        if data == b"[DONE]":
+    def _event(self, data: str) -> bytes:
+        if data == "[DONE]":
             self._answer.done = True
             return b""
         try:
-            doc = json.loads(data)
+            doc = _decoder.decode(data)
         except ValueError:
             return b""
         if not isinstance(doc, dict):
             return b""
         if "error" in doc:  # LM Studio's error mid-stream: the client raises on it
-            return _line({"error": upstream_error(data, 200)})
+            return _line({"error": upstream_error(data.encode(), 200)})
         answer = self._answer
         answer.usage(doc.get("usage"))
         choices = doc.get("choices")
@@ -459,7 +464,7 @@ class TextTranslator:
         done: bool,
         tool_calls: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
-        doc: dict[str, Any] = {"model": self._model, "created_at": _now()}
+        doc: dict[str, Any] = {"model": self._model, "created_at": self._created_at}
         if self._chat:
             message: dict[str, Any] = {"role": "assistant", "content": text}
             if thinking:
@@ -489,6 +494,7 @@ class TextTranslator:
         return _line(doc)
 
     def end(self) -> bytes:
+        self._created_at = _now()
         if not self._stream:
             return self._whole()
         answer = self._answer

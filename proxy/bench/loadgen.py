@@ -12,7 +12,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 MODEL = "llama-3.2-1b-instruct"
@@ -21,6 +21,24 @@ _CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Say hello"}],
 
 def chat_body(*, stream: bool, max_tokens: int = 12) -> bytes:
     return json.dumps({**_CHAT, "stream": stream, "max_tokens": max_tokens}).encode()
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the proxied load goes, and what it sends; the direct load is always OpenAI chat."""
+
+    path: str
+    body: Callable[..., bytes]
+
+
+def ollama_chat_body(*, stream: bool, max_tokens: int = 12) -> bytes:
+    """The same chat as `chat_body`, in Ollama's terms (`/api/chat`)."""
+    chat = {"model": MODEL, "messages": _CHAT["messages"], "stream": stream}
+    return json.dumps({**chat, "options": {"num_predict": max_tokens}}).encode()
+
+
+OPENAI = Endpoint("/v1/chat/completions", chat_body)
+ENDPOINTS = {"openai": OPENAI, "ollama": Endpoint("/api/chat", ollama_chat_body)}
 
 
 @dataclass
@@ -99,9 +117,16 @@ async def _worker(
 
 
 async def builtin_run(
-    url: str, *, stream: bool, concurrency: int, seconds: float, key: str | None = None
+    url: str,
+    *,
+    stream: bool,
+    concurrency: int,
+    seconds: float,
+    key: str | None = None,
+    endpoint: Endpoint = OPENAI,
 ) -> Result:
-    host, port, request = http_request(url, "/v1/chat/completions", chat_body(stream=stream), key)
+    body = endpoint.body(stream=stream)
+    host, port, request = http_request(url, endpoint.path, body, key)
     latencies: list[float] = []
     errors: list[int] = []
     started = time.perf_counter()
@@ -142,19 +167,25 @@ def _wrk_ms(text: str) -> float:
 
 
 def wrk_run(
-    url: str, *, stream: bool, concurrency: int, seconds: float, key: str | None = None
+    url: str,
+    *,
+    stream: bool,
+    concurrency: int,
+    seconds: float,
+    key: str | None = None,
+    endpoint: Endpoint = OPENAI,
 ) -> Result:
     wrk = shutil.which("wrk")
     assert wrk is not None  # noqa: S101 - callers check
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write(_WRK_SCRIPT % chat_body(stream=stream).decode())
+        script.write(_WRK_SCRIPT % endpoint.body(stream=stream).decode())
         if key is not None:
             script.write(f'wrk.headers["authorization"] = "Bearer {key}"\n')
     try:
         threads = min(concurrency, 2)
         command = [
             wrk, f"-t{threads}", f"-c{concurrency}", f"-d{seconds:g}s", "--latency",
-            "-s", script.name, f"{url}/v1/chat/completions",
+            "-s", script.name, f"{url}{endpoint.path}",
         ]  # fmt: skip
         output = subprocess.run(command, capture_output=True, text=True, check=True).stdout  # noqa: S603
     finally:
