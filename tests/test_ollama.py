@@ -18,7 +18,16 @@ from proxy.emulator import Emulator
 from proxy.errors import BadRequestError
 from proxy.metrics import UNKNOWN_MODEL
 from proxy.ollama import chat_request, generate_request, keep_alive_s
-from tests.helpers import LLAMA, NOMIC, QWEN, Proxy, running, scrape
+from tests.helpers import (
+    LLAMA,
+    NOMIC,
+    QWEN,
+    Proxy,
+    logging_as_serve_does,
+    running,
+    scrape,
+    text_access_lines,
+)
 
 HELLO = [{"role": "user", "content": "Say hello"}]
 
@@ -362,15 +371,28 @@ async def test_client_leaving_mid_stream_frees_the_model() -> None:
 
 async def test_ollama_requests_count_under_their_endpoint_labels() -> None:
     """Chat, generate and both embedding routes count as ollama_chat, ollama_generate and
-    ollama_embed, with their tokens."""
-    async with running(Emulator(reply_tokens=2)) as proxy, client(proxy) as ollama_client:
-        await ollama_client.chat(model=QWEN, messages=HELLO)
-        await ollama_client.generate(model=QWEN, prompt="hi")
-        await ollama_client.embed(model=NOMIC, input="one")
-        await ollama_client.embeddings(model=NOMIC, prompt="two")
-        with pytest.raises(ollama.ResponseError):
-            await ollama_client.chat(model="nope", messages=HELLO)
-        exposition = await scrape(proxy.http)
+    ollama_embed, with their tokens, in the metrics and the access lines."""
+    text: dict[str, Any] = {"logging": {"format": "text"}}
+    with logging_as_serve_does(**text) as captured:
+        async with (
+            running(Emulator(reply_tokens=2), **text) as proxy,
+            client(proxy) as ollama_client,
+        ):
+            await ollama_client.chat(model=QWEN, messages=HELLO)
+            await ollama_client.generate(model=QWEN, prompt="hi")
+            await ollama_client.embed(model=NOMIC, input="one")
+            await ollama_client.embeddings(model=NOMIC, prompt="two")
+            with pytest.raises(ollama.ResponseError):
+                await ollama_client.chat(model="nope", messages=HELLO)
+            exposition = await scrape(proxy.http)
+    lines = [line for line in text_access_lines(captured) if line["endpoint"].startswith("ol")]
+    assert [(line["endpoint"], line["model"], line["status"]) for line in lines] == [
+        ("ollama_chat", QWEN, "200"),
+        ("ollama_generate", QWEN, "200"),
+        ("ollama_embed", NOMIC, "200"),
+        ("ollama_embed", NOMIC, "200"),
+        ("ollama_chat", UNKNOWN_MODEL, "404"),
+    ]
     requests = exposition.series("lmswitch_requests_total")  # endpoint, model, status
     assert requests[("ollama_chat", QWEN, "200")] == 1
     assert requests[("ollama_generate", QWEN, "200")] == 1
