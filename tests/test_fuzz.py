@@ -336,20 +336,13 @@ def run_examples(
     return run
 
 
-async def test_fuzz_v1_routes_answer_well_formed() -> None:
-    """Random bodies and headers on /v1: a success or an error in the right envelope, no 500."""
+@pytest.mark.parametrize("paths", [V1_PATHS, OLLAMA_PATHS], ids=["v1", "ollama"])
+async def test_fuzz_routes_for_models_answer_well_formed(paths: tuple[str, ...]) -> None:
+    """Random bodies and headers on /v1 and on Ollama's routes: a success or an error in the
+    right envelope, never a 500."""
     emulator = Emulator(reply_tokens=3)
     async with running(emulator, **SECTIONS) as proxy:
-        run = run_examples(proxy.url, emulator, V1_PATHS, examples=300)
-        with anyio.fail_after(25):
-            await anyio.to_thread.run_sync(run, abandon_on_cancel=True)
-
-
-async def test_fuzz_ollama_routes_answer_well_formed() -> None:
-    """Random bodies and headers on Ollama's routes: its answer or its error, never a 500."""
-    emulator = Emulator(reply_tokens=3)
-    async with running(emulator, **SECTIONS) as proxy:
-        run = run_examples(proxy.url, emulator, OLLAMA_PATHS, examples=300)
+        run = run_examples(proxy.url, emulator, paths, examples=300)
         with anyio.fail_after(25):
             await anyio.to_thread.run_sync(run, abandon_on_cancel=True)
 

@@ -41,6 +41,18 @@ OPENAI = Endpoint("/v1/chat/completions", chat_body)
 ENDPOINTS = {"openai": OPENAI, "ollama": Endpoint("/api/chat", ollama_chat_body)}
 
 
+@dataclass(frozen=True)
+class Load:
+    """One measurement's load: the kind of chat, how many clients, for how long, with what key,
+    through what endpoint."""
+
+    stream: bool
+    concurrency: int
+    seconds: float
+    key: str | None = None
+    endpoint: Endpoint = OPENAI
+
+
 @dataclass
 class Result:
     """One measurement: a target, a kind of request and a concurrency."""
@@ -116,29 +128,21 @@ async def _worker(
         writer.close()
 
 
-async def builtin_run(
-    url: str,
-    *,
-    stream: bool,
-    concurrency: int,
-    seconds: float,
-    key: str | None = None,
-    endpoint: Endpoint = OPENAI,
-) -> Result:
-    body = endpoint.body(stream=stream)
-    host, port, request = http_request(url, endpoint.path, body, key)
+async def builtin_run(url: str, load: Load) -> Result:
+    body = load.endpoint.body(stream=load.stream)
+    host, port, request = http_request(url, load.endpoint.path, body, load.key)
     latencies: list[float] = []
     errors: list[int] = []
     started = time.perf_counter()
-    until = started + seconds
+    until = started + load.seconds
     await asyncio.gather(
-        *(_worker(host, port, request, until, latencies, errors) for _ in range(concurrency))
+        *(_worker(host, port, request, until, latencies, errors) for _ in range(load.concurrency))
     )
     elapsed = time.perf_counter() - started
     return Result(
         target="",
-        stream=stream,
-        concurrency=concurrency,
+        stream=load.stream,
+        concurrency=load.concurrency,
         requests=len(latencies),
         errors=len(errors),
         seconds=round(elapsed, 2),
@@ -166,26 +170,19 @@ def _wrk_ms(text: str) -> float:
     return float(match.group(1)) * _UNITS[match.group(2)]
 
 
-def wrk_run(
-    url: str,
-    *,
-    stream: bool,
-    concurrency: int,
-    seconds: float,
-    key: str | None = None,
-    endpoint: Endpoint = OPENAI,
-) -> Result:
+def wrk_run(url: str, load: Load) -> Result:
     wrk = shutil.which("wrk")
     assert wrk is not None  # noqa: S101 - callers check
+    stream, concurrency, seconds = load.stream, load.concurrency, load.seconds
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write(_WRK_SCRIPT % endpoint.body(stream=stream).decode())
-        if key is not None:
-            script.write(f'wrk.headers["authorization"] = "Bearer {key}"\n')
+        script.write(_WRK_SCRIPT % load.endpoint.body(stream=stream).decode())
+        if load.key is not None:
+            script.write(f'wrk.headers["authorization"] = "Bearer {load.key}"\n')
     try:
         threads = min(concurrency, 2)
         command = [
             wrk, f"-t{threads}", f"-c{concurrency}", f"-d{seconds:g}s", "--latency",
-            "-s", script.name, f"{url}{endpoint.path}",
+            "-s", script.name, f"{url}{load.endpoint.path}",
         ]  # fmt: skip
         output = subprocess.run(command, capture_output=True, text=True, check=True).stdout  # noqa: S603
     finally:

@@ -14,10 +14,17 @@ import shutil
 import sys
 from collections.abc import Coroutine, Sequence
 from dataclasses import asdict, dataclass
-from functools import partial
 from typing import Any, TypeVar
 
-from proxy.bench.loadgen import ENDPOINTS, OPENAI, Endpoint, Result, builtin_run, wrk_run
+from proxy.bench.loadgen import (
+    ENDPOINTS,
+    OPENAI,
+    Endpoint,
+    Load,
+    Result,
+    builtin_run,
+    wrk_run,
+)
 from proxy.bench.stack import Stack, cpu_s, progress, start_stack
 from proxy.bench.streams import run_streams
 
@@ -27,10 +34,10 @@ T = TypeVar("T")
 # --- scenarios ----------------------------------------------------------------------------------
 
 
-async def _measure(url: str, *, use_wrk: bool, **load: Any) -> Result:
+async def _measure(url: str, load: Load, *, use_wrk: bool) -> Result:
     if use_wrk:
-        return await asyncio.to_thread(partial(wrk_run, url, **load))
-    return await builtin_run(url, **load)
+        return await asyncio.to_thread(wrk_run, url, load)
+    return await builtin_run(url, load)
 
 
 async def run_matrix(
@@ -45,7 +52,9 @@ async def run_matrix(
     proxied (the same chat through `endpoint`)."""
     results: list[Result] = []
     # One request first, so that the model is loaded before anything is timed.
-    await builtin_run(stack.proxy_url, stream=False, concurrency=1, seconds=0.2, key=stack.key)
+    await builtin_run(
+        stack.proxy_url, Load(stream=False, concurrency=1, seconds=0.2, key=stack.key)
+    )
     for stream in (False, True):
         for concurrency in concurrencies:
             targets = (
@@ -56,15 +65,9 @@ async def run_matrix(
                 kind = "streaming" if stream else "non-streaming"
                 progress(f"bench: {kind} chat, concurrency {concurrency}, {target} ...")
                 cpu_before = cpu_s(stack.proxy_pid)
-                result = await _measure(
-                    url,
-                    stream=stream,
-                    concurrency=concurrency,
-                    seconds=seconds,
-                    use_wrk=use_wrk,
-                    key=stack.key,  # the emulator, with no token of its own, ignores it
-                    endpoint=through,
-                )
+                # The emulator, with no token of its own, ignores the key.
+                load = Load(stream, concurrency, seconds, stack.key, through)
+                result = await _measure(url, load, use_wrk=use_wrk)
                 result.target = target
                 if target == "proxied" and result.requests:
                     cpu = cpu_s(stack.proxy_pid) - cpu_before
