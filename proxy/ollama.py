@@ -162,7 +162,7 @@ def _image_url(image: object) -> dict[str, Any]:
     if not isinstance(image, str) or not image:
         raise _bad("images must be base64-encoded strings", "images")
     try:
-        head = base64.b64decode(image[:16] + "=" * (-len(image[:16]) % 4))
+        head = base64.b64decode(image[:16] + "=" * (-len(image[:16]) % 4), validate=True)
     except ValueError:
         raise _bad("images must be base64-encoded strings", "images") from None
     kind = "jpeg" if head.startswith(b"\xff\xd8") else "webp" if head[8:12] == b"WEBP" else "png"

@@ -3,29 +3,57 @@ front of the emulator, over real sockets; and the translation's pure parts."""
 
 from __future__ import annotations
 
+import base64
 import json
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
+from unittest.mock import ANY
 
 import anyio
 import ollama
 import pytest
+from starlette.responses import JSONResponse
+from starlette.types import Receive, Scope, Send
 
 from proxy.emulator import Emulator
-from proxy.errors import BadRequestError
+from proxy.errors import BadRequestError, UpstreamError
 from proxy.metrics import UNKNOWN_MODEL
-from proxy.ollama import chat_request, generate_request, keep_alive_s
+from proxy.ollama import (
+    CHAT,
+    EMBED,
+    EMBEDDINGS,
+    GENERATE,
+    EmbedTranslator,
+    TextTranslator,
+    Timing,
+    Translated,
+    chat_request,
+    details,
+    embed_request,
+    embeddings_request,
+    expires_at,
+    generate_request,
+    keep_alive_s,
+    model_name,
+    nothing_to_do,
+    show,
+    upstream_error,
+)
+from proxy.views import ModelView
 from tests.helpers import (
     LLAMA,
     NOMIC,
     QWEN,
     Proxy,
     logging_as_serve_does,
+    proxy_for,
     running,
     scrape,
+    serve,
     text_access_lines,
 )
 
@@ -313,6 +341,26 @@ async def test_unknown_model_and_bad_bodies_get_ollamas_errors() -> None:
     assert bad_keep.json()["error"] == 'time: invalid duration "x"'
 
 
+async def test_lm_studios_error_keeps_its_status_in_ollamas_envelope() -> None:
+    """An error answer from LM Studio (here, to every raw completion) keeps its status; its
+    message moves into `{"error": "..."}`."""
+    emulator = Emulator()
+
+    async def refusing(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == "/v1/completions":
+            error = {"error": {"message": "'prompt' is too long", "type": "invalid_request"}}
+            await JSONResponse(error, status_code=400)(scope, receive, send)
+        else:
+            await emulator.app(scope, receive, send)
+
+    async with serve(refusing) as upstream_url, proxy_for(upstream_url) as proxy:
+        body = {"model": QWEN, "prompt": "hi", "raw": True}
+        response = await proxy.http.post("/api/generate", json=body)
+        assert (await proxy.status())["in_flight"] == 0
+    assert response.status_code == 400
+    assert response.json() == {"error": "'prompt' is too long"}
+
+
 async def test_upstream_failure_mid_stream_ends_with_an_error_line() -> None:
     """LM Studio breaking off a stream: the last line is `{"error": ...}`, which the client
     raises; the model is freed."""
@@ -456,3 +504,196 @@ def test_messages_with_images_and_tool_turns_become_openai_messages() -> None:
     assert tool == {"role": "tool", "content": "42", "tool_call_id": call["id"], "name": "f"}
     assert translated.stream is False
     assert generate_request({"prompt": "hi"}).stream is True
+
+
+@pytest.mark.parametrize(
+    ("payload", "param"),
+    [
+        ({"messages": "hi"}, "messages"),
+        ({"messages": [{"content": "no role"}]}, "messages"),
+        ({"messages": [{"role": "user", "content": 3}]}, "messages"),
+        ({"messages": [{"role": "user", "images": "x"}]}, "images"),
+        ({"messages": [{"role": "user", "images": [3]}]}, "images"),
+        ({"messages": [{"role": "user", "images": ["!!"]}]}, "images"),
+        ({"messages": [{"role": "assistant", "tool_calls": "f"}]}, "messages"),
+        ({"messages": [{"role": "assistant", "tool_calls": [{"function": {}}]}]}, "messages"),
+        ({"options": []}, "options"),
+        ({"options": {"temperature": "hot"}}, "options"),
+        ({"options": {"num_predict": 1.5}}, "options"),
+        ({"options": {"stop": [1]}}, "options"),
+        ({"format": "yaml"}, "format"),
+        ({"tools": {"name": "f"}}, "tools"),
+    ],
+    ids=repr,
+)
+def test_chat_requests_that_cannot_be_translated_are_400s(
+    payload: dict[str, Any], param: str
+) -> None:
+    with pytest.raises(BadRequestError) as refused:
+        chat_request(payload)
+    assert refused.value.param == param
+
+
+def test_options_and_formats_map_to_openai_fields() -> None:
+    """Single stop strings become lists, no-limit `num_predict` is left out, None options are
+    skipped; a schema `format` is a strict json_schema; streams ask for usage."""
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}}
+    options = {"stop": "x", "num_predict": -1, "top_k": 40, "seed": None}
+    body = chat_request({"messages": HELLO, "options": options, "format": schema}).body
+    assert body["stop"] == ["x"]
+    assert "max_tokens" not in body
+    assert "seed" not in body
+    assert body["top_k"] == 40
+    assert body["response_format"]["json_schema"] == {
+        "name": "schema",
+        "strict": True,
+        "schema": schema,
+    }
+    assert body["stream_options"] == {"include_usage": True}
+    assert "response_format" not in chat_request({"messages": HELLO, "format": ""}).body
+
+
+@pytest.mark.parametrize(
+    ("translate", "payload"),
+    [
+        (generate_request, {"prompt": 3}),
+        (generate_request, {"prompt": "hi", "system": 3}),
+        (embed_request, {"input": 3}),
+        (embed_request, {"input": ["a", 1]}),
+        (embed_request, {"input": "a", "dimensions": 0}),
+        (embeddings_request, {}),
+    ],
+    ids=repr,
+)
+def test_generate_and_embed_bodies_are_checked(
+    translate: Callable[[dict[str, Any]], Translated], payload: dict[str, Any]
+) -> None:
+    with pytest.raises(BadRequestError):
+        translate(payload)
+
+
+def test_images_become_data_urls_of_their_kind() -> None:
+    png = base64.b64encode(b"\x89PNG\r\n\x1a\n....").decode()
+    webp = base64.b64encode(b"RIFF\x00\x00\x00\x00WEBPVP8 ").decode()
+    translated = generate_request({"prompt": "see", "system": "be brief", "images": [png, webp]})
+    system, user = translated.body["messages"]
+    assert system == {"role": "system", "content": "be brief"}
+    urls = [part["image_url"]["url"] for part in user["content"][1:]]
+    assert urls[0].startswith("data:image/png;base64,")
+    assert urls[1].startswith("data:image/webp;base64,")
+    assert embed_request({"input": "x", "dimensions": 8}).body == {"input": "x", "dimensions": 8}
+
+
+def test_model_names_drop_ollamas_default_tag() -> None:
+    assert model_name({"model": "qwen:latest"}) == "qwen"
+    assert model_name({"name": "qwen:7b"}) == "qwen:7b"  # the older `name`; other tags stay
+    assert model_name({}) is None
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b'{"error": {"message": "bad prompt"}}', "bad prompt"),
+        (b'{"error": "model crashed"}', "model crashed"),
+        (b'{"detail": 1}', "LM Studio answered 400"),
+        (b"Bad Gateway", "Bad Gateway"),
+        (b"", "LM Studio answered 400"),
+    ],
+    ids=repr,
+)
+def test_lm_studios_error_messages_are_read_from_any_envelope(body: bytes, message: str) -> None:
+    assert upstream_error(body, 400) == message
+
+
+def _timing() -> Timing:
+    return Timing(total_s=0.5, load_s=0.2, first_byte_s=0.3)
+
+
+def _sse(*docs: Any) -> bytes:
+    return b"".join(f"data: {json.dumps(doc)}\n\n".encode() for doc in docs)
+
+
+def test_a_stream_reads_thinking_skips_noise_and_relays_lm_studios_error() -> None:
+    translator = TextTranslator(GENERATE, "m", stream=True, timing=_timing)
+    delta = {"choices": [{"delta": {"reasoning_content": "hm"}}]}
+    out = translator.feed(_sse(delta, [1], {"choices": []}) + b"data: {nope\n\n: comment\n\n")
+    assert [json.loads(line) for line in out.splitlines()] == [
+        {"model": "m", "created_at": ANY, "response": "", "thinking": "hm", "done": False}
+    ]
+    error = json.loads(translator.feed(_sse({"error": {"message": "overloaded"}})))
+    assert error == {"error": "overloaded"}
+    with pytest.raises(UpstreamError):
+        translator.end()  # no [DONE]: cut short
+
+
+def test_a_whole_answer_with_tool_calls_and_thinking() -> None:
+    """Not streamed: the one document, tool arguments as objects (kept, if not JSON), counts."""
+    translator = TextTranslator(CHAT, "m", stream=False, timing=_timing)
+    calls = [
+        {"function": {"name": "f", "arguments": '{"a": 1}'}},
+        {"function": {"name": "g", "arguments": {"b": 2}}},
+        {"function": {"name": "h", "arguments": "not json"}},
+        "junk",
+    ]
+    message = {"content": None, "reasoning_content": "so", "tool_calls": calls}
+    doc = {
+        "choices": [{"message": message, "finish_reason": "tool_calls"}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 7},
+    }
+    assert translator.feed(json.dumps(doc).encode()) == b""
+    answer = json.loads(translator.end())
+    assert answer["message"]["thinking"] == "so"
+    assert [call["function"]["arguments"] for call in answer["message"]["tool_calls"]] == [
+        {"a": 1},
+        {"b": 2},
+        {"arguments": "not json"},
+    ]
+    assert (answer["done_reason"], answer["prompt_eval_count"], answer["eval_count"]) == (
+        "stop",
+        5,
+        7,
+    )
+    assert (answer["total_duration"], answer["load_duration"]) == (500_000_000, 200_000_000)
+    assert answer["prompt_eval_duration"] == 100_000_000
+    broken = TextTranslator(CHAT, "m", stream=False, timing=_timing)
+    broken.feed(b'{"choices": []}')
+    with pytest.raises(UpstreamError):
+        broken.end()
+    assert json.loads(broken.error(UpstreamError("gone"))) == {"error": "gone"}
+
+
+def test_embeddings_answers_and_their_failures() -> None:
+    older = EmbedTranslator(EMBEDDINGS, "m", timing=_timing)
+    older.feed(b'{"data": []}')
+    assert json.loads(older.end()) == {"embedding": []}
+    newer = EmbedTranslator(EMBED, "m", timing=_timing)
+    newer.feed(b'{"data": [{"index": 1, "embedding": [2]}, {"index": 0, "embedding": [1]}]}')
+    answer = json.loads(newer.end())
+    assert answer["embeddings"] == [[1], [2]]
+    assert answer["prompt_eval_count"] == 0  # no usage given
+    broken = EmbedTranslator(EMBED, "m", timing=_timing)
+    broken.feed(b'{"data": "x"}')
+    with pytest.raises(UpstreamError):
+        broken.end()
+    assert json.loads(broken.error(UpstreamError("gone"))) == {"error": "gone"}
+
+
+def test_nothing_to_do_answers_in_each_routes_shape() -> None:
+    assert nothing_to_do(EMBEDDINGS, "m", unloaded=False) == {"embedding": []}
+    assert nothing_to_do(EMBED, "m", unloaded=True) == {"model": "m", "embeddings": []}
+    generated = nothing_to_do(GENERATE, "m", unloaded=True)
+    assert (generated["response"], generated["done_reason"]) == ("", "unload")
+
+
+def test_expiry_counts_from_the_last_use_of_an_idle_model() -> None:
+    view = ModelView(
+        key="m", name="m", type="llm", state="ready", loaded=True, resident=True,
+        size_bytes=1, pinned=False, adopted=False, in_flight=0, queued=0, last_used_at=1000.0,
+        instance_id="m", duplicates=(), context_length=None, max_context_length=None,
+        upstreams=(), available_on=(), expected_load_s=None, loading_s=None, idle_ttl_s=60.0,
+    )  # fmt: skip
+    assert expires_at(view, now_s=1030.0) == "1970-01-01T00:17:40+00:00"  # 1000 + 60
+    busy = replace(view, in_flight=1)
+    assert expires_at(busy, now_s=1030.0) == "1970-01-01T00:18:10+00:00"  # now + 60
+    assert details(None)["family"] == ""
+    assert show(view, None, 0.0)["capabilities"] == ["completion"]
