@@ -21,7 +21,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
-from proxy import admin_routes, openai_routes
+from proxy import admin_routes, ollama, ollama_routes, openai_routes
 from proxy.access import RequestIdMiddleware, access_log, record_of
 from proxy.auth import AuthMiddleware, credentials
 from proxy.config import Settings
@@ -136,7 +136,13 @@ def create_app(
         Route("/v1/", _api_index, methods=["GET"]),
     ]
     app = Starlette(
-        routes=[*openai_routes.routes, *admin_routes.routes, ui, *signposts],
+        routes=[
+            *openai_routes.routes,
+            *ollama_routes.routes,
+            *admin_routes.routes,
+            ui,
+            *signposts,
+        ],
         lifespan=lifespan,
         exception_handlers={ProxyError: handle_proxy_error, HTTPException: _http_error},
     )
@@ -145,7 +151,10 @@ def create_app(
         """A request the auth middleware refused counts in the request metrics and events."""
         record = record_of(scope)
         path = scope["path"]
-        record.endpoint = path if path in openai_routes.PROXIED_PATHS else "other"  # bounded
+        if path in openai_routes.PROXIED_PATHS:
+            record.endpoint = path
+        else:  # bounded: a label value each
+            record.endpoint = ollama.ENDPOINTS.get(path, "other")
         record.model, record.routed = UNKNOWN_MODEL, True
 
     app.add_middleware(AuthMiddleware, keys=credentials(settings.auth), on_refused=refused)

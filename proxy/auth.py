@@ -1,5 +1,6 @@
-"""AuthMiddleware: client keys on `/v1/*`, admin keys (or loopback only) on management paths;
-named keys (DESIGN §11.3) leave their `Caller` on the request and their name on its record.
+"""AuthMiddleware: client keys on `/v1/*` and Ollama's `/api/*`, admin keys (or loopback only)
+on management paths; named keys (DESIGN §11.3) leave their `Caller` on the request and their
+name on its record.
 
 Keys are compared in constant time, over digests so that not even their length leaks, and are
 never logged: only their config names are.
@@ -15,7 +16,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from proxy.access import record_of
 from proxy.config import AuthSettings
-from proxy.errors import AuthenticationError, PermissionDeniedError, ProxyError, error_response
+from proxy.errors import (
+    OLLAMA_PATHS,
+    AuthenticationError,
+    PermissionDeniedError,
+    ProxyError,
+    error_response,
+)
 from proxy.keys import ANONYMOUS, CALLER_SCOPE_KEY, Caller, digest
 
 _ADMIN_PREFIXES = ("/api/", "/ui/")
@@ -116,7 +123,8 @@ class AuthMiddleware:
 
     def _check(self, scope: Scope) -> ProxyError | None:
         path: str = scope["path"]
-        if path.startswith("/v1/") and path != "/v1/":  # `/v1/` itself only says where things are
+        # `/v1/` itself only says where things are; Ollama's API is a client's, like `/v1/*`.
+        if (path.startswith("/v1/") and path != "/v1/") or path in OLLAMA_PATHS:
             anthropic = path.startswith("/v1/messages")
             if self._clients_need_key:
                 caller = self._caller(scope, x_api_key=anthropic)

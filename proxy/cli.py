@@ -306,6 +306,13 @@ def _parser() -> argparse.ArgumentParser:
         "of them with every request, to measure the check of a key (default: 0, no keys)",
     )
 
+    bench.add_argument(
+        "--endpoint",
+        choices=("openai", "ollama"),
+        default="openai",
+        help="the API the proxied load speaks: openai (/v1/chat/completions) or ollama "
+        "(/api/chat, the same chat translated; the direct load stays OpenAI's)",
+    )
     _simulate_parser(commands)
 
     check = _command(
@@ -647,6 +654,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     streams=args.streams,
                     tokens_per_s=args.tokens_per_s,
                     keys=args.keys,
+                    endpoint=args.endpoint,
                 )
             )
         else:

@@ -1,4 +1,4 @@
-"""The proxy's own errors and how they are rendered: OpenAI's envelope, or Anthropic's.
+"""The proxy's own errors and how they are rendered: OpenAI's envelope, Anthropic's, or Ollama's.
 
 ```
 ProxyError
@@ -91,6 +91,9 @@ class ProxyError(Exception):
     def anthropic_body(self) -> dict[str, Any]:
         kind = _ANTHROPIC_TYPES.get(self.status_code, "api_error")
         return {"type": "error", "error": {"type": kind, "message": self.message}}
+
+    def ollama_body(self) -> dict[str, Any]:
+        return {"error": self.message}
 
 
 class BadRequestError(ProxyError):
@@ -200,6 +203,30 @@ def is_anthropic_path(path: str) -> bool:
     return path == "/v1/messages" or path.startswith("/v1/messages/")
 
 
+# Ollama's API (docs/design.md §4.8), whose errors are `{"error": "..."}`.
+OLLAMA_PATHS = frozenset(
+    {
+        "/api/version",
+        "/api/tags",
+        "/api/ps",
+        "/api/show",
+        "/api/chat",
+        "/api/generate",
+        "/api/embed",
+        "/api/embeddings",
+    }
+)
+
+
+def error_body(exc: ProxyError, path: str) -> dict[str, Any]:
+    """`exc` in the envelope the client of `path` expects."""
+    if is_anthropic_path(path):
+        return exc.anthropic_body()
+    if path in OLLAMA_PATHS:
+        return exc.ollama_body()
+    return exc.body()
+
+
 def error_response(
     exc: ProxyError,
     *,
@@ -208,7 +235,7 @@ def error_response(
     extra_headers: Mapping[str, str] | None = None,
 ) -> Response:
     """Render `exc` in the envelope the client of `path` expects."""
-    body = exc.anthropic_body() if is_anthropic_path(path) else exc.body()
+    body = error_body(exc, path)
     headers = exc.headers()
     if extra_headers:
         headers.update(extra_headers)

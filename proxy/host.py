@@ -538,7 +538,8 @@ class Host:
             self._kick()
 
     def set_idle_ttl(self, key: str, ttl_s: float) -> None:
-        """A request's `ttl` sets its model's idle TTL from now on, as LM Studio's JIT does."""
+        """A request's `ttl` (or Ollama's `keep_alive`) sets its model's idle TTL until it is
+        unloaded, as LM Studio's JIT does (0: unloaded once idle; inf: never for being idle)."""
         self._scheduler.set_idle_ttl(key, ttl_s)
 
     # -- operators' requests ------------------------------------------------------------------

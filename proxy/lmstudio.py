@@ -82,6 +82,13 @@ class ModelInfo:
     display_name: str
     instances: tuple[str, ...]  # loaded instance ids ("key", "key:2", ...)
     context_length: int | None  # of the first loaded instance
+    # What the listing says of the model itself, where it says it (for Ollama's listings).
+    architecture: str | None = None  # "llama", "qwen2", ...
+    quantization: str | None = None  # "Q4_K_M", ...
+    params: str | None = None  # "7B", ...
+    format: str | None = None  # "gguf", "mlx", ...
+    vision: bool = False
+    tool_use: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +122,27 @@ def _error_message(response: httpx2.Response) -> str:
     if isinstance(error, str):
         return error
     return response.text.strip()
+
+
+def _described(row: Mapping[str, Any]) -> dict[str, Any]:
+    """What an `/api/v1/models` row says of the model itself (each field where it is there)."""
+    quantization = row.get("quantization")
+    if isinstance(quantization, dict):
+        quantization = quantization.get("name")
+    capabilities = row.get("capabilities")
+    capabilities = capabilities if isinstance(capabilities, dict) else {}
+
+    def text(value: object) -> str | None:
+        return value if isinstance(value, str) and value else None
+
+    return {
+        "architecture": text(row.get("architecture")),
+        "quantization": text(quantization),
+        "params": text(row.get("params_string")),
+        "format": text(row.get("format")),
+        "vision": capabilities.get("vision") is True,
+        "tool_use": capabilities.get("trained_for_tool_use") is True,
+    }
 
 
 def _unexpected_endpoint(response: httpx2.Response) -> bool:
@@ -273,6 +301,7 @@ class LMStudioClient:
                     display_name=str(row.get("display_name") or key),
                     instances=tuple(i for i, _ in instances),
                     context_length=instances[0][1] if instances else None,
+                    **_described(row),
                 )
             )
         return models

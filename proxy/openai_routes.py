@@ -55,25 +55,16 @@ async def proxy_request(request: Request[State]) -> Response:
     manager, settings, clients = state["manager"], state["settings"], state["clients"]
     path, headers = request.url.path, request.headers.raw
     record = record_of(request.scope)
-    record.routed, record.model = True, UNKNOWN_MODEL
-    if (peer := request.scope.get("client")) is not None:
-        record.client = f"{peer[0]}:{peer[1]}"  # one connection: one request at a time
-    body = await read_body(request, settings.server.max_body_bytes)
-    watch_of(request.scope).start()
-    payload = parse_object(body)
-    check_fields(payload)
-    caller, model = caller_of(request.scope), payload.get("model")
-    resolved = await _resolve(manager, caller, model)
-    record.model = key = resolved.key
-    check_allowed(caller, model if isinstance(model, str) else settings.models.default or key, key)
-    check_type(manager.model_type(key), key, path)
+    body, payload = await read_request(request)
+    resolved = await model_for(request, payload.get("model"), path)
+    key = resolved.key
     record.stream = payload.get("stream") is True
     if payload.get("model") != resolved.upstream_name:
         body = with_model(body, resolved.upstream_name)
     ttl = payload.get("ttl")
     if isinstance(ttl, int | float) and not isinstance(ttl, bool) and ttl > 0:
         manager.set_idle_ttl(key, float(ttl))
-    call = _Call(manager, clients, key, (path, body, headers), record)
+    call = Call(manager, clients, key, (path, body, headers), record)
 
     async with AsyncExitStack() as held:
         mode = settings.scheduler.loading_feedback
@@ -99,7 +90,35 @@ async def proxy_request(request: Request[State]) -> Response:
         )
 
 
-class _Call:
+async def read_request(request: Request[State]) -> tuple[bytes, dict[str, Any]]:
+    """A request for a model: its body (within `max_body_bytes`) and that body as a JSON
+    object. It counts as routed from now on, and a client that leaves from now on cancels it
+    (`WatchForDisconnect`)."""
+    record = record_of(request.scope)
+    record.routed, record.model = True, UNKNOWN_MODEL
+    if (peer := request.scope.get("client")) is not None:
+        record.client = f"{peer[0]}:{peer[1]}"  # one connection: one request at a time
+    body = await read_body(request, request.state["settings"].server.max_body_bytes)
+    watch_of(request.scope).start()
+    payload = parse_object(body)
+    check_fields(payload)
+    return body, payload
+
+
+async def model_for(request: Request[State], model: object, path: str | None) -> Resolved:
+    """The model a request for `path` asks for (`model`, or the default), resolved, that its
+    key may use and that serves `path` (any path: None); the record names it from now on."""
+    manager, caller = request.state["manager"], caller_of(request.scope)
+    resolved = await _resolve(manager, caller, model)
+    record_of(request.scope).model = key = resolved.key
+    default = request.state["settings"].models.default
+    check_allowed(caller, model if isinstance(model, str) else default or key, key)
+    if path is not None:
+        check_type(manager.model_type(key), key, path)
+    return resolved
+
+
+class Call:
     """One request's way to its answer: the lease on its model (waited for), the call to LM
     Studio through the gate, and its retries."""
 
@@ -255,7 +274,7 @@ def _model_object(request: Request[State], name: str, model: ModelView) -> dict[
     }
 
 
-async def _visible(manager: ModelManager, caller: Caller) -> list[tuple[str, str]]:
+async def visible_names(manager: ModelManager, caller: Caller) -> list[tuple[str, str]]:
     """The names (with their model keys) `caller` may use."""
     return [(name, key) for name, key in await manager.routable() if caller.may_use(name, key)]
 
@@ -268,7 +287,7 @@ async def _resolve(manager: ModelManager, caller: Caller, model: object) -> Reso
     except ModelNotFoundError as exc:
         if caller.models == EVERY_MODEL or not isinstance(model, str):
             raise
-        known = [name for name, _ in await _visible(manager, caller)]
+        known = [name for name, _ in await visible_names(manager, caller)]
         raise not_found(model, known) from exc
 
 
@@ -286,7 +305,7 @@ def check_allowed(caller: Caller, name: str, key: str) -> None:
 
 async def list_models(request: Request[State]) -> Response:
     manager = request.state["manager"]
-    visible = await _visible(manager, caller_of(request.scope))
+    visible = await visible_names(manager, caller_of(request.scope))
     data = [_model_object(request, name, manager.view(key)) for name, key in visible]
     return JSONResponse({"object": "list", "data": data})
 
@@ -294,7 +313,7 @@ async def list_models(request: Request[State]) -> Response:
 async def get_model(request: Request[State]) -> Response:
     manager, caller = request.state["manager"], caller_of(request.scope)
     wanted = request.path_params["model_id"]
-    visible = await _visible(manager, caller)
+    visible = await visible_names(manager, caller)
     for name, key in visible:
         if name == wanted:
             return JSONResponse(_model_object(request, name, manager.view(key)))

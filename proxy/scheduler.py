@@ -155,9 +155,11 @@ class Scheduler:
         return True
 
     def release_settles(self, key: str) -> bool:
-        """True if releasing a lease on `key` leaves nothing for `decide` to do at once."""
+        """True if releasing a lease on `key` leaves nothing for `decide` to do at once (an idle
+        TTL of 0, Ollama's `keep_alive: 0`, runs out as the lease ends: it does not)."""
         model = self.models[key]
-        return not self.waiters and not model.unload_requested
+        ttl = self._ttl(model)
+        return not self.waiters and not model.unload_requested and (ttl is None or ttl > 0)
 
     def cancel(self, waiter_id: int) -> bool:
         """The waiter's client went away; False if it was already granted or failed."""
@@ -235,6 +237,7 @@ class Scheduler:
         model.phase = Phase.ABSENT
         model.instance_id = None
         model.adopted = False
+        model.idle_ttl_s = None  # a request's TTL was its instance's, as LM Studio's JIT has it
 
     def unload_failed(self, key: str, now: float) -> None:
         model = self.models[key]
@@ -267,6 +270,7 @@ class Scheduler:
                 model.phase, model.instance_id = Phase.ABSENT, None
                 model.duplicates.clear()
                 model.unload_requested = model.drained_for_swap = model.adopted = False
+                model.idle_ttl_s = None
                 self._outbox.append(Observed(key, "vanished"))
             else:
                 if model.instance_id not in ids:
@@ -718,6 +722,13 @@ class Scheduler:
         _forget_clients(model, now)
         waiting = {w.client for w in self.waiters.values() if w.model != model.key}
         return any(client is None or client not in waiting for client in model.clients)
+
+    def idle_ttl(self, key: str) -> float | None:
+        """How long `key` may sit idle before it is unloaded; None: it is not (pinned, or no
+        idle TTL set)."""
+        model = self.models.get(key)
+        ttl = self._ttl(model) if model is not None else self.policy.idle_ttl_s
+        return None if ttl == float("inf") else ttl
 
     def _ttl(self, model: Model) -> float | None:
         if model.pinned:

@@ -79,7 +79,8 @@ class Model:
     duplicates: list[str] = field(default_factory=list)  # extra instances seen in LM Studio
     pinned: bool = False
     adopted: bool = False  # loaded behind the proxy's back
-    idle_ttl_s: float | None = None  # a request's `ttl` overrides the policy's
+    # A request's `ttl` (or Ollama's `keep_alive`) overrides the policy's; inf: never idle.
+    idle_ttl_s: float | None = None
     unload_requested: bool = False  # an operator asked for an unload
     drained_for_swap: bool = False
     # A request is out to it that LM Studio may load it for (JIT): sent while the model was

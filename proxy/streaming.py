@@ -10,6 +10,7 @@ import json
 import logging
 import time
 from contextlib import AsyncExitStack
+from typing import Protocol
 
 import anyio
 from starlette.types import Receive, Scope, Send
@@ -94,8 +95,24 @@ def sse_error_event(error: ProxyError, path: str) -> bytes:
     return b"data: " + json.dumps(error.body()).encode() + b"\n\n"
 
 
+class Translator(Protocol):
+    """Turns LM Studio's answer into another API's as it streams (`proxy.ollama`)."""
+
+    media_type: bytes
+
+    def feed(self, chunk: bytes) -> bytes:
+        """What to send for this chunk of LM Studio's body (perhaps nothing yet)."""
+
+    def end(self) -> bytes:
+        """What to send once LM Studio's body has ended; `UpstreamError` if it was cut short."""
+
+    def error(self, error: ProxyError) -> bytes:
+        """The last line of a stream that broke off."""
+
+
 class UpstreamStreamResponse:
-    """An ASGI response that streams an upstream response through, chunk for chunk.
+    """An ASGI response that streams an upstream response through, chunk for chunk (or, with a
+    `translator`, what it makes of them).
 
     Invariant: whatever happens (normal end, client disconnect, upstream failure, cancellation)
     what it holds (the upstream response and the model lease, in `held`) is released exactly
@@ -104,14 +121,22 @@ class UpstreamStreamResponse:
     """
 
     def __init__(
-        self, upstream: UpstreamResponse, held: AsyncExitStack, record: RequestRecord
+        self,
+        upstream: UpstreamResponse,
+        held: AsyncExitStack,
+        record: RequestRecord,
+        *,
+        translator: Translator | None = None,
     ) -> None:
         self._upstream = upstream
         self._held = held
         self._record = record
+        self._translator = translator
         self.sse = upstream.content_type.startswith("text/event-stream")
-        # The request's own id replaces LM Studio's (`RequestIdMiddleware` adds it).
-        headers = [(n, v) for n, v in upstream.headers if n != b"x-request-id"]
+        if translator is not None:  # LM Studio's headers describe a body the client never sees
+            headers = [(b"content-type", translator.media_type)]
+        else:  # the request's own id replaces LM Studio's (`RequestIdMiddleware` adds it)
+            headers = [(n, v) for n, v in upstream.headers if n != b"x-request-id"]
         if self.sse:
             headers.append((b"x-accel-buffering", b"no"))
         self._headers = headers
@@ -132,7 +157,7 @@ class UpstreamStreamResponse:
 
     async def relay(self, send: Send, path: str) -> None:
         """LM Studio's body, chunk for chunk, then the end of the response (its start is sent)."""
-        record = self._record
+        record, translator = self._record, self._translator
         usage = UsageScanner(self.sse)
         tail = b""  # the stream's last bytes, to see that an OpenAI stream ended with [DONE]
         try:
@@ -140,9 +165,17 @@ class UpstreamStreamResponse:
                 if record.first_byte_s is None:
                     record.first_byte_s = time.perf_counter() - record.started
                 usage.feed(chunk)
-                tail = (tail + chunk)[-32:]
+                if translator is not None:
+                    chunk = translator.feed(chunk)
+                    if not chunk:
+                        continue
+                else:
+                    tail = (tail + chunk)[-32:]
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            if self.sse and path in _DONE_PATHS and b"[DONE]" not in tail:
+            if translator is not None:
+                last = translator.end()
+                await send({"type": "http.response.body", "body": last, "more_body": True})
+            elif self.sse and path in _DONE_PATHS and b"[DONE]" not in tail:
                 raise UpstreamError(  # noqa: TRY301 - the same handling as a broken stream
                     "LM Studio ended the stream without [DONE]: the answer may be incomplete",
                     code="upstream_incomplete",
@@ -152,13 +185,8 @@ class UpstreamStreamResponse:
             logger.warning("request %s: upstream broke off: %s", record.request_id, exc.message)
             if not self.sse:
                 raise  # a truncated JSON body must not look complete: abort the connection
-            await send(
-                {
-                    "type": "http.response.body",
-                    "body": sse_error_event(exc, path),
-                    "more_body": True,
-                }
-            )
+            last = sse_error_event(exc, path) if translator is None else translator.error(exc)
+            await send({"type": "http.response.body", "body": last, "more_body": True})
         usage.finish()
         record.prompt_tokens, record.completion_tokens = usage.prompt, usage.completion
         await send({"type": "http.response.body", "body": b"", "more_body": False})

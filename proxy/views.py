@@ -38,6 +38,7 @@ class ModelView:
     available_on: tuple[str, ...]  # the hosts that have it downloaded
     expected_load_s: float | None  # how long a load of it should take (`proxy.loadtimes`)
     loading_s: float | None  # how long its load has been running, while it loads
+    idle_ttl_s: float | None = None  # how long it may sit idle before it is unloaded; None: ever
 
     def row(self) -> dict[str, Any]:
         """The JSON row of `/api/v1/models`, its `snapshot` event and the page."""
@@ -169,6 +170,7 @@ def model_view(
         available_on=(upstream,) if info is not None else (),
         expected_load_s=expected_load_s,
         loading_s=loading_s if model.phase is Phase.LOADING else None,
+        idle_ttl_s=scheduler.idle_ttl(key),
     )
 
 

@@ -35,10 +35,12 @@ _SHOWN_METRICS = ("lmswitch_model_loads_total", "lmswitch_model_loaded", "lmswit
 # Values that differ on every run: generated ids, clocks and timings.
 _VOLATILE_KEYS = (
     "created|created_at|uptime_s|last_used_at|duration_ms|queue_wait_ms|first_byte_ms|load_s|"
-    "expected_load_s|loading_s|waited_s|since|busy_s|queue_wait_s"
+    "expected_load_s|loading_s|waited_s|since|busy_s|queue_wait_s|total_duration|load_duration|"
+    "prompt_eval_duration|eval_duration"
 )
 _MASKS = (
     (re.compile(r'("(?:' + _VOLATILE_KEYS + r')": ?)[-0-9.e]+'), r"\1…"),
+    (re.compile(r'("(?:created_at|modified_at|expires_at)": ?")[^"]+'), r"\1…"),
     (re.compile(r"\b(chatcmpl-|cmpl-|resp_|msg_)[a-z0-9]+"), r"\1…"),
     (re.compile(r'("request_id": ?")[0-9a-f]+'), r"\1…"),
 )
@@ -153,6 +155,34 @@ async def _record_events(rec: _Recorder) -> None:
 _LOAD_QWEN = {"model_id": QWEN}
 
 
+async def _record_ollama(rec: _Recorder) -> None:
+    """Ollama's API: its listings, chat (whole, then streamed as it is by default), generate,
+    embed, the loaded models, one model's description and a model it does not have."""
+    await rec.call("GET", "/api/version", "The Ollama API version this follows.")
+    await rec.call("GET", "/api/tags", "Every model and alias, with Ollama's details.")
+    chat = {"model": QWEN, "messages": HELLO, "stream": False, "options": {"num_predict": 4}}
+    note = "Ollama's chat, answered by LM Studio's `/v1/chat/completions`."
+    await rec.call("POST", "/api/chat", note, chat)
+    streamed = {"model": QWEN, "messages": HELLO, "options": {"num_predict": 2}}
+    note = "Streamed unless `stream: false`: NDJSON, the last line with counts and durations."
+    await rec.stream("/api/chat", note, streamed)
+    generate = {
+        "model": QWEN,
+        "prompt": "Say hello",
+        "stream": False,
+        "options": {"num_predict": 3},
+    }
+    await rec.call("POST", "/api/generate", "A prompt, in the model's chat template.", generate)
+    embed = {"model": "text-embedding-3-small", "input": ["Say hello"]}
+    await rec.call("POST", "/api/embed", "One vector per input (an alias here).", embed)
+    note = "Loaded models, `expires_at` from the idle TTL (far off with none, as here)."
+    await rec.call("GET", "/api/ps", note)
+    await rec.call("POST", "/api/show", "What LM Studio says of the model.", {"model": QWEN})
+    missing = {"model": "llama3.2", "messages": HELLO}
+    note = "A model LM Studio lacks: Ollama's error, in its words."
+    await rec.call("POST", "/api/chat", note, missing)
+
+
 async def _record_metrics(rec: _Recorder) -> None:
     response = await rec.proxy.http.get("/metrics")
     lines = [
@@ -201,6 +231,7 @@ async def capture_endpoints() -> list[Example]:
         unknown = {"model": "qwen2.5-7b", "messages": HELLO}
         note = "An unknown model: the names it may mean, and the known ones."
         await rec.call("POST", "/v1/chat/completions", note, unknown)
+        await _record_ollama(rec)
         await rec.call("GET", "/api/v1/models/", "Every model with the proxy's view of it.")
         load = {"model_id": LLAMA}
         note = "Loads by policy (evicting as a request would); answers when loaded."

@@ -60,6 +60,17 @@ def test_bench_runs_direct_and_proxied(capsys: pytest.CaptureFixture[str], keys:
     assert "streaming" in table
 
 
+def test_bench_measures_the_ollama_route(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--endpoint ollama`: the proxied load is the same chat on `/api/chat`, answered."""
+    argv = ["bench", "--duration", "0.3", "--concurrency", "2", "--generator", "built-in"]
+    assert main([*argv, "--endpoint", "ollama"]) == 0
+    out = capsys.readouterr().out
+    assert "proxied: /api/chat; direct: /v1/chat/completions" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith(("non-", "streaming"))]
+    assert len(rows) == 2
+    assert all(row[-2] == "0" and float(row[3]) > 0 for row in rows)  # no errors, answered
+
+
 def test_bench_streams_mode(capsys: pytest.CaptureFixture[str]) -> None:
     options = bench.BenchOptions(streams=20, tokens_per_s=40, stream_seconds=0.5, json=True)
     assert bench.run(options) == 0

@@ -25,6 +25,7 @@ ALIAS = "gpt-4o-mini"
 MODELS = (QWEN, LLAMA, NOMIC)
 SECTIONS: dict[str, Any] = {"models": {"aliases": {ALIAS: QWEN}, "default": LLAMA, "max_loaded": 2}}
 V1_PATHS = PROXIED_PATHS
+OLLAMA_PATHS = ("/api/chat", "/api/generate", "/api/embed", "/api/embeddings", "/api/show")
 ADMIN_PATHS = (
     "/api/v1/models/load",
     "/api/v1/models/unload",
@@ -53,6 +54,11 @@ ROUTES: dict[str, tuple[str, ...]] = {
     "/v1/responses": ("model", "stream", "input", "ttl"),
     "/v1/messages": ("model", "stream", "messages", "max_tokens", "ttl"),
     "/v1/messages/count_tokens": ("model", "messages"),
+    "/api/chat": ("model", "stream", "messages", "options", "format", "keep_alive", "tools"),
+    "/api/generate": ("model", "stream", "prompt", "system", "raw", "options", "keep_alive"),
+    "/api/embed": ("model", "input", "keep_alive", "dimensions"),
+    "/api/embeddings": ("model", "prompt", "keep_alive"),
+    "/api/show": ("model",),
     "/api/v1/models/load": ("model_id", "context_length"),
     "/api/v1/models/unload": ("model_id",),
     "/api/v1/models/pin": ("model_id",),
@@ -68,6 +74,21 @@ GOOD: dict[str, st.SearchStrategy[Any]] = {
     "max_tokens": st.integers(0, 40),
     "stream_options": st.just({"include_usage": True}),
     "ttl": st.floats(1e-3, 1e6),
+    "options": st.fixed_dictionaries(
+        {},
+        optional={
+            "temperature": st.floats(0, 2),
+            "num_predict": st.integers(-2, 40),
+            "stop": st.lists(st.text(max_size=5), max_size=2),
+            "num_ctx": st.integers(1, 9999),
+        },
+    ),
+    "format": st.sampled_from(("", "json", {"type": "object"})),
+    "keep_alive": st.sampled_from((0, -1, 30, "5m", "1h", "-1s")),
+    "tools": st.just([{"type": "function", "function": {"name": "hello"}}]),
+    "system": st.text(max_size=10),
+    "raw": st.booleans(),
+    "dimensions": st.integers(1, 768),
     "model_id": st.sampled_from((*MODELS, ALIAS)),
     "context_length": st.integers(1, 2**40),
 }
@@ -85,7 +106,8 @@ def json_objects(draw: st.DrawFn, path: str) -> bytes:
     validation to LM Studio; the others take any value, and keys of their own.
     """
     fields = draw(st.sampled_from((GOOD, GOOD, JUNK)))
-    good = {**fields, "model": st.just(NOMIC)} if path == "/v1/embeddings" else fields
+    embedding = path in ("/v1/embeddings", "/api/embed", "/api/embeddings")
+    good = {**fields, "model": st.just(NOMIC)} if embedding else fields
     pairs: list[tuple[str, Any]] = [
         (key, draw(good[key])) for key in ROUTES[path] if draw(st.integers(0, 7))
     ]
@@ -166,6 +188,10 @@ class Sent:
     def anthropic(self) -> bool:
         return self.path.startswith("/v1/messages")
 
+    @property
+    def ollama(self) -> bool:
+        return self.path in OLLAMA_PATHS
+
 
 @st.composite
 def requests(draw: st.DrawFn, paths: tuple[str, ...]) -> Sent:
@@ -211,12 +237,32 @@ def check_sse(sent: Sent, text: str) -> None:
         assert isinstance(json.loads(events[-1]), dict)
 
 
+def check_ollama(response: httpx2.Response) -> None:
+    """Ollama's answer: JSON lines (one, unless streamed), the last one done, an embedding or
+    a model's description; or its error, `{"error": "..."}`."""
+    if response.status_code != 200:
+        doc = response.json()
+        assert isinstance(doc, dict), doc
+        assert set(doc) == {"error"}, f"not Ollama's error: {doc}"
+        assert isinstance(doc["error"], str)
+        return
+    lines = [json.loads(line) for line in response.text.splitlines()]
+    assert lines, "an empty answer"
+    assert all(isinstance(line, dict) for line in lines)
+    last = lines[-1]
+    ends = ("embedding", "embeddings", "modelfile", "error")
+    assert last.get("done") is True or any(key in last for key in ends), last
+
+
 def check_answer(sent: Sent, response: httpx2.Response, upstream_saw: bool) -> None:
     """A success with a body of the right kind, or a well-formed error in the right envelope."""
     status = response.status_code
     assert status != 500, f"500: {response.text[:500]}"
     assert status in SENSIBLE, f"status {status}: {response.text[:500]}"
     assert response.headers.get("x-request-id"), "no x-request-id"
+    if sent.ollama:
+        check_ollama(response)
+        return
     if status == 200 and response.headers.get("content-type", "").startswith("text/event-stream"):
         check_sse(sent, response.text)
         return
@@ -281,7 +327,7 @@ def run_examples(
             @given(sent=requests(paths))
             def example(sent: Sent) -> None:
                 post(http, emulator, sent)
-                if sent.path.startswith("/api/"):  # no pins left: later examples load any model
+                if sent.path.startswith("/api/v1/"):  # no pins left: later examples load any
                     for model in MODELS:
                         http.post("/api/v1/models/unpin", json={"model_id": model})
 
@@ -290,11 +336,13 @@ def run_examples(
     return run
 
 
-async def test_fuzz_v1_routes_answer_well_formed() -> None:
-    """Random bodies and headers on /v1: a success or an error in the right envelope, no 500."""
+@pytest.mark.parametrize("paths", [V1_PATHS, OLLAMA_PATHS], ids=["v1", "ollama"])
+async def test_fuzz_routes_for_models_answer_well_formed(paths: tuple[str, ...]) -> None:
+    """Random bodies and headers on /v1 and on Ollama's routes: a success or an error in the
+    right envelope, never a 500."""
     emulator = Emulator(reply_tokens=3)
     async with running(emulator, **SECTIONS) as proxy:
-        run = run_examples(proxy.url, emulator, V1_PATHS, examples=300)
+        run = run_examples(proxy.url, emulator, paths, examples=300)
         with anyio.fail_after(25):
             await anyio.to_thread.run_sync(run, abandon_on_cancel=True)
 

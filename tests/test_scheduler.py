@@ -332,6 +332,25 @@ def test_idle_ttl_unloads_an_idle_model() -> None:
     assert s.decide(60.0) == [sch.Unload("a", "a", sch.UnloadReason.IDLE)]
 
 
+def test_a_zero_ttl_unloads_as_the_last_lease_ends_and_ends_with_the_instance() -> None:
+    """Ollama's `keep_alive: 0`: the release is not settled (the unload is due at once); once
+    unloaded, the model's TTL is the policy's again. A negative keep_alive (inf) never expires."""
+    s = make(idle_ttl_s=60.0)
+    load_ready(s, "a", 0.0)
+    s.set_idle_ttl("a", 0.0)
+    assert s.try_grant("a", 1.0)
+    s.release("a", 2.0)
+    assert not s.release_settles("a")
+    assert s.decide(2.0) == [sch.Unload("a", "a", sch.UnloadReason.IDLE)]
+    s.unload_done("a")
+    assert s.idle_ttl("a") == 60.0
+    load_ready(s, "b", 3.0)
+    s.set_idle_ttl("b", float("inf"))
+    assert s.idle_ttl("b") is None
+    assert s.release_settles("b")
+    assert s.decide(1e9) == []
+
+
 def test_observed_adopts_and_drops_models() -> None:
     s = make()
     s.observed({"a": ["a", "a:2"]}, 0.0)

@@ -12,7 +12,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 MODEL = "llama-3.2-1b-instruct"
@@ -21,6 +21,36 @@ _CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Say hello"}],
 
 def chat_body(*, stream: bool, max_tokens: int = 12) -> bytes:
     return json.dumps({**_CHAT, "stream": stream, "max_tokens": max_tokens}).encode()
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the proxied load goes, and what it sends; the direct load is always OpenAI chat."""
+
+    path: str
+    body: Callable[..., bytes]
+
+
+def ollama_chat_body(*, stream: bool, max_tokens: int = 12) -> bytes:
+    """The same chat as `chat_body`, in Ollama's terms (`/api/chat`)."""
+    chat = {"model": MODEL, "messages": _CHAT["messages"], "stream": stream}
+    return json.dumps({**chat, "options": {"num_predict": max_tokens}}).encode()
+
+
+OPENAI = Endpoint("/v1/chat/completions", chat_body)
+ENDPOINTS = {"openai": OPENAI, "ollama": Endpoint("/api/chat", ollama_chat_body)}
+
+
+@dataclass(frozen=True)
+class Load:
+    """One measurement's load: the kind of chat, how many clients, for how long, with what key,
+    through what endpoint."""
+
+    stream: bool
+    concurrency: int
+    seconds: float
+    key: str | None = None
+    endpoint: Endpoint = OPENAI
 
 
 @dataclass
@@ -98,22 +128,21 @@ async def _worker(
         writer.close()
 
 
-async def builtin_run(
-    url: str, *, stream: bool, concurrency: int, seconds: float, key: str | None = None
-) -> Result:
-    host, port, request = http_request(url, "/v1/chat/completions", chat_body(stream=stream), key)
+async def builtin_run(url: str, load: Load) -> Result:
+    body = load.endpoint.body(stream=load.stream)
+    host, port, request = http_request(url, load.endpoint.path, body, load.key)
     latencies: list[float] = []
     errors: list[int] = []
     started = time.perf_counter()
-    until = started + seconds
+    until = started + load.seconds
     await asyncio.gather(
-        *(_worker(host, port, request, until, latencies, errors) for _ in range(concurrency))
+        *(_worker(host, port, request, until, latencies, errors) for _ in range(load.concurrency))
     )
     elapsed = time.perf_counter() - started
     return Result(
         target="",
-        stream=stream,
-        concurrency=concurrency,
+        stream=load.stream,
+        concurrency=load.concurrency,
         requests=len(latencies),
         errors=len(errors),
         seconds=round(elapsed, 2),
@@ -141,20 +170,19 @@ def _wrk_ms(text: str) -> float:
     return float(match.group(1)) * _UNITS[match.group(2)]
 
 
-def wrk_run(
-    url: str, *, stream: bool, concurrency: int, seconds: float, key: str | None = None
-) -> Result:
+def wrk_run(url: str, load: Load) -> Result:
     wrk = shutil.which("wrk")
     assert wrk is not None  # noqa: S101 - callers check
+    stream, concurrency, seconds = load.stream, load.concurrency, load.seconds
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write(_WRK_SCRIPT % chat_body(stream=stream).decode())
-        if key is not None:
-            script.write(f'wrk.headers["authorization"] = "Bearer {key}"\n')
+        script.write(_WRK_SCRIPT % load.endpoint.body(stream=stream).decode())
+        if load.key is not None:
+            script.write(f'wrk.headers["authorization"] = "Bearer {load.key}"\n')
     try:
         threads = min(concurrency, 2)
         command = [
             wrk, f"-t{threads}", f"-c{concurrency}", f"-d{seconds:g}s", "--latency",
-            "-s", script.name, f"{url}/v1/chat/completions",
+            "-s", script.name, f"{url}{load.endpoint.path}",
         ]  # fmt: skip
         output = subprocess.run(command, capture_output=True, text=True, check=True).stdout  # noqa: S603
     finally:

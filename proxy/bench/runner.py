@@ -16,7 +16,15 @@ from collections.abc import Coroutine, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
-from proxy.bench.loadgen import Result, builtin_run, wrk_run
+from proxy.bench.loadgen import (
+    ENDPOINTS,
+    OPENAI,
+    Endpoint,
+    Load,
+    Result,
+    builtin_run,
+    wrk_run,
+)
 from proxy.bench.stack import Stack, cpu_s, progress, start_stack
 from proxy.bench.streams import run_streams
 
@@ -26,36 +34,40 @@ T = TypeVar("T")
 # --- scenarios ----------------------------------------------------------------------------------
 
 
-async def _measure(
-    url: str, *, stream: bool, concurrency: int, seconds: float, use_wrk: bool, key: str | None
-) -> Result:
+async def _measure(url: str, load: Load, *, use_wrk: bool) -> Result:
     if use_wrk:
-        return await asyncio.to_thread(
-            wrk_run, url, stream=stream, concurrency=concurrency, seconds=seconds, key=key
-        )
-    return await builtin_run(url, stream=stream, concurrency=concurrency, seconds=seconds, key=key)
+        return await asyncio.to_thread(wrk_run, url, load)
+    return await builtin_run(url, load)
 
 
 async def run_matrix(
-    stack: Stack, *, seconds: float, concurrencies: Sequence[int], use_wrk: bool
+    stack: Stack,
+    *,
+    seconds: float,
+    concurrencies: Sequence[int],
+    use_wrk: bool,
+    endpoint: Endpoint = OPENAI,
 ) -> list[Result]:
+    """Each kind of chat at each concurrency, direct (OpenAI chat on the emulator) then
+    proxied (the same chat through `endpoint`)."""
     results: list[Result] = []
     # One request first, so that the model is loaded before anything is timed.
-    await builtin_run(stack.proxy_url, stream=False, concurrency=1, seconds=0.2, key=stack.key)
+    await builtin_run(
+        stack.proxy_url, Load(stream=False, concurrency=1, seconds=0.2, key=stack.key)
+    )
     for stream in (False, True):
         for concurrency in concurrencies:
-            for target, url in (("direct", stack.emulator_url), ("proxied", stack.proxy_url)):
+            targets = (
+                ("direct", stack.emulator_url, OPENAI),
+                ("proxied", stack.proxy_url, endpoint),
+            )
+            for target, url, through in targets:
                 kind = "streaming" if stream else "non-streaming"
                 progress(f"bench: {kind} chat, concurrency {concurrency}, {target} ...")
                 cpu_before = cpu_s(stack.proxy_pid)
-                result = await _measure(
-                    url,
-                    stream=stream,
-                    concurrency=concurrency,
-                    seconds=seconds,
-                    use_wrk=use_wrk,
-                    key=stack.key,  # the emulator, with no token of its own, ignores it
-                )
+                # The emulator, with no token of its own, ignores the key.
+                load = Load(stream, concurrency, seconds, stack.key, through)
+                result = await _measure(url, load, use_wrk=use_wrk)
                 result.target = target
                 if target == "proxied" and result.requests:
                     cpu = cpu_s(stack.proxy_pid) - cpu_before
@@ -98,6 +110,7 @@ class BenchOptions:
     tokens_per_s: float = 20.0
     stream_seconds: float = 5.0  # how long each of the many streams lasts
     keys: int = 0  # > 0: the proxy has this many named keys, and the load sends one
+    endpoint: str = "openai"  # the proxied load's API: "openai" or "ollama" (`ENDPOINTS`)
 
 
 def _run(main: Coroutine[Any, Any, T]) -> T:
@@ -136,6 +149,7 @@ def run(options: BenchOptions) -> int:
                 seconds=options.seconds,
                 concurrencies=options.concurrencies,
                 use_wrk=use_wrk,
+                endpoint=ENDPOINTS[options.endpoint],
             )
         )
     generator = "wrk" if use_wrk else "built-in (asyncio, raw HTTP/1.1)"
@@ -143,5 +157,8 @@ def run(options: BenchOptions) -> int:
         print(json.dumps({"generator": generator, "results": [asdict(r) for r in results]}))  # noqa: T201
     else:
         print(f"load generator: {generator}; {options.seconds:g} s per measurement")  # noqa: T201
+        if options.endpoint != "openai":
+            path = ENDPOINTS[options.endpoint].path
+            print(f"proxied: {path}; direct: /v1/chat/completions on the emulator")  # noqa: T201
         print(format_table(results))  # noqa: T201
     return 0

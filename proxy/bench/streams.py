@@ -8,7 +8,14 @@ import statistics
 import time
 from dataclasses import dataclass
 
-from proxy.bench.loadgen import builtin_run, chat_body, http_request, percentile, read_response
+from proxy.bench.loadgen import (
+    Load,
+    builtin_run,
+    chat_body,
+    http_request,
+    percentile,
+    read_response,
+)
 from proxy.bench.stack import cpu_s, progress, rss_mb, start_stack
 
 
@@ -62,7 +69,9 @@ async def run_streams(streams: int, tokens_per_s: float, reply_tokens: int) -> S
     with start_stack(
         token_delay_s=1 / tokens_per_s, reply_tokens=reply_tokens, stamp=True
     ) as stack:
-        await builtin_run(stack.proxy_url, stream=False, concurrency=1, seconds=0.2)  # load it
+        await builtin_run(
+            stack.proxy_url, Load(stream=False, concurrency=1, seconds=0.2)
+        )  # load it
         progress(f"bench: {streams} streams direct ...")
         direct, _, _ = await _streams_at(stack.emulator_url, streams, reply_tokens)
         progress(f"bench: {streams} streams through the proxy ...")
