@@ -5,15 +5,20 @@ the Prometheus service."""
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import anyio
 import pytest
 import yaml
 
 from proxy.config import load_settings
+from proxy.emulator import Emulator
+from tests.helpers import readme_block, running
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "compose.yaml"
@@ -136,3 +141,50 @@ def test_grafana_provisions_the_dashboard_and_the_data_source() -> None:
     assert (on_host / "lmswitch.json").is_file()
     home = service("grafana")["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     assert PurePosixPath(home) == inside / "lmswitch.json"
+
+
+def _environment(words: list[str]) -> tuple[dict[str, str], list[str]]:
+    """A command's leading `NAME=value` words, and the command after them."""
+    env: dict[str, str] = {}
+    while words and re.fullmatch(r"[A-Z_]+=.*", words[0]):
+        name, value = words.pop(0).split("=", 1)
+        env[name] = value
+    return env, words
+
+
+def test_the_readme_starts_the_stack_with_the_keys_compose_reads() -> None:
+    """The README's one command sets exactly the variables compose.yaml reads (lmswitch's keys)
+    and builds and starts the stack."""
+    env, command = _environment(shlex.split(readme_block("compose")))
+    assert command == ["docker", "compose", "up", "-d", "--build"]
+    read = set(re.findall(r"\$\{(\w+)", COMPOSE.read_text(encoding="utf-8")))
+    assert set(env) == read == {"LMSWITCH_API_KEY", "LMSWITCH_ADMIN_KEY"}
+    lmswitch = service("lmswitch")["environment"]
+    assert env["LMSWITCH_API_KEY"] in lmswitch["LMSWITCH_AUTH__API_KEYS"]  # its default too
+
+
+async def test_open_webui_as_the_readme_starts_it_reaches_lmswitch() -> None:
+    """The README's Open WebUI command: valid shell, an OpenAI connection to lmswitch's `/v1` on
+    the port lmswitch publishes, with the key the Docker example and compose give lmswitch. That
+    connection (the Docker host's name swapped for loopback) lists the models through lmswitch."""
+    block = readme_block("open-webui")
+    bash = shutil.which("bash")
+    assert bash is not None
+    checked = await anyio.run_process([bash, "-n", "-c", block], check=False)
+    assert checked.returncode == 0, checked.stderr
+    words = shlex.split(block.replace("\\\n", " "))  # the lines continued
+    env = dict(words[i + 1].split("=", 1) for i, word in enumerate(words) if word == "-e")
+    assert words[:3] == ["docker", "run", "-d"]
+    assert "--add-host=host.docker.internal:host-gateway" in words
+    assert env["ENABLE_OLLAMA_API"] == "false"
+    base_url, key = env["OPENAI_API_BASE_URL"], env["OPENAI_API_KEY"]
+    assert base_url == "http://host.docker.internal:8000/v1"
+    assert "8000:8000" in service("lmswitch")["ports"][0]
+    assert f"LMSWITCH_AUTH__API_KEYS='[\"{key}\"]'" in readme_block("docker")
+    async with running(Emulator(), auth={"api_keys": [key]}) as proxy:
+        sdk_url = base_url.replace("http://host.docker.internal:8000", proxy.url)
+        response = await proxy.http.get(
+            sdk_url.removeprefix(proxy.url) + "/models", headers={"authorization": f"Bearer {key}"}
+        )
+        assert response.status_code == 200
+        assert "qwen2.5-7b-instruct" in {model["id"] for model in response.json()["data"]}

@@ -50,9 +50,12 @@ async def run(command: Sequence[str], proxy: Proxy) -> str:
     return result.stdout.decode()
 
 
-async def test_python_example_prints_the_reply(proxy: Proxy) -> None:
-    output = await run([sys.executable, "-c", readme_block("python")], proxy)
-    assert output == f"{REPLY}\n"
+async def test_ollama_example_lists_the_models_and_prints_the_reply(proxy: Proxy) -> None:
+    """The ollama Python library, pointed at lmswitch, lists LM Studio's models and chats."""
+    output = await run([sys.executable, "-c", readme_block("ollama")], proxy)
+    names, reply = output.splitlines()
+    assert "'qwen2.5-7b-instruct'" in names
+    assert reply == REPLY
 
 
 async def test_python_streaming_example_prints_the_reply_and_its_token_count(proxy: Proxy) -> None:
@@ -90,7 +93,7 @@ async def test_anthropic_example_prints_the_reply(proxy: Proxy) -> None:
 # the README's demo command, `uv run --no-dev lmswitch demo`.
 _DEV_ONLY = [
     *("openai", "anthropic", "pytest", "_pytest", "pytest_timeout", "coverage", "asgi_lifespan"),
-    *("mypy", "ruff", "hypothesis", "playwright", "dockerfile_parse"),
+    *("mypy", "ruff", "hypothesis", "playwright", "dockerfile_parse", "ollama"),
 ]
 _WITHOUT_DEV = """
 import sys

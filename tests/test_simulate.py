@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import shlex
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from proxy.simulate.fromlog import from_log
 from proxy.simulate.generate import KINDS, generate
 from proxy.simulate.replay import Run, replay
 from proxy.simulate.trace import ModelSpec, Request, Trace, TraceError, read_trace, write_trace
-from tests.helpers import LLAMA, MESSAGES, QWEN, logging_as_serve_does, running
+from tests.helpers import LLAMA, MESSAGES, QWEN, logging_as_serve_does, readme_block, running
 
 GB = 10**9
 GEMMA = "google/gemma-3-4b"
@@ -55,9 +56,12 @@ def _both(trace: Trace, **policy: Any) -> tuple[Run, Run]:
 # -- the replay against the real thing ---------------------------------------------------------
 
 
-async def test_replay_of_a_recorded_log_makes_the_loads_the_emulator_made() -> None:
+async def test_replay_of_a_recorded_log_makes_the_loads_the_emulator_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Three clients over sockets, each on its own connection, switching models with pauses:
-    the trace made from the proxy's JSON log, replayed, loads as often (within one load)."""
+    the trace made from the proxy's JSON log, replayed, loads as often (within one load); and
+    the README's `simulate --from-log` command reads that log."""
     emulator = Emulator(load_delay_s=0.25, reply_tokens=4, token_delay_s=0.03)
     sections: dict[str, Any] = {
         "logging": {"format": "json"},
@@ -102,6 +106,17 @@ async def test_replay_of_a_recorded_log_makes_the_loads_the_emulator_made() -> N
     run = replay(trace, Policy(max_loaded=1, swap_grace_s=1.0))
     assert run.granted == len(trace.requests)
     assert abs(run.loads - emulator.load_count()) <= 1, (run.loads, emulator.load_count())
+
+    # The README's command, on this log.
+    readme_command = shlex.split(readme_block("simulate"))
+    assert readme_command[:4] == ["uv", "run", "lmswitch", "simulate"]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lmswitch.log").write_text("\n".join(captured.lines) + "\n", encoding="utf-8")
+    assert main(readme_command[3:]) == 0
+    table = capsys.readouterr().out
+    assert table.count("lru") == 2  # one run per budget, each policy
+    assert table.count("cost") == 2
+    assert "<svg" in (tmp_path / "report.html").read_text(encoding="utf-8")
 
 
 # -- cost against lru ---------------------------------------------------------------------------
