@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -233,6 +233,20 @@ async def _proxy(settings: Settings) -> AsyncIterator[Proxy]:
         ) as sdk,
     ):
         yield Proxy(url, http, sdk)
+
+
+@asynccontextmanager
+async def pool(emulators: Mapping[str, Emulator], **sections: Any) -> AsyncIterator[Proxy]:
+    """Each emulator on its own port, as the host of its name, and the proxy in front of them
+    all, once it has read every host."""
+    async with AsyncExitStack() as stack:
+        urls = {
+            name: await stack.enter_async_context(serve(emulator.app))
+            for name, emulator in emulators.items()
+        }
+        proxy = await stack.enter_async_context(pool_for(urls, **sections))
+        await proxy.wait_for(lambda status: all(host["up"] for host in status["upstreams"]))
+        yield proxy
 
 
 @asynccontextmanager

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
-from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import anyio
@@ -24,7 +22,7 @@ from proxy.errors import InsufficientMemoryError, ModelLoadError
 from proxy.lmstudio import refused_for_memory
 from proxy.scheduler import Scheduler
 from proxy.scheduling import Phase, Policy
-from tests.helpers import MESSAGES, Proxy, pool_for, running, serve
+from tests.helpers import MESSAGES, Proxy, pool, running
 
 GB = 10**9
 logger = logging.getLogger(__name__)
@@ -386,18 +384,6 @@ async def test_a_refusal_while_the_other_model_is_busy_waits_for_it() -> None:
         assert ended_at[0] <= served_at, "served after the busy model's stream"
         assert emulator.refusals == 1
         assert emulator.unload_count(SMALL) == 1  # unloaded once its stream ended
-
-
-@asynccontextmanager
-async def pool(emulators: Mapping[str, Emulator], **sections: Any) -> AsyncIterator[Proxy]:
-    async with AsyncExitStack() as stack:
-        urls = {
-            name: await stack.enter_async_context(serve(emulator.app))
-            for name, emulator in emulators.items()
-        }
-        proxy = await stack.enter_async_context(pool_for(urls, **sections))
-        await proxy.wait_for(lambda status: all(host["up"] for host in status["upstreams"]))
-        yield proxy
 
 
 async def test_each_host_of_a_pool_learns_its_own_capacity() -> None:

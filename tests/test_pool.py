@@ -6,8 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -19,7 +18,7 @@ from starlette.types import ASGIApp
 
 from proxy.emulator import Emulator
 from proxy.emulator.catalog import DEFAULT_CATALOG, CatalogModel
-from tests.helpers import LLAMA, MESSAGES, NOMIC, QWEN, Proxy, pool_for, serve
+from tests.helpers import LLAMA, MESSAGES, NOMIC, QWEN, Proxy, pool, pool_for, serve
 
 GEMMA = "google/gemma-3-4b"
 CHAT = "/v1/chat/completions"
@@ -30,20 +29,6 @@ SIZES = {model.key: model.size_bytes for model in DEFAULT_CATALOG}
 def catalog_without(*keys: str) -> list[CatalogModel]:
     """The emulator's catalogue but `keys`: a host that has not downloaded them."""
     return [model for model in DEFAULT_CATALOG if model.key not in keys]
-
-
-@asynccontextmanager
-async def pool(emulators: Mapping[str, Emulator], **sections: Any) -> AsyncIterator[Proxy]:
-    """Each emulator on its own port, as the host of its name, and the proxy in front of them
-    all, once it has read every host."""
-    async with AsyncExitStack() as stack:
-        urls = {
-            name: await stack.enter_async_context(serve(emulator.app))
-            for name, emulator in emulators.items()
-        }
-        proxy = await stack.enter_async_context(pool_for(urls, **sections))
-        await proxy.wait_for(lambda status: all(host["up"] for host in status["upstreams"]))
-        yield proxy
 
 
 def chat(model: str, **fields: Any) -> dict[str, Any]:
