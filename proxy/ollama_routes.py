@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from proxy import ollama
+from proxy import ollama, ollama_answers
 from proxy.access import RequestRecord, record_of
 from proxy.bodies import parse_object, read_body
 from proxy.errors import ModelNotFoundError
@@ -30,11 +30,11 @@ from proxy.streaming import UpstreamStreamResponse
 _HEADERS = ((b"content-type", b"application/json"),)
 
 
-def _timing(record: RequestRecord) -> ollama.Timing:
+def _timing(record: RequestRecord) -> ollama_answers.Timing:
     total = time.perf_counter() - record.started
     load = record.queue_wait_s if record.waited_on_load else 0.0
     first = record.first_byte_s if record.first_byte_s is not None else total
-    return ollama.Timing(total, load, first)
+    return ollama_answers.Timing(total, load, first)
 
 
 async def _resolve(request: Request[State], name: object, path: str | None) -> Resolved:
@@ -68,9 +68,11 @@ async def ollama_request(request: Request[State]) -> Response:
     async with AsyncExitStack() as held:
         upstream = await call.answer(held)
         if upstream.status_code >= 400:
-            message = ollama.upstream_error(await upstream.read(), upstream.status_code)
+            message = ollama_answers.upstream_error(await upstream.read(), upstream.status_code)
             return JSONResponse({"error": message}, status_code=upstream.status_code)
-        translator = ollama.translator(path, shown, translated.stream, partial(_timing, record))
+        translator = ollama_answers.translator(
+            path, shown, translated.stream, partial(_timing, record)
+        )
         return UpstreamStreamResponse(  # type: ignore[return-value] # an ASGI app
             upstream, held.pop_all(), record, translator=translator
         )
@@ -88,7 +90,7 @@ async def _load_or_unload(
         lease = await manager.acquire(key, priority=record.priority, client=record.client)
         record.queue_wait_s, record.waited_on_load = lease.waited_s, lease.waited_on_load
         lease.release()
-    return JSONResponse(ollama.nothing_to_do(path, shown, unloaded=unload))
+    return JSONResponse(ollama_answers.nothing_to_do(path, shown, unloaded=unload))
 
 
 async def version(request: Request[State]) -> Response:

@@ -96,7 +96,7 @@ def sse_error_event(error: ProxyError, path: str) -> bytes:
 
 
 class Translator(Protocol):
-    """Turns LM Studio's answer into another API's as it streams (`proxy.ollama`)."""
+    """Turns LM Studio's answer into another API's as it streams (`proxy.ollama_answers`)."""
 
     media_type: bytes
 

@@ -41,7 +41,7 @@ FLOORS: list[set[str]] = [
     {"host"},
     {"manager"},
     {"access", "bodies", "state", "ollama"},
-    {"auth", "streaming", "server"},
+    {"auth", "streaming", "server", "ollama_answers"},
     {"feedback"},
     {"openai_routes", "admin_routes"},
     {"ollama_routes"},

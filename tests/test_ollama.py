@@ -27,9 +27,6 @@ from proxy.ollama import (
     EMBED,
     EMBEDDINGS,
     GENERATE,
-    EmbedTranslator,
-    TextTranslator,
-    Timing,
     Translated,
     chat_request,
     details,
@@ -39,8 +36,13 @@ from proxy.ollama import (
     generate_request,
     keep_alive_s,
     model_name,
-    nothing_to_do,
     show,
+)
+from proxy.ollama_answers import (
+    EmbedTranslator,
+    TextTranslator,
+    Timing,
+    nothing_to_do,
     upstream_error,
 )
 from proxy.views import ModelView
