@@ -595,10 +595,13 @@ class Scheduler:
     def _awaited(self, model: Model, waiting: set[str]) -> bool:
         """Whether a client that used `model` lately waits now (for another model): a pipeline
         that calls models in turn is coming back for it once it has its answer (§2.7)."""
-        now = self.now
-        return any(
-            client in waiting and now - seen <= RECENT_S for client, seen in model.clients.items()
-        )
+        return any(client in waiting for client in self._recent_clients(model))
+
+    def _recent_clients(self, model: Model) -> list[str | None]:
+        """The clients that used `model` in the last RECENT_S, as of the last `decide`; those
+        not seen since are forgotten."""
+        _forget_clients(model, self.now)
+        return list(model.clients)
 
     def worth(self, model: Model) -> float:
         """What keeping `model` loaded is worth under cost eviction (GDSF): the inflation when
@@ -702,7 +705,7 @@ class Scheduler:
             # A draining victim's own waiters wait for the swap; a ready one has none (granted).
             done = victim.phase is Phase.DRAINING or grace_over
             gap_over = now >= victim.last_used + self.policy.idle_gap_s
-            if victim.leases == 0 and (done or gap_over or not self._may_come_back(victim, now)):
+            if victim.leases == 0 and (done or gap_over or not self._may_come_back(victim)):
                 self.inflation = max(self.inflation, self.worth(victim))
                 return self._unload(victim, UnloadReason.EVICTED)
         if target is not None and target.phase is Phase.ABSENT and self.fits(target):
@@ -715,13 +718,14 @@ class Scheduler:
                 return self._unload(model, UnloadReason.IDLE)
         return None
 
-    def _may_come_back(self, model: Model, now: float) -> bool:
+    def _may_come_back(self, model: Model) -> bool:
         """Whether a client may yet ask for `model`, idle now, so that the idle gap could batch
         its request: a client that used it lately and is not waiting here for another model
         (a client, one connection, waits for one answer at a time), or one not known (§2.4)."""
-        _forget_clients(model, now)
         waiting = {w.client for w in self.waiters.values() if w.model != model.key}
-        return any(client is None or client not in waiting for client in model.clients)
+        return any(
+            client is None or client not in waiting for client in self._recent_clients(model)
+        )
 
     def idle_ttl(self, key: str) -> float | None:
         """How long `key` may sit idle before it is unloaded; None: it is not (pinned, or no
