@@ -706,7 +706,8 @@ class Scheduler:
             done = victim.phase is Phase.DRAINING or grace_over
             gap_over = now >= victim.last_used + self.policy.idle_gap_s
             if victim.leases == 0 and (done or gap_over or not self._may_come_back(victim)):
-                self.inflation = max(self.inflation, self.worth(victim))
+                if self.policy.eviction is Eviction.COST:  # only its order reads the worth
+                    self.inflation = max(self.inflation, self.worth(victim))
                 return self._unload(victim, UnloadReason.EVICTED)
         if target is not None and target.phase is Phase.ABSENT and self.fits(target):
             if not any(m.probed for m in self.models.values()):

@@ -86,9 +86,9 @@ class Model:
     # A request is out to it that LM Studio may load it for (JIT): sent while the model was
     # not confirmed loaded, and not confirmed since.
     probed: bool = False
-    uses: int = 0  # leases granted since it was last loaded (cost eviction's frequency)
-    # Its worth kept loaded under cost eviction (GDSF): the inflation when it was last used,
-    # plus uses x reload seconds / size. The lowest goes first (§2.7).
+    uses: int = 0  # leases granted on it, across reloads (cost eviction's frequency)
+    # Cost eviction's inflation when it was last used (or loaded): its worth is this plus
+    # uses x reload seconds / the share of the capacity it takes (`Scheduler.worth`, §2.7).
     value: float = 0.0
     # Who used it lately: client -> when their last lease on it began or ended (§2.4).
     clients: dict[str | None, float] = field(default_factory=dict)
